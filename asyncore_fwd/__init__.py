@@ -1,0 +1,42 @@
+"""asyncore_fwd: a TCP port forwarder built on the classic asyncore event loop.
+
+It grew from the "Asynchronous port forwarding" recipe (ActiveState 483732),
+whose three ``asyncore.dispatcher`` subclasses -- ``forwarder`` listens,
+``receiver`` talks to the client, ``sender`` talks to the server -- are kept
+here as ``Forwarder``, ``Receiver`` and ``Sender``, made correct: no data lost
+at close (true half-close), bounded memory (backpressure), IPv6, hostnames,
+connect timeouts, and no traceback or dead listener when a peer misbehaves.
+
+    from asyncore_fwd import Forwarder
+
+    fwd = Forwarder("127.0.0.1", 8080, "localhost", 8000, map={})
+    fwd.serve_forever()       # or in a thread: fwd.stop() ends it
+
+Runs on the standard library's asyncore (3.10, 3.11) or the pyasyncore
+backport (3.12+).
+"""
+
+from ._forwarder import (
+    Connection,
+    Forwarder,
+    Receiver,
+    Rule,
+    Sender,
+    forwarder,
+    receiver,
+    sender,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Connection",
+    "Forwarder",
+    "Receiver",
+    "Rule",
+    "Sender",
+    "__version__",
+    "forwarder",
+    "receiver",
+    "sender",
+]

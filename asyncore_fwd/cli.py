@@ -1,0 +1,141 @@
+"""The ``asyncore-fwd`` command: argument parsing, logging set-up, signals.
+
+Kept apart from the library: nothing here is needed to embed a ``Forwarder``.
+Exit status: 0 after SIGINT/SIGTERM, 1 for a run-time error (address in use,
+permission denied, unknown host), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Optional, Sequence
+
+from . import __version__
+from ._forwarder import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Forwarder, format_address
+
+PROG = "asyncore-fwd"
+log = logging.getLogger("asyncore_fwd")
+
+
+def _port(lowest: int):
+    def parse(text: str) -> int:
+        try:
+            port = int(text, 10)
+        except ValueError:
+            port = -1
+        if not lowest <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected an integer from {lowest} to 65535")
+        return port
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected a positive number of seconds")
+    return value
+
+
+def _backlog(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid backlog {text!r}: expected an integer >= 0")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1024, "m": 1024 ** 2}
+    number, unit = text.rstrip("kKmM"), text[len(text.rstrip("kKmM")):].lower()
+    try:
+        value = int(number, 10) * units[unit]
+    except (ValueError, KeyError):
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected a positive number of bytes, like 65536, 512K or 1M")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        """Bad usage: one line naming the problem (not the whole usage), exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface: the article's four flags and a few more."""
+    parser = _Parser(
+        prog=PROG,
+        description="Forward TCP connections from a local address to a remote one.",
+        epilog="Example: %(prog)s -p 8080 -r example.org -P 80  "
+               "(connections to 127.0.0.1:8080 go to example.org:80)",
+    )
+    parser.add_argument("-l", "--local-ip", default="127.0.0.1", metavar="ADDR",
+                        help="local address to listen on, IPv4 or IPv6 (default: %(default)s; "
+                             "0.0.0.0 or :: for all)")
+    parser.add_argument("-p", "--local-port", type=_port(0), required=True, metavar="PORT",
+                        help="local port to listen on (0 picks a free port, shown at start)")
+    parser.add_argument("-r", "--remote-ip", required=True, metavar="HOST",
+                        help="remote host to forward to: a name, an IPv4 or an IPv6 address")
+    parser.add_argument("-P", "--remote-port", type=_port(1), required=True, metavar="PORT",
+                        help="remote port to forward to")
+    parser.add_argument("--backlog", type=_backlog, default=128, metavar="N",
+                        help="length of the listen queue (default: %(default)s)")
+    parser.add_argument("--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+                        help="give up connecting to the remote after this long (default: %(default)g)")
+    parser.add_argument("--high-water", type=_size, default=DEFAULT_HIGH_WATER, metavar="BYTES",
+                        help="stop reading from a side while this much waits for the other "
+                             "(default: 512K)")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="log every connection: accepted, connected, closed (bytes, duration, who closed)")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the forwarder until SIGINT or SIGTERM; return the exit status."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        fwd = Forwarder(args.local_ip, args.local_port, args.remote_ip, args.remote_port, args.backlog,
+                        map={}, connect_timeout=args.connect_timeout, high_water=args.high_water)
+    except OSError as error:
+        print(f"{PROG}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    log.info("forwarding %s to %s", format_address(fwd.address), fwd.rule.remote)
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        fwd.stop()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main_thread:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, stop)
+    try:
+        fwd.serve_forever()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    log.info("stopped")
+    return 0
