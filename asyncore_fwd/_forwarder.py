@@ -273,7 +273,7 @@ class Connection:
         if self.closed:
             return
         self.side_finished(side)
-        self.error = f"{side.role} {_describe(error)}"
+        self.error = f"{side.role}: {_describe(error)}"
         side.peer.reset_on_close()
         self.close()
 
@@ -598,15 +598,17 @@ class Forwarder(_Dispatcher):
 
     # -- running ----------------------------------------------------------
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
+    def serve_forever(self, poll_interval: float = 0.5, use_poll: bool = True) -> None:
         """Run the loop on this forwarder's map until ``stop()``, then ``close()``.
 
-        Uses poll(), so more than 1024 descriptors are fine.  ``stop()`` takes
-        effect within ``poll_interval`` seconds.
+        With poll() (the default) more than 1024 descriptors are fine; select()
+        fails past descriptor 1023.  ``stop()`` takes effect within
+        ``poll_interval`` seconds.
         """
+        poll = asyncore.poll2 if use_poll else asyncore.poll
         try:
             while not self._stop_requested and self._map:
-                asyncore.poll2(poll_interval, self._map)
+                poll(poll_interval, self._map)
         finally:
             self.close()
 

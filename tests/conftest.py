@@ -1,0 +1,373 @@
+"""Shared fixtures: loopback servers, a forwarder in a thread, bounded waits.
+
+Every wait here has a deadline, every server and forwarder is stopped at
+teardown, and everything binds port 0 on 127.0.0.1 or ::1.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import pytest
+
+from asyncore_fwd import Forwarder
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 10.0  # seconds: the bound on any single wait in the tests
+
+
+def has_ipv6() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def recv_all(sock: socket.socket, timeout: float = WAIT) -> bytes:
+    """Read until EOF (fails the test if EOF does not come within ``timeout``)."""
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no EOF within {timeout} s")
+        try:
+            chunk = sock.recv(1 << 20)
+        except socket.timeout:
+            pytest.fail(f"no EOF within {timeout} s")
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def recv_exactly(sock: socket.socket, size: int, timeout: float = WAIT) -> bytes:
+    """Read exactly ``size`` bytes (fails the test on EOF or timeout)."""
+    sock.settimeout(timeout)
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(1 << 20, size - len(data)))
+        if not chunk:
+            pytest.fail(f"EOF after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def payload(size: int) -> bytes:
+    """Bytes that show reordering or corruption (not all one value)."""
+    pattern = bytes(range(251))  # a prime length, so it drifts across buffer boundaries
+    return (pattern * (size // len(pattern) + 1))[:size]
+
+
+class EchoServer:
+    """A selectors-based echo server in a thread: many connections, half-close aware.
+
+    Echoes everything; on EOF from a client, finishes echoing, then shuts down
+    its own write side (so the client sees the whole echo, then EOF).
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(4096)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()[:2]
+        self.port = self.address[1]
+        self.accepted = 0
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        self._buffers: dict = {}
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="echo-server", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._running:
+            for key, events in self._selector.select(0.05):
+                sock = key.fileobj
+                if sock is self.listener:
+                    self._accept()
+                    continue
+                if events & selectors.EVENT_READ:
+                    self._read(sock)
+                if events & selectors.EVENT_WRITE and sock in self._buffers:
+                    self._write(sock)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+
+    def _accept(self) -> None:
+        for _ in range(256):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            self.accepted += 1
+            self._buffers[conn] = [bytearray(), False]
+            self._selector.register(conn, selectors.EVENT_READ)
+
+    def _read(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = None
+        if data is None:
+            self._drop(sock)
+            return
+        state = self._buffers[sock]
+        if data:
+            state[0] += data
+        else:
+            state[1] = True
+        self._write(sock)
+
+    def _write(self, sock: socket.socket) -> None:
+        outgoing, eof = self._buffers[sock]
+        try:
+            if outgoing:
+                sent = sock.send(outgoing)
+                del outgoing[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(sock)
+            return
+        if not outgoing and eof:
+            self._drop(sock, graceful=True)
+            return
+        events = selectors.EVENT_WRITE if outgoing else 0
+        # Stop reading while a lot waits, like any well-behaved server.
+        if not eof and len(outgoing) < (1 << 20):
+            events |= selectors.EVENT_READ
+        self._selector.modify(sock, events)
+
+    def _drop(self, sock: socket.socket, graceful: bool = False) -> None:
+        self._selector.unregister(sock)
+        del self._buffers[sock]
+        if graceful:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        sock.close()
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(WAIT)
+        self.listener.close()
+
+
+class ScriptedServer:
+    """A server that runs ``handler(conn)`` in a thread for each connection.
+
+    For scenarios an echo cannot play: reply after the client's EOF, send a
+    lot and close, reset.  ``connections`` keeps the handlers' sockets.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.bind((host, 0))
+        self.listener.listen(128)
+        self.listener.settimeout(0.05)
+        self.address = self.listener.getsockname()[:2]
+        self.port = self.address[1]
+        self.handler = handler
+        self.errors: List[BaseException] = []
+        self.connections: List[socket.socket] = []
+        self._running = True
+        self._threads: List[threading.Thread] = []
+        self._thread = threading.Thread(target=self._run, name="scripted-server", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._running:
+            try:
+                conn, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            conn.settimeout(WAIT)
+            self.connections.append(conn)
+            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except BaseException as error:  # reported by close()
+            self.errors.append(error)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(WAIT)
+        for thread in self._threads:
+            thread.join(WAIT)
+        self.listener.close()
+
+
+class RunningForwarder:
+    """A ``Forwarder`` on its own map, served by a thread until ``stop()``."""
+
+    def __init__(self, *args, use_poll: bool = True, **kwargs) -> None:
+        kwargs.setdefault("map", {})
+        self.forwarder = Forwarder(*args, **kwargs)
+        self.address = self.forwarder.address
+        self.port = self.address[1]
+        self._thread = threading.Thread(target=self.forwarder.serve_forever,
+                                        kwargs={"poll_interval": 0.05, "use_poll": use_poll},
+                                        name="forwarder", daemon=True)
+        self._thread.start()
+
+    def connect(self, timeout: float = WAIT) -> socket.socket:
+        return socket.create_connection(self.address, timeout=timeout)
+
+    def stop(self) -> None:
+        self.forwarder.stop()
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive(), "serve_forever did not return after stop()"
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
+    """``scripted_server(handler)`` starts a ``ScriptedServer``; errors in handlers fail the test."""
+    servers: List[ScriptedServer] = []
+
+    def start(handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> ScriptedServer:
+        server = ScriptedServer(handler, host)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+    for server in servers:
+        if server.errors:
+            raise server.errors[0]
+
+
+@pytest.fixture(params=["poll", "select"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Each asyncore loop the forwarder can run under (select is limited to 1024 fds)."""
+    return request.param
+
+
+@pytest.fixture
+def start_forwarder(loop_kind: str) -> Iterator[Callable[..., RunningForwarder]]:
+    """``start_forwarder(remote_port, remote_host="127.0.0.1", **options)`` runs a forwarder in a
+    thread, once per loop kind."""
+    running: List[RunningForwarder] = []
+
+    def start(remote_port: int, remote_host: str = "127.0.0.1", local_host: str = "127.0.0.1",
+              **options) -> RunningForwarder:
+        options.setdefault("use_poll", loop_kind == "poll")
+        fwd = RunningForwarder(local_host, 0, remote_host, remote_port, **options)
+        running.append(fwd)
+        return fwd
+
+    yield start
+    for fwd in running:
+        fwd.stop()
+
+
+@pytest.fixture
+def sock_map() -> Iterator[dict]:
+    """A private asyncore map, closed at teardown."""
+    from asyncore_fwd._compat import asyncore
+
+    channels: dict = {}
+    yield channels
+    asyncore.close_all(channels, ignore_all=True)
+
+
+class ArticleProcess:
+    """The article's example (examples/article_forwarder.py) as a child process."""
+
+    def __init__(self, remote_port: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-W", "error", str(ROOT / "examples" / "article_forwarder.py"),
+             "-l", "127.0.0.1", "-p", "0", "-r", "127.0.0.1", "-P", str(remote_port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.process.stdout.readline()  # the bound port, printed at start
+        if not line.strip().isdigit():
+            self.process.kill()
+            pytest.fail(f"article example did not start: {line!r} {self.process.stderr.read()!r}")
+        self.port = int(line)
+        self.address = ("127.0.0.1", self.port)
+
+    def connect(self, timeout: float = WAIT) -> socket.socket:
+        return socket.create_connection(self.address, timeout=timeout)
+
+    def finish(self) -> tuple:
+        """Stop it (if still running); return (exit status, stdout, stderr)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        out, err = self.process.communicate(timeout=WAIT)
+        return self.process.returncode, out, err
+
+
+@pytest.fixture
+def article() -> Iterator[Callable[[int], ArticleProcess]]:
+    """``article(remote_port)`` starts the article's forwarder in front of that port."""
+    started: List[ArticleProcess] = []
+
+    def start(remote_port: int) -> ArticleProcess:
+        proc = ArticleProcess(remote_port)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.finish()
+
+
+def raise_fd_limit(wanted: int) -> Optional[int]:
+    """Raise RLIMIT_NOFILE to ``wanted`` if the hard limit allows; return the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
