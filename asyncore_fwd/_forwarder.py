@@ -130,8 +130,8 @@ class Rule:
             object.__setattr__(self, name, _strip_brackets(host))
         _check_port("local_port", self.local_port, 0)
         _check_port("remote_port", self.remote_port, 1)
-        if isinstance(self.backlog, bool) or not isinstance(self.backlog, int) or self.backlog < 0:
-            raise ValueError(f"backlog must be an integer >= 0, not {self.backlog!r}")
+        if isinstance(self.backlog, bool) or not isinstance(self.backlog, int) or not 0 <= self.backlog <= 65535:
+            raise ValueError(f"backlog must be an integer from 0 to 65535, not {self.backlog!r}")
         if isinstance(self.connect_timeout, int) and not isinstance(self.connect_timeout, bool):
             object.__setattr__(self, "connect_timeout", float(self.connect_timeout))
         _check_positive("connect_timeout", self.connect_timeout, float)
@@ -170,6 +170,8 @@ class _RemoteAddresses:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror as error:
             raise OSError(error.errno, f"cannot resolve remote host {self.host!r}: {error.strerror}") from None
+        except UnicodeError:  # the IDNA codec rejects it: an empty or over-long label
+            raise OSError(errno.EINVAL, f"cannot resolve remote host {self.host!r}: not a valid host name") from None
         addresses: List[Tuple[int, SockAddr]] = []
         for family, _, _, _, sockaddr in infos:
             if (family, sockaddr) not in addresses:
@@ -584,6 +586,9 @@ class Forwarder(_Dispatcher):
             self.close()
             where = format_address((self.rule.local_host, self.rule.local_port))
             raise OSError(error.errno, f"cannot listen on {where}: {_describe(error)}") from None
+        except BaseException:
+            self.close()
+            raise
         self._address: Tuple[str, int] = self.socket.getsockname()[:2]
         log.debug("listening on %s, forwarding to %s", format_address(self.address), self.rule.remote)
 
@@ -715,6 +720,8 @@ def _listen_address(host: str, port: int) -> Tuple[int, SockAddr]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
         raise OSError(error.errno, f"cannot resolve local address {host!r}: {error.strerror}") from None
+    except UnicodeError:  # the IDNA codec rejects it: an empty or over-long label
+        raise OSError(errno.EINVAL, f"cannot resolve local address {host!r}: not a valid host name") from None
     family, _, _, _, address = infos[0]
     return family, address
 

@@ -33,6 +33,12 @@ def _port(lowest: int):
     return parse
 
 
+def _host(text: str) -> str:
+    if not (text[1:-1] if text.startswith("[") and text.endswith("]") else text):
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected a host name or an IP address")
+    return text
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -48,8 +54,8 @@ def _backlog(text: str) -> int:
         value = int(text, 10)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid backlog {text!r}: expected an integer >= 0")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid backlog {text!r}: expected an integer from 0 to 65535")
     return value
 
 
@@ -79,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: %(prog)s -p 8080 -r example.org -P 80  "
                "(connections to 127.0.0.1:8080 go to example.org:80)",
     )
-    parser.add_argument("-l", "--local-ip", default="127.0.0.1", metavar="ADDR",
+    parser.add_argument("-l", "--local-ip", type=_host, default="127.0.0.1", metavar="ADDR",
                         help="local address to listen on, IPv4 or IPv6 (default: %(default)s; "
                              "0.0.0.0 or :: for all)")
     parser.add_argument("-p", "--local-port", type=_port(0), required=True, metavar="PORT",
                         help="local port to listen on (0 picks a free port, shown at start)")
-    parser.add_argument("-r", "--remote-ip", required=True, metavar="HOST",
+    parser.add_argument("-r", "--remote-ip", type=_host, required=True, metavar="HOST",
                         help="remote host to forward to: a name, an IPv4 or an IPv6 address")
     parser.add_argument("-P", "--remote-port", type=_port(1), required=True, metavar="PORT",
                         help="remote port to forward to")
@@ -121,7 +127,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as error:
         print(f"{PROG}: {error.strerror or error}", file=sys.stderr)
         return 1
-    log.info("forwarding %s to %s", format_address(fwd.address), fwd.rule.remote)
 
     def stop(signum: int, frame: object) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
@@ -132,6 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if in_main_thread:
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, stop)
+    # Only now: whoever waits for this line may signal us as soon as it appears.
+    log.info("forwarding %s to %s", format_address(fwd.address), fwd.rule.remote)
     try:
         fwd.serve_forever()
     finally:

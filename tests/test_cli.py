@@ -1,0 +1,443 @@
+"""The ``asyncore-fwd`` command: usage errors, run-time errors, and the running process.
+
+Usage and run-time errors are checked in-process through ``cli.main``; the
+entry points, logging and signal handling are checked on real child
+processes, each wait bounded by ``WAIT``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import pytest
+
+import asyncore_fwd
+from asyncore_fwd import cli
+from conftest import WAIT, EchoServer, recv_all, recv_exactly, wait_for
+
+PROG = "asyncore-fwd"
+CONSOLE_SCRIPT = Path(sys.executable).parent / PROG
+MODULE = [sys.executable, "-m", "asyncore_fwd"]
+#: Flags that make a valid command line, for tests that vary one of them.
+VALID = ["-p", "0", "-r", "127.0.0.1", "-P", "1"]
+FORWARDING = re.compile(r"forwarding 127\.0\.0\.1:(\d+) to 127\.0\.0\.1:(\d+)$")
+
+
+# -- helpers --------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def restore_logger() -> Iterator[None]:
+    """``main()`` configures the package logger; undo it so other tests see the default."""
+    logger = logging.getLogger("asyncore_fwd")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
+@pytest.fixture
+def no_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail (instead of hanging) if ``main()`` gets as far as serving."""
+    def serve_forever(self: asyncore_fwd.Forwarder, poll_interval: float = 0.5) -> None:
+        self.close()
+        pytest.fail("main() started serving instead of reporting an error")
+
+    monkeypatch.setattr(asyncore_fwd.Forwarder, "serve_forever", serve_forever)
+
+
+def usage_error(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``main(argv)``, expect a usage error; return its one stderr line."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{PROG}: error: ")
+    assert lines[0].endswith("(see --help)")
+    return lines[0]
+
+
+def runtime_error(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``main(argv)``, expect a run-time error; return its one stderr line."""
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{PROG}: ")
+    return lines[0]
+
+
+class ForwarderProcess:
+    """The command in a child process; a thread collects its stderr lines."""
+
+    def __init__(self, command: Sequence[str]) -> None:
+        self.process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        self.lines: List[str] = []
+        self._reader = threading.Thread(target=self._read, name="stderr-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def _search(self, pattern: re.Pattern[str]) -> Optional[re.Match[str]]:
+        for line in list(self.lines):
+            match = pattern.search(line)
+            if match:
+                return match
+        return None
+
+    def wait_line(self, pattern: str | re.Pattern[str]) -> re.Match[str]:
+        """The first stderr line matching ``pattern``, waiting up to ``WAIT`` s for it."""
+        compiled = re.compile(pattern)
+        wait_for(lambda: self._search(compiled) or self.process.poll() is not None,
+                 what=f"a stderr line matching {compiled.pattern!r}")
+        if self.process.poll() is not None:
+            self._reader.join(WAIT)
+        match = self._search(compiled)
+        if match is None:
+            pytest.fail(f"no stderr line matching {compiled.pattern!r}; stderr:\n{self.stderr}")
+        return match
+
+    def start_port(self) -> int:
+        """The local port, from the ``forwarding ADDR to REMOTE`` line logged at start."""
+        return int(self.wait_line(FORWARDING).group(1))
+
+    def stop(self, signum: int) -> int:
+        """Send ``signum``; return the exit status (waited for at most ``WAIT`` s)."""
+        self.process.send_signal(signum)
+        status = self.process.wait(timeout=WAIT)
+        self._reader.join(WAIT)
+        return status
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=WAIT)
+        self._reader.join(WAIT)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., ForwarderProcess]]:
+    """``spawn(command)`` starts the command; whatever still runs is killed at teardown."""
+    started: List[ForwarderProcess] = []
+
+    def start(command: Sequence[str]) -> ForwarderProcess:
+        proc = ForwarderProcess(command)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+def console_script() -> List[str]:
+    if not CONSOLE_SCRIPT.exists():
+        pytest.skip(f"no {PROG} console script next to {sys.executable}")
+    return [str(CONSOLE_SCRIPT)]
+
+
+def check_one_verbose_connection(proc: ForwarderProcess, echo_server: EchoServer) -> None:
+    """Send bytes through ``proc`` to the echo server, then check the ``-v`` lines for it."""
+    port = proc.start_port()
+    message = b"through the forwarder and back"
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+        client.sendall(message)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == message
+    conn_id = proc.wait_line(r"#(\d+) accepted from 127\.0\.0\.1:\d+$").group(1)
+    proc.wait_line(rf"#{conn_id} connected to 127\.0\.0\.1:{echo_server.port} \(127\.0\.0\.1:{echo_server.port}\)$")
+    proc.wait_line(rf"#{conn_id} from 127\.0\.0\.1:\d+ closed after [\d.]+ s: {len(message)} bytes to server, "
+                   rf"{len(message)} bytes to client, client closed first$")
+
+
+# -- usage errors -----------------------------------------------------------
+
+
+def test_non_numeric_port_is_a_usage_error_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A local port that is not a number is rejected, naming -p."""
+    line = usage_error(["-p", "http", "-r", "127.0.0.1", "-P", "80"], capsys)
+    assert "-p/--local-port" in line
+    assert "'http'" in line
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["-p", "-1", "-r", "127.0.0.1", "-P", "80"], "-p/--local-port"),
+    (["-p", "65536", "-r", "127.0.0.1", "-P", "80"], "-p/--local-port"),
+    (["-p", "0", "-r", "127.0.0.1", "-P", "0"], "-P/--remote-port"),
+    (["-p", "0", "-r", "127.0.0.1", "-P", "65536"], "-P/--remote-port"),
+], ids=["local-minus-1", "local-65536", "remote-0", "remote-65536"])
+def test_out_of_range_port_is_a_usage_error_naming_the_flag(argv: List[str], flag: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Ports outside 0-65535 (1-65535 for the remote) are rejected, naming the flag."""
+    assert flag in usage_error(argv, capsys)
+
+
+def test_port_range_limits_are_accepted() -> None:
+    """Local port 0 and remote port 65535 (the limits) are valid."""
+    args = cli.build_parser().parse_args(["-p", "0", "-r", "127.0.0.1", "-P", "65535"])
+    assert (args.local_port, args.remote_port) == (0, 65535)
+
+
+@pytest.mark.parametrize("missing", ["-p/--local-port", "-r/--remote-ip", "-P/--remote-port"])
+def test_missing_required_flag_is_a_usage_error_naming_it(missing: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Each of -p, -r and -P is required."""
+    short = missing.split("/")[0]
+    index = VALID.index(short)
+    argv = VALID[:index] + VALID[index + 2:]
+    line = usage_error(argv, capsys)
+    assert "required" in line
+    assert missing in line
+
+
+def test_verbose_with_quiet_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """-v and -q are mutually exclusive."""
+    line = usage_error(VALID + ["-v", "-q"], capsys)
+    assert "-q/--quiet" in line
+    assert "-v/--verbose" in line
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "abc"])
+def test_bad_connect_timeout_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--connect-timeout must be a finite positive number."""
+    line = usage_error(VALID + [f"--connect-timeout={value}"], capsys)
+    assert "--connect-timeout" in line
+    assert repr(value) in line
+
+
+def test_fractional_connect_timeout_is_accepted() -> None:
+    """--connect-timeout takes fractions of a second."""
+    assert cli.build_parser().parse_args(VALID + ["--connect-timeout", "0.25"]).connect_timeout == 0.25
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1.5"])
+def test_bad_backlog_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--backlog must be an integer >= 0."""
+    line = usage_error(VALID + [f"--backlog={value}"], capsys)
+    assert "--backlog" in line
+    assert repr(value) in line
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1G", "1.5M", "K", "lots"])
+def test_bad_high_water_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--high-water must be a positive byte count, optionally with K or M."""
+    line = usage_error(VALID + [f"--high-water={value}"], capsys)
+    assert "--high-water" in line
+    assert repr(value) in line
+
+
+@pytest.mark.parametrize("value, size", [("65536", 65536), ("512K", 512 * 1024), ("512k", 512 * 1024),
+                                         ("1M", 1024 * 1024)])
+def test_high_water_accepts_bytes_kibibytes_and_mebibytes(value: str, size: int) -> None:
+    """--high-water reads 65536, 512K and 1M as byte counts."""
+    assert cli.build_parser().parse_args(VALID + ["--high-water", value]).high_water == size
+
+
+def test_local_ip_defaults_to_loopback() -> None:
+    """Without -l the forwarder listens on 127.0.0.1 only."""
+    assert cli.build_parser().parse_args(VALID).local_ip == "127.0.0.1"
+
+
+def test_empty_remote_host_is_a_usage_error(capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
+    """-r '' is rejected as bad usage, naming -r."""
+    assert "-r/--remote-ip" in usage_error(["-p", "0", "-r", "", "-P", "80"], capsys)
+
+
+def test_huge_backlog_is_a_usage_error() -> None:
+    """A backlog too large for listen() is rejected as bad usage, not a traceback."""
+    result = subprocess.run(MODULE + VALID + ["--backlog", str(2 ** 40)],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert "--backlog" in result.stderr
+
+
+# -- --version and --help -----------------------------------------------------
+
+
+def test_version_prints_the_program_and_version_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints ``asyncore-fwd VERSION`` on stdout."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0
+    assert out == f"{PROG} {asyncore_fwd.__version__}\n"
+    assert err == ""
+
+
+def help_text(capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["-l", "--local-ip", "-p", "--local-port", "-r", "--remote-ip",
+                                  "-P", "--remote-port", "--backlog", "--connect-timeout", "--high-water",
+                                  "-v", "--verbose", "-q", "--quiet", "--version", "-h", "--help"])
+def test_help_mentions_each_flag(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--help lists every option, short and long."""
+    assert re.search(rf"(?:^|[\s,\[]){re.escape(flag)}(?=[\s,\]]|$)", help_text(capsys), re.MULTILINE)
+
+
+def test_remote_ip_help_describes_the_remote_not_the_local_address(capsys: pytest.CaptureFixture[str]) -> None:
+    """-r's help is about the remote host, not the article's "Local IP address"."""
+    text = help_text(capsys)
+    section = re.search(r"^\s+-r HOST, --remote-ip HOST\s*\n?(.*?)(?=^\s+-)", text, re.MULTILINE | re.DOTALL)
+    assert section is not None, text
+    description = " ".join(section.group(0).split()).lower()
+    assert "local ip address" not in description
+    assert "remote" in description
+
+
+# -- run-time errors (in-process) -----------------------------------------------
+
+
+def test_port_in_use_returns_1_with_one_line(capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
+    """A local port another socket listens on: exit 1, "in use", no traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = runtime_error(["-p", str(port), "-r", "127.0.0.1", "-P", "80"], capsys)
+    assert "in use" in line.lower()
+    assert str(port) in line
+
+
+def test_unknown_remote_host_returns_1_naming_it(capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
+    """A remote name that does not resolve: exit 1, the line names the host."""
+    line = runtime_error(["-p", "0", "-r", "no-such-host.invalid", "-P", "80"], capsys)
+    assert "no-such-host.invalid" in line
+
+
+def test_malformed_remote_host_returns_1_naming_it(capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
+    """A remote name that cannot even be encoded for DNS: exit 1, the line names the host."""
+    host = "a" * 64 + ".invalid"
+    assert host in runtime_error(["-p", "0", "-r", host, "-P", "80"], capsys)
+
+
+def test_unassignable_local_address_returns_1(capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
+    """A local address this host does not have (TEST-NET-1): exit 1, naming the address."""
+    line = runtime_error(["-l", "192.0.2.1", "-p", "0", "-r", "127.0.0.1", "-P", "80"], capsys)
+    assert "192.0.2.1" in line
+    assert os.strerror(errno.EADDRNOTAVAIL).lower() in line.lower()
+
+
+def low_port_is_privileged() -> bool:
+    """Whether binding port 1 fails with EACCES for this process (it may not, with capabilities)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", 1))
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may bind ports below 1024")
+def test_privileged_port_returns_1_permission_denied(capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
+    """Binding a port below 1024 without privileges: exit 1, "permission denied"."""
+    if not low_port_is_privileged():
+        pytest.skip("this system lets unprivileged processes bind port 1")
+    line = runtime_error(["-p", "1", "-r", "127.0.0.1", "-P", "80"], capsys)
+    assert "permission denied" in line.lower()
+
+
+# -- the running command (child processes) ----------------------------------------
+
+
+def test_module_entry_point_forwards_logs_and_exits_0_on_sigint(
+        spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
+    """``python -m asyncore_fwd -v``: forwards, logs the connection, SIGINT exits 0."""
+    proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port), "-v"])
+    check_one_verbose_connection(proc, echo_server)
+    status = proc.stop(signal.SIGINT)
+    assert status == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_console_script_forwards_logs_and_exits_0_on_sigterm(
+        spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
+    """The ``asyncore-fwd`` script with -v: forwards, logs the connection, SIGTERM exits 0."""
+    proc = spawn(console_script() + ["-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port), "-v"])
+    check_one_verbose_connection(proc, echo_server)
+    status = proc.stop(signal.SIGTERM)
+    assert status == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_with_an_open_connection_exits_0_and_ends_the_client(
+        spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
+    """SIGTERM while a client is connected: exit 0, and the client sees EOF or a reset."""
+    proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port)])
+    port = proc.start_port()
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"  # relayed: the connection is established
+        status = proc.stop(signal.SIGTERM)
+        assert status == 0, proc.stderr
+        client.settimeout(WAIT)
+        try:
+            assert client.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            pytest.fail(f"the client saw neither EOF nor a reset within {WAIT} s of the exit")
+    assert "Traceback" not in proc.stderr
+
+
+def test_quiet_logs_nothing_for_a_clean_run(spawn: Callable[..., ForwarderProcess],
+                                            echo_server: EchoServer) -> None:
+    """-q: a connection and a SIGTERM leave stderr empty."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = spawn(MODULE + ["-p", str(port), "-r", "127.0.0.1", "-P", str(echo_server.port), "-q"])
+
+    def relayed() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+                client.sendall(b"quiet")
+                client.shutdown(socket.SHUT_WR)
+                return recv_all(client) == b"quiet"
+        except ConnectionRefusedError:
+            return proc.process.poll() is not None  # not listening yet, or died: stop if died
+    wait_for(relayed, what="a connection through the quiet forwarder")
+    status = proc.stop(signal.SIGTERM)
+    assert status == 0, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_help_runs_with_warnings_as_errors() -> None:
+    """``python -W error -m asyncore_fwd --help`` exits 0 without any warning."""
+    result = subprocess.run([sys.executable, "-W", "error", "-m", "asyncore_fwd", "--help"],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith(f"usage: {PROG} ")
