@@ -183,7 +183,12 @@ class _RemoteAddresses:
         if (not self._numeric and not self._refreshing
                 and time.monotonic() - self._resolved_at > RESOLVE_INTERVAL):
             self._refreshing = True
-            threading.Thread(target=self._refresh, name="asyncore_fwd-resolve", daemon=True).start()
+            try:
+                threading.Thread(target=self._refresh, name="asyncore_fwd-resolve", daemon=True).start()
+            except RuntimeError as error:  # no thread to spare: keep the old answer, retry later
+                self._refreshing = False
+                self._resolved_at = time.monotonic()
+                log.warning("cannot look up %s again now: %s", self.host, error)
         return self._addresses
 
     def _refresh(self) -> None:
@@ -222,6 +227,7 @@ class Connection:
         #: The server address actually connected to, once connected.
         self.server_address: Optional[SockAddr] = None
         self.opened_at = time.monotonic()
+        self.closed_at: Optional[float] = None
         #: True from the server connect until the pair closes: both sides may relay.
         self.established = False
         self.closed = False
@@ -253,7 +259,8 @@ class Connection:
 
     @property
     def duration(self) -> float:
-        return time.monotonic() - self.opened_at
+        """Seconds from accept to close (or until now, while open)."""
+        return (self.closed_at or time.monotonic()) - self.opened_at
 
     def established_to(self, address: SockAddr) -> None:
         """The server side connected: from now on both sides relay."""
@@ -284,6 +291,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        self.closed_at = time.monotonic()
         self.established = False
         self.receiver.close_socket()
         self.sender.close_socket()
@@ -380,8 +388,17 @@ class _Pipe(_Dispatcher):
             self.handle_write()
 
     def handle_expt(self) -> None:
-        """Called on urgent data: SO_OOBINLINE makes it ordinary data, so read it."""
-        self.handle_read()
+        """Called on TCP urgent data: pass the urgent byte on, as urgent.
+
+        Reading it out of band clears the condition at once, even while this
+        side is paused; otherwise select() would report it every round.
+        """
+        try:
+            urgent = self.socket.recv(1, socket.MSG_OOB)
+            if urgent and self.conn.established:
+                self.peer.socket.send(urgent, socket.MSG_OOB)
+        except OSError:
+            pass  # best effort: urgent data is advisory, the stream goes on
 
     def handle_error(self) -> None:
         """Called by the loop when a handler raised: close this pair only."""
@@ -487,12 +504,12 @@ class Sender(_Pipe):
             # Not connected yet: a stale event meant for a closed socket whose
             # descriptor number we reuse (python/cpython#75114).  Keep waiting.
             return
-        super().handle_connect_event()
+        super().handle_connect_event()  # calls handle_connect(), sets connected
+        self.conn.established_to(self.addr)
 
     def handle_connect(self) -> None:
-        """Called once the connect to the server succeeds: start relaying."""
+        """Called once the connect to the server succeeds, before relaying starts."""
         _tune(self.socket)
-        self.conn.established_to(self.addr)
 
     def handle_write(self) -> None:
         if self.connected:
@@ -536,19 +553,16 @@ class Sender(_Pipe):
                 asyncore.dispatcher.close(self)
         if not self.conn.closed:
             failure = self._last_error or _os_error(errno.EHOSTUNREACH)
-            self.conn.side_finished(self)
             self.conn.error = f"cannot connect to {self.conn.rule.remote}: {_describe(failure)}"
             self.conn.close()
 
 
 def _tune(sock: socket.socket) -> None:
-    """Socket options for relaying: no Nagle delay (we pass writes through as
-    they come), and urgent data delivered inline rather than lost."""
-    for level, option in ((socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_OOBINLINE)):
-        try:
-            sock.setsockopt(level, option, 1)
-        except OSError:
-            pass
+    """No Nagle delay: we pass writes on as they come, the sender already batched them."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
 
 
 class Forwarder(_Dispatcher):
@@ -590,6 +604,7 @@ class Forwarder(_Dispatcher):
             self.close()
             raise
         self._address: Tuple[str, int] = self.socket.getsockname()[:2]
+        self.addr = self._address  # asyncore's repr shows it: the real port, not 0
         log.debug("listening on %s, forwarding to %s", format_address(self.address), self.rule.remote)
 
     @property

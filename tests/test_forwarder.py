@@ -473,3 +473,62 @@ def test_closing_one_side_through_asyncore_closes_the_pair(echo_server, sock_map
         assert client.recv(10) == b""
     finally:
         client.close()
+
+
+def test_urgent_byte_is_passed_on_as_urgent(scripted_server, start_forwarder) -> None:
+    """TCP urgent data reaches the server out of band; the stream around it is intact."""
+    seen = {}
+
+    def server(conn: socket.socket) -> None:
+        stream = recv_exactly(conn, 2)
+        seen["urgent"] = conn.recv(1, socket.MSG_OOB)
+        seen["stream"] = stream + recv_all(conn)
+
+    fwd = start_forwarder(scripted_server(server).port)
+    with fwd.connect() as client:
+        client.sendall(b"ab")
+        wait_for(lambda: fwd.forwarder.connections and
+                 all(c.bytes_to_server == 2 for c in fwd.forwarder.connections), what="the stream bytes")
+        client.send(b"!", socket.MSG_OOB)
+        time.sleep(0.2)  # let the urgent byte reach the server before the rest
+        client.sendall(b"cd")
+        client.shutdown(socket.SHUT_WR)
+        wait_for(lambda: "stream" in seen, what="the server to finish")
+    assert seen == {"urgent": b"!", "stream": b"abcd"}
+
+
+def test_urgent_data_on_a_paused_side_does_not_spin_the_select_loop(scripted_server, sock_map, monkeypatch) -> None:
+    """Urgent data while a side is paused is consumed at once, not reported every round."""
+    release = threading.Event()
+
+    def server(conn: socket.socket) -> None:
+        release.wait(WAIT)  # reads nothing: the client side pauses
+
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", scripted_server(server).port, map=sock_map,
+                    high_water=65536, read_size=65536)
+    calls = []
+    original = Receiver.handle_expt
+    monkeypatch.setattr(Receiver, "handle_expt", lambda self: (calls.append(1), original(self)))
+    client = socket.create_connection(fwd.address, timeout=WAIT)
+    client.setblocking(False)
+    try:
+        pump(sock_map, lambda: any(c.established for c in fwd.connections), what="connect")
+        (conn,) = fwd.connections
+        conn.receiver.outgoing += b"y" * (4 << 20)  # keeps the client side writable
+        chunk = b"x" * 65536
+        for _ in range(2000):  # fill the server's buffers until the client side pauses
+            if not conn.receiver.readable():
+                break
+            try:
+                client.send(chunk)
+            except BlockingIOError:
+                pass
+            asyncore.loop(timeout=0.01, use_poll=False, map=sock_map, count=1)
+        assert not conn.receiver.readable() and conn.receiver.writable()
+        client.send(b"!", socket.MSG_OOB)
+        for _ in range(100):
+            asyncore.loop(timeout=0.01, use_poll=False, map=sock_map, count=1)
+        assert 1 <= len(calls) <= 2
+    finally:
+        release.set()
+        client.close()
