@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import _loop
 from ._compat import asyncore
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
@@ -208,6 +209,17 @@ class _Dispatcher(asyncore.dispatcher):
 
     def log_info(self, message: str, type: str = "info") -> None:
         log.log(self._LEVELS.get(type, logging.INFO), "%r: %s", self, message)
+
+    # An epoll loop keeps registrations between rounds: tell it at once when
+    # a socket joins or leaves the map, rather than wait for its next sweep.
+    def add_channel(self, map: Optional[SocketMap] = None) -> None:
+        super().add_channel(map)
+        _loop.channel_added(self)
+
+    def del_channel(self, map: Optional[SocketMap] = None) -> None:
+        fd = self._fileno
+        super().del_channel(map)
+        _loop.channel_removed(self, fd)
 
 
 class Connection:
@@ -605,7 +617,6 @@ class Forwarder(_Dispatcher):
             raise
         self._address: Tuple[str, int] = self.socket.getsockname()[:2]
         self.addr = self._address  # asyncore's repr shows it: the real port, not 0
-        log.debug("listening on %s, forwarding to %s", format_address(self.address), self.rule.remote)
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -618,19 +629,21 @@ class Forwarder(_Dispatcher):
 
     # -- running ----------------------------------------------------------
 
-    def serve_forever(self, poll_interval: float = 0.5, use_poll: bool = True) -> None:
+    def serve_forever(self, poll_interval: float = 0.5, loop: str = "auto") -> None:
         """Run the loop on this forwarder's map until ``stop()``, then ``close()``.
 
-        With poll() (the default) more than 1024 descriptors are fine; select()
-        fails past descriptor 1023.  ``stop()`` takes effect within
-        ``poll_interval`` seconds.
+        ``loop`` is ``"epoll"``, ``"poll"``, ``"select"`` or ``"auto"`` (the
+        best the platform has).  select() fails past descriptor 1023; epoll's
+        cost follows the active connections, not the open ones.  ``stop()``
+        takes effect within ``poll_interval`` seconds.
         """
-        poll = asyncore.poll2 if use_poll else asyncore.poll
+        backend = _loop.open_loop(loop, self._map)
         try:
             while not self._stop_requested and self._map:
-                poll(poll_interval, self._map)
+                backend.poll(poll_interval)
         finally:
             self.close()
+            backend.close()
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return.  Safe from another thread or a signal handler."""

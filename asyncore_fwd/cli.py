@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from ._forwarder import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Forwarder, format_address
+from ._loop import LOOP_KINDS, best_loop_kind
 
 PROG = "asyncore-fwd"
 log = logging.getLogger("asyncore_fwd")
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--high-water", type=_size, default=DEFAULT_HIGH_WATER, metavar="BYTES",
                         help="stop reading from a side while this much waits for the other "
                              "(default: 512K)")
+    parser.add_argument("--loop", choices=("auto",) + LOOP_KINDS, default="auto",
+                        help=f"event loop: epoll's cost follows active connections; poll has no "
+                             f"descriptor limit; select stops at descriptor 1023 "
+                             f"(default: auto, here {best_loop_kind()})")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true",
                           help="log every connection: accepted, connected, closed (bytes, duration, who closed)")
@@ -140,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Only now: whoever waits for this line may signal us as soon as it appears.
     log.info("forwarding %s to %s", format_address(fwd.address), fwd.rule.remote)
     try:
-        fwd.serve_forever()
+        fwd.serve_forever(loop=args.loop)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

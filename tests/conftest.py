@@ -242,13 +242,13 @@ class ScriptedServer:
 class RunningForwarder:
     """A ``Forwarder`` on its own map, served by a thread until ``stop()``."""
 
-    def __init__(self, *args, use_poll: bool = True, **kwargs) -> None:
+    def __init__(self, *args, loop: str = "auto", **kwargs) -> None:
         kwargs.setdefault("map", {})
         self.forwarder = Forwarder(*args, **kwargs)
         self.address = self.forwarder.address
         self.port = self.address[1]
         self._thread = threading.Thread(target=self.forwarder.serve_forever,
-                                        kwargs={"poll_interval": 0.05, "use_poll": use_poll},
+                                        kwargs={"poll_interval": 0.05, "loop": loop},
                                         name="forwarder", daemon=True)
         self._thread.start()
 
@@ -286,9 +286,9 @@ def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
             raise server.errors[0]
 
 
-@pytest.fixture(params=["poll", "select"])
+@pytest.fixture(params=["epoll", "poll", "select"])
 def loop_kind(request: pytest.FixtureRequest) -> str:
-    """Each asyncore loop the forwarder can run under (select is limited to 1024 fds)."""
+    """Each loop the forwarder can run under (select is limited to 1024 fds)."""
     return request.param
 
 
@@ -300,7 +300,7 @@ def start_forwarder(loop_kind: str) -> Iterator[Callable[..., RunningForwarder]]
 
     def start(remote_port: int, remote_host: str = "127.0.0.1", local_host: str = "127.0.0.1",
               **options) -> RunningForwarder:
-        options.setdefault("use_poll", loop_kind == "poll")
+        options.setdefault("loop", loop_kind)
         fwd = RunningForwarder(local_host, 0, remote_host, remote_port, **options)
         running.append(fwd)
         return fwd

@@ -1,0 +1,224 @@
+"""Loop backends: asyncore's select() and poll() loops, and an epoll() loop.
+
+asyncore's own loops rebuild their whole descriptor list every round: they
+ask every dispatcher ``readable()`` and ``writable()``, hand the lot to the
+kernel, and look through the answer.  With 9,000 idle connections that is
+18,000 predicate calls for every burst of activity on one of them.
+
+Strategy of ``EpollLoop``: keep each descriptor registered with epoll between
+rounds and ask its predicates again only when they may have changed:
+
+* after a dispatcher handled an event (and its ``peer``, if it has one: a
+  forwarder side's readiness depends on its peer's buffer);
+* when a dispatcher joins the map (asyncore_fwd's dispatchers say so at once;
+  any other dispatcher is found by the periodic sweep);
+* in a sweep of the whole map, at least every ``sweep_interval`` seconds and
+  whenever a round sees no event at all, which is what keeps time-based
+  predicates (connect timeouts, accept pauses) and foreign dispatchers right.
+
+The handlers are called exactly as asyncore's poll loop calls them (its own
+``readwrite()``), so any dispatcher works under it.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import Any, Dict, List, Optional, Set
+
+from ._compat import asyncore
+
+__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "best_loop_kind", "loop", "open_loop"]
+
+LOOP_KINDS = ("select", "poll", "epoll")
+
+# Which open EpollLoop watches which map (by identity): lets our dispatchers
+# announce themselves as they join or leave a map, with no scan.
+_watchers: Dict[int, "EpollLoop"] = {}
+
+
+def best_loop_kind() -> str:
+    """The most scalable loop this platform has."""
+    if hasattr(select, "epoll"):
+        return "epoll"
+    return "poll" if hasattr(select, "poll") else "select"
+
+
+def channel_added(channel: Any) -> None:
+    """Called by asyncore_fwd's dispatchers when they join a map."""
+    watcher = _watchers.get(id(channel._map))
+    if watcher is not None and watcher.map is channel._map:
+        watcher.added(channel)
+
+
+def channel_removed(channel: Any, fd: Optional[int]) -> None:
+    """Called by asyncore_fwd's dispatchers when they leave a map."""
+    watcher = _watchers.get(id(channel._map))
+    if watcher is not None and watcher.map is channel._map and fd is not None:
+        watcher.removed(fd, channel)
+
+
+class EpollLoop:
+    """An asyncore loop over ``map`` whose cost follows the active descriptors.
+
+    Call ``poll(timeout)`` for each round; ``close()`` when done.
+    """
+
+    def __init__(self, map: Optional[Dict[int, Any]] = None, sweep_interval: float = 0.5) -> None:
+        self.map = asyncore.socket_map if map is None else map
+        self.sweep_interval = sweep_interval
+        self._epoll = select.epoll()
+        self._registered: Dict[int, Any] = {}   # fd -> dispatcher registered for it
+        self._masks: Dict[int, int] = {}       # fd -> event mask registered
+        self._dirty: Set[Any] = set()          # dispatchers whose predicates to ask again
+        self._fresh: Set[int] = set()          # fds that changed owner this round
+        self._next_sweep = 0.0
+        _watchers[id(self.map)] = self
+
+    def close(self) -> None:
+        if _watchers.get(id(self.map)) is self:
+            del _watchers[id(self.map)]
+        self._epoll.close()
+
+    def __enter__(self) -> EpollLoop:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- notifications ----------------------------------------------------
+
+    def added(self, channel: Any) -> None:
+        self._dirty.add(channel)
+        self._fresh.add(channel._fileno)
+
+    def removed(self, fd: int, channel: Any) -> None:
+        if self._registered.get(fd) is channel:
+            self._forget(fd)
+        self._dirty.discard(channel)
+        self._fresh.add(fd)
+
+    # -- running ----------------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """One round: update registrations, wait up to ``timeout`` s, dispatch."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep()
+            self._next_sweep = now + self.sweep_interval
+        self._refresh()
+        self._fresh.clear()
+        try:
+            events = self._epoll.poll(timeout)
+        except InterruptedError:
+            return
+        if not events:
+            self._next_sweep = 0.0  # idle: a sweep costs nothing that matters now
+            return
+        map_, dirty, fresh = self.map, self._dirty, self._fresh
+        for fd, flags in events:
+            channel = map_.get(fd)
+            if channel is None or fd in fresh:
+                continue  # closed, or its descriptor reused, earlier in this round
+            asyncore.readwrite(channel, flags)
+            dirty.add(channel)
+            peer = getattr(channel, "peer", None)
+            if peer is not None:
+                dirty.add(peer)
+
+    # -- helpers ----------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Ask every dispatcher again; find ones that joined or left unseen."""
+        registered = self._registered
+        for fd in [fd for fd, channel in registered.items() if self.map.get(fd) is not channel]:
+            self._forget(fd)
+        self._dirty.update(self.map.values())
+
+    def _refresh(self) -> None:
+        """Bring the epoll registrations of the dirty dispatchers up to date."""
+        registered, masks, epoll = self._registered, self._masks, self._epoll
+        # A predicate may change the map (a connect timing out starts the next
+        # attempt): what it adds is asked next round.
+        dirty, self._dirty = self._dirty, set()
+        for channel in dirty:
+            fd = channel._fileno
+            if fd is None or self.map.get(fd) is not channel:
+                continue
+            mask = 0
+            if channel.readable():
+                mask = select.EPOLLIN | select.EPOLLPRI
+            if channel.writable() and not channel.accepting:
+                mask |= select.EPOLLOUT
+            if registered.get(fd) is not channel:
+                if fd in registered:
+                    self._forget(fd)
+                if mask:
+                    self._register(fd, channel, mask)
+            elif mask != masks[fd]:
+                if mask:
+                    try:
+                        epoll.modify(fd, mask)
+                        masks[fd] = mask
+                    except OSError:  # closed behind our back: register afresh
+                        self._forget(fd)
+                        self._register(fd, channel, mask)
+                else:
+                    self._forget(fd)
+
+    def _register(self, fd: int, channel: Any, mask: int) -> None:
+        try:
+            self._epoll.register(fd, mask)
+        except FileExistsError:  # a closed socket's fd, reused: epoll dropped the old one
+            self._epoll.modify(fd, mask)
+        except OSError:
+            return  # not a valid descriptor any more; the sweep will drop it
+        self._registered[fd] = channel
+        self._masks[fd] = mask
+
+    def _forget(self, fd: int) -> None:
+        del self._registered[fd]
+        del self._masks[fd]
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # closed already: the kernel dropped it from the epoll set
+
+
+class AsyncoreLoop:
+    """asyncore's own select() or poll() round, behind ``EpollLoop``'s interface."""
+
+    def __init__(self, map: Optional[Dict[int, Any]] = None, use_poll: bool = True) -> None:
+        self.map = asyncore.socket_map if map is None else map
+        self._round = asyncore.poll2 if use_poll else asyncore.poll
+
+    def poll(self, timeout: float = 0.0) -> None:
+        self._round(timeout, self.map)
+
+    def close(self) -> None:
+        pass
+
+
+def open_loop(kind: str, map: Optional[Dict[int, Any]] = None) -> Any:
+    """The loop backend named ``kind`` ("auto", "epoll", "poll" or "select") over ``map``."""
+    if kind == "auto":
+        kind = best_loop_kind()
+    if kind == "epoll":
+        return EpollLoop(map)
+    if kind in ("poll", "select"):
+        return AsyncoreLoop(map, use_poll=kind == "poll")
+    raise ValueError(f"loop must be 'auto' or one of {LOOP_KINDS}, not {kind!r}")
+
+
+def loop(timeout: float = 30.0, map: Optional[Dict[int, Any]] = None, count: Optional[int] = None,
+         kind: str = "auto") -> None:
+    """A drop-in for ``asyncore.loop`` on the backend named by ``kind``: rounds
+    until the map is empty, or ``count`` rounds."""
+    backend = open_loop(kind, map)
+    try:
+        while backend.map and (count is None or count > 0):
+            backend.poll(timeout)
+            if count is not None:
+                count -= 1
+    finally:
+        backend.close()
