@@ -122,6 +122,8 @@ class Rule:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     high_water: int = DEFAULT_HIGH_WATER
     read_size: int = DEFAULT_READ_SIZE
+    #: Relay with os.splice() through kernel pipes (Linux) instead of copying.
+    splice: bool = False
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -138,6 +140,12 @@ class Rule:
         _check_positive("connect_timeout", self.connect_timeout, float)
         _check_positive("high_water", self.high_water, int)
         _check_positive("read_size", self.read_size, int)
+        if not isinstance(self.splice, bool):
+            raise ValueError(f"splice must be True or False, not {self.splice!r}")
+        if self.splice:
+            from ._splice import AVAILABLE
+            if not AVAILABLE:
+                raise ValueError("splice=True needs os.splice(), which this platform does not have")
 
     @property
     def remote(self) -> str:
@@ -247,9 +255,9 @@ class Connection:
         self.closed_first: Optional[str] = None
         #: Why the pair closed early (reset, refused, timeout...), or None.
         self.error: Optional[str] = None
-        self.receiver = Receiver(self, sock)
+        self.receiver = forwarder.receiver_class(self, sock)
         try:
-            self.sender = Sender(self)
+            self.sender = forwarder.sender_class(self)
         except BaseException:
             self.receiver.close_socket()
             raise
@@ -359,12 +367,8 @@ class _Pipe(_Dispatcher):
             return
         if count:
             self.peer.forward(memoryview(scratch)[:count])
-            return
-        # EOF: pass it on once everything read from this side has been written.
-        self.eof_received = True
-        self.conn.side_finished(self)
-        if not self.peer.outgoing:
-            self.peer.shutdown_write()
+        else:
+            self.handle_eof()
 
     def handle_write(self) -> None:
         """Called when the socket can take more: send what the peer read, then its EOF."""
@@ -420,6 +424,13 @@ class _Pipe(_Dispatcher):
         self.conn.abort(self, error or RuntimeError("unknown error"))
 
     # -- helpers ----------------------------------------------------------
+
+    def handle_eof(self) -> None:
+        """This socket read EOF: pass it on once everything read from it is written."""
+        self.eof_received = True
+        self.conn.side_finished(self)
+        if not self.peer.outgoing:
+            self.peer.shutdown_write()
 
     def forward(self, data: memoryview) -> None:
         """Queue bytes read by the peer; send at once if nothing is queued."""
@@ -523,10 +534,6 @@ class Sender(_Pipe):
         """Called once the connect to the server succeeds, before relaying starts."""
         _tune(self.socket)
 
-    def handle_write(self) -> None:
-        if self.connected:
-            super().handle_write()
-
     def handle_close(self) -> None:
         if self.connecting:
             # Only a pending error counts: after a retry earlier in this same
@@ -585,15 +592,24 @@ class Forwarder(_Dispatcher):
     here, as does a port already in use.  ``port=0`` binds a free port: see
     ``address``.  ``map`` is the asyncore map to join (the global one by
     default, as in asyncore); run it with ``serve_forever()`` or with your own
-    ``asyncore.loop(use_poll=True, map=...)``.
+    ``asyncore.loop(use_poll=True, map=...)``.  ``splice=True`` relays with
+    os.splice() (Linux) instead of copying through Python.
     """
+
+    #: The classes of a connection's two sides (splice=True swaps in others).
+    receiver_class: type = Receiver
+    sender_class: type = Sender
 
     def __init__(self, ip: str, port: int, remoteip: str, remoteport: int, backlog: int = 5, *,
                  map: Optional[SocketMap] = None,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  high_water: int = DEFAULT_HIGH_WATER,
-                 read_size: int = DEFAULT_READ_SIZE) -> None:
-        self.rule = Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size)
+                 read_size: int = DEFAULT_READ_SIZE,
+                 splice: bool = False) -> None:
+        self.rule = Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice)
+        if self.rule.splice:
+            from ._splice import SpliceReceiver, SpliceSender
+            self.receiver_class, self.sender_class = SpliceReceiver, SpliceSender
         #: The live connections, for stats and for closing them all.
         self.connections: set[Connection] = set()
         #: One read buffer for every connection: the loop runs one handler at a time.

@@ -292,15 +292,26 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(params=[False, True], ids=["copy", "splice"])
+def splice(request: pytest.FixtureRequest) -> bool:
+    """Relay by copying through Python, or with splice() where the platform has it."""
+    from asyncore_fwd._splice import AVAILABLE
+
+    if request.param and not AVAILABLE:
+        pytest.skip("no os.splice() on this platform")
+    return request.param
+
+
 @pytest.fixture
-def start_forwarder(loop_kind: str) -> Iterator[Callable[..., RunningForwarder]]:
+def start_forwarder(loop_kind: str, splice: bool) -> Iterator[Callable[..., RunningForwarder]]:
     """``start_forwarder(remote_port, remote_host="127.0.0.1", **options)`` runs a forwarder in a
-    thread, once per loop kind."""
+    thread, once per loop kind and relay mode."""
     running: List[RunningForwarder] = []
 
     def start(remote_port: int, remote_host: str = "127.0.0.1", local_host: str = "127.0.0.1",
               **options) -> RunningForwarder:
         options.setdefault("loop", loop_kind)
+        options.setdefault("splice", splice)
         fwd = RunningForwarder(local_host, 0, remote_host, remote_port, **options)
         running.append(fwd)
         return fwd

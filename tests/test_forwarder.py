@@ -370,6 +370,7 @@ def test_client_reset_is_passed_on_to_the_server_as_a_reset(scripted_server, sta
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         wait_for(lambda: outcome, what="the server to see the reset")
+        wait_for(lambda: [r for r in caplog.records if "closed" in r.getMessage()], what="the log line")
     assert outcome == ["reset"]
     (record,) = [r for r in caplog.records if "closed" in r.getMessage()]
     assert "client" in record.getMessage() and record.exc_info is None
