@@ -124,6 +124,8 @@ class Rule:
     read_size: int = DEFAULT_READ_SIZE
     #: Relay with os.splice() through kernel pipes (Linux) instead of copying.
     splice: bool = False
+    #: Listen with SO_REUSEPORT, so that several processes share the port.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -140,8 +142,11 @@ class Rule:
         _check_positive("connect_timeout", self.connect_timeout, float)
         _check_positive("high_water", self.high_water, int)
         _check_positive("read_size", self.read_size, int)
-        if not isinstance(self.splice, bool):
-            raise ValueError(f"splice must be True or False, not {self.splice!r}")
+        for name in ("splice", "reuse_port"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
         if self.splice:
             from ._splice import AVAILABLE
             if not AVAILABLE:
@@ -593,7 +598,8 @@ class Forwarder(_Dispatcher):
     ``address``.  ``map`` is the asyncore map to join (the global one by
     default, as in asyncore); run it with ``serve_forever()`` or with your own
     ``asyncore.loop(use_poll=True, map=...)``.  ``splice=True`` relays with
-    os.splice() (Linux) instead of copying through Python.
+    os.splice() (Linux) instead of copying through Python; ``reuse_port=True``
+    lets other processes listen on the same port (see ``--workers``).
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).
@@ -605,8 +611,10 @@ class Forwarder(_Dispatcher):
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  high_water: int = DEFAULT_HIGH_WATER,
                  read_size: int = DEFAULT_READ_SIZE,
-                 splice: bool = False) -> None:
-        self.rule = Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice)
+                 splice: bool = False,
+                 reuse_port: bool = False) -> None:
+        self.rule = Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice,
+                         reuse_port)
         if self.rule.splice:
             from ._splice import SpliceReceiver, SpliceSender
             self.receiver_class, self.sender_class = SpliceReceiver, SpliceSender
@@ -622,6 +630,8 @@ class Forwarder(_Dispatcher):
         self.create_socket(family, socket.SOCK_STREAM)
         try:
             self.set_reuse_addr()
+            if self.rule.reuse_port:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self.bind(address)
             self.listen(self.rule.backlog)
         except OSError as error:

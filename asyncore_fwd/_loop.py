@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import select
 import time
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Optional, Set
 
 from ._compat import asyncore
 

@@ -8,13 +8,15 @@ permission denied, unknown host), 2 for bad usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 from typing import Optional, Sequence
 
-from . import __version__
+from . import __version__, _workers
 from ._forwarder import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Forwarder, format_address
 from ._loop import LOOP_KINDS, best_loop_kind
 
@@ -57,6 +59,16 @@ def _backlog(text: str) -> int:
         value = -1
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"invalid backlog {text!r}: expected an integer from 0 to 65535")
+    return value
+
+
+def _workers_count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: expected an integer from 1 to 256")
     return value
 
 
@@ -109,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splice", action="store_true",
                         help="relay with splice() through kernel pipes instead of copying "
                              "(Linux; costs 4 more descriptors per connection)")
+    parser.add_argument("--workers", type=_workers_count, default=1, metavar="N",
+                        help="serve with N processes sharing the port (SO_REUSEPORT), one loop each, "
+                             "supervised by this one (default: %(default)s)")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true",
                           help="log every connection: accepted, connected, closed (bytes, duration, who closed)")
@@ -127,15 +142,33 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the forwarder until SIGINT or SIGTERM; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers > 1 and not _workers.AVAILABLE:
+        parser.error("--workers above 1 needs SO_REUSEPORT and fork(), which this platform lacks")
     _configure_logging(args.verbose, args.quiet)
+    if args.workers > 1:
+        return _run_workers(args)
     try:
-        fwd = Forwarder(args.local_ip, args.local_port, args.remote_ip, args.remote_port, args.backlog,
-                        map={}, connect_timeout=args.connect_timeout, high_water=args.high_water,
-                        splice=args.splice)
+        fwd = _make_forwarder(args, args.local_port)
     except OSError as error:
-        print(f"{PROG}: {error.strerror or error}", file=sys.stderr)
-        return 1
+        return _fail(error)
+    return _serve(fwd, args, announce=True)
+
+
+def _make_forwarder(args: argparse.Namespace, port: int, reuse_port: bool = False) -> Forwarder:
+    return Forwarder(args.local_ip, port, args.remote_ip, args.remote_port, args.backlog,
+                     map={}, connect_timeout=args.connect_timeout, high_water=args.high_water,
+                     splice=args.splice, reuse_port=reuse_port)
+
+
+def _fail(error: OSError) -> int:
+    print(f"{PROG}: {error.strerror or error}", file=sys.stderr)
+    return 1
+
+
+def _serve(fwd: Forwarder, args: argparse.Namespace, announce: bool) -> int:
+    """Serve until SIGINT/SIGTERM (handled here when in the main thread)."""
 
     def stop(signum: int, frame: object) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
@@ -146,8 +179,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if in_main_thread:
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, stop)
-    # Only now: whoever waits for this line may signal us as soon as it appears.
-    log.info("forwarding %s to %s", format_address(fwd.address), fwd.rule.remote)
+    if announce:
+        # Only now: whoever waits for this line may signal us as soon as it appears.
+        log.info("forwarding %s to %s", format_address(fwd.address), fwd.rule.remote)
     try:
         fwd.serve_forever(loop=args.loop)
     finally:
@@ -155,3 +189,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signum, handler)
     log.info("stopped")
     return 0
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    """Check the settings once here, then fork the workers and watch them."""
+    try:
+        reserve = _workers.reserve_port(args.local_ip.strip("[]"), args.local_port)
+    except (socket.gaierror, UnicodeError) as error:
+        return _fail(OSError(errno.EINVAL, f"cannot resolve local address {args.local_ip!r}: {error}"))
+    except OSError as error:
+        where = format_address((args.local_ip.strip("[]"), args.local_port))
+        return _fail(OSError(error.errno, f"cannot listen on {where}: {error.strerror}"))
+    try:
+        port = reserve.getsockname()[1]
+        try:  # resolve the remote and bind once here, so that errors show before any fork
+            probe = _make_forwarder(args, port, reuse_port=True)
+        except OSError as error:
+            return _fail(error)
+        probe.close()
+
+        def run_worker(index: int) -> int:
+            reserve.close()
+            log.handlers[0].setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s w{index} %(message)s"))
+            return _serve(_make_forwarder(args, port, reuse_port=True), args, announce=False)
+
+        log.info("forwarding %s to %s with %d workers", format_address(probe.address), probe.rule.remote,
+                 args.workers)
+        status = _workers.supervise(args.workers, run_worker)
+    finally:
+        reserve.close()
+    log.info("stopped")
+    return status

@@ -7,14 +7,16 @@ teardown, and everything binds port 0 on 127.0.0.1 or ::1.
 from __future__ import annotations
 
 import os
+import re
 import selectors
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -329,6 +331,84 @@ def sock_map() -> Iterator[dict]:
     channels: dict = {}
     yield channels
     asyncore.close_all(channels, ignore_all=True)
+
+
+class ForwarderProcess:
+    """The command in a child process; a thread collects its stderr lines."""
+
+    def __init__(self, command: Sequence[str]) -> None:
+        # Its own process group: kill() reaches any worker processes it forked.
+        self.process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines: List[str] = []
+        self._reader = threading.Thread(target=self._read, name="stderr-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def _search(self, pattern: re.Pattern[str]) -> Optional[re.Match[str]]:
+        for line in list(self.lines):
+            match = pattern.search(line)
+            if match:
+                return match
+        return None
+
+    def wait_line(self, pattern: str | re.Pattern[str]) -> re.Match[str]:
+        """The first stderr line matching ``pattern``, waiting up to ``WAIT`` s for it."""
+        compiled = re.compile(pattern)
+        wait_for(lambda: self._search(compiled) or self.process.poll() is not None,
+                 what=f"a stderr line matching {compiled.pattern!r}")
+        if self.process.poll() is not None:
+            self._reader.join(WAIT)
+        match = self._search(compiled)
+        if match is None:
+            pytest.fail(f"no stderr line matching {compiled.pattern!r}; stderr:\n{self.stderr}")
+        return match
+
+    def start_port(self) -> int:
+        """The local port, from the ``forwarding ADDR to REMOTE`` line logged at start."""
+        return int(self.wait_line(r"forwarding \S+:(\d+) to ").group(1))
+
+    def stop(self, signum: int) -> int:
+        """Send ``signum``; return the exit status (waited for at most ``WAIT`` s)."""
+        self.process.send_signal(signum)
+        status = self.process.wait(timeout=WAIT)
+        self._reader.join(WAIT)
+        return status
+
+    def kill(self) -> None:
+        """Kill it and everything it forked; close its stderr."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=WAIT)
+        self._reader.join(WAIT)
+        assert self.process.stderr is not None
+        if not self._reader.is_alive():  # closing under a blocked reader would block too
+            self.process.stderr.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., ForwarderProcess]]:
+    """``spawn(command)`` starts the command; whatever still runs is killed at teardown."""
+    started: List[ForwarderProcess] = []
+
+    def start(command: Sequence[str]) -> ForwarderProcess:
+        proc = ForwarderProcess(command)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
 
 
 class ArticleProcess:

@@ -15,22 +15,20 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import pytest
 
 import asyncore_fwd
 from asyncore_fwd import cli
-from conftest import WAIT, EchoServer, recv_all, recv_exactly, wait_for
+from conftest import WAIT, EchoServer, ForwarderProcess, recv_all, recv_exactly, wait_for
 
 PROG = "asyncore-fwd"
 CONSOLE_SCRIPT = Path(sys.executable).parent / PROG
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
 #: Flags that make a valid command line, for tests that vary one of them.
 VALID = ["-p", "0", "-r", "127.0.0.1", "-P", "1"]
-FORWARDING = re.compile(r"forwarding 127\.0\.0\.1:(\d+) to 127\.0\.0\.1:(\d+)$")
 
 
 # -- helpers --------------------------------------------------------------
@@ -48,7 +46,7 @@ def restore_logger() -> Iterator[None]:
 @pytest.fixture
 def no_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail (instead of hanging) if ``main()`` gets as far as serving."""
-    def serve_forever(self: asyncore_fwd.Forwarder, poll_interval: float = 0.5) -> None:
+    def serve_forever(self: asyncore_fwd.Forwarder, *args: object, **kwargs: object) -> None:
         self.close()
         pytest.fail("main() started serving instead of reporting an error")
 
@@ -80,79 +78,6 @@ def runtime_error(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> st
     assert len(lines) == 1, err
     assert lines[0].startswith(f"{PROG}: ")
     return lines[0]
-
-
-class ForwarderProcess:
-    """The command in a child process; a thread collects its stderr lines."""
-
-    def __init__(self, command: Sequence[str]) -> None:
-        self.process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
-        self.lines: List[str] = []
-        self._reader = threading.Thread(target=self._read, name="stderr-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    def _search(self, pattern: re.Pattern[str]) -> Optional[re.Match[str]]:
-        for line in list(self.lines):
-            match = pattern.search(line)
-            if match:
-                return match
-        return None
-
-    def wait_line(self, pattern: str | re.Pattern[str]) -> re.Match[str]:
-        """The first stderr line matching ``pattern``, waiting up to ``WAIT`` s for it."""
-        compiled = re.compile(pattern)
-        wait_for(lambda: self._search(compiled) or self.process.poll() is not None,
-                 what=f"a stderr line matching {compiled.pattern!r}")
-        if self.process.poll() is not None:
-            self._reader.join(WAIT)
-        match = self._search(compiled)
-        if match is None:
-            pytest.fail(f"no stderr line matching {compiled.pattern!r}; stderr:\n{self.stderr}")
-        return match
-
-    def start_port(self) -> int:
-        """The local port, from the ``forwarding ADDR to REMOTE`` line logged at start."""
-        return int(self.wait_line(FORWARDING).group(1))
-
-    def stop(self, signum: int) -> int:
-        """Send ``signum``; return the exit status (waited for at most ``WAIT`` s)."""
-        self.process.send_signal(signum)
-        status = self.process.wait(timeout=WAIT)
-        self._reader.join(WAIT)
-        return status
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=WAIT)
-        self._reader.join(WAIT)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., ForwarderProcess]]:
-    """``spawn(command)`` starts the command; whatever still runs is killed at teardown."""
-    started: List[ForwarderProcess] = []
-
-    def start(command: Sequence[str]) -> ForwarderProcess:
-        proc = ForwarderProcess(command)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
 
 
 def console_script() -> List[str]:

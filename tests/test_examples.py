@@ -1,0 +1,34 @@
+"""The scripts in ``examples/`` run as documented, warnings as errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, WAIT
+
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "error", str(EXAMPLES / name), *args],
+                          capture_output=True, text=True, timeout=3 * WAIT)
+
+
+def test_embed_example_prints_the_page_fetched_through_the_forwarder() -> None:
+    """examples/embed.py fetches its page twice (own thread, own loop), prints it, exits 0."""
+    result = run_example("embed.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello from behind the forwarder.\n" * 2
+    assert result.stderr == ""
+
+
+@pytest.mark.article
+def test_article_help_describes_the_remote_ip_as_a_local_address() -> None:
+    """The article's --help works, and its -r help is its wrong text (defect 8)."""
+    result = run_example("article_forwarder.py", "--help")
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())  # however optparse wrapped it
+    assert "-r REMOTE_IP, --remote-ip=REMOTE_IP Local IP address to bind to" in help_text
