@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import WAIT, payload, recv_all, recv_exactly, wait_for, open_fds
 
-from asyncore_fwd import Forwarder, Receiver
+from asyncore_fwd import Forwarder, Receiver, Sender
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._forwarder import DEFAULT_READ_SIZE
 
@@ -177,49 +177,47 @@ def test_side_that_saw_eof_gets_no_more_read_events(scripted_server, sock_map, m
         client.close()
 
 
-def test_poll_hangup_does_not_drop_data_still_queued(scripted_server, sock_map) -> None:
+def test_poll_hangup_does_not_drop_data_still_queued(scripted_server, sock_map, monkeypatch) -> None:
     """POLLHUP with more than one read of data queued: all of it still arrives.
 
-    Both directions of the server socket are shut (the client's EOF was
-    passed on, the server closed), so poll() reports POLLIN|POLLHUP; asyncore
-    then calls handle_close() right after a single handle_read().
+    The client's EOF is passed on first; then the server sends 16 MiB and
+    closes, faster than the slow client lets the forwarder read.  When the
+    server's FIN arrives, poll() reports POLLIN|POLLHUP while megabytes still
+    wait in the kernel, and asyncore calls handle_close() after one read.
     """
-    data = payload(4 << 20)
-    server_done = threading.Event()
+    data = payload(16 << 20)
 
     def server(conn: socket.socket) -> None:
         assert recv_all(conn) == b"req"
         conn.sendall(data)
-        server_done.set()
 
+    hangups_with_data_left = []
+    original = Sender.handle_close
+    monkeypatch.setattr(Sender, "handle_close", lambda self: (
+        hangups_with_data_left.append(1) if not self.eof_received else None, original(self)))
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", scripted_server(server).port, map=sock_map,
                     high_water=64 * 1024, read_size=64 * 1024)
-    client = socket.create_connection(fwd.address, timeout=WAIT)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: a small window
+    client.settimeout(WAIT)
+    client.connect(fwd.address)
     try:
         client.sendall(b"req")
         client.shutdown(socket.SHUT_WR)
-        # The client does not read yet: the forwarder stops reading the server.
-        pump(sock_map, server_done.is_set, what="the server to finish sending")
-        for _ in range(20):
-            asyncore.loop(timeout=0.01, use_poll=True, map=sock_map, count=1)
-        (conn,) = fwd.connections
-        assert not conn.sender.eof_received  # data + FIN still queued in the kernel
-        received = bytearray()
         client.setblocking(False)
+        received = bytearray()
 
-        def drained() -> bool:
+        def read_a_little() -> bool:  # a slow reader: at most 64 KiB per round of the loop
             try:
-                while True:
-                    chunk = client.recv(1 << 20)
-                    if not chunk:
-                        return True
-                    received.extend(chunk)
+                chunk = client.recv(64 * 1024)
             except BlockingIOError:
                 return False
+            received.extend(chunk)
+            return not chunk
 
-        pump(sock_map, drained, what="EOF at the client")
-        assert bytes(received) == data
+        pump(sock_map, read_a_little, timeout=60, what="EOF at the client")
+        assert len(received) == len(data) and bytes(received) == data
+        assert hangups_with_data_left  # the trap was really sprung
     finally:
         client.close()
 
