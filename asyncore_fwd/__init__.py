@@ -26,17 +26,20 @@ from ._forwarder import (
     receiver,
     sender,
 )
+from ._loop import EpollLoop, loop
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Connection",
+    "EpollLoop",
     "Forwarder",
     "Receiver",
     "Rule",
     "Sender",
     "__version__",
     "forwarder",
+    "loop",
     "receiver",
     "sender",
 ]

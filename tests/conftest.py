@@ -249,18 +249,18 @@ class RunningForwarder:
         self.forwarder = Forwarder(*args, **kwargs)
         self.address = self.forwarder.address
         self.port = self.address[1]
-        self._thread = threading.Thread(target=self.forwarder.serve_forever,
+        self.thread = threading.Thread(target=self.forwarder.serve_forever,
                                         kwargs={"poll_interval": 0.05, "loop": loop},
                                         name="forwarder", daemon=True)
-        self._thread.start()
+        self.thread.start()
 
     def connect(self, timeout: float = WAIT) -> socket.socket:
         return socket.create_connection(self.address, timeout=timeout)
 
     def stop(self) -> None:
         self.forwarder.stop()
-        self._thread.join(WAIT)
-        assert not self._thread.is_alive(), "serve_forever did not return after stop()"
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "serve_forever did not return after stop()"
 
 
 @pytest.fixture
@@ -419,6 +419,7 @@ class ArticleProcess:
             [sys.executable, "-W", "error", str(ROOT / "examples" / "article_forwarder.py"),
              "-l", "127.0.0.1", "-p", "0", "-r", "127.0.0.1", "-P", str(remote_port)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),  # its asyncore prints must not wait in a buffer
         )
         line = self.process.stdout.readline()  # the bound port, printed at start
         if not line.strip().isdigit():

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import resource
-import selectors
 import shutil
 import signal
 import socket
@@ -28,8 +27,8 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from conftest import (WAIT, ArticleProcess, EchoServer, RunningForwarder, ScriptedServer, payload, raise_fd_limit,
-                      recv_all, wait_for)
+from conftest import (WAIT, ArticleProcess, EchoServer, ForwarderProcess, RunningForwarder, ScriptedServer, payload,
+                      raise_fd_limit, recv_all, wait_for)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -55,57 +54,6 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-class CliForwarder:
-    """``python -m asyncore_fwd`` in front of ``remote_port``, as a child process.
-
-    A child process, like the article's example, so that the two memory
-    footprints are measured the same way.  The port is read from the
-    ``forwarding 127.0.0.1:NNNN to ...`` line logged at start.
-    """
-
-    def __init__(self, remote_port: int) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-W", "error", "-m", "asyncore_fwd",
-             "-p", "0", "-r", "127.0.0.1", "-P", str(remote_port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        assert self.process.stderr is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stderr, selectors.EVENT_READ)
-            line = self.process.stderr.readline() if selector.select(WAIT) else ""
-        match = re.search(r"forwarding 127\.0\.0\.1:(\d+) to ", line)
-        if not match:
-            self.finish()
-            pytest.fail(f"python -m asyncore_fwd did not start: {line!r}")
-        self.address: Address = ("127.0.0.1", int(match.group(1)))
-
-    def finish(self) -> int:
-        """Stop it with SIGTERM (its normal way out); return the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.communicate(timeout=WAIT)
-        return self.process.returncode
-
-
-@pytest.fixture
-def cli_forwarder() -> Iterator[Callable[[int], CliForwarder]]:
-    """``cli_forwarder(remote_port)`` starts our command line in front of that port."""
-    started: List[CliForwarder] = []
-
-    def start(remote_port: int) -> CliForwarder:
-        fwd = CliForwarder(remote_port)
-        started.append(fwd)
-        return fwd
-
-    yield start
-    for fwd in started:
-        fwd.finish()
 
 
 #: How long the flooding server's sends must make no progress (while the
@@ -319,7 +267,7 @@ def test_buffered_data_is_delivered_before_the_servers_eof(
     """Everything the server sent before closing reaches the client, byte for byte, then EOF."""
     server, flood = flood_server(PENDING_SIZE)
     fwd = start_forwarder(server.port)
-    got = read_after_the_server_closed(fwd.address, LoopThread.of_thread(fwd._thread), flood)
+    got = read_after_the_server_closed(fwd.address, LoopThread.of_thread(fwd.thread), flood)
     assert got == flood.data
 
 
@@ -385,11 +333,14 @@ def test_article_buffers_without_bound_when_the_client_does_not_read(
 
 
 def test_memory_stays_bounded_when_the_client_does_not_read(
-        cli_forwarder: Callable[[int], CliForwarder], flood_server: StartFlood) -> None:
+        spawn: Callable[..., ForwarderProcess], flood_server: StartFlood) -> None:
     """The forwarder stops reading instead of buffering, and loses nothing once the client reads."""
     server, flood = flood_server(FLOOD_SIZE)
-    fwd = cli_forwarder(server.port)
-    result = flood_a_client_that_reads_nothing(fwd.address, LoopThread.of_process(fwd.process), flood)
+    # A child process too, like the article's, so both are measured the same way.
+    fwd = spawn([sys.executable, "-W", "error", "-m", "asyncore_fwd",
+                 "-p", "0", "-r", "127.0.0.1", "-P", str(server.port)])
+    address = ("127.0.0.1", fwd.start_port())
+    result = flood_a_client_that_reads_nothing(address, LoopThread.of_process(fwd.process), flood)
     with result.client:
         assert result.stopped_reading, f"the server sent {flood.sent} bytes"
         assert result.rss_growth < RSS_LIMIT
