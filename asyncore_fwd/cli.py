@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import __version__, _workers
 from ._forwarder import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Forwarder, format_address
@@ -24,15 +24,17 @@ PROG = "asyncore-fwd"
 log = logging.getLogger("asyncore_fwd")
 
 
-def _port(lowest: int):
+def _integer(what: str, lowest: int, highest: int) -> Callable[[str], int]:
+    """An argparse type: a decimal integer from ``lowest`` to ``highest``."""
     def parse(text: str) -> int:
         try:
-            port = int(text, 10)
+            value = int(text, 10)
         except ValueError:
-            port = -1
-        if not lowest <= port <= 65535:
-            raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected an integer from {lowest} to 65535")
-        return port
+            value = lowest - 1
+        if not lowest <= value <= highest:
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} {text!r}: expected an integer from {lowest} to {highest}")
+        return value
     return parse
 
 
@@ -49,26 +51,6 @@ def _seconds(text: str) -> float:
         value = float("nan")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected a positive number of seconds")
-    return value
-
-
-def _backlog(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid backlog {text!r}: expected an integer from 0 to 65535")
-    return value
-
-
-def _workers_count(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: expected an integer from 1 to 256")
     return value
 
 
@@ -101,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-l", "--local-ip", type=_host, default="127.0.0.1", metavar="ADDR",
                         help="local address to listen on, IPv4 or IPv6 (default: %(default)s; "
                              "0.0.0.0 or :: for all)")
-    parser.add_argument("-p", "--local-port", type=_port(0), required=True, metavar="PORT",
+    parser.add_argument("-p", "--local-port", type=_integer("port", 0, 65535), required=True, metavar="PORT",
                         help="local port to listen on (0 picks a free port, shown at start)")
     parser.add_argument("-r", "--remote-ip", type=_host, required=True, metavar="HOST",
                         help="remote host to forward to: a name, an IPv4 or an IPv6 address")
-    parser.add_argument("-P", "--remote-port", type=_port(1), required=True, metavar="PORT",
+    parser.add_argument("-P", "--remote-port", type=_integer("port", 1, 65535), required=True, metavar="PORT",
                         help="remote port to forward to")
-    parser.add_argument("--backlog", type=_backlog, default=128, metavar="N",
+    parser.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=128, metavar="N",
                         help="length of the listen queue (default: %(default)s)")
     parser.add_argument("--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
                         help="give up connecting to the remote after this long (default: %(default)g)")
@@ -121,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splice", action="store_true",
                         help="relay with splice() through kernel pipes instead of copying "
                              "(Linux; costs 4 more descriptors per connection)")
-    parser.add_argument("--workers", type=_workers_count, default=1, metavar="N",
+    parser.add_argument("--workers", type=_integer("worker count", 1, 256), default=1, metavar="N",
                         help="serve with N processes sharing the port (SO_REUSEPORT), one loop each, "
                              "supervised by this one (default: %(default)s)")
     loudness = parser.add_mutually_exclusive_group()
