@@ -69,6 +69,7 @@ class EpollLoop:
         self.sweep_interval = sweep_interval
         self._epoll = select.epoll()
         self._registered: Dict[int, Any] = {}   # fd -> dispatcher registered for it
+        self._sockets: Dict[int, Any] = {}     # fd -> the socket registered (a dispatcher may replace its own)
         self._masks: Dict[int, int] = {}       # fd -> event mask registered
         self._dirty: Set[Any] = set()          # dispatchers whose predicates to ask again
         self._fresh: Set[int] = set()          # fds that changed owner this round
@@ -123,15 +124,16 @@ class EpollLoop:
             asyncore.readwrite(channel, flags)
             dirty.add(channel)
             peer = getattr(channel, "peer", None)
-            if peer is not None:
+            if getattr(peer, "_map", None) is map_:  # a dispatcher of this map
                 dirty.add(peer)
 
     # -- helpers ----------------------------------------------------------
 
     def _sweep(self) -> None:
         """Ask every dispatcher again; find ones that joined or left unseen."""
-        registered = self._registered
-        for fd in [fd for fd, channel in registered.items() if self.map.get(fd) is not channel]:
+        registered, sockets = self._registered, self._sockets
+        for fd in [fd for fd, channel in registered.items()
+                   if self.map.get(fd) is not channel or channel.socket is not sockets[fd]]:
             self._forget(fd)
         self._dirty.update(self.map.values())
 
@@ -150,7 +152,7 @@ class EpollLoop:
                 mask = select.EPOLLIN | select.EPOLLPRI
             if channel.writable() and not channel.accepting:
                 mask |= select.EPOLLOUT
-            if registered.get(fd) is not channel:
+            if registered.get(fd) is not channel or self._sockets[fd] is not channel.socket:
                 if fd in registered:
                     self._forget(fd)
                 if mask:
@@ -174,10 +176,12 @@ class EpollLoop:
         except OSError:
             return  # not a valid descriptor any more; the sweep will drop it
         self._registered[fd] = channel
+        self._sockets[fd] = channel.socket
         self._masks[fd] = mask
 
     def _forget(self, fd: int) -> None:
         del self._registered[fd]
+        del self._sockets[fd]
         del self._masks[fd]
         try:
             self._epoll.unregister(fd)

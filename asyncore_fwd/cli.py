@@ -17,7 +17,7 @@ import threading
 from typing import Callable, Optional, Sequence
 
 from . import __version__, _workers
-from ._forwarder import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Forwarder, format_address
+from ._forwarder import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Forwarder, format_address
 from ._loop import LOOP_KINDS, best_loop_kind
 
 PROG = "asyncore-fwd"
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="remote host to forward to: a name, an IPv4 or an IPv6 address")
     parser.add_argument("-P", "--remote-port", type=_integer("port", 1, 65535), required=True, metavar="PORT",
                         help="remote port to forward to")
-    parser.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=128, metavar="N",
-                        help="length of the listen queue (default: %(default)s)")
+    parser.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=DEFAULT_BACKLOG, metavar="N",
+                        help="length of the listen queue, capped by net.core.somaxconn (default: %(default)s)")
     parser.add_argument("--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
                         help="give up connecting to the remote after this long (default: %(default)g)")
     parser.add_argument("--high-water", type=_size, default=DEFAULT_HIGH_WATER, metavar="BYTES",
