@@ -162,7 +162,7 @@ def check_memory(servers: Servers, pause: float = 5.0) -> str:
 def check_scale(servers: Servers, count: int) -> str:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * count + 1000)), hard))
-    fwd = ForwarderProcess(servers.echo_port, "--backlog", "4096", "-q")
+    fwd = ForwarderProcess(servers.echo_port, "--backlog", "4096")
     clients = []
     try:
         started = time.monotonic()
@@ -226,7 +226,7 @@ def check_half_close() -> str:
 
 
 def check_idle(servers: Servers, count: int, window: float = 10.0) -> str:
-    fwd = ForwarderProcess(servers.echo_port, "-q")
+    fwd = ForwarderProcess(servers.echo_port)
     clients = []
     try:
         for index in range(count):
