@@ -375,7 +375,7 @@ class _Pipe(_Dispatcher):
             self.conn.abort(self, error)
             return
         if count:
-            self.peer.forward(memoryview(scratch)[:count])
+            self.peer.forward(scratch[:count])
         else:
             self.handle_eof()
 
@@ -454,9 +454,10 @@ class _Pipe(_Dispatcher):
                 self.conn.abort(self, error)
                 return
             self.bytes_sent += sent
+            if sent == len(data):
+                return
             data = data[sent:]
-        if data:
-            self.outgoing += data
+        self.outgoing += data
 
     def shutdown_write(self) -> None:
         """Pass the peer's EOF on; close the pair if the other way is done too."""
@@ -625,7 +626,7 @@ class Forwarder(_Dispatcher):
         #: The live connections, for stats and for closing them all.
         self.connections: set[Connection] = set()
         #: One read buffer for every connection: the loop runs one handler at a time.
-        self.scratch = bytearray(self.rule.read_size)
+        self.scratch = memoryview(bytearray(self.rule.read_size))
         self._remote = _RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
         self._resume_accepting_at = 0.0
         self._stop_requested = False
