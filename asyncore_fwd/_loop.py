@@ -72,7 +72,6 @@ class EpollLoop:
         self._sockets: Dict[int, Any] = {}     # fd -> the socket registered (a dispatcher may replace its own)
         self._masks: Dict[int, int] = {}       # fd -> event mask registered
         self._dirty: Set[Any] = set()          # dispatchers whose predicates to ask again
-        self._fresh: Set[int] = set()          # fds that changed owner this round
         self._next_sweep = 0.0
         _watchers[id(self.map)] = self
 
@@ -91,13 +90,11 @@ class EpollLoop:
 
     def added(self, channel: Any) -> None:
         self._dirty.add(channel)
-        self._fresh.add(channel._fileno)
 
     def removed(self, fd: int, channel: Any) -> None:
         if self._registered.get(fd) is channel:
             self._forget(fd)
         self._dirty.discard(channel)
-        self._fresh.add(fd)
 
     # -- running ----------------------------------------------------------
 
@@ -108,7 +105,6 @@ class EpollLoop:
             self._sweep()
             self._next_sweep = now + self.sweep_interval
         self._refresh()
-        self._fresh.clear()
         try:
             events = self._epoll.poll(timeout)
         except InterruptedError:
@@ -116,11 +112,13 @@ class EpollLoop:
         if not events:
             self._next_sweep = 0.0  # idle: a sweep costs nothing that matters now
             return
-        map_, dirty, fresh = self.map, self._dirty, self._fresh
+        map_, dirty, registered, sockets = self.map, self._dirty, self._registered, self._sockets
         for fd, flags in events:
             channel = map_.get(fd)
-            if channel is None or fd in fresh:
-                continue  # closed, or its descriptor reused, earlier in this round
+            if channel is None or registered.get(fd) is not channel or sockets[fd] is not channel.socket:
+                # Closed earlier in this round, and maybe its descriptor number
+                # already reused: the event was for the old socket.
+                continue
             asyncore.readwrite(channel, flags)
             dirty.add(channel)
             peer = getattr(channel, "peer", None)
@@ -214,7 +212,7 @@ def open_loop(kind: str, map: Optional[Dict[int, Any]] = None) -> Any:
     raise ValueError(f"loop must be 'auto' or one of {LOOP_KINDS}, not {kind!r}")
 
 
-def loop(timeout: float = 30.0, map: Optional[Dict[int, Any]] = None, count: Optional[int] = None,
+def loop(timeout: float = 30.0, *, map: Optional[Dict[int, Any]] = None, count: Optional[int] = None,
          kind: str = "auto") -> None:
     """A drop-in for ``asyncore.loop`` on the backend named by ``kind``: rounds
     until the map is empty, or ``count`` rounds."""
