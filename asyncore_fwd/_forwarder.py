@@ -22,7 +22,8 @@ Strategy, in the order the loop sees it:
 * **Timers without a timer API.**  asyncore has none, but it asks every
   dispatcher ``readable()`` and ``writable()`` once per round; the connect
   timeout and the pause after EMFILE are checked there.  Their precision is
-  the loop's timeout (``serve_forever`` uses half a second).
+  the loop's timeout (``serve_forever`` uses half a second), or under the
+  epoll loop its sweep interval (also half a second).
 """
 
 from __future__ import annotations
