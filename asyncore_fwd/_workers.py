@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -25,6 +26,8 @@ AVAILABLE = hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")
 
 #: Seconds the workers get to finish after SIGTERM before they are killed.
 STOP_GRACE = 5.0
+#: Seconds to wait for every worker to listen before announcing the service anyway.
+START_WAIT = 10.0
 #: A worker that dies this many times within RESTART_WINDOW seconds is not restarted again.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 10.0
@@ -49,9 +52,12 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return reserve
 
 
-def supervise(count: int, run_worker: Callable[[int], int]) -> int:
-    """Fork ``count`` workers running ``run_worker(index)``; keep them running until
-    SIGINT/SIGTERM.  Returns 0 after a requested stop, 1 if a worker kept dying."""
+def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
+              on_ready: Callable[[], None]) -> int:
+    """Fork ``count`` workers running ``run_worker(index, ready)``; keep them running
+    until SIGINT/SIGTERM.  Each worker calls ``ready()`` once it listens; when all
+    have (or after START_WAIT s), ``on_ready()`` runs.  Returns 0 after a
+    requested stop, 1 if a worker kept dying."""
     workers: Dict[int, int] = {}  # pid -> index
     deaths: Dict[int, List[float]] = {}
     stopping: List[int] = []  # the signal that asked us to stop, once it came
@@ -61,9 +67,13 @@ def supervise(count: int, run_worker: Callable[[int], int]) -> int:
 
     previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     failed = False
+    ready_reader, ready_writer = os.pipe()
     try:
         for index in range(count):
-            _spawn(index, run_worker, workers)
+            _spawn(index, run_worker, workers, ready_writer)
+        _wait_ready(ready_reader, count)
+        if not stopping:
+            on_ready()
         while workers and not stopping:
             pid, status = _reap()
             if not pid:
@@ -77,17 +87,32 @@ def supervise(count: int, run_worker: Callable[[int], int]) -> int:
                 failed = True
                 break
             log.warning("worker %d (pid %d) exited (%s); starting it again", index, pid, _describe(status))
-            _spawn(index, run_worker, workers)
+            _spawn(index, run_worker, workers, ready_writer)
         if stopping:
             log.info("%s: stopping %d workers", signal.Signals(stopping[0]).name, len(workers))
         _stop_all(workers)
     finally:
+        os.close(ready_reader)
+        os.close(ready_writer)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 1 if failed else 0
 
 
-def _spawn(index: int, run_worker: Callable[[int], int], workers: Dict[int, int]) -> None:
+def _wait_ready(ready_reader: int, count: int) -> None:
+    """Wait until ``count`` workers have said they listen (one byte each), within START_WAIT s."""
+    deadline = time.monotonic() + START_WAIT
+    received = 0
+    while received < count:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([ready_reader], [], [], left)[0]:
+            log.warning("only %d of %d workers are listening after %g s", received, count, START_WAIT)
+            return
+        received += len(os.read(ready_reader, count - received))
+
+
+def _spawn(index: int, run_worker: Callable[[int, Callable[[], None]], int], workers: Dict[int, int],
+           ready_writer: int) -> None:
     pid = os.fork()
     if pid:
         workers[pid] = index
@@ -99,7 +124,7 @@ def _spawn(index: int, run_worker: Callable[[int], int], workers: Dict[int, int]
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
-        status = run_worker(index)
+        status = run_worker(index, lambda: os.write(ready_writer, b"."))
     except BaseException:
         log.exception("worker %d failed", index)
     finally:

@@ -190,14 +190,18 @@ def _run_workers(args: argparse.Namespace) -> int:
             return _fail(error)
         probe.close()
 
-        def run_worker(index: int) -> int:
+        def run_worker(index: int, ready: Callable[[], None]) -> int:
             reserve.close()
             log.handlers[0].setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s w{index} %(message)s"))
-            return _serve(_make_forwarder(args, port, reuse_port=True), args, announce=False)
+            fwd = _make_forwarder(args, port, reuse_port=True)
+            ready()
+            return _serve(fwd, args, announce=False)
 
-        log.info("forwarding %s to %s with %d workers", format_address(probe.address), probe.rule.remote,
-                 args.workers)
-        status = _workers.supervise(args.workers, run_worker)
+        def announce() -> None:  # once every worker listens: connects are not refused from here on
+            log.info("forwarding %s to %s with %d workers", format_address(probe.address), probe.rule.remote,
+                     args.workers)
+
+        status = _workers.supervise(args.workers, run_worker, announce)
     finally:
         reserve.close()
     log.info("stopped")
