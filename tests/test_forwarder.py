@@ -32,6 +32,13 @@ def pump(channels: dict, until, timeout: float = WAIT, what: str = "condition") 
         asyncore.loop(timeout=0.01, use_poll=True, map=channels, count=1)
 
 
+def established(fwd: Forwarder, channels: dict):
+    """Pump until the forwarder's one connection has its server side; return it."""
+    pump(channels, lambda: any(c.established for c in fwd.connections), what="connect")
+    (conn,) = fwd.connections
+    return conn
+
+
 def blackhole():
     """A listener whose backlog is full: further connects hang in SYN-SENT."""
     listener = socket.socket()
@@ -69,8 +76,7 @@ def test_reads_are_large_and_the_send_buffer_is_consumed_in_place(echo_server, s
     assert len(fwd.scratch) == fwd.rule.read_size
     client = socket.create_connection(fwd.address, timeout=WAIT)
     try:
-        pump(sock_map, lambda: any(c.established for c in fwd.connections), what="connect")
-        (conn,) = fwd.connections
+        conn = established(fwd, sock_map)
         buffer = conn.receiver.outgoing
         buffer += b"x" * (8 << 20)  # more than the socket can take at once
         conn.receiver.handle_write()
@@ -379,8 +385,7 @@ def test_events_for_a_closed_pair_are_ignored(echo_server, sock_map) -> None:
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
     client = socket.create_connection(fwd.address, timeout=WAIT)
     try:
-        pump(sock_map, lambda: any(c.established for c in fwd.connections), what="connect")
-        (conn,) = fwd.connections
+        conn = established(fwd, sock_map)
         conn.close()
         for side in (conn.receiver, conn.sender):
             assert not side.readable() and not side.writable()
@@ -465,8 +470,7 @@ def test_closing_one_side_through_asyncore_closes_the_pair(echo_server, sock_map
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
     client = socket.create_connection(fwd.address, timeout=WAIT)
     try:
-        pump(sock_map, lambda: any(c.established for c in fwd.connections), what="connect")
-        (conn,) = fwd.connections
+        conn = established(fwd, sock_map)
         asyncore.close_all(sock_map)
         assert conn.closed and not fwd.connections and sock_map == {}
         assert client.recv(10) == b""
@@ -511,8 +515,7 @@ def test_urgent_data_on_a_paused_side_does_not_spin_the_select_loop(scripted_ser
     client = socket.create_connection(fwd.address, timeout=WAIT)
     client.setblocking(False)
     try:
-        pump(sock_map, lambda: any(c.established for c in fwd.connections), what="connect")
-        (conn,) = fwd.connections
+        conn = established(fwd, sock_map)
         conn.receiver.outgoing += b"y" * (4 << 20)  # keeps the client side writable
         chunk = b"x" * 65536
         for _ in range(2000):  # fill the server's buffers until the client side pauses

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 from conftest import WAIT, RunningForwarder, open_fds, payload, recv_all, wait_for
-from test_forwarder import pump
+from test_forwarder import established, pump
 
 from asyncore_fwd import Forwarder, Rule
 from asyncore_fwd import _splice
@@ -25,8 +25,7 @@ def test_pipes_are_the_outgoing_buffers(echo_server, sock_map) -> None:
     """With splice=True both sides queue in a KernelPipe, opened on first use."""
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map, splice=True)
     with socket.create_connection(fwd.address, timeout=WAIT) as client:
-        pump(sock_map, lambda: any(c.established for c in fwd.connections), what="connect")
-        (conn,) = fwd.connections
+        conn = established(fwd, sock_map)
         assert isinstance(conn.receiver.outgoing, _splice.KernelPipe)
         assert conn.sender.outgoing.write_fd == -1  # no pipe before the first byte
         client.sendall(b"hello")
