@@ -10,14 +10,19 @@ rounds and ask its predicates again only when they may have changed:
 
 * after a dispatcher handled an event (and its ``peer``, if it has one: a
   forwarder side's readiness depends on its peer's buffer);
-* when a dispatcher joins the map (asyncore_fwd's dispatchers say so at once;
+* when a dispatcher joins the map, or a timer changes what it waits for
+  (asyncore_fwd's dispatchers say so at once, with ``channel_changed``;
   any other dispatcher is found by the periodic sweep);
 * in a sweep of the whole map, at least every ``sweep_interval`` seconds and
-  whenever a round sees no event at all, which is what keeps time-based
-  predicates (connect timeouts, accept pauses) and foreign dispatchers right.
+  whenever a round sees no event at all, which is what keeps foreign
+  dispatchers (and their time-based predicates) right.
 
 The handlers are called exactly as asyncore's poll loop calls them (its own
 ``readwrite()``), so any dispatcher works under it.
+
+Every backend here also serves the map's timers (``_timers``): the wait of a
+round ends when the next timer is due, and due timers run after the round's
+events.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 from typing import Any, Dict, Optional, Set
 
 from ._compat import asyncore
+from ._timers import existing_timers
 
 __all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "best_loop_kind", "loop", "open_loop"]
 
@@ -44,8 +50,12 @@ def best_loop_kind() -> str:
     return "poll" if hasattr(select, "poll") else "select"
 
 
-def channel_added(channel: Any) -> None:
-    """Called by asyncore_fwd's dispatchers when they join a map."""
+def channel_changed(channel: Any) -> None:
+    """Ask ``channel``'s predicates again before the next wait.
+
+    Called by asyncore_fwd's dispatchers when they join a map, and when
+    something other than their own events (a timer) changed what they wait for.
+    """
     watcher = _watchers.get(id(channel._map))
     if watcher is not None and watcher.map is channel._map:
         watcher.added(channel)
@@ -105,12 +115,17 @@ class EpollLoop:
             self._sweep()
             self._next_sweep = now + self.sweep_interval
         self._refresh()
+        timers = existing_timers(self.map)
+        if timers is not None:
+            timeout = timers.wait_limit(timeout)
         try:
             events = self._epoll.poll(timeout)
         except InterruptedError:
             return
         if not events:
             self._next_sweep = 0.0  # idle: a sweep costs nothing that matters now
+            if timers is not None:
+                timers.run_due()
             return
         map_, dirty, registered, sockets = self.map, self._dirty, self._registered, self._sockets
         for fd, flags in events:
@@ -124,6 +139,8 @@ class EpollLoop:
             peer = getattr(channel, "peer", None)
             if getattr(peer, "_map", None) is map_:  # a dispatcher of this map
                 dirty.add(peer)
+        if timers is not None:
+            timers.run_due()
 
     # -- helpers ----------------------------------------------------------
 
@@ -195,7 +212,12 @@ class AsyncoreLoop:
         self._round = asyncore.poll2 if use_poll else asyncore.poll
 
     def poll(self, timeout: float = 0.0) -> None:
-        self._round(timeout, self.map)
+        timers = existing_timers(self.map)
+        if timers is None:
+            self._round(timeout, self.map)
+            return
+        self._round(timers.wait_limit(timeout), self.map)
+        timers.run_due()
 
     def close(self) -> None:
         pass

@@ -6,7 +6,10 @@ other socket, without ever entering user space.  The pipe plays the part of
 a side's ``outgoing`` buffer: ``len()`` of it is what waits in the pipe, so
 backpressure, half-close and the close logic of ``_Pipe`` work unchanged.
 The price: a pipe costs two descriptors per direction, so a connection uses
-six instead of two (the pipes are made on first use).
+six instead of two.  The pipes are made when the client is accepted, before
+anything is relayed: running out of descriptors then refuses that client and
+pauses accepting, as for its socket, and never cuts a connection that is
+already relaying.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from ._forwarder import Connection, Receiver, Sender, _Pipe
+from ._relay import Connection, Receiver, Sender, _Pipe
 
 __all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender"]
 
@@ -35,11 +38,15 @@ class KernelPipe:
     __slots__ = ("read_fd", "write_fd", "queued", "capacity", "blocked")
 
     def __init__(self, capacity: int) -> None:
-        self.read_fd = self.write_fd = -1
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.queued = 0
         #: What may wait in the pipe: the high-water mark, or less if the kernel
         #: would not grow the pipe that far.
-        self.capacity = capacity
+        try:
+            size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, capacity)
+        except OSError:  # over the system's limit: keep the pipe as it is
+            size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
+        self.capacity = min(capacity, size)
         #: Set when the pipe took nothing more though it holds less than its
         #: capacity (the kernel counts pipe slots, not bytes: many small
         #: segments fill it early); cleared as soon as it drains a little.
@@ -50,8 +57,6 @@ class KernelPipe:
 
     def fill_from(self, fd: int) -> int:
         """Move what the socket ``fd`` has (up to the free room) into the pipe; 0 at EOF."""
-        if self.write_fd < 0:
-            self._open()
         moved = os.splice(fd, self.write_fd, self.capacity - self.queued, flags=_FLAGS)
         self.queued += moved
         return moved
@@ -75,14 +80,6 @@ class KernelPipe:
         self.read_fd = self.write_fd = -1
         self.queued = 0
 
-    def _open(self) -> None:
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, self.capacity)
-        except OSError:  # over the system's limit: keep the pipe as it is
-            size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
-        self.capacity = min(self.capacity, size)
-
 
 class _Splicing(_Pipe):
     """A side that relays with splice(): only reading and writing differ."""
@@ -90,8 +87,13 @@ class _Splicing(_Pipe):
     outgoing: Any  # a KernelPipe
 
     def __init__(self, conn: Connection, *args: Any) -> None:
-        super().__init__(conn, *args)
-        self.outgoing = KernelPipe(conn.rule.high_water)
+        pipe = KernelPipe(conn.rule.high_water)  # first: EMFILE here refuses the client
+        try:
+            super().__init__(conn, *args)
+        except BaseException:
+            pipe.close()
+            raise
+        self.outgoing = pipe
 
     def readable(self) -> bool:
         """Read while the peer's pipe has room (its capacity is the high-water mark)."""
@@ -107,20 +109,24 @@ class _Splicing(_Pipe):
         try:
             moved = pipe.fill_from(self._fileno)
         except (BlockingIOError, InterruptedError):
-            # Nothing to read after all, or a pipe full of small segments:
-            # in that case read again only once the pipe has drained a little.
-            pipe.blocked = pipe.queued > 0
-            return
+            moved = 0
+        except ConnectionResetError as error:
+            # At an urgent mark splice() reports the reset before the urgent
+            # byte that came ahead of it: relay that byte first (handle_eof).
+            self.reset_error = error
+            moved = 0
         except OSError as error:
             self.conn.abort(self, error)
             return
         if moved:
             self.peer.handle_write()  # pass it on now if the peer can take it
             return
-        # splice() returns 0 at EOF, but also where the stream stops at a TCP
-        # urgent mark, which only an ordinary recv() steps over.  Tell the two
-        # apart with a recv() of one byte, made once the pipe is empty so that
-        # the byte surely fits in it.
+        # Nothing moved: EOF (splice() returns 0), nothing to read after all,
+        # a pipe full of small segments, or a TCP urgent mark, where splice()
+        # stops (returning 0, or raising EAGAIN on newer kernels) and only an
+        # ordinary recv() steps over the urgent byte.  With bytes in the pipe,
+        # read again once it has drained a little; with an empty pipe, tell
+        # the cases apart with a recv() of one byte, which surely fits.
         if pipe.queued:
             pipe.blocked = True
             return

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -64,6 +64,42 @@ def recv_all(sock: socket.socket, timeout: float = WAIT) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def recv_until_reset(sock: socket.socket, timeout: float = WAIT) -> bytes:
+    """Read until the connection is reset; returns what came before.
+
+    Fails the test on a clean EOF (a reset must never look like a normal
+    end) or if nothing ends the connection within ``timeout``.
+    """
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return b"".join(chunks)
+        except socket.timeout:
+            break
+        if not chunk:
+            pytest.fail(f"clean EOF after {sum(map(len, chunks))} bytes where a reset was expected")
+        chunks.append(chunk)
+    pytest.fail(f"no reset within {timeout} s")
+
+
+def connect_until_reset(address: Tuple[str, int], timeout: float = WAIT) -> bytes:
+    """Connect and read until the connection is reset; returns what came before.
+
+    On loopback the reset may come before ``connect()`` has even returned,
+    which the client sees as ECONNRESET from connect(): that counts too.
+    """
+    try:
+        client = socket.create_connection(address, timeout=timeout)
+    except ConnectionResetError:
+        return b""
+    with client:
+        return recv_until_reset(client, timeout)
 
 
 def recv_exactly(sock: socket.socket, size: int, timeout: float = WAIT) -> bytes:

@@ -12,9 +12,9 @@ from typing import Callable, Iterator, List
 import pytest
 
 from asyncore_fwd import Forwarder, Rule
-from asyncore_fwd import _forwarder
+from asyncore_fwd import _net
 from conftest import (WAIT, EchoServer, RunningForwarder, needs_ipv6, open_fds, payload, recv_all,
-                      recv_exactly, wait_for)
+                      recv_exactly, connect_until_reset, wait_for)
 
 MiB = 1024 * 1024
 
@@ -104,7 +104,7 @@ def fake_resolver(monkeypatch: pytest.MonkeyPatch, echo_server: EchoServer) -> I
     """Resolves ``slow.test`` to the echo server; refreshes it on every connection."""
     resolver = FakeResolver(echo_server.port)
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
-    monkeypatch.setattr(_forwarder, "RESOLVE_INTERVAL", 0.0)
+    monkeypatch.setattr(_net, "RESOLVE_INTERVAL", 0.0)
     yield resolver
     resolver.answer.set()
     _join_resolver_threads()
@@ -175,13 +175,12 @@ def test_connect_falls_back_to_the_next_address(
 
 def test_all_addresses_refused_closes_the_client_with_one_warning(
         start_forwarder: Callable[..., RunningForwarder], caplog: pytest.LogCaptureFixture) -> None:
-    """No address answers: the client gets EOF and one plain warning names the remote."""
+    """No address answers: the client gets a reset and one plain warning names the remote."""
     dead = _dead_port()
     fwd = start_forwarder(dead)
     fwd.forwarder._remote._addresses = [(socket.AF_INET, ("127.0.0.1", dead)),
                                         (socket.AF_INET, ("127.0.0.1", _dead_port()))]
-    with fwd.connect() as client:
-        assert recv_all(client) == b""
+    assert connect_until_reset(fwd.address) == b""
     wait_for(lambda: _warnings(caplog), what="the warning")
     fwd.stop()
     records = _warnings(caplog)

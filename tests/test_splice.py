@@ -22,12 +22,12 @@ pytestmark = pytest.mark.skipif(not _splice.AVAILABLE, reason="no os.splice() on
 
 
 def test_pipes_are_the_outgoing_buffers(echo_server, sock_map) -> None:
-    """With splice=True both sides queue in a KernelPipe, opened on first use."""
+    """With splice=True both sides queue in a KernelPipe, opened when the client is accepted."""
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map, splice=True)
     with socket.create_connection(fwd.address, timeout=WAIT) as client:
         conn = established(fwd, sock_map)
         assert isinstance(conn.receiver.outgoing, _splice.KernelPipe)
-        assert conn.sender.outgoing.write_fd == -1  # no pipe before the first byte
+        assert conn.sender.outgoing.write_fd >= 0 and conn.receiver.outgoing.write_fd >= 0
         client.sendall(b"hello")
         pump(sock_map, lambda: conn.bytes_to_client == 5, what="the echo")
         assert client.recv(5) == b"hello"

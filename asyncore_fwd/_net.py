@@ -1,0 +1,180 @@
+"""Small network helpers shared by the relay and the listener.
+
+Socket-address formatting, one-line error descriptions, reading a socket's
+pending error, and the remote's addresses (resolved at start, refreshed off
+the loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "RemoteAddresses", "SockAddr", "SocketMap",
+           "describe_error", "format_address", "listen_address", "os_error", "pending_error", "reset", "strip_brackets",
+           "tune"]
+
+log = logging.getLogger("asyncore_fwd")
+
+#: How long a resolved remote hostname is trusted before it is looked up again.
+RESOLVE_INTERVAL = 60.0
+
+# accept() errors that mean "no resources now": pause instead of spinning.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+LINGER_ABORT = struct.pack("ii", 1, 0)
+
+SockAddr = Tuple[Any, ...]
+SocketMap = Dict[int, Any]
+
+
+def format_address(address: SockAddr) -> str:
+    """``127.0.0.1:80`` or ``[::1]:80`` for a socket address."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line description of a network error, without a traceback."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def os_error(code: int, message: Optional[str] = None) -> OSError:
+    """An OSError for ``code``, with the system's message unless one is given."""
+    return OSError(code, message or os.strerror(code))
+
+
+def pending_error(sock: socket.socket) -> int:
+    """The socket's pending error (SO_ERROR, which reading clears); EBADF if closed."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError as error:
+        return error.errno or errno.EBADF
+
+
+def strip_brackets(host: str) -> str:
+    """``::1`` for ``[::1]``: IPv6 literals may be written in brackets."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def tune(sock: socket.socket) -> None:
+    """Set a relayed socket's options: no Nagle delay, urgent data in line.
+
+    No Nagle: we pass writes on as they come, the sender already batched
+    them.  SO_OOBINLINE: a TCP urgent byte stays in the stream, in its
+    place, so it is relayed exactly once and in order, like any other byte
+    (it arrives at the other end as ordinary data, no longer marked urgent).
+    """
+    for level, option in ((socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_OOBINLINE)):
+        try:
+            sock.setsockopt(level, option, 1)
+        except OSError:
+            pass
+
+
+def reset(sock: socket.socket) -> None:
+    """Close ``sock`` with a reset (RST) instead of a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
+    except OSError:
+        pass
+    sock.close()
+
+
+def acknowledge_urgent(sock: socket.socket) -> None:
+    """Stop the kernel reporting a pending urgent byte, and leave it in the stream.
+
+    The byte is read out of band once, with SO_OOBINLINE off: that clears
+    the exceptional condition that select() and poll() report.  With
+    SO_OOBINLINE back on, an ordinary read still returns the byte in its
+    place (Linux keeps it in the stream and skips it only for sockets
+    without SO_OOBINLINE), so it is relayed once, in order.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 0)
+        try:
+            sock.recv(1, socket.MSG_OOB)
+        except OSError:
+            pass  # not there yet, or already acknowledged: nothing is reported then
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    except OSError:
+        pass  # closed: the error shows on the next read or write
+
+
+class RemoteAddresses:
+    """The remote's socket addresses, resolved at start, refreshed off the loop.
+
+    A hostname is looked up once when the forwarder starts (so a typo fails
+    at once), then again in a background thread when the answer is older than
+    ``RESOLVE_INTERVAL``; until the new answer arrives the old one is used, so
+    a slow DNS server never stalls the loop.  A failed refresh keeps the old
+    answer.  An IP literal is never looked up again.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._addresses = self._resolve()
+        self._resolved_at = time.monotonic()
+        self._refreshing = False
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+            self._numeric = True
+        except socket.gaierror:
+            self._numeric = False
+
+    def _resolve(self) -> List[Tuple[int, SockAddr]]:
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            raise OSError(error.errno, f"cannot resolve remote host {self.host!r}: {error.strerror}") from None
+        except UnicodeError:  # the IDNA codec rejects it: an empty or over-long label
+            raise OSError(errno.EINVAL, f"cannot resolve remote host {self.host!r}: not a valid host name") from None
+        addresses: List[Tuple[int, SockAddr]] = []
+        for family, _, _, _, sockaddr in infos:
+            if (family, sockaddr) not in addresses:
+                addresses.append((family, sockaddr))
+        return addresses
+
+    def current(self) -> List[Tuple[int, SockAddr]]:
+        """The addresses to try, in order; starts a refresh if they are stale."""
+        if (not self._numeric and not self._refreshing
+                and time.monotonic() - self._resolved_at > RESOLVE_INTERVAL):
+            self._refreshing = True
+            try:
+                threading.Thread(target=self._refresh, name="asyncore_fwd-resolve", daemon=True).start()
+            except RuntimeError as error:  # no thread to spare: keep the old answer, retry later
+                self._refreshing = False
+                self._resolved_at = time.monotonic()
+                log.warning("cannot look up %s again now: %s", self.host, error)
+        return self._addresses
+
+    def _refresh(self) -> None:
+        try:
+            self._addresses = self._resolve()  # one assignment: atomic for the loop thread
+        except OSError as error:
+            log.warning("keeping the old addresses of %s: %s", self.host, describe_error(error))
+        finally:
+            self._resolved_at = time.monotonic()
+            self._refreshing = False
+
+
+def listen_address(host: str, port: int) -> Tuple[int, SockAddr]:
+    """(family, sockaddr) to bind for ``host:port``; OSError with a one-line message."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise OSError(error.errno, f"cannot resolve local address {host!r}: {error.strerror}") from None
+    except UnicodeError:  # the IDNA codec rejects it: an empty or over-long label
+        raise OSError(errno.EINVAL, f"cannot resolve local address {host!r}: not a valid host name") from None
+    family, _, _, _, address = infos[0]
+    return family, address
+
+

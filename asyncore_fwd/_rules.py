@@ -1,0 +1,90 @@
+"""Forwarding rules: what a listener serves, checked once.
+
+A ``Rule`` holds everything one forwarder needs to know -- where to listen,
+where to connect, and its limits -- so that rules can come from anywhere
+(the article's arguments, ``-L`` flags, a config file).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from ._net import format_address, strip_brackets
+
+__all__ = ["DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_READ_SIZE", "KiB", "Rule"]
+
+KiB = 1024
+#: Stop reading from a side while this many bytes wait for the other side.
+DEFAULT_HIGH_WATER = 512 * KiB
+#: Bytes asked of the kernel per read.
+DEFAULT_READ_SIZE = 256 * KiB
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: The listen queue: deep enough for a burst of thousands of connects (the
+#: article's 5 drops SYNs, and each dropped one waits a second to retry).
+#: The kernel caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 4096
+
+
+def _check_port(name: str, port: object, lowest: int) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not lowest <= port <= 65535:
+        raise ValueError(f"{name} must be an integer from {lowest} to 65535, not {port!r}")
+
+
+def _check_positive(name: str, value: object, kind: type) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < float("inf"):  # type: ignore[operator]
+        raise ValueError(f"{name} must be a positive {kind.__name__}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One forwarding rule: where to listen, where to connect, and its limits.
+
+    Everything a ``Forwarder`` needs to know, checked once, so that a list of
+    rules can come from anywhere (arguments, flags, a config file).
+    """
+
+    local_host: str
+    local_port: int
+    remote_host: str
+    remote_port: int
+    backlog: int = DEFAULT_BACKLOG
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    high_water: int = DEFAULT_HIGH_WATER
+    read_size: int = DEFAULT_READ_SIZE
+    #: Relay with os.splice() through kernel pipes (Linux) instead of copying.
+    splice: bool = False
+    #: Listen with SO_REUSEPORT, so that several processes share the port.
+    reuse_port: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("local_host", "remote_host"):
+            host = getattr(self, name)
+            if not isinstance(host, str) or not strip_brackets(host):
+                raise ValueError(f"{name} must be a non-empty string, not {host!r}")
+            object.__setattr__(self, name, strip_brackets(host))
+        _check_port("local_port", self.local_port, 0)
+        _check_port("remote_port", self.remote_port, 1)
+        if isinstance(self.backlog, bool) or not isinstance(self.backlog, int) or not 0 <= self.backlog <= 65535:
+            raise ValueError(f"backlog must be an integer from 0 to 65535, not {self.backlog!r}")
+        if isinstance(self.connect_timeout, int) and not isinstance(self.connect_timeout, bool):
+            object.__setattr__(self, "connect_timeout", float(self.connect_timeout))
+        _check_positive("connect_timeout", self.connect_timeout, float)
+        _check_positive("high_water", self.high_water, int)
+        _check_positive("read_size", self.read_size, int)
+        for name in ("splice", "reuse_port"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
+        if self.splice:
+            from ._splice import AVAILABLE
+            if not AVAILABLE:
+                raise ValueError("splice=True needs os.splice(), which this platform does not have")
+
+    @property
+    def remote(self) -> str:
+        """The remote as written in logs: ``host:port``."""
+        return format_address((self.remote_host, self.remote_port))
+
+
