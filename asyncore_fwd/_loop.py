@@ -82,6 +82,7 @@ class EpollLoop:
         self._sockets: Dict[int, Any] = {}     # fd -> the socket registered (a dispatcher may replace its own)
         self._masks: Dict[int, int] = {}       # fd -> event mask registered
         self._dirty: Set[Any] = set()          # dispatchers whose predicates to ask again
+        self._always_ready: Set[int] = set()   # registered fds epoll refuses (regular files), served each round
         self._next_sweep = 0.0
         _watchers[id(self.map)] = self
 
@@ -115,13 +116,20 @@ class EpollLoop:
             self._sweep()
             self._next_sweep = now + self.sweep_interval
         self._refresh()
+        always_ready = self._always_ready
+        for fd in [fd for fd in always_ready if self.map.get(fd) is not self._registered[fd]]:
+            self._forget(fd)  # left the map: its "ready" would keep the wait at 0 until a sweep
         timers = existing_timers(self.map)
         if timers is not None:
             timeout = timers.wait_limit(timeout)
         try:
-            events = self._epoll.poll(timeout)
+            # A wanted regular file is ready now, as poll() would say: no wait.
+            events = self._epoll.poll(0 if always_ready else timeout)
         except InterruptedError:
             return
+        if always_ready:
+            masks = self._masks
+            events += [(fd, masks[fd] & (select.EPOLLIN | select.EPOLLOUT)) for fd in always_ready]
         if not events:
             self._next_sweep = 0.0  # idle: a sweep costs nothing that matters now
             if timers is not None:
@@ -188,6 +196,8 @@ class EpollLoop:
             self._epoll.register(fd, mask)
         except FileExistsError:  # a closed socket's fd, reused: epoll dropped the old one
             self._epoll.modify(fd, mask)
+        except PermissionError:  # EPERM: no poll support (a regular file); poll() says always ready
+            self._always_ready.add(fd)
         except OSError:
             return  # not a valid descriptor any more; the sweep will drop it
         self._registered[fd] = channel
@@ -198,6 +208,7 @@ class EpollLoop:
         del self._registered[fd]
         del self._sockets[fd]
         del self._masks[fd]
+        self._always_ready.discard(fd)
         try:
             self._epoll.unregister(fd)
         except OSError:
@@ -234,10 +245,17 @@ def open_loop(kind: str, map: Optional[Dict[int, Any]] = None) -> Any:
     raise ValueError(f"loop must be 'auto' or one of {LOOP_KINDS}, not {kind!r}")
 
 
-def loop(timeout: float = 30.0, *, map: Optional[Dict[int, Any]] = None, count: Optional[int] = None,
-         kind: str = "auto") -> None:
-    """A drop-in for ``asyncore.loop`` on the backend named by ``kind``: rounds
-    until the map is empty, or ``count`` rounds."""
+def loop(timeout: float = 30.0, use_poll: bool = False, map: Optional[Dict[int, Any]] = None,
+         count: Optional[int] = None, *, kind: str = "auto") -> None:
+    """A drop-in for ``asyncore.loop``: rounds until the map is empty, or ``count`` rounds.
+
+    Takes asyncore's arguments in asyncore's order.  The backend is the one
+    ``kind`` names; "auto" (the default) is the best one here, epoll on Linux.
+    ``use_poll`` is accepted so that asyncore calls work unchanged, and does
+    not change the backend: every backend serves every dispatcher as
+    asyncore's own loops do (a regular file, which epoll refuses, is served
+    as poll() would serve it: always ready).
+    """
     backend = open_loop(kind, map)
     try:
         while backend.map and (count is None or count > 0):

@@ -669,3 +669,105 @@ def test_foreign_dispatcher_with_its_own_peer_attribute_is_served(sock_map: Sock
     with EpollLoop(sock_map) as loop:
         pump(loop, lambda: addressed.received == b"hello", "the read")
         pump(loop, lambda: addressed.readable_calls >= 2, "the predicates asked again")
+
+
+# -- asyncore.loop's own signature; regular files, which epoll refuses -------
+
+
+def test_loop_takes_asyncores_arguments_in_asyncores_order() -> None:
+    """``loop``'s first parameters are ``asyncore.loop``'s, by name, order and default."""
+    import inspect
+
+    ours = list(inspect.signature(_loop.loop).parameters.values())
+    theirs = list(inspect.signature(asyncore.loop).parameters.values())
+    assert [(p.name, p.default, p.kind) for p in ours[:len(theirs)]] == \
+        [(p.name, p.default, p.kind) for p in theirs]
+
+
+@pytest.mark.parametrize("use_poll", [False, True])
+def test_loop_called_with_positional_arguments_runs_the_map_to_the_end(use_poll: bool, sock_map: SocketMap) -> None:
+    """``loop(timeout, use_poll, map, count)``, as asyncore code calls it, serves the map."""
+    listener = EchoListener(sock_map, 1)
+    client = EchoClient(listener.address, MESSAGES[1], sock_map)
+
+    _loop.loop(0.05, use_poll, sock_map, 400)
+
+    assert bytes(client.received) == client.message
+    assert not sock_map, f"still open after 400 rounds: {list(sock_map.values())}"
+
+
+class FileReader(asyncore.file_dispatcher):
+    """Reads a regular file; at its end, closes or (``keep_open``) stops wanting to read."""
+
+    def __init__(self, path: str, map: SocketMap, keep_open: bool = False) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            super().__init__(fd, map=map)  # dups fd
+        finally:
+            os.close(fd)
+        self.keep_open = keep_open
+        self.at_end = False
+        self.data = bytearray()
+
+    def readable(self) -> bool:
+        return not self.at_end
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        chunk = self.recv(1 << 16)  # asyncore's recv calls handle_close at the end of the file
+        self.data += chunk
+
+    def handle_close(self) -> None:
+        self.at_end = True
+        if not self.keep_open:
+            self.close()
+
+    def handle_error(self) -> None:
+        raise
+
+
+@pytest.mark.parametrize("kind", ["epoll", "poll", "select"])
+def test_dispatcher_on_a_regular_file_is_read_to_its_end_under_every_loop(kind: str, sock_map: SocketMap,
+                                                                           tmp_path) -> None:
+    """A ``file_dispatcher`` on a regular file (which epoll refuses) is served as poll() serves it."""
+    path = tmp_path / "content"
+    path.write_bytes(payload(100_000))
+    reader = FileReader(str(path), sock_map)
+
+    _loop.loop(0.05, False, sock_map, 20, kind=kind)
+
+    assert bytes(reader.data) == payload(100_000)
+    assert not sock_map
+
+
+class RecordingEpoll:
+    """Wraps an ``epoll`` object and notes the timeout of each wait."""
+
+    def __init__(self, epoll: select.epoll) -> None:
+        self.epoll = epoll
+        self.timeouts: List[float] = []
+
+    def poll(self, timeout: float = -1) -> list:
+        self.timeouts.append(timeout)
+        return self.epoll.poll(timeout)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.epoll, name)
+
+
+@pytest.mark.parametrize("at_end", ["closes", "stops reading"])
+def test_epoll_loop_waits_again_once_no_regular_file_wants_serving(at_end: str, sock_map: SocketMap,
+                                                                   socketpair: MakePair, tmp_path) -> None:
+    """The epoll wait is 0 while a regular file is wanted, the caller's timeout once it is not."""
+    path = tmp_path / "content"
+    path.write_bytes(b"one read")
+    reader = FileReader(str(path), sock_map, keep_open=at_end == "stops reading")
+    Probe(socketpair()[0], sock_map)  # keeps the map, and so the loop, going
+    with EpollLoop(sock_map) as loop:
+        recording = loop._epoll = RecordingEpoll(loop._epoll)  # type: ignore[assignment]
+        for _ in range(3):  # read, read the end, wait
+            loop.poll(0.01)
+    assert reader.data == b"one read" and reader.at_end
+    assert recording.timeouts == [0, 0, 0.01]
