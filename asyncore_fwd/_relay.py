@@ -369,8 +369,11 @@ class Sender(_Pipe):
                 # Not connected yet: a stale event meant for a closed socket whose
                 # descriptor number we reuse (python/cpython#75114).  Keep waiting.
                 return
+        # asyncore's handle_connect_event() would read SO_ERROR again: a reset
+        # arriving just now would then be consumed there, unseen by us.
         self._cancel_connect_timer()
-        super().handle_connect_event()  # calls handle_connect(), sets connected
+        self.connected, self.connecting = True, False
+        self.handle_connect()
         self.conn.established_to(self.addr)
 
     def handle_connect(self) -> None:

@@ -290,3 +290,21 @@ def test_splice_out_of_descriptors_for_pipes_refuses_the_new_client_and_spares_l
         wait_for(lambda: open_fds() <= before, what="no descriptor left behind")
     finally:
         pair.close()
+
+
+def test_many_clients_of_a_server_that_resets_at_once_all_end_promptly(start_forwarder, scripted_server) -> None:
+    """Resets racing the connect event (one in a few dozen lands between two SO_ERROR reads): no pair hangs."""
+    resetter = scripted_server(lambda conn: conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                           struct.pack("ii", 1, 0)))
+    fwd = start_forwarder(resetter.port)
+    for _ in range(400):
+        try:
+            with socket.create_connection(fwd.address, timeout=WAIT) as client:
+                client.settimeout(2)
+                while client.recv(100):
+                    pass
+        except socket.timeout:
+            pytest.fail("a client waited 2 s: its pair hangs")
+        except OSError:
+            pass  # the reset (possibly before connect() returned)
+    wait_for(lambda: not fwd.forwarder.connections, timeout=2, what="every pair to close")
