@@ -45,7 +45,8 @@ FIXED_IN: Dict[Tuple[int, str], int] = {
     (3, "buffer copied on every send"): 2,
     (3, "no backpressure"): 3,
     (4, "select() fails past descriptor 1023"): 4,
-    (2, "data lost on close, no half-close"): 5,
+    (2, "reply lost after the client's EOF"): 5,
+    (2, "buffered data lost at the server's EOF"): 5,
     (9, "busy loop after EOF"): 6,
     (10, "POLLHUP drops data still queued"): 7,
     (5, "accept() returning None"): 8,
@@ -353,7 +354,7 @@ def test_relays_on_descriptors_above_1023(step: types.ModuleType, sockets: List[
 # -- defects 2, 9, 10: half-close ------------------------------------------
 
 
-@defect(2, "data lost on close, no half-close")
+@defect(2, "reply lost after the client's EOF")
 def test_client_that_half_closes_still_gets_the_reply(step: types.ModuleType, sockets: List[socket.socket]) -> None:
     """printf 'request' | nc -N: the request reaches the server, EOF after it, and the reply comes back."""
     client, server = through(step, sockets)
@@ -362,6 +363,23 @@ def test_client_that_half_closes_still_gets_the_reply(step: types.ModuleType, so
     reply = Reader(client)
     pump(step, lambda: reply.poll() or reply.data == b"reply", what="reply")
     assert reply.data == b"reply"
+
+
+@defect(2, "buffered data lost at the server's EOF")
+def test_data_buffered_when_the_server_closes_still_reaches_the_client(
+        step: types.ModuleType, sockets: List[socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client takes 1000 bytes per send, so the reply is still buffered at the server's FIN: all of it arrives."""
+    client, server = through(step, sockets)
+    dispatcher_send = step.asyncore.dispatcher.send
+    monkeypatch.setattr(step.receiver, "send", lambda self, data: dispatcher_send(self, data[:1000]))
+    reply = payload(32 * 1024)
+    server.setblocking(True)
+    server.settimeout(WAIT)
+    server.sendall(reply)
+    server.shutdown(socket.SHUT_WR)
+    got = Reader(client)
+    pump(step, got.poll, what="EOF at the client")
+    assert len(got.data) == len(reply) and got.data == reply
 
 
 @defect(9, "busy loop after EOF")
