@@ -474,13 +474,13 @@ def is_numeric(host: str) -> bool:
 @defect(7, "name lookup inside the loop")
 def test_slow_name_lookup_does_not_stall_the_loop(step: types.ModuleType, sockets: List[socket.socket],
                                                    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The remote is a host name that takes 0.3 s to look up: no loop round takes that long."""
+    """The remote is a host name that takes 0.5 s to look up: no loop round takes that long."""
     real_getaddrinfo = socket.getaddrinfo
     real_connect_ex = socket.socket.connect_ex
 
     def slow_getaddrinfo(host, *args, **kwargs):
         if host == "slow.invalid":
-            time.sleep(0.3)
+            time.sleep(0.5)
             host = "127.0.0.1"
         return real_getaddrinfo(host, *args, **kwargs)
 
@@ -502,7 +502,7 @@ def test_slow_name_lookup_does_not_stall_the_loop(step: types.ModuleType, socket
         step.serve(0.01, 1)
         longest = max(longest, time.monotonic() - began)
     assert echo.data == b"ping"
-    assert longest < 0.2, f"one loop round took {longest:.2f} s"
+    assert longest < 0.25, f"one loop round took {longest:.2f} s"
 
 
 @defect(7, "no connect timeout")
