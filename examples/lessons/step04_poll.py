@@ -1,0 +1,123 @@
+"""Step 4: poll() instead of select().
+
+Adds: asyncore.loop(use_poll=True).
+Fixes defect 4: select() cannot watch descriptor 1024 or above.  With two
+descriptors per connection, about 500 clients were enough for a ValueError
+that escaped asyncore.loop() and stopped the whole forwarder.
+(The next step shows that poll() has a trap of its own: defect 10.)
+
+Usage:  python step04_poll.py -l 127.0.0.1 -p 8080 -r 127.0.0.1 -P 8000
+(Python 3.12+ first needs:  pip install pyasyncore)
+"""
+
+import optparse
+import socket
+import sys
+import warnings
+
+try:
+    with warnings.catch_warnings():
+        # 3.10 and 3.11 warn that asyncore is deprecated; 3.12 removed it,
+        # and the pyasyncore backport brings it back under the same name.
+        warnings.simplefilter('ignore', DeprecationWarning)
+        import asyncore
+except ImportError:
+    sys.exit('This Python has no asyncore module: pip install pyasyncore')
+
+# Stop reading from one side while this much waits to be sent to the other.
+BUFFER_LIMIT = 64 * 1024
+
+
+class forwarder(asyncore.dispatcher):
+    def __init__(self, ip, port, remoteip,remoteport,backlog=5):
+        asyncore.dispatcher.__init__(self)
+        self.remoteip=remoteip
+        self.remoteport=remoteport
+        self.create_socket(socket.AF_INET,socket.SOCK_STREAM)
+        self.set_reuse_addr()
+        self.bind((ip,port))
+        self.listen(backlog)
+
+    def handle_accept(self):
+        conn, addr = self.accept()
+        # print('--- Connect --- ')
+        sender(receiver(conn),self.remoteip,self.remoteport)
+
+class receiver(asyncore.dispatcher):
+    def __init__(self,conn):
+        asyncore.dispatcher.__init__(self,conn)
+        self.from_remote_buffer=bytearray()
+        self.to_remote_buffer=bytearray()
+        self.sender=None
+
+    def handle_connect(self):
+        pass
+
+    def readable(self):
+        return len(self.from_remote_buffer) < BUFFER_LIMIT
+
+    def handle_read(self):
+        read = self.recv(4096)
+        # print('%04i -->'%len(read))
+        self.from_remote_buffer += read
+
+    def writable(self):
+        return (len(self.to_remote_buffer) > 0)
+
+    def handle_write(self):
+        sent = self.send(self.to_remote_buffer)
+        # print('%04i <--'%sent)
+        del self.to_remote_buffer[:sent]
+
+    def handle_close(self):
+        self.close()
+        if self.sender:
+            self.sender.close()
+
+class sender(asyncore.dispatcher):
+    def __init__(self, receiver, remoteaddr,remoteport):
+        asyncore.dispatcher.__init__(self)
+        self.receiver=receiver
+        receiver.sender=self
+        self.create_socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.connect((remoteaddr, remoteport))
+
+    def handle_connect(self):
+        pass
+
+    def readable(self):
+        return len(self.receiver.to_remote_buffer) < BUFFER_LIMIT
+
+    def handle_read(self):
+        read = self.recv(4096)
+        # print('<-- %04i'%len(read))
+        self.receiver.to_remote_buffer += read
+
+    def writable(self):
+        return (len(self.receiver.from_remote_buffer) > 0)
+
+    def handle_write(self):
+        sent = self.send(self.receiver.from_remote_buffer)
+        # print('--> %04i'%sent)
+        del self.receiver.from_remote_buffer[:sent]
+
+    def handle_close(self):
+        self.close()
+        self.receiver.close()
+
+
+def serve(timeout=30.0, count=None):
+    """Run the event loop (the tests run it one round at a time)."""
+    asyncore.loop(timeout, use_poll=True, count=count)
+
+
+if __name__=='__main__':
+    parser = optparse.OptionParser()
+    parser.add_option('-l','--local-ip', dest='local_ip',default='127.0.0.1', help='Local IP address to bind to')
+    parser.add_option('-p','--local-port', type='int',dest='local_port',default=80, help='Local port to bind to')
+    parser.add_option('-r','--remote-ip',dest='remote_ip', help='Local IP address to bind to')
+    parser.add_option('-P','--remote-port', type='int',dest='remote_port',default=80, help='Remote port to bind to')
+    options, args = parser.parse_args()
+    f = forwarder(options.local_ip,options.local_port,options.remote_ip,options.remote_port)
+    print('listening on port %d' % f.socket.getsockname()[1], flush=True)  # -p 0: a free port
+    serve()
