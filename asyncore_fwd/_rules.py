@@ -7,10 +7,14 @@ where to connect, and its limits -- so that rules can come from anywhere
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Tuple, Union
 
 from ._net import format_address, strip_brackets
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 __all__ = ["DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_READ_SIZE", "KiB", "Rule"]
 
@@ -56,6 +60,19 @@ class Rule:
     splice: bool = False
     #: Listen with SO_REUSEPORT, so that several processes share the port.
     reuse_port: bool = False
+    #: The rule's name in logs, stats and reloads ("" = named after ``listen``).
+    name: str = ""
+    #: Clients allowed in (empty: everyone not denied); then those denied.
+    allow: Tuple[Network, ...] = ()
+    deny: Tuple[Network, ...] = ()
+    #: Open connections at most, in all and per client IP (0 = no limit).
+    max_connections: int = 0
+    max_per_client: int = 0
+    #: Close a pair after this long without a byte either way (0 = never).
+    idle_timeout: float = 0.0
+    #: Once one direction has ended, close the pair if the other stays quiet
+    #: this long (0 = never).
+    half_closed_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -72,6 +89,19 @@ class Rule:
         _check_positive("connect_timeout", self.connect_timeout, float)
         _check_positive("high_water", self.high_water, int)
         _check_positive("read_size", self.read_size, int)
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, not {self.name!r}")
+        for name in ("allow", "deny"):
+            object.__setattr__(self, name, tuple(_network(name, value) for value in getattr(self, name)))
+        for name in ("max_connections", "max_per_client"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = no limit), not {value!r}")
+        for name in ("idle_timeout", "half_closed_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a number of seconds >= 0 (0 = off), not {value!r}")
+            object.__setattr__(self, name, float(value))
         for name in ("splice", "reuse_port"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -86,5 +116,25 @@ class Rule:
     def remote(self) -> str:
         """The remote as written in logs: ``host:port``."""
         return format_address((self.remote_host, self.remote_port))
+
+    @property
+    def listen(self) -> str:
+        """Where it listens, as written in logs and configs: ``host:port``."""
+        return format_address((self.local_host, self.local_port))
+
+    @property
+    def label(self) -> str:
+        """The rule's name, or where it listens if it has none."""
+        return self.name or self.listen
+
+
+def _network(key: str, value: object) -> Network:
+    """A CIDR or a single address (IPv4 or IPv6) as a network."""
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return value
+    try:
+        return ipaddress.ip_network(strip_brackets(value) if isinstance(value, str) else value, strict=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} entries must be addresses or CIDRs like 10.0.0.0/8 or ::1, not {value!r}") from None
 
 
