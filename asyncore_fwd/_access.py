@@ -58,9 +58,9 @@ def is_loopback(host: str) -> bool:
 class RefusalLog:
     """Logs refusals of one rule: the first at once, then one summary per interval."""
 
-    def __init__(self, label: str, timers: Timers, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+    def __init__(self, label: str, timers: Timers, interval: Optional[float] = None) -> None:
         self.label = label
-        self.interval = interval
+        self.interval = REFUSAL_LOG_INTERVAL if interval is None else interval
         self._timers = timers
         #: While set, refusals are counted, not logged; it logs the count when it fires.
         self._window: Optional[Timer] = None
