@@ -281,8 +281,8 @@ class Forwarder(_Dispatcher):
 
     def refuse(self, sock: socket.socket, addr: SockAddr, reason: str) -> None:
         """Turn a client away with a reset, count it, and log it (rate-limited)."""
+        self.stats.refused(reason)  # first: the client may look at the stats once reset
         reset(sock)
-        self.stats.refused(reason)
         if self.access is not None:
             self.access.refusals.refused(addr, reason)
 
