@@ -144,6 +144,8 @@ class _MetricsRequest(_Dispatcher):
         self.server = server
         self.request = bytearray()
         self.response = b""
+        #: Set once the response is sent: what the client still sends is read and dropped.
+        self.answered = False
         super().__init__(sock, map=server._map)
         tune(sock)
         self._deadline: Optional[Timer] = timers_for(self._map).call_later(REQUEST_TIMEOUT, self.close)
@@ -156,10 +158,12 @@ class _MetricsRequest(_Dispatcher):
 
     def handle_read(self) -> None:
         """Called when the request arrives: answer once the headers are complete."""
-        data = self.recv(MAX_REQUEST + 1 - len(self.request))
+        data = self.recv(MAX_REQUEST + 1 - len(self.request) if not self.answered else 65536)
         if not data:
             self.close()
             return
+        if self.answered:
+            return  # closing now with unread bytes would reset the response away
         self.request += data
         end = self.request.find(b"\r\n\r\n")
         if end < 0:
@@ -197,7 +201,11 @@ class _MetricsRequest(_Dispatcher):
             return
         self.response = self.response[sent:]
         if not self.response:
-            self.close()
+            # FIN, then wait for the client's: a close() now, with the rest of
+            # an oversized request unread, would send a reset that may destroy
+            # the response before the client reads it.
+            self.answered = True
+            self.socket.shutdown(socket.SHUT_WR)
 
     def handle_close(self) -> None:
         self.close()
