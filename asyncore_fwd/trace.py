@@ -16,39 +16,54 @@ then calls the handler of each ready one: ``handle_read()``,
 registrations from one round to the next, so it asks only the dispatchers
 whose answer may have changed.
 
-**What the lines mean.**  A client connects through a forwarder, sends 18
-bytes and half-closes (rounds 2 to 5 of a real trace, under ``poll``)::
+**What the lines mean.**  A client connects through a forwarder under the
+``poll`` loop, sends 18 bytes, half-closes, and gets a reply (a real trace,
+some lines left out)::
 
-    r2 fd3 Forwarder#1 readable() -> True
-    r2 fd3 Forwarder#1 writable() -> False
-    r2 poll(timeout=0.5) -> 1 event: fd3 r
-    r2 fd3 Forwarder#1 handle_accept()
-    r2   fd3 Forwarder#1 handle_accepted(fd5, 127.0.0.1:51522)
-    r2     fd- Sender#1 close()
-    r3 fd5 Receiver#1 readable() -> False (server not connected yet)
-    r3 fd6 Sender#1 writable() -> True (connecting)
-    r3 poll(timeout=0.5) -> 1 event: fd6 w
-    r3 fd6 Sender#1 handle_connect_event()
-    r3   fd6 Sender#1 handle_connect()
-    r3 fd6 Sender#1 handle_write()
-    r5 poll(timeout=0.5) -> 1 event: fd5 r
-    r5 fd5 Receiver#1 handle_read() -> read 18B
-    r5   fd5 Receiver#1 readable() -> True
+    r1 fd5 Forwarder#1 readable() -> True
+    r1 poll(timeout=0.5) -> 1 event: fd5 r
+    r1 fd5 Forwarder#1 handle_accept()
+    r1   fd5 Forwarder#1 handle_accepted(fd7, 127.0.0.1:40198)
+    r2 fd7 Receiver#1 readable() -> False (server not connected yet)
+    r2 fd8 Sender#1 writable() -> True (connecting)
+    r2 poll(timeout=0.5) -> 1 event: fd8 w
+    r2 fd8 Sender#1 handle_connect_event()
+    r2   fd8 Sender#1 handle_connect()
+    r2 fd8 Sender#1 handle_write()
+    r3 fd7 Receiver#1 readable() -> True
+    r3 poll(timeout=0.5) -> 1 event: fd7 r
+    r3 fd7 Receiver#1 handle_read() -> read 18B
+    r4 poll(timeout=0.5) -> 1 event: fd7 r
+    r4 fd7 Receiver#1 handle_read() -> EOF, EOF passed on
+    r5 fd7 Receiver#1 readable() -> False (EOF received)
+    r5 poll(timeout=0.5) -> 1 event: fd8 r
+    r5 fd8 Sender#1 handle_read() -> read 24B
+    r6 poll(timeout=0.5) -> 1 event: fd8 r|hup
+    r6 fd8 Sender#1 handle_read()
+    r6   fd7 Receiver#1 close()
+    r6   fd8 Sender#1 close()
+    r6 fd8 Sender#1 handle_read() -> EOF, EOF passed on, pair closed
+    r6 fd- Sender#1 handle_close()
 
-``r5`` is the round, ``fd5`` the dispatcher's descriptor (``fd-`` when it
-has none), ``Receiver#1`` its class and which instance of that class (in the
-order the trace first sees them), then the call with its arguments and
-result.  A call made from inside another one is indented under it (the
-forwarder's ``handle_read()`` checks ``readable()`` again).  For
-asyncore_fwd's own dispatchers a False ``readable()``/``writable()`` says why
-in brackets, and ``handle_read()``/``handle_write()`` say what they did:
+``r6`` is the round, ``fd8`` the dispatcher's descriptor (``fd-`` once it
+has none), ``Sender#1`` its class and which instance of that class (in the
+order the trace first meets them), then the call with its arguments and
+what it returned.  A call made from inside another one is indented under it;
+a call that has such lines under it is shown twice, when it starts and, with
+its result, when it returns.  ``readable()`` and ``writable()`` are shown
+when the loop asks them, not when a handler checks them itself.
+
+For asyncore_fwd's own dispatchers a False ``readable()``/``writable()`` says
+why in brackets, and ``handle_read()``/``handle_write()`` say what they did:
 ``read 18B``, ``sent 18B``, ``EOF`` (this side read the end of its stream),
-``EOF passed on`` (sent on to the other side with ``shutdown()``), ``pair
-closed``.  Other dispatchers (the article's, yours) get the bare calls.  The
-kernel's answer lists each ready descriptor with its events: ``r`` readable,
-``w`` writable, ``x`` urgent data or an error flag, ``hup`` hung up, ``err``
-error.  ``r-`` marks a call outside any round (before the loop starts, after
-it stops, or from another thread).
+``EOF passed on`` (to the other side, with ``shutdown()``), ``pair closed``.
+Other dispatchers (the article's, yours) get the bare calls.  The kernel's
+answer lists each ready descriptor with its events: ``r`` readable, ``w``
+writable, ``x`` urgent data (or an error, for select), ``hup`` hung up,
+``err`` error.  In round 6 the hang-up still reaches ``handle_close()``
+after the pair closed, which the forwarder ignores.  ``r-`` marks a call
+outside any round: before the loop starts, after it stops, or from another
+thread.
 
 **How it works.**  ``enable()`` replaces, in place, asyncore's round
 functions (``poll()`` for select, ``poll2()`` for poll) and
@@ -291,8 +306,9 @@ def _traced_method(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _round(kind: str) -> Iterator[None]:
-    """Number the round run inside; note it if the kernel was not asked at all."""
+def _round(kind: str, kernel_call_seen: bool = True) -> Iterator[None]:
+    """Number the round run inside; note it if the kernel was not asked at all
+    (when the kernel call can be seen)."""
     session = _session
     state = session.thread_state() if session is not None else None
     if state is None or state.round is not None:  # off, or already inside a round
@@ -302,7 +318,7 @@ def _round(kind: str) -> Iterator[None]:
     try:
         yield
     finally:
-        if not state.waited:  # asyncore skips the kernel call when no descriptor is watched
+        if kernel_call_seen and not state.waited:  # asyncore skips the kernel call when no descriptor is watched
             _write(session, state, 0, f"{kind}: nothing to watch")
         state.round = None
 
@@ -324,15 +340,17 @@ def _traced_epoll_round(poll: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(poll)
     def traced_round(loop: Any, *args: Any, **kwargs: Any) -> Any:
-        epoll = getattr(loop, "_epoll", None)
-        if _session is None or epoll is None:
+        if _session is None:
             return poll(loop, *args, **kwargs)
-        loop._epoll = _TracedPoller(epoll, "epoll", 1)
+        epoll = getattr(loop, "_epoll", None)  # None: rounds numbered, the kernel's answer not shown
+        if epoll is not None:
+            loop._epoll = _TracedPoller(epoll, "epoll", 1)
         try:
-            with _round("epoll"):
+            with _round("epoll", kernel_call_seen=epoll is not None):
                 return poll(loop, *args, **kwargs)
         finally:
-            loop._epoll = epoll
+            if epoll is not None:
+                loop._epoll = epoll
 
     setattr(traced_round, _MARK, True)
     return traced_round

@@ -173,7 +173,7 @@ def test_an_exception_in_a_handler_is_traced(traced: io.StringIO, sock_map: dict
 # -- off means off ------------------------------------------------------------
 
 
-def test_disable_puts_back_every_original_function(sock_map: dict) -> None:
+def test_disable_puts_back_every_original_function() -> None:
     """After disable(), every wrapped function is the original object again, for old and new classes."""
     def handle_read(self: object) -> None:
         pass
