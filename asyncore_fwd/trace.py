@@ -12,9 +12,10 @@ dispatcher in its map ``readable()`` and ``writable()``, hands the
 descriptors that said yes to the kernel (``select()``, ``poll()`` or
 ``epoll``), waits up to ``timeout`` seconds until some of them are ready,
 then calls the handler of each ready one: ``handle_read()``,
-``handle_write()``, ``handle_accept()``...  The epoll loop keeps its
-registrations from one round to the next, so it asks only the dispatchers
-whose answer may have changed.
+``handle_write()``, ``handle_accept()``...  asyncore_fwd's loops then run
+the timers that are due (connect timeouts, the end of an accept pause).  Its
+epoll loop keeps its registrations from one round to the next, so it asks
+only the dispatchers whose answer may have changed.
 
 **What the lines mean.**  A client connects through a forwarder under the
 ``poll`` loop, sends 18 bytes, half-closes, and gets a reply (a real trace,
@@ -23,7 +24,7 @@ some lines left out)::
     r1 fd5 Forwarder#1 readable() -> True
     r1 poll(timeout=0.5) -> 1 event: fd5 r
     r1 fd5 Forwarder#1 handle_accept()
-    r1   fd5 Forwarder#1 handle_accepted(fd7, 127.0.0.1:40198)
+    r1   fd5 Forwarder#1 handle_accepted(fd7, 127.0.0.1:40954)
     r2 fd7 Receiver#1 readable() -> False (server not connected yet)
     r2 fd8 Sender#1 writable() -> True (connecting)
     r2 poll(timeout=0.5) -> 1 event: fd8 w
@@ -36,20 +37,19 @@ some lines left out)::
     r4 poll(timeout=0.5) -> 1 event: fd7 r
     r4 fd7 Receiver#1 handle_read() -> EOF, EOF passed on
     r5 fd7 Receiver#1 readable() -> False (EOF received)
-    r5 poll(timeout=0.5) -> 1 event: fd8 r
+    r5 poll(timeout=0.5) -> 1 event: fd8 r|hup
     r5 fd8 Sender#1 handle_read() -> read 24B
-    r6 poll(timeout=0.5) -> 1 event: fd8 r|hup
-    r6 fd8 Sender#1 handle_read()
-    r6   fd7 Receiver#1 close()
-    r6   fd8 Sender#1 close()
-    r6 fd8 Sender#1 handle_read() -> EOF, EOF passed on, pair closed
-    r6 fd- Sender#1 handle_close()
+    r5 fd8 Sender#1 handle_close()
+    r5   fd8 Sender#1 handle_read()
+    r5     fd7 Receiver#1 close()
+    r5     fd8 Sender#1 close()
+    r5   fd8 Sender#1 handle_read() -> EOF, EOF passed on, pair closed
 
-``r6`` is the round, ``fd8`` the dispatcher's descriptor (``fd-`` once it
+``r5`` is the round, ``fd8`` the dispatcher's descriptor (``fd-`` when it
 has none), ``Sender#1`` its class and which instance of that class (in the
 order the trace first meets them), then the call with its arguments and
-what it returned.  A call made from inside another one is indented under it;
-a call that has such lines under it is shown twice, when it starts and, with
+what it returned.  A call made from inside another one is indented under
+it; a call with such lines under it is shown twice, when it starts and, with
 its result, when it returns.  ``readable()`` and ``writable()`` are shown
 when the loop asks them, not when a handler checks them itself.
 
@@ -60,21 +60,22 @@ why in brackets, and ``handle_read()``/``handle_write()`` say what they did:
 Other dispatchers (the article's, yours) get the bare calls.  The kernel's
 answer lists each ready descriptor with its events: ``r`` readable, ``w``
 writable, ``x`` urgent data (or an error, for select), ``hup`` hung up,
-``err`` error.  In round 6 the hang-up still reaches ``handle_close()``
-after the pair closed, which the forwarder ignores.  ``r-`` marks a call
-outside any round: before the loop starts, after it stops, or from another
-thread.
+``err`` error.  In round 5 the server's reply, its EOF and the hang-up come
+together: asyncore calls ``handle_read()`` for the data, then
+``handle_close()`` for the hang-up, which reads on rather than drop
+anything.  ``r-`` marks a call outside any round: before the loop starts,
+after it stops, or from another thread.
 
-**How it works.**  ``enable()`` replaces, in place, asyncore's round
-functions (``poll()`` for select, ``poll2()`` for poll) and
-``EpollLoop.poll``, asyncore's reference to the ``select`` module (to see
-what the kernel answered), and the methods named in ``TRACED_METHODS`` on
-``asyncore.dispatcher`` and each of its subclasses, including those created
-later (a class-creation hook).  ``disable()`` puts every original back.  So
-when tracing is off nothing is wrapped and nothing is checked: it costs
-nothing.  Call ``enable()`` before the loop starts: a loop made earlier may
-hold the unwrapped round function.  Tracing is slow; it is for learning and
-debugging, not for production traffic.
+**How it works.**  ``enable()`` replaces, in place, the round functions
+(asyncore's ``poll()`` for select and ``poll2()`` for poll, asyncore_fwd's
+``EpollLoop.poll`` and its select/poll twin), asyncore's reference to the
+``select`` module (to see what the kernel answered), and the methods named
+in ``TRACED_METHODS`` on ``asyncore.dispatcher`` and each of its subclasses,
+including those created later (a class-creation hook).  ``disable()`` puts
+every original back, so when tracing is off nothing is wrapped and nothing
+is checked: it costs nothing.  All of these are looked up at each call, so
+tracing can start while a loop runs.  Tracing is slow; it is for learning
+and debugging, not for production traffic.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
-from . import EpollLoop
+from . import EpollLoop, _loop
 from ._compat import asyncore
 
 __all__ = ["TRACED_METHODS", "disable", "enable", "is_enabled", "main"]
@@ -106,8 +107,8 @@ TRACED_METHODS = ("readable", "writable", "handle_read", "handle_write", "handle
 
 _PREDICATES = ("readable", "writable")
 
-# asyncore's round functions, and the kernel call each one makes.
-_ROUNDS = {"poll": "select", "poll2": "poll", "poll3": "poll"}  # poll3 is an old alias of poll2
+# asyncore's round functions: select(), poll(), and poll2's old alias.
+_ROUNDS = ("poll", "poll2", "poll3")
 
 # Event bits of poll() and epoll (the same values on Linux), as the trace names them.
 _EVENT_NAMES = [(select.POLLIN, "r"), (select.POLLOUT, "w"), (select.POLLPRI, "x"),
@@ -186,10 +187,15 @@ def enable(output: Union[None, TextIO, logging.Logger] = None) -> None:
         session.logger.setLevel(logging.DEBUG)
         session.logger.propagate = False
     _session = session
-    for name, kind in _ROUNDS.items():
+    for name in _ROUNDS:
         if hasattr(asyncore, name):
-            session.patch(asyncore, name, _traced_round(kind, getattr(asyncore, name)))
+            session.patch(asyncore, name, _traced_round(getattr(asyncore, name)))
     session.patch(EpollLoop, "poll", _traced_epoll_round(EpollLoop.poll))
+    # asyncore_fwd's select/poll backend runs the due timers after asyncore's
+    # round: count them in the round (asyncore's round inside it is the same round).
+    asyncore_loop = getattr(_loop, "AsyncoreLoop", None)
+    if asyncore_loop is not None:
+        session.patch(asyncore_loop, "poll", _traced_round(asyncore_loop.poll))
     session.patch(asyncore, "select", _TracedSelectModule(asyncore.select))
     for cls in _subclasses(asyncore.dispatcher):
         _wrap_class(session, cls)
@@ -306,7 +312,7 @@ def _traced_method(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _round(kind: str, kernel_call_seen: bool = True) -> Iterator[None]:
+def _round(kernel_call_seen: bool = True) -> Iterator[None]:
     """Number the round run inside; note it if the kernel was not asked at all
     (when the kernel call can be seen)."""
     session = _session
@@ -319,16 +325,16 @@ def _round(kind: str, kernel_call_seen: bool = True) -> Iterator[None]:
         yield
     finally:
         if kernel_call_seen and not state.waited:  # asyncore skips the kernel call when no descriptor is watched
-            _write(session, state, 0, f"{kind}: nothing to watch")
+            _write(session, state, 0, "nothing to watch")
         state.round = None
 
 
-def _traced_round(kind: str, poll: Callable[..., Any]) -> Callable[..., Any]:
-    """asyncore's ``poll()`` or ``poll2()``, one round each call."""
+def _traced_round(poll: Callable[..., Any]) -> Callable[..., Any]:
+    """A loop's round function (asyncore's ``poll()``...): one round each call."""
 
     @functools.wraps(poll)
     def traced_round(*args: Any, **kwargs: Any) -> Any:
-        with _round(kind):
+        with _round():
             return poll(*args, **kwargs)
 
     setattr(traced_round, _MARK, True)
@@ -346,7 +352,7 @@ def _traced_epoll_round(poll: Callable[..., Any]) -> Callable[..., Any]:
         if epoll is not None:
             loop._epoll = _TracedPoller(epoll, "epoll", 1)
         try:
-            with _round("epoll", kernel_call_seen=epoll is not None):
+            with _round(kernel_call_seen=epoll is not None):
                 return poll(loop, *args, **kwargs)
         finally:
             if epoll is not None:
@@ -541,8 +547,6 @@ def _why_writable(obj: Any, writable: Any) -> str:
             return "connecting" if obj.connecting else f"{_size(len(outgoing))} queued"
         if conn.closed:
             return "pair closed"
-        if obj.connecting:
-            return "connect timed out, trying the next address"
         return "nothing queued" if not outgoing else ""
     except (AttributeError, TypeError):
         return ""

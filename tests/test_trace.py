@@ -21,6 +21,7 @@ import pytest
 
 from asyncore_fwd import EpollLoop, trace
 from asyncore_fwd._compat import asyncore
+from asyncore_fwd._loop import AsyncoreLoop
 from conftest import (ROOT, WAIT, EchoServer, ForwarderProcess, RunningForwarder, ScriptedServer, payload,
                       recv_all, recv_exactly, wait_for)
 
@@ -178,13 +179,14 @@ def test_disable_puts_back_every_original_function() -> None:
     def handle_read(self: object) -> None:
         pass
 
-    owners = [asyncore, EpollLoop] + trace._subclasses(asyncore.dispatcher)
+    owners = [asyncore, EpollLoop, AsyncoreLoop] + trace._subclasses(asyncore.dispatcher)
     names = trace.TRACED_METHODS + ("poll", "poll2", "poll3", "select", "__init_subclass__")
     before = {(owner, name): vars(owner).get(name) for owner in owners for name in names}
     trace.enable(io.StringIO())
     try:
         assert asyncore.poll is not before[asyncore, "poll"]
         assert EpollLoop.poll is not before[EpollLoop, "poll"]
+        assert AsyncoreLoop.poll is not before[AsyncoreLoop, "poll"]
         assert asyncore.dispatcher.readable is not before[asyncore.dispatcher, "readable"]
         later = type("Later", (asyncore.dispatcher,), {"handle_read": handle_read})
         assert later.handle_read is not handle_read
