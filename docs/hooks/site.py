@@ -1,0 +1,76 @@
+"""MkDocs hook: what the site needs beyond the theme.
+
+* The local copy of Mermaid must be there (``docs/build.sh`` fetches it):
+  without it, Material would load Mermaid from a CDN, and the site must work
+  offline.
+* Chinese pages (``zh/``) say so in ``<html lang>``, which the CJK font stack
+  of ``stylesheets/extra.css`` and screen readers go by.
+* Pages of the nav under ``lessons/`` and ``zh/`` that are not written yet
+  get a short "not written yet" page, so the nav can list them all
+  and the site still builds strictly meanwhile.  Any other missing page is
+  an error, as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterator, List, Tuple
+
+log = logging.getLogger("mkdocs.hooks.site")
+
+MERMAID = "assets/vendor/mermaid.min.js"
+#: Parts of the site that others write: their pages may not exist yet.
+PENDING_OK = ("lessons/", "zh/")
+HTML_LANG = re.compile(r'<html lang="[^"]*"')
+
+
+def nav_pages(nav: Any, title: str = "") -> Iterator[Tuple[str, str]]:
+    """(title, path) of every page in a nav, as written in mkdocs.yml."""
+    if isinstance(nav, str):
+        yield title, nav
+    elif isinstance(nav, list):
+        for item in nav:
+            yield from nav_pages(item, title)
+    elif isinstance(nav, dict):
+        for key, value in nav.items():
+            yield from nav_pages(value, key)
+
+
+def missing_pages(nav: Any, existing: set) -> List[Tuple[str, str]]:
+    """The nav's local pages that are not among ``existing`` (paths relative to docs/)."""
+    return [(title, path) for title, path in nav_pages(nav)
+            if "://" not in path and path not in existing]
+
+
+def on_config(config):  # type: ignore[no-untyped-def]
+    from mkdocs.exceptions import PluginError
+
+    if not (Path(config["docs_dir"]) / MERMAID).is_file():
+        raise PluginError(f"docs/{MERMAID} is missing: build with `bash docs/build.sh`, "
+                          "which fetches the pinned Mermaid with npm")
+    return config
+
+
+def on_files(files, config):  # type: ignore[no-untyped-def]
+    from mkdocs.exceptions import PluginError
+    from mkdocs.structure.files import File
+
+    existing = {file.src_uri for file in files}
+    pending = []
+    for title, path in missing_pages(config["nav"], existing):
+        if not path.startswith(PENDING_OK):
+            raise PluginError(f"the nav lists {path!r}, which does not exist in docs/")
+        text = f"# {title or path}\n\nThis page is not written yet.\n"
+        files.append(File.generated(config, path, content=text))
+        pending.append(path)
+    if pending:
+        log.info("pages listed in the nav but not written yet (shown as such): %s", ", ".join(pending))
+    return files
+
+
+def on_post_page(output: str, page, config) -> str:  # type: ignore[no-untyped-def]
+    if page.file.src_uri.startswith("zh/"):
+        output = HTML_LANG.sub('<html lang="zh-Hans"', output, count=1)
+    return output
