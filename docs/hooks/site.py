@@ -62,7 +62,8 @@ def on_files(files, config):  # type: ignore[no-untyped-def]
     for title, path in missing_pages(config["nav"], existing):
         if not path.startswith(PENDING_OK):
             raise PluginError(f"the nav lists {path!r}, which does not exist in docs/")
-        text = f"# {title or path}\n\nThis page is not written yet.\n"
+        note = "本页尚未写成。" if path.startswith("zh/") else "This page is not written yet."
+        text = f"# {title or path}\n\n{note}\n"
         files.append(File.generated(config, path, content=text))
         pending.append(path)
     if pending:
