@@ -35,7 +35,7 @@ def nav_pages(nav: Any, title: str = "") -> Iterator[Tuple[str, str]]:
             yield from nav_pages(item, title)
     elif isinstance(nav, dict):
         for key, value in nav.items():
-            yield from nav_pages(value, key)
+            yield from nav_pages(value, key if isinstance(value, str) else "")
 
 
 def missing_pages(nav: Any, existing: set) -> List[Tuple[str, str]]:
@@ -63,7 +63,7 @@ def on_files(files, config):  # type: ignore[no-untyped-def]
         if not path.startswith(PENDING_OK):
             raise PluginError(f"the nav lists {path!r}, which does not exist in docs/")
         note = "本页尚未写成。" if path.startswith("zh/") else "This page is not written yet."
-        text = f"# {title or path}\n\n{note}\n"
+        text = f"# {title or path.rsplit('/', 1)[-1][:-3]}\n\n{note}\n"
         files.append(File.generated(config, path, content=text))
         pending.append(path)
     if pending:
