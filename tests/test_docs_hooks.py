@@ -150,6 +150,14 @@ def test_missing_nav_pages_are_found_in_nested_sections() -> None:
     assert site.missing_pages(nav, {"index.md", "lessons/index.md"}) == [("Step", "lessons/step01.md")]
 
 
+def test_language_switch_leads_to_the_translation_or_else_the_home_page() -> None:
+    existing = {"index.md", "checklist.md", "api.md", "zh/index.md", "zh/checklist.md"}
+    assert site.translation("checklist.md", "zh", existing) == "zh/checklist.md"
+    assert site.translation("zh/checklist.md", "en", existing) == "checklist.md"
+    assert site.translation("api.md", "zh", existing) == "zh/index.md"
+    assert site.translation("zh/glossary.md", "en", existing) == "index.md"
+
+
 # -- the real pages ------------------------------------------------------------
 
 
@@ -170,3 +178,4 @@ def test_every_test_named_in_the_pages_exists() -> None:
     missing = [f"{path}::{name}" for path, name in sorted(named)
                if not re.search(rf"^def {name}\(", (ROOT / path).read_text(encoding="utf-8"), re.MULTILINE)]
     assert not missing, f"the docs name tests that do not exist: {missing}"
+
