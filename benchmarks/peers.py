@@ -6,6 +6,7 @@ only), and optionally modes in brackets:
     direct  socat  haproxy  rinetd  redir  asyncio  article
     asyncore_fwd[epoll,splice]        the working tree, --loop epoll --splice
     asyncore_fwd@main~5[epoll]        that commit, extracted with git archive
+    asyncore_fwd@v0.1[]               no flags at all (for a CLI without --loop)
     asyncore_fwd[trace]               a word not in ASYNCORE_FWD_MODES is a flag:
                                       trace -> --trace, workers=2 -> --workers 2
 
@@ -14,6 +15,7 @@ Each workload run gets a fresh forwarder (``forwarding()``).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -40,8 +42,9 @@ class PeerKind:
     ``argv(remote_port, listen_port, tmpdir, extra)``: the command line.
     ``port_from``: "stderr:REGEX" or "stdout:REGEX" (the first group is the
     port; started with port 0), or "chosen" (a free port is passed to it and
-    the harness waits until it listens).  ``cwd``: where it runs (a function,
-    so that a source tree is extracted only when first needed).
+    the harness waits until it listens).  ``source``: for another version of
+    the package, the directory that holds it; the peer runs there, with it
+    first on PYTHONPATH.
     """
     argv: Optional[Callable[[int, int, Path, Sequence[str]], List[str]]]
     port_from: str = "chosen"
@@ -49,20 +52,30 @@ class PeerKind:
     version: Callable[[], str] = lambda: ""
     skip: Dict[str, str] = field(default_factory=dict)  # workload -> why it does not apply
     note: str = ""
-    cwd: Callable[[], Path] = lambda: ROOT
+    source: Optional[Path] = None
     counts_cpu: bool = True  # False: its CPU time escapes the process-group figures
 
 
-def first_line(argv: Sequence[str], pattern: str = "", cwd: Path = ROOT) -> str:
+def first_line(argv: Sequence[str], pattern: str = "", source: Optional[Path] = None) -> str:
     """First output line of a version command (matching ``pattern``)."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=cwd)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=source or ROOT,
+                              env=source_env(source))
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     for line in (done.stdout + done.stderr).splitlines():
         if line.strip() and re.search(pattern, line):
             return line.strip()
     return "?"
+
+
+def source_env(source: Optional[Path]) -> Optional[Dict[str, str]]:
+    """The environment for a child that must import the package from ``source``
+    (None: inherit ours).  Its working directory is ``source`` as well: with
+    ``-m``, that comes first on sys.path, even before PYTHONPATH."""
+    if source is None:
+        return None
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))}
 
 
 def git(*args: str) -> subprocess.CompletedProcess:
@@ -140,7 +153,7 @@ PEER_KINDS: Dict[str, PeerKind] = {
         needs=("redir",), version=lambda: f"redir {first_line(['redir', '-v'])}",
         skip={"held": "skipped: forks a process per connection"}, counts_cpu=False,
         note="redir -n -l err (foreground, errors only in its log); forks a process per connection, which "
-             "init reaps, so cpu-per-gb is not measured; listen backlog 10 (fixed in redir)"),
+             "init reaps, so cpu-per-gb is not measured"),
     "asyncio": PeerKind(
         argv=lambda r, l, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--listen-port", "0",
                                        "--remote-port", str(r)],
@@ -172,9 +185,9 @@ class SourceTrees:
     """Other commits of this repository, each extracted (git archive) into a
     temporary directory of its own; ``cleanup()`` removes them all.
 
-    The peer runs ``python -m asyncore_fwd`` with the tree as its working
-    directory, so that tree's package is imported before the installed one,
-    with this interpreter (and its pyasyncore on 3.12+).
+    The peer runs ``python -m asyncore_fwd`` in the tree, with the tree on
+    PYTHONPATH, so that its package is imported rather than the installed
+    one, by this interpreter (and with its pyasyncore on 3.12+).
     """
 
     def __init__(self) -> None:
@@ -190,14 +203,18 @@ class SourceTrees:
         return done.stdout.strip()
 
     def tree(self, commit: str) -> Path:
-        """The directory holding ``commit``'s asyncore_fwd/ (extracted on first use)."""
+        """The directory holding ``commit``'s asyncore_fwd/ (extracted once);
+        SystemExit if git cannot give it."""
         if commit not in self.trees:
             if self.root is None:
                 self.root = Path(tempfile.mkdtemp(prefix="asyncore_fwd-bench-src-"))
             path = self.root / commit[:12]
             path.mkdir()
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "asyncore_fwd"],
-                                     capture_output=True, check=True)
+                                     capture_output=True)
+            if archive.returncode:
+                raise SystemExit(f"cannot extract asyncore_fwd/ at {commit[:12]}: "
+                                 f"{archive.stderr.decode(errors='replace').strip()}")
             subprocess.run(["tar", "-x", "-C", str(path)], input=archive.stdout, check=True)
             self.trees[commit] = path
         return self.trees[commit]
@@ -214,11 +231,12 @@ SOURCE_TREES = SourceTrees()
 def ref_kind(ref: str) -> PeerKind:
     """asyncore_fwd as of git ``ref``, run from an extracted tree."""
     commit = SourceTrees.resolve(ref)
-    tree = lambda: SOURCE_TREES.tree(commit)  # noqa: E731
+    tree = SOURCE_TREES.tree(commit)
+    named = "" if commit.startswith(ref) else f" = {ref}"
     return PeerKind(
-        argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}", cwd=tree,
-        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'], cwd=tree())} "
-                        f"(git {commit[:7]} = {ref})",
+        argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}", source=tree,
+        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'], source=tree)} "
+                        f"(git {commit[:7]}{named})",
         note=f"asyncore_fwd at commit {commit[:12]} ({ref}), extracted with git archive, same Python")
 
 
@@ -319,7 +337,8 @@ def start_peer(ctx: "Context", peer: Peer, remote_port: int) -> Tuple[Proc, int]
     """Start the forwarder; return it and the port it listens on."""
     kind = peer.kind
     listen = free_port() if kind.port_from == "chosen" else 0
-    proc = Proc(kind.argv(remote_port, listen, ctx.tmp, peer.extra), peer.name, ctx.tmp, cwd=kind.cwd())
+    proc = Proc(kind.argv(remote_port, listen, ctx.tmp, peer.extra), peer.name, ctx.tmp,
+                cwd=kind.source or ROOT, env=source_env(kind.source))
     try:
         if kind.port_from == "chosen":
             proc.wait_listening(listen)

@@ -201,7 +201,7 @@ def tool_versions(peers: List[Peer], tools: Dict[str, bool], workloads: List[str
     """Versions of the forwarders compared and of the clients and servers used."""
     versions: Dict[str, str] = {}
     order = list(PEER_KINDS)
-    for peer in sorted(peers, key=lambda p: order.index(p.kind_name.split("@")[0])):
+    for peer in sorted(peers, key=lambda p: (order.index(p.kind_name.split("@")[0]), "@" in p.kind_name)):
         if peer.forwards and peer.kind_name not in versions and all(shutil.which(t) for t in peer.kind.needs):
             versions[peer.kind_name] = peer.kind.version()
     groups = {WORKLOADS[w].group for w in workloads}
@@ -266,8 +266,9 @@ GROUP_NOTES: Dict[str, Callable[[Sizes, Dict[str, str]], str]] = {
     "burst": lambda z, f: f"burst-{z.burst_clients}: all clients connect at once, each sends 8 bytes and waits "
                           f"for the echo; seconds until the last is served, or how many were by the "
                           f"{z.burst_cap:g} s cap. Listen backlogs: asyncore_fwd {f['asyncore_fwd_backlog']} (its "
-                          "default), asyncio 100 (its default), socat 4096, article 5, haproxy its maxconn; the "
-                          f"kernel caps them at somaxconn = {f['somaxconn']}.",
+                          "default), asyncio 100 (its default), socat 4096, article 5, haproxy its maxconn, "
+                          "rinetd 128 and redir 10 (fixed in each); the kernel caps them at somaxconn = "
+                          f"{f['somaxconn']}.",
     "held": lambda z, f: f"held-{z.held_conns}: {z.held_conns} idle connections (each checked with one echo) held "
                          f"through the forwarder while 50 clients ping-pong 100-byte messages for "
                          f"{z.held_rr_seconds:g} s; rate vs the mean of the same run just before they were opened "
@@ -283,11 +284,14 @@ def notes_for(samples: List[Dict], peers: List[Peer], workloads: List[str], size
     notes.append("rss-peak: highest RSS of the forwarder's process group over all its runs (VmHWM, and the sum "
                  "over its processes sampled every 0.5 s: socat's per-connection children count shared pages "
                  "once each).")
+    kinds_noted = set()
     for peer in peers:
-        if peer.kind.note:
-            notes.append(f"{peer.name}: {peer.kind.note}.")
+        if peer.kind.note and peer.kind_name not in kinds_noted:
+            kinds_noted.add(peer.kind_name)
+            notes.append(f"{peer.kind_name}: {peer.kind.note}.")
         if peer.extra:
-            notes.append(f"{peer.name}: asyncore-fwd {' '.join(peer.extra)}.")
+            command = "asyncore-fwd" if peer.kind_name.startswith("asyncore_fwd") else "extra arguments:"
+            notes.append(f"{peer.name}: {command} {' '.join(peer.extra)}.")
     # One note per (peer, workload, what happened), listing the repeats.
     events: Dict[Tuple[str, str, str], List[str]] = {}
     for s in samples:
