@@ -108,7 +108,9 @@ class _Queue(Toxic):
             deliver_eof()
 
     def detached(self, link: _Link) -> None:
-        state = link.state.pop(self)
+        state = link.state.pop(self, None)
+        if state is None:
+            return  # detached already (closing the connection while flushing)
         if state["timer"] is not None:
             state["timer"].cancel()
         for entry in state["queue"]:
@@ -358,8 +360,9 @@ class _Link:
         toxic.attached(self)
 
     def remove(self, toxic: Toxic) -> None:
-        toxic.detached(self)
-        self.toxics.remove(toxic)
+        toxic.detached(self)  # may close the connection (its flushed EOF fails): then drop() ran
+        if toxic in self.toxics:
+            self.toxics.remove(toxic)
         self.state.pop(toxic, None)
         if not self.toxics and not self.conn.closed and not self.held:
             self.uninstall()
@@ -478,8 +481,8 @@ class ToxicSet:
 
     def remove(self, handle: ToxicHandle) -> None:
         self.handles.remove(handle)
-        for links in self._links.values():
-            for link in links.values():
+        for links in list(self._links.values()):  # a removal may close a connection
+            for link in list(links.values()):
                 if handle.toxic in link.toxics:
                     link.remove(handle.toxic)
 
@@ -504,3 +507,77 @@ class ToxicSet:
                 link = links[direction] = _Link(conn, reader, writer, self.rng)
             link.add(handle.toxic)
 
+
+
+# -- toxics from the command line: --toxic SPEC --------------------------------------
+
+#: name in a spec -> (class, its main parameter, the kind of each parameter)
+_SPECS: Dict[str, Tuple[type, str, Dict[str, str]]] = {
+    "latency": (Latency, "seconds", {"seconds": "time", "jitter": "time"}),
+    "bandwidth": (Bandwidth, "bytes_per_second", {"bytes_per_second": "size"}),
+    "slicer": (Slicer, "average_size", {"average_size": "count", "size_variation": "count", "delay": "time"}),
+    "timeout": (Timeout, "seconds", {"seconds": "time"}),
+    "limit_data": (LimitData, "bytes", {"bytes": "count"}),
+    "reset_peer": (ResetPeer, "after", {"after": "time"}),
+    "slow_close": (SlowClose, "seconds", {"seconds": "time"}),
+}
+_UNITS = {"time": {"ms": 0.001, "s": 1.0, "": 1.0}, "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1}}
+
+
+def _spec_value(kind: str, text: str) -> float:
+    if kind == "count":
+        if not text.isdigit():
+            raise ValueError(f"expected a whole number, not {text!r}")
+        return int(text)
+    number = text.lower()
+    for unit in sorted(_UNITS[kind], key=len, reverse=True):
+        if unit and number.endswith(unit):
+            number = number[:-len(unit)]
+            break
+    else:
+        unit = ""
+    try:
+        value = float(number) * _UNITS[kind][unit]
+    except ValueError:
+        example = "100ms or 1.5s" if kind == "time" else "64K or 1M (bytes per second)"
+        raise ValueError(f"expected a value like {example}, not {text!r}") from None
+    return int(value) if kind == "size" else value
+
+
+def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
+    """``[DIRECTION:]NAME[=VALUE][,KEY=VALUE...]`` as (toxic, direction), e.g.
+
+    ``downstream:latency=100ms,jitter=10ms``, ``upstream:bandwidth=64K``,
+    ``both:reset_peer=2s,toxicity=0.5``.  The direction defaults to
+    downstream; ValueError with a one-line message if the spec is bad.
+    """
+    direction, _, body = text.rpartition(":")
+    direction = direction or "downstream"
+    if direction not in DIRECTIONS:
+        raise ValueError(f"bad toxic {text!r}: direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
+    first, *options = body.split(",")
+    name, _, main_value = first.partition("=")
+    if name not in _SPECS:
+        raise ValueError(f"bad toxic {text!r}: unknown toxic {name!r} (one of {', '.join(_SPECS)})")
+    cls, main, kinds = _SPECS[name]
+    arguments: Dict[str, Any] = {}
+    for key, value in [(main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
+        if key == "toxicity":
+            kind = "time"  # a plain number
+        elif key in kinds:
+            kind = kinds[key]
+        else:
+            raise ValueError(f"bad toxic {text!r}: {name} has no option {key!r} "
+                             f"(it takes {', '.join([*kinds, 'toxicity'])})")
+        if key in arguments:
+            raise ValueError(f"bad toxic {text!r}: {key} given twice")
+        try:
+            arguments[key] = _spec_value(kind, value)
+        except ValueError as error:
+            raise ValueError(f"bad toxic {text!r}: {key}: {error}") from None
+    if main not in arguments and name != "reset_peer":
+        raise ValueError(f"bad toxic {text!r}: give its {main}, as in {name}=VALUE")
+    try:
+        return cls(**arguments), direction
+    except ValueError as error:
+        raise ValueError(f"bad toxic {text!r}: {error}") from None

@@ -15,7 +15,8 @@ import pytest
 from conftest import WAIT, EchoServer, open_fds, recv_all, recv_exactly, recv_until_reset, wait_for
 
 from asyncore_fwd import Forwarder
-from asyncore_fwd.toxics import Bandwidth, Latency, LimitData, ResetPeer, Slicer, SlowClose, Timeout, Toxic
+from asyncore_fwd.toxics import (Bandwidth, Latency, LimitData, ResetPeer, Slicer, SlowClose, Timeout, Toxic,
+                                parse_toxic_spec)
 
 
 @pytest.fixture
@@ -260,3 +261,36 @@ def test_pytest_plugin_fixture_is_installed(asyncore_fwd_proxy, echo_server: Ech
     with fwd.toxic(Latency(0.1)):
         with socket.create_connection(fwd.address, timeout=WAIT) as client:
             assert echo_time(client) >= 0.09
+
+
+@pytest.mark.parametrize("spec, toxic, direction", [
+    ("downstream:latency=100ms,jitter=10ms", Latency(0.1, jitter=0.01), "downstream"),
+    ("latency=1.5", Latency(1.5), "downstream"),
+    ("upstream:bandwidth=64K", Bandwidth(65536), "upstream"),
+    ("both:slicer=10,size_variation=3,delay=5ms", Slicer(10, 3, 0.005), "both"),
+    ("timeout=0", Timeout(0), "downstream"),
+    ("limit_data=100", LimitData(100), "downstream"),
+    ("reset_peer", ResetPeer(), "downstream"),
+    ("both:reset_peer=2s,toxicity=0.5", ResetPeer(2.0, toxicity=0.5), "both"),
+    ("slow_close=300ms", SlowClose(0.3), "downstream"),
+])
+def test_toxic_specs_from_the_command_line(spec: str, toxic: Toxic, direction: str) -> None:
+    parsed, parsed_direction = parse_toxic_spec(spec)
+    assert (repr(parsed), parsed_direction) == (repr(toxic), direction)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sideways:latency=1", "bad toxic 'sideways:latency=1': direction must be one of upstream, downstream, both, not 'sideways'"),
+    ("latency", "bad toxic 'latency': give its seconds, as in latency=VALUE"),
+    ("latency=soon", "bad toxic 'latency=soon': seconds: expected a value like 100ms or 1.5s, not 'soon'"),
+    ("latency=-1s", "bad toxic 'latency=-1s': seconds must be a number >= 0, not -1.0"),
+    ("latency=1,foo=2", "bad toxic 'latency=1,foo=2': latency has no option 'foo' (it takes seconds, jitter, toxicity)"),
+    ("latency=1,seconds=2", "bad toxic 'latency=1,seconds=2': seconds given twice"),
+    ("bandwidth=1x", "bad toxic 'bandwidth=1x': bytes_per_second: expected a value like 64K or 1M (bytes per second), not '1x'"),
+    ("slicer=1.5", "bad toxic 'slicer=1.5': average_size: expected a whole number, not '1.5'"),
+    ("poison=1", "bad toxic 'poison=1': unknown toxic 'poison' (one of latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close)"),
+])
+def test_bad_toxic_specs_get_one_line_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_toxic_spec(spec)
+    assert str(caught.value) == message
