@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_integer("worker count", 1, 256), default=1, metavar="N",
                         help="serve with N processes sharing the port (SO_REUSEPORT), one loop each, "
                              "supervised by this one (default: %(default)s)")
+    parser.add_argument("--trace", action="store_true",
+                        help="write a line to stderr for every loop round and every handler call "
+                             "(slow: for learning and debugging)")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true",
                           help="log every connection: accepted, connected, closed (bytes, duration, who closed)")
@@ -129,6 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.workers > 1 and not _workers.AVAILABLE:
         parser.error("--workers above 1 needs SO_REUSEPORT and fork(), which this platform lacks")
     _configure_logging(args.verbose, args.quiet)
+    if args.trace:
+        from . import trace
+        trace.enable(sys.stderr)
     if args.workers > 1:
         return _run_workers(args)
     try:
