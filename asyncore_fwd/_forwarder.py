@@ -411,7 +411,9 @@ class Forwarder(_Dispatcher):
             if error.errno in OUT_OF_RESOURCES:
                 self.pause_accepting(error)
             else:
-                log.warning("dropped client %s: %s", format_address(addr), describe_error(error))
+                details = {"rule": self.rule.label, "client": format_address(addr), "reason": "resources"}
+                log.warning("dropped client %s: %s", format_address(addr), describe_error(error),
+                            extra={"event": "refused", "details": details})
 
     def handle_close(self) -> None:
         """Called on an error flag on the listener: never close it, just pause."""
@@ -440,13 +442,15 @@ class Forwarder(_Dispatcher):
         if self._accept_pause is not None:
             self._accept_pause.cancel()
         else:
+            details = {"rule": self.rule.label, "paused_s": ACCEPT_PAUSE, "error": describe_error(error)}
             log.warning("not accepting on %s for %g s: %s", format_address(self.address),
-                        ACCEPT_PAUSE, describe_error(error))
+                        ACCEPT_PAUSE, describe_error(error), extra={"event": "accept_pause", "details": details})
         self._accept_pause = self._timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._accept_pause = None
-        log.info("accepting connections again on %s", format_address(self.address))
+        log.info("accepting connections again on %s", format_address(self.address),
+                 extra={"event": "accept_pause", "details": {"rule": self.rule.label, "paused_s": 0}})
         _loop.channel_changed(self)
 
     # -- events: override to log, count or trace differently ---------------
