@@ -22,6 +22,11 @@ Strategy, in the order the loop sees it:
   loop backends end each wait when the next timer is due; under a plain
   ``asyncore.loop`` the listener's ``readable()``, which asyncore asks every
   round, runs the timers that are due.
+* **Operations.**  Each in its own module, called at events, never per
+  byte: who may connect and how many (``_access``, at accept), idle and
+  half-closed timeouts (``_timeouts``, on timers), counters and the close
+  line (``_stats``, at accept and close).  A rule that sets none of them
+  pays one ``is None`` test per connection.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ class Forwarder(_Dispatcher):
     ``asyncore.loop(use_poll=True, map=...)``.  ``splice=True`` relays with
     os.splice() (Linux) instead of copying through Python; ``reuse_port=True``
     lets other processes listen on the same port (see ``--workers``).
+    The other keyword arguments are the operations fields of ``Rule``:
+    ``name``, ``allow``, ``deny``, ``max_connections``, ``max_per_client``,
+    ``idle_timeout``, ``half_closed_timeout`` (``from_rule`` takes a ``Rule``).
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).

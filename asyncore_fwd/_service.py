@@ -16,7 +16,9 @@ request out between two rounds, where nothing else touches the map.
   forwarder serves new clients with the new settings (taking over the
   listening socket when ``listen`` is the same, so no client is refused
   during the switch) while the old connections finish under the old
-  settings.  A rule that cannot start is logged and the others apply.
+  settings; the rule's counters go on, and its limits count the
+  connections made under the new settings.  A rule that cannot start is
+  logged and the others apply (a changed rule then keeps its old settings).
 
 Forwarders that stopped accepting but still have connections are
 "retiring": they are served until their last connection closes, and
@@ -188,8 +190,10 @@ class Service:
             kind, argument = self._requests.popleft()
             if kind == "drain":
                 self._start_drain(argument)
-            elif self._drain_deadline is None:  # a reload during a drain would start listening again
+            elif self._drain_deadline is None:
                 self._apply(argument)
+            else:  # applying it would start listening again
+                log.warning("reload ignored: draining", extra={"event": "reload", "details": {"ignored": True}})
 
     def _wait(self, poll_interval: float) -> float:
         if self._drain_deadline is None:

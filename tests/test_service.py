@@ -71,7 +71,7 @@ def refuses(address: Tuple[str, int]) -> bool:
     """True if nothing listens at ``address`` any more."""
     try:
         socket.create_connection(address, timeout=WAIT).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: queued as the listener closed
         return True
     return False
 
