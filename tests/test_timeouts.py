@@ -82,3 +82,36 @@ def test_half_closed_connection_still_sending_survives(start_forwarder, scripted
         client.sendall(b"request")
         client.shutdown(socket.SHUT_WR)
         assert recv_all(client) == b"z" * 100 * chunks  # 3 timeouts long, never quiet for one
+
+
+def test_idle_pair_with_bytes_stuck_in_the_forwarder_is_reset(start_forwarder, scripted_server) -> None:
+    release, outcome = threading.Event(), []
+
+    def server(conn: socket.socket) -> None:  # reads only once released: the forwarder's buffer fills up
+        release.wait(WAIT)
+        try:
+            while conn.recv(1 << 20):
+                pass
+            outcome.append("eof")  # a FIN: the stream would look complete, truncated
+        except ConnectionResetError:
+            outcome.append("reset")
+
+    fwd = start_forwarder(scripted_server(server).port, idle_timeout=TIMEOUT)
+    try:
+        with fwd.connect() as client:
+            client.setblocking(False)
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:  # fill every buffer on the way
+                try:
+                    client.send(b"q" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.05)  # the forwarder may still take some: try once more
+                    try:
+                        client.send(b"q" * 65536)
+                    except BlockingIOError:
+                        break
+            wait_for(lambda: not fwd.forwarder.connections, what="the stuck pair to time out")
+    finally:
+        release.set()
+    wait_for(lambda: outcome, what="the server to read to the end")
+    assert outcome == ["reset"]
