@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import _loop
 from ._compat import asyncore
@@ -34,6 +34,13 @@ log = logging.getLogger("asyncore_fwd")
 
 class _Dispatcher(asyncore.dispatcher):
     """asyncore's dispatcher, with its messages sent to ``logging`` instead of stdout."""
+
+    # What asyncore sets on every dispatcher and its type stubs leave out (or
+    # optional, though ours always have a socket while in a map).
+    _map: SocketMap
+    _fileno: Optional[int]
+    socket: Any
+    addr: Any
 
     _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -275,7 +282,7 @@ class _Pipe(_Dispatcher):
         if not self.peer.outgoing:
             self.peer.shutdown_write()
 
-    def forward(self, data: memoryview) -> None:
+    def forward(self, data: bytes | memoryview) -> None:
         """Queue bytes read by the peer; send at once if nothing is queued."""
         if not self.outgoing:
             # The common case on a fast path: one send straight from the read
@@ -424,8 +431,8 @@ class Sender(_Pipe):
                 self._last_error = os_error(failure.errno) if failure.errno else failure
                 asyncore.dispatcher.close(self)
         if not self.conn.closed:
-            failure = self._last_error or os_error(errno.EHOSTUNREACH)
-            self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(failure)}"
+            last = self._last_error or os_error(errno.EHOSTUNREACH)
+            self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(last)}"
             self.conn.receiver.reset_on_close()
             self.conn.close()
 
