@@ -373,10 +373,16 @@ class Sender(_Pipe):
             return
         else:
             try:
-                self.socket.getpeername()
+                peer = self.socket.getpeername()
             except OSError:
                 # Not connected yet: a stale event meant for a closed socket whose
                 # descriptor number we reuse (python/cpython#75114).  Keep waiting.
+                return
+            if peer == self.socket.getsockname():
+                # Connected to itself: a connect to a local port that nothing
+                # listens on, which the kernel happened to pick as this socket's
+                # own port, is a TCP "simultaneous open".  Nobody is there.
+                self.connect_next(os_error(errno.ECONNREFUSED))
                 return
         # asyncore's handle_connect_event() would read SO_ERROR again: a reset
         # arriving just now would then be consumed there, unseen by us.
