@@ -368,6 +368,11 @@ HALF_CLOSES = {"client": ("half", 1), "server": ("half", 1)}
 @example(([flood("server", 40)], {"client": ("close", 1), "server": ("half, then reset", 1)}), "poll", "copy",
          64 * KiB, 4 * KiB, True)
 @example(([flood("client", 40)], {"client": ("reset", 1), "server": ("half", 1)}), "select", "copy", 512, 4 * KiB, True)
+# The client's EOF arrives while bytes still wait for the paused server.
+@example(([("pause", "server", 60), ("send", "client", 40 * KiB), ("rounds", 40)],
+          {"client": ("half", 2), "server": ("half", 3)}), "epoll", "copy", 64 * KiB, 4 * KiB, True)
+@example(([("pause", "client", 60), ("send", "server", 40 * KiB), ("rounds", 40)],
+          {"client": ("half", 3), "server": ("half", 2)}), "poll", "splice", 64 * KiB, 4 * KiB, True)
 def test_every_byte_arrives_once_in_order_and_a_reset_never_reads_as_a_clean_end(
         script: Tuple[List[tuple], Dict[str, Tuple[str, int]]], kind: str, relay_kind: str, high_water: int,
         read_size: int, small_buffers: bool) -> None:
@@ -533,5 +538,31 @@ def test_running_out_of_descriptors_refuses_new_clients_but_never_cuts_a_relayin
                 assert client.eof and client.received == client.sent, client
         relay.clients.clear()
         check_no_leak_and_still_relays(relay, descriptors)
+    finally:
+        relay.close()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a connect that reaches its own socket (TCP simultaneous open, possible "
+                   "when the remote port is in the ephemeral range and nobody listens) counts as connected: the "
+                   "client is relayed to itself instead of being reset")
+def test_connect_that_reaches_its_own_socket_resets_the_client() -> None:
+    """The kernel picks the remote's own port as the connect's local port: no server, so the client is reset."""
+    port = dead_port()
+    relay = Relay("epoll", "copy", remote_port=port)
+    try:
+        sender_class = relay.fwd.sender_class
+
+        class SelfConnectingSender(sender_class):  # type: ignore[misc, valid-type]
+            """Binds the port the kernel could have chosen, by chance, for the connect."""
+
+            def create_socket(self, family: int, type: int) -> None:
+                super().create_socket(family, type)
+                self.socket.bind(("127.0.0.1", port))
+
+        relay.fwd.sender_class = SelfConnectingSender
+        client = relay.connect_client()
+        client.write(100)
+        finish(relay, [client])
+        assert client.reset and not client.received, client
     finally:
         relay.close()
