@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 from conftest import WAIT, open_fds
 
-hypothesis = pytest.importorskip("hypothesis")
+pytest.importorskip("hypothesis")
 from hypothesis import event as note_event, example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
