@@ -302,6 +302,8 @@ class Traffic:
                 self.busy += 1
             try:
                 self._transfer(rng)
+            except Exception as error:  # a bug here must not end the run quietly
+                self.report.fail("harness", f"{type(error).__name__}: {error}")
             finally:
                 with self.lock:
                     self.busy -= 1
@@ -400,7 +402,10 @@ class Traffic:
                         sock.close()
                         ending = "client"
                         break
-                    sock.shutdown(socket.SHUT_WR)
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass  # reset already: the next read says so, after what came before it
                 if events & selectors.EVENT_READ:
                     try:
                         chunk = sock.recv(16 * 1024 if slow else 256 * 1024)
@@ -579,6 +584,10 @@ def main() -> int:
     if duration <= warmup + 30:
         parser.error("--minutes too short for the warm-up and three thirds")
     raise_fd_limit()  # this process holds the other end of every connection, and more
+    # Stopped early (Ctrl-C, or SIGTERM, also when started in the background):
+    # still stop the forwarder and report what was seen.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = BENCH / "results"
     results.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -652,7 +661,11 @@ def main() -> int:
                       flush=True)
                 next_sample = time.monotonic() + args.sample_interval
             time.sleep(0.1)
+    except KeyboardInterrupt:
+        report.fail("harness", "interrupted")
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not skip stopping the forwarder
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         traffic.join()
         alive = process.poll() is None
         if alive:
