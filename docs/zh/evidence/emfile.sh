@@ -1,7 +1,11 @@
-# Usage: bash emfile.sh STEP.py  -- the step with only 16 descriptors (ulimit -n 16); idle clients use them up, leave, then one HTTP request
-L=/work/wt/docs-zh/examples/lessons
-(ulimit -n 16; exec python3 -W ignore $L/$1 -l 127.0.0.1 -p 18500 -r 127.0.0.1 -P 18000) > /tmp/zhev/runs/$1.emfile.log 2>&1 &
-P=$!; sleep 0.5
+# Usage (from the repository root):  bash docs/zh/evidence/emfile.sh step07_poll_hangup.py
+# Runs a lesson step with only 16 descriptors (ulimit -n 16) in front of a web
+# server on port 18000; idle clients use the descriptors up and leave; then one
+# HTTP request.  The step's own output goes to /tmp/STEP.emfile.log.
+(ulimit -n 16; exec python3 -W ignore "examples/lessons/$1" -l 127.0.0.1 -p 18500 -r 127.0.0.1 -P 18000) \
+    > "/tmp/$1.emfile.log" 2>&1 &
+forwarder=$!
+sleep 0.5
 python3 - <<'PY'
 import socket, time, urllib.request
 idle = []
@@ -20,4 +24,4 @@ try:
 except Exception as e:
     print('after the idle clients left:', e)
 PY
-kill $P 2>/dev/null; wait $P 2>/dev/null
+kill $forwarder 2>/dev/null; wait $forwarder 2>/dev/null
