@@ -243,7 +243,7 @@ def test_client_is_reset_when_the_server_cannot_be_reached(relay, client_sent: b
     if client_sent:
         pair.client.sendall(b"request")
         time.sleep(0.05)
-    pair.rounds(3)
+    pair.rounds(5)
     assert not pair.fwd.connections
     assert recv_until_reset(pair.client) == b""
 
