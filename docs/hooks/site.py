@@ -5,6 +5,8 @@
   offline.
 * Chinese pages (``zh/``) say so in ``<html lang>``, which the CJK font stack
   of ``stylesheets/extra.css`` and screen readers go by.
+* The language switch leads to the same page in the other language when
+  it exists (``zh/PAGE`` for ``PAGE``), else to that language's home page.
 * Pages of the nav under ``lessons/`` and ``zh/`` that are not written yet
   get a short "not written yet" page, so the nav can list them all
   and the site still builds strictly meanwhile.  Any other missing page is
@@ -35,7 +37,7 @@ def nav_pages(nav: Any, title: str = "") -> Iterator[Tuple[str, str]]:
             yield from nav_pages(item, title)
     elif isinstance(nav, dict):
         for key, value in nav.items():
-            yield from nav_pages(value, key)
+            yield from nav_pages(value, key if isinstance(value, str) else "")
 
 
 def missing_pages(nav: Any, existing: set) -> List[Tuple[str, str]]:
@@ -62,12 +64,39 @@ def on_files(files, config):  # type: ignore[no-untyped-def]
     for title, path in missing_pages(config["nav"], existing):
         if not path.startswith(PENDING_OK):
             raise PluginError(f"the nav lists {path!r}, which does not exist in docs/")
-        text = f"# {title or path}\n\nThis page is not written yet.\n"
+        note = "本页尚未写成。" if path.startswith("zh/") else "This page is not written yet."
+        text = f"# {title or path.rsplit('/', 1)[-1][:-3]}\n\n{note}\n"
         files.append(File.generated(config, path, content=text))
         pending.append(path)
+    global _files
+    _files = files
     if pending:
         log.info("pages listed in the nav but not written yet (shown as such): %s", ", ".join(pending))
     return files
+
+
+def translation(src_uri: str, lang: str, existing: set) -> str:
+    """The page to switch to in ``lang`` ("en" or "zh") from ``src_uri``."""
+    english = src_uri[3:] if src_uri.startswith("zh/") else src_uri
+    target = english if lang == "en" else "zh/" + english
+    if target in existing:
+        return target
+    return "index.md" if lang == "en" else "zh/index.md"
+
+
+_files = None  # the site's files, for the language switch
+
+
+def on_page_context(context, page, config, nav):  # type: ignore[no-untyped-def]
+    # Material renders config.extra.alternate in each page, one page at a
+    # time: point its links at this page's translation.
+    alternates = config["extra"].get("alternate") or []
+    existing = {file.src_uri for file in _files} if _files is not None else set()
+    for alternate in alternates:
+        target = _files.get_file_from_path(translation(page.file.src_uri, alternate["lang"], existing))
+        if target is not None:
+            alternate["link"] = target.url or "."
+    return context
 
 
 def on_post_page(output: str, page, config) -> str:  # type: ignore[no-untyped-def]
