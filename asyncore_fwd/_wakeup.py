@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from ._compat import asyncore
 

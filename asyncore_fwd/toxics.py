@@ -526,7 +526,10 @@ _SPECS: Dict[str, Tuple[type, str, Dict[str, str]]] = {
     "reset_peer": (ResetPeer, "after", {"after": "time"}),
     "slow_close": (SlowClose, "seconds", {"seconds": "time"}),
 }
-_UNITS: Dict[str, Dict[str, float]] = {"time": {"ms": 0.001, "s": 1.0, "": 1.0}, "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1}}
+_UNITS: Dict[str, Dict[str, float]] = {
+    "time": {"ms": 0.001, "s": 1.0, "": 1.0},
+    "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1},
+}
 
 
 def _spec_value(kind: str, text: str) -> float:

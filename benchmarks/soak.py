@@ -576,7 +576,8 @@ def main() -> int:
     parser.add_argument("--rss-slack-mib", type=float, default=2.0, help="allowed RSS growth on top, MiB (2)")
     parser.add_argument("--fd-slack", type=int, default=4, help="allowed growth of unexplained descriptors (4)")
     parser.add_argument("--seed", type=int, default=483732)
-    parser.add_argument("--json", default=None, help="where to write the figures (default benchmarks/results/soak-TIME.json)")
+    parser.add_argument("--json", default=None,
+                        help="where to write the figures (default benchmarks/results/soak-TIME.json)")
     args = parser.parse_args()
 
     duration = args.minutes * 60

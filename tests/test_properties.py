@@ -25,10 +25,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
+
 from conftest import WAIT, open_fds
 
 pytest.importorskip("hypothesis")
-from hypothesis import event as note_event, example, given  # noqa: E402
+from hypothesis import event as note_event  # noqa: E402
+from hypothesis import example, given
 from hypothesis import strategies as st  # noqa: E402
 
 import asyncore_fwd._forwarder as forwarder_module  # noqa: E402
@@ -364,7 +366,8 @@ HALF_CLOSES = {"client": ("half", 1), "server": ("half", 1)}
          "select", "splice", 512, 500, True)
 @example(([flood("server"), ("urgent", "server"), ("send", "server", 1000), flood("server")], HALF_CLOSES),
          "epoll", "copy", 512, 500, True)
-@example(([flood("client", 40)], {"client": ("half", 1), "server": ("reset", 1)}), "epoll", "splice", 4 * KiB, 500, True)
+@example(([flood("client", 40)], {"client": ("half", 1), "server": ("reset", 1)}),
+         "epoll", "splice", 4 * KiB, 500, True)
 @example(([flood("server", 40)], {"client": ("close", 1), "server": ("half, then reset", 1)}), "poll", "copy",
          64 * KiB, 4 * KiB, True)
 @example(([flood("client", 40)], {"client": ("reset", 1), "server": ("half", 1)}), "select", "copy", 512, 4 * KiB, True)
@@ -419,7 +422,8 @@ def test_every_byte_arrives_once_in_order_and_a_reset_never_reads_as_a_clean_end
                 peer.pump()
         finish(relay, [client, server])
         for peer in (client, server):
-            note_event(f"{peer.name} saw " + ("EOF" if peer.eof else "a reset" if peer.reset else "nothing (closed first)"))
+            seen = "EOF" if peer.eof else "a reset" if peer.reset else "nothing (closed first)"
+            note_event(f"{peer.name} saw {seen}")
         note_event(f"backpressure engaged: {relay.backpressure}")
         check_stream(client, server)
         check_stream(server, client)
@@ -439,7 +443,7 @@ def test_every_byte_arrives_once_in_order_and_a_reset_never_reads_as_a_clean_end
 def test_server_that_greets_and_resets_at_once_is_a_reset_for_the_client(
         kind: str, relay_kind: str, greeting: int, rounds_before_reset: int, request: int,
         client_half_closes: bool) -> None:
-    """The server resets before or just as the forwarder sees its connect: the client reads the greeting's start, then a reset."""
+    """The server resets before or as the forwarder sees its connect: the greeting's start, then a reset."""
     relay = Relay(kind, relay_kind)
     try:
         descriptors = open_fds()
@@ -491,7 +495,7 @@ def test_client_of_an_unreachable_server_is_reset_and_the_forwarder_keeps_accept
        requests=st.lists(st.integers(0, 32 * KiB), min_size=1, max_size=5))
 def test_running_out_of_descriptors_refuses_new_clients_but_never_cuts_a_relaying_one(
         kind: str, relay_kind: str, faults: List[bool], requests: List[int]) -> None:
-    """accept(), pipe2() and the server socket fail with EMFILE now and then: a client is served in full or reset unserved."""
+    """accept(), pipe2() and the server socket fail with EMFILE now and then: each client served in full or reset."""
     relay = Relay(kind, relay_kind)
     try:
         descriptors = open_fds()

@@ -14,10 +14,10 @@ import time
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
-from conftest import WAIT, open_fds, recv_all, recv_until_reset, wait_for
 
 import asyncore_fwd
 from asyncore_fwd import Forwarder, Receiver, _splice
+from conftest import WAIT, open_fds, recv_all, recv_until_reset, wait_for
 
 KiB = 1024
 URGENT = b"\xff"

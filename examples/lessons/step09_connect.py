@@ -169,7 +169,8 @@ class sender(asyncore.dispatcher):
             self.receiver.close()
             return False
         # While connecting, writable: poll() reports the connect's outcome.
-        return self.connecting or (len(self.receiver.from_remote_buffer) > 0) or (self.receiver.eof and not self.write_closed)
+        return (self.connecting or (len(self.receiver.from_remote_buffer) > 0)
+                or (self.receiver.eof and not self.write_closed))
 
     def handle_write(self):
         sent = self.send(self.receiver.from_remote_buffer)

@@ -1,5 +1,7 @@
 # Reads a request until the client's EOF, sends 1 MB at once, closes. Port 18300.
-import socket, threading
+import socket
+import threading
+
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(('127.0.0.1', 18300)); s.listen(5)
 def serve(c):

@@ -1,5 +1,10 @@
 """asyncore.loop() runs in the calling thread and returns once the map is empty."""
-import asyncore, socket, threading, time
+import asyncore
+import socket
+import threading
+import time
+
+
 class Listener(asyncore.dispatcher):
     def __init__(self):
         asyncore.dispatcher.__init__(self)

@@ -12,6 +12,7 @@ import threading
 
 sys.path.insert(0, sys.argv[1])
 import importlib
+
 article = importlib.import_module(sys.argv[2] if len(sys.argv) > 2 else 'step00_article')
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))

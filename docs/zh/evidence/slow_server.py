@@ -1,5 +1,8 @@
 # Reads a request until the client's EOF, thinks for 3 s, replies, closes. Port 18200.
-import socket, time, threading
+import socket
+import threading
+import time
+
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(('127.0.0.1', 18200)); s.listen(5)
 def serve(c):
