@@ -138,7 +138,7 @@ class EpollLoop:
         map_, dirty, registered, sockets = self.map, self._dirty, self._registered, self._sockets
         for fd, flags in events:
             channel = map_.get(fd)
-            if channel is None or registered.get(fd) is not channel or sockets[fd] is not channel.socket:
+            if channel is None or not _holds(registered, fd, channel) or sockets[fd] is not channel.socket:
                 # Closed earlier in this round, and maybe its descriptor number
                 # already reused: the event was for the old socket.
                 continue
@@ -156,7 +156,7 @@ class EpollLoop:
         """Ask every dispatcher again; find ones that joined or left unseen."""
         registered, sockets = self._registered, self._sockets
         for fd in [fd for fd, channel in registered.items()
-                   if self.map.get(fd) is not channel or channel.socket is not sockets[fd]]:
+                   if not _holds(self.map, fd, channel) or channel.socket is not sockets[fd]]:
             self._forget(fd)
         self._dirty.update(self.map.values())
 
@@ -168,14 +168,14 @@ class EpollLoop:
         dirty, self._dirty = self._dirty, set()
         for channel in dirty:
             fd = channel._fileno
-            if fd is None or self.map.get(fd) is not channel:
+            if fd is None or not _holds(self.map, fd, channel):
                 continue
             mask = 0
             if channel.readable():
                 mask = select.EPOLLIN | select.EPOLLPRI
             if channel.writable() and not channel.accepting:
                 mask |= select.EPOLLOUT
-            if registered.get(fd) is not channel or self._sockets[fd] is not channel.socket:
+            if not _holds(registered, fd, channel) or self._sockets[fd] is not channel.socket:
                 if fd in registered:
                     self._forget(fd)
                 if mask:
@@ -213,6 +213,11 @@ class EpollLoop:
             self._epoll.unregister(fd)
         except OSError:
             pass  # closed already: the kernel dropped it from the epoll set
+
+
+def _holds(table: Dict[int, Any], fd: int, channel: Any) -> bool:
+    """Whether ``table`` has ``channel`` itself at ``fd`` (not an older or newer dispatcher)."""
+    return table.get(fd) is channel
 
 
 class AsyncoreLoop:

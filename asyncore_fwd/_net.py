@@ -16,7 +16,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "RemoteAddresses", "SockAddr", "SocketMap",
+__all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "RemoteAddresses",
+           "SockAddr", "SocketMap",
            "describe_error", "format_address", "listen_address", "os_error", "pending_error", "reset", "strip_brackets",
            "tune"]
 

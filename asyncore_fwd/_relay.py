@@ -16,12 +16,22 @@ import logging
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import _loop
 from ._compat import asyncore
-from ._net import (LINGER_ABORT, OUT_OF_RESOURCES, SockAddr, SocketMap, acknowledge_urgent, describe_error,
-                   format_address, os_error, pending_error, tune)
+from ._net import (
+    LINGER_ABORT,
+    OUT_OF_RESOURCES,
+    SockAddr,
+    SocketMap,
+    acknowledge_urgent,
+    describe_error,
+    format_address,
+    os_error,
+    pending_error,
+    tune,
+)
 from ._timeouts import Timeouts
 from ._timers import Timer, timers_for
 
@@ -35,6 +45,13 @@ log = logging.getLogger("asyncore_fwd")
 
 class _Dispatcher(asyncore.dispatcher):
     """asyncore's dispatcher, with its messages sent to ``logging`` instead of stdout."""
+
+    # What asyncore sets on every dispatcher and its type stubs leave out (or
+    # optional, though ours always have a socket while in a map).
+    _map: SocketMap
+    _fileno: Optional[int]
+    socket: Any
+    addr: Any
 
     _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -307,7 +324,7 @@ class _Pipe(_Dispatcher):
         if not self.peer.outgoing:
             self.peer.shutdown_write()
 
-    def forward(self, data: memoryview) -> None:
+    def forward(self, data: bytes | memoryview) -> None:
         """Queue bytes read by the peer; send at once if nothing is queued."""
         if not self.outgoing:
             # The common case on a fast path: one send straight from the read
@@ -400,10 +417,16 @@ class Sender(_Pipe):
             return
         else:
             try:
-                self.socket.getpeername()
+                peer = self.socket.getpeername()
             except OSError:
                 # Not connected yet: a stale event meant for a closed socket whose
                 # descriptor number we reuse (python/cpython#75114).  Keep waiting.
+                return
+            if peer == self.socket.getsockname():
+                # Connected to itself: a connect to a local port that nothing
+                # listens on, which the kernel happened to pick as this socket's
+                # own port, is a TCP "simultaneous open".  Nobody is there.
+                self.connect_next(os_error(errno.ECONNREFUSED))
                 return
         # asyncore's handle_connect_event() would read SO_ERROR again: a reset
         # arriving just now would then be consumed there, unseen by us.
@@ -458,8 +481,8 @@ class Sender(_Pipe):
                 self._last_error = os_error(failure.errno) if failure.errno else failure
                 asyncore.dispatcher.close(self)
         if not self.conn.closed:
-            failure = self._last_error or os_error(errno.EHOSTUNREACH)
-            self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(failure)}"
+            last = self._last_error or os_error(errno.EHOSTUNREACH)
+            self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(last)}"
             self.conn.connect_failed = True
             self.conn.receiver.reset_on_close()
             self.conn.close()

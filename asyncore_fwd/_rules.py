@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Any, Tuple, Union
 
 from ._net import format_address, strip_brackets
 
@@ -128,7 +128,7 @@ class Rule:
         return self.name or self.listen
 
 
-def _network(key: str, value: object) -> Network:
+def _network(key: str, value: Any) -> Network:
     """A CIDR or a single address (IPv4 or IPv6) as a network."""
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return value

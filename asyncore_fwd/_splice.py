@@ -85,6 +85,7 @@ class _Splicing(_Pipe):
     """A side that relays with splice(): only reading and writing differ."""
 
     outgoing: Any  # a KernelPipe
+    peer: _Splicing
 
     def __init__(self, conn: Connection, *args: Any) -> None:
         pipe = KernelPipe(conn.rule.high_water)  # first: EMFILE here refuses the client

@@ -93,13 +93,12 @@ class Timers:
             self._cancelled -= 1
         return heap[0].when if heap else None
 
-    def wait_limit(self, timeout: Optional[float]) -> Optional[float]:
+    def wait_limit(self, timeout: float) -> float:
         """``timeout`` shortened so that a wait ends when the next timer is due."""
         deadline = self.next_deadline()
         if deadline is None:
             return timeout
-        until = max(0.0, deadline - time.monotonic())
-        return until if timeout is None or until < timeout else timeout
+        return min(timeout, max(0.0, deadline - time.monotonic()))
 
     def run_due(self) -> None:
         """Call every timer that is due (those set by a callback for now run next time)."""

@@ -26,6 +26,9 @@ __all__ = ["LoopCalls"]
 class LoopCalls(asyncore.file_dispatcher):
     """The read end of a wake-up pipe in the map, and the queue of calls it runs."""
 
+    _map: Dict[int, Any]
+    _fileno: Optional[int]
+
     # The LoopCalls of each map, by the map's identity (the map is kept in the
     # entry, so that its id() cannot be reused meanwhile).
     _by_map: Dict[int, Tuple[Dict[int, Any], "LoopCalls"]] = {}
@@ -58,7 +61,7 @@ class LoopCalls(asyncore.file_dispatcher):
         """Run ``function()`` in the loop's thread and return its result (or raise its error)."""
         if threading.get_ident() == self._loop_thread:
             return function()
-        done, outcome = threading.Event(), []
+        done, outcome = threading.Event(), []  # type: Tuple[threading.Event, List[Any]]
         self._queue.append((function, done, outcome))
         self.wake()
         if not done.wait(timeout):

@@ -30,6 +30,7 @@ Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
@@ -383,7 +384,7 @@ class _Link:
 
     # -- the three methods --------------------------------------------------------
 
-    def _forward(self, data: memoryview) -> None:
+    def _forward(self, data: bytes | memoryview) -> None:
         self.pass_on(None, bytes(data))  # a copy: the read buffer is reused
 
     def _readable(self) -> bool:
@@ -406,7 +407,7 @@ class _Link:
         index = 0 if after is None else self.toxics.index(after) + 1
         if index < len(self.toxics):
             toxic = self.toxics[index]
-            toxic.data(self, data, lambda out, toxic=toxic: self.pass_on(toxic, out))
+            toxic.data(self, data, functools.partial(self.pass_on, toxic))
             return
         type(self.writer).forward(self.writer, data)
         _loop.channel_changed(self.writer)
@@ -418,10 +419,14 @@ class _Link:
         index = 0 if after is None else self.toxics.index(after) + 1
         if index < len(self.toxics):
             toxic = self.toxics[index]
-            toxic.eof(self, lambda toxic=toxic: self._eof_after(toxic) if toxic in self.toxics else None)
+            toxic.eof(self, functools.partial(self._eof_after_if_present, toxic))
             return
         self._eof_through = True
         self._final_eof()
+
+    def _eof_after_if_present(self, toxic: Toxic) -> None:
+        if toxic in self.toxics:  # not if it was removed meanwhile (its removal passed the EOF on)
+            self._eof_after(toxic)
 
     def _final_eof(self) -> None:
         if not self.writer.outgoing:
@@ -521,7 +526,10 @@ _SPECS: Dict[str, Tuple[type, str, Dict[str, str]]] = {
     "reset_peer": (ResetPeer, "after", {"after": "time"}),
     "slow_close": (SlowClose, "seconds", {"seconds": "time"}),
 }
-_UNITS = {"time": {"ms": 0.001, "s": 1.0, "": 1.0}, "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1}}
+_UNITS: Dict[str, Dict[str, float]] = {
+    "time": {"ms": 0.001, "s": 1.0, "": 1.0},
+    "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1},
+}
 
 
 def _spec_value(kind: str, text: str) -> float:

@@ -196,7 +196,7 @@ def enable(output: Union[None, TextIO, logging.Logger] = None) -> None:
     asyncore_loop = getattr(_loop, "AsyncoreLoop", None)
     if asyncore_loop is not None:
         session.patch(asyncore_loop, "poll", _traced_round(asyncore_loop.poll))
-    session.patch(asyncore, "select", _TracedSelectModule(asyncore.select))
+    session.patch(asyncore, "select", _TracedSelectModule(asyncore.select))  # type: ignore[attr-defined]
     for cls in _subclasses(asyncore.dispatcher):
         _wrap_class(session, cls)
     # Classes created from now on (the traced script's own) are wrapped as they are made.
@@ -317,7 +317,7 @@ def _round(kernel_call_seen: bool = True) -> Iterator[None]:
     (when the kernel call can be seen)."""
     session = _session
     state = session.thread_state() if session is not None else None
-    if state is None or state.round is not None:  # off, or already inside a round
+    if session is None or state is None or state.round is not None:  # off, or already inside a round
         yield
         return
     state.round, state.waited = next(session.rounds), False

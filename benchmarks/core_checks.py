@@ -229,7 +229,7 @@ def check_idle(servers: Servers, count: int, window: float = 10.0) -> str:
     fwd = ForwarderProcess(servers.echo_port)
     clients = []
     try:
-        for index in range(count):
+        for _ in range(count):
             client = socket.create_connection(("127.0.0.1", fwd.port), timeout=TIMEOUT)
             client.sendall(b"x")
             assert client.recv(1) == b"x"
@@ -243,7 +243,8 @@ def check_idle(servers: Servers, count: int, window: float = 10.0) -> str:
         for client in clients:
             client.close()
         fwd.stop()
-    return (f"{count} idle connections: {used:.2f} CPU-s in {elapsed:.1f} s = {100 * used / elapsed:.1f} % of one core; "
+    return (f"{count} idle connections: {used:.2f} CPU-s in {elapsed:.1f} s = "
+            f"{100 * used / elapsed:.1f} % of one core; "
             f"RSS {rss / 1024:.1f} MiB")
 
 

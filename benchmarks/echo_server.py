@@ -55,7 +55,7 @@ class Server:
     def serve(self, max_seconds: float) -> None:
         deadline = time.monotonic() + max_seconds
         while self.running and time.monotonic() < deadline:
-            for key, events in self.selector.select(0.5):
+            for key, _events in self.selector.select(0.5):
                 if key.data is None:
                     self.accept()
                 elif self.mode == "source":

@@ -136,7 +136,7 @@ PEER_KINDS: Dict[str, PeerKind] = {
     # and every run includes a 1-3 s retransmit stall, which is not what
     # those rows measure.
     "socat": PeerKind(
-        argv=lambda r, l, tmp, extra: ["socat", f"TCP-LISTEN:{l},fork,reuseaddr,bind={HOST},backlog=4096",
+        argv=lambda r, listen, tmp, extra: ["socat", f"TCP-LISTEN:{listen},fork,reuseaddr,bind={HOST},backlog=4096",
                                        f"TCP:{HOST}:{r}", *extra],
         needs=("socat",), version=lambda: first_line(["socat", "-V"], "socat version"),
         skip={"held": "skipped: forks a process per connection"},
@@ -149,18 +149,18 @@ PEER_KINDS: Dict[str, PeerKind] = {
         argv=_rinetd_argv, needs=("rinetd",), version=lambda: first_line(["rinetd", "-v"]),
         note="one rule, no log file, run with -f (one process, libuv)"),
     "redir": PeerKind(
-        argv=lambda r, l, tmp, extra: ["redir", "-n", "-l", "err", *extra, f"{HOST}:{l}", f"{HOST}:{r}"],
+        argv=lambda r, listen, tmp, extra: ["redir", "-n", "-l", "err", *extra, f"{HOST}:{listen}", f"{HOST}:{r}"],
         needs=("redir",), version=lambda: f"redir {first_line(['redir', '-v'])}",
         skip={"held": "skipped: forks a process per connection"}, counts_cpu=False,
         note="redir -n -l err (foreground, errors only in its log); forks a process per connection, which "
              "init reaps, so cpu-per-gb is not measured"),
     "asyncio": PeerKind(
-        argv=lambda r, l, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--listen-port", "0",
+        argv=lambda r, listen, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--listen-port", "0",
                                        "--remote-port", str(r)],
         port_from=r"stdout:^(\d+)$",
         version=lambda: f"benchmarks/asyncio_forwarder.py, Python {sys.version.split()[0]}"),
     "article": PeerKind(
-        argv=lambda r, l, tmp, extra: [PY, str(ROOT / "examples" / "article_forwarder.py"), "-p", "0", "-r", HOST,
+        argv=lambda r, listen, tmp, extra: [PY, str(ROOT / "examples" / "article_forwarder.py"), "-p", "0", "-r", HOST,
                                        "-P", str(r)],
         port_from=r"stdout:^(\d+)$", version=lambda: "examples/article_forwarder.py (asyncore recipe)",
         note="the recipe as published: listen backlog 5, select() loop, 4 KiB reads"),

@@ -41,12 +41,20 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchlib import BENCH, ROOT, Failed, Partial, Proc, Skipped, raise_fd_limit
-from peers import (ASYNCORE_FWD_MODES, DEFAULT_ASYNCORE_FWD_MODES, DEFAULT_PEERS, PEER_KINDS, SOURCE_TREES, Peer,
-                   parse_peers, split_list, start_peer)
+from peers import (
+    ASYNCORE_FWD_MODES,
+    DEFAULT_ASYNCORE_FWD_MODES,
+    DEFAULT_PEERS,
+    PEER_KINDS,
+    SOURCE_TREES,
+    Peer,
+    parse_peers,
+    split_list,
+    start_peer,
+)
 from report import build_table, machine_facts, notes_for, render_markdown, run_facts, summarize, tool_versions
 from servers import Servers
 from workloads import SIZES, WORKLOADS, Context
-
 
 # --- running ------------------------------------------------------------------------
 

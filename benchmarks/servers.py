@@ -11,6 +11,7 @@ from typing import Dict, Iterator
 from benchlib import BENCH, HOST, Proc, free_port
 from peers import PY
 
+
 class Servers:
     """Servers started on first use and kept for the whole run."""
 

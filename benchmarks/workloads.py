@@ -68,7 +68,7 @@ class Context:
         try:
             result = json.loads(proc.output().strip().splitlines()[-1])
         except (IndexError, ValueError):
-            raise Failed(fwd.why_failed(f"loadgen {args[0]}: {proc.tail() or 'no result'}"))
+            raise Failed(fwd.why_failed(f"loadgen {args[0]}: {proc.tail() or 'no result'}")) from None
         if "error" in result:
             raise Failed(fwd.why_failed(result["error"]))
         return result
@@ -87,7 +87,7 @@ def _bulk(ctx: Context, peer: Peer, reverse: bool) -> Dict:
             try:
                 report = json.loads(proc.output())
             except ValueError:
-                raise Failed(fwd.why_failed(f"iperf3: {proc.tail() or 'no JSON output'}"))
+                raise Failed(fwd.why_failed(f"iperf3: {proc.tail() or 'no JSON output'}")) from None
             if report.get("error"):
                 raise Failed(fwd.why_failed(f"iperf3: {report['error']}"))
             received = report["end"]["sum_received"]

@@ -499,3 +499,17 @@ def raise_fd_limit(wanted: int) -> Optional[int]:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# Hypothesis profiles: "ci" (the default) is short and reproducible; run
+# HYPOTHESIS_PROFILE=long for a deeper local search.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without it
+    pass
+else:
+    settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
+                              print_blob=False, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=1000, deadline=None, database=None,
+                              print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

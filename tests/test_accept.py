@@ -19,8 +19,7 @@ from typing import Callable, Dict, Iterator, List
 
 import pytest
 
-from asyncore_fwd import Forwarder
-from asyncore_fwd import _forwarder
+from asyncore_fwd import Forwarder, _forwarder
 from asyncore_fwd._compat import asyncore
 from conftest import WAIT, EchoServer, RunningForwarder, open_fds, recv_exactly, recv_until_reset, wait_for
 

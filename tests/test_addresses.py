@@ -11,10 +11,19 @@ from typing import Callable, Iterator, List
 
 import pytest
 
-from asyncore_fwd import Forwarder, Rule
-from asyncore_fwd import _net
-from conftest import (WAIT, EchoServer, RunningForwarder, needs_ipv6, open_fds, payload, recv_all,
-                      recv_exactly, connect_until_reset, wait_for)
+from asyncore_fwd import Forwarder, Rule, _net
+from conftest import (
+    WAIT,
+    EchoServer,
+    RunningForwarder,
+    connect_until_reset,
+    needs_ipv6,
+    open_fds,
+    payload,
+    recv_all,
+    recv_exactly,
+    wait_for,
+)
 
 MiB = 1024 * 1024
 

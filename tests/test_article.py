@@ -27,8 +27,19 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from conftest import (WAIT, ArticleProcess, EchoServer, ForwarderProcess, RunningForwarder, ScriptedServer, payload,
-                      raise_fd_limit, recv_all, connect_until_reset, wait_for)
+from conftest import (
+    WAIT,
+    ArticleProcess,
+    EchoServer,
+    ForwarderProcess,
+    RunningForwarder,
+    ScriptedServer,
+    connect_until_reset,
+    payload,
+    raise_fd_limit,
+    recv_all,
+    wait_for,
+)
 
 KiB = 1024
 MiB = 1024 * KiB

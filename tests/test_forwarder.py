@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
-from conftest import WAIT, connect_until_reset, open_fds, payload, recv_all, recv_exactly, recv_until_reset, wait_for
 
 from asyncore_fwd import Forwarder, Receiver, Sender
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._forwarder import DEFAULT_READ_SIZE
+from conftest import WAIT, connect_until_reset, open_fds, payload, recv_all, recv_exactly, recv_until_reset, wait_for
 
 
 def dead_port() -> int:
@@ -418,7 +418,7 @@ def test_no_descriptor_leaks_on_success_refusal_and_reset(echo_server, scripted_
                 except OSError:  # the reset may come first, even before connect() returns
                     pass
         for fwd in forwarders:
-            wait_for(lambda: not fwd.forwarder.connections, what="all pairs to close")
+            wait_for(lambda fwd=fwd: not fwd.forwarder.connections, what="all pairs to close")
     finally:
         for fwd in forwarders:
             fwd.stop()

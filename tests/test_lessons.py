@@ -51,6 +51,7 @@ FIXED_IN: Dict[Tuple[int, str], int] = {
     (10, "POLLHUP drops data still queued"): 7,
     (5, "accept() returning None"): 8,
     (6, "EMFILE closes the listener"): 8,
+    (6, "EMFILE for the server socket strands the client's"): 8,
     (7, "name lookup inside the loop"): 9,
     (7, "no connect timeout"): 9,
     (7, "a traceback per refused connect"): 9,
@@ -456,6 +457,27 @@ def test_pauses_accepting_while_out_of_descriptors(step: types.ModuleType, socke
     client = client_of(address, sockets)
     assert round_trip(step, client) == b"ping"
     assert len(calls) < 30, f"accept() called {len(calls)} times in 0.3 s: a busy loop"
+
+
+@defect(6, "EMFILE for the server socket strands the client's")
+def test_out_of_descriptors_for_the_server_socket_leaves_nothing_behind(
+        step: types.ModuleType, sockets: List[socket.socket], echo_server: EchoServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's socket is accepted, the server's cannot be made: the client's side leaves the map."""
+    start(step, echo_server.port)
+    monkeypatch.setattr(step, "ACCEPT_PAUSE", 0.05, raising=False)
+    failures: List[int] = []
+
+    def create_socket_emfile(self, *args: object) -> None:
+        failures.append(1)
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(step.sender, "create_socket", create_socket_emfile)
+    listener = channels_of(step, step.forwarder)[0]
+    client_of(listener.socket.getsockname()[:2], sockets)
+    pump(step, lambda: failures, what="the failed server socket")
+    step.serve(0.01, 3)
+    assert channels_of(step, step.receiver) == []
 
 
 # -- defect 7: connecting to the server -------------------------------------

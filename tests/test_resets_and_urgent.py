@@ -14,10 +14,10 @@ import time
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
-from conftest import WAIT, open_fds, recv_all, recv_until_reset, wait_for
 
 import asyncore_fwd
 from asyncore_fwd import Forwarder, Receiver, _splice
+from conftest import WAIT, open_fds, recv_all, recv_until_reset, wait_for
 
 KiB = 1024
 URGENT = b"\xff"
@@ -243,7 +243,7 @@ def test_client_is_reset_when_the_server_cannot_be_reached(relay, client_sent: b
     if client_sent:
         pair.client.sendall(b"request")
         time.sleep(0.05)
-    pair.rounds(3)
+    pair.rounds(5)
     assert not pair.fwd.connections
     assert recv_until_reset(pair.client) == b""
 

@@ -11,12 +11,11 @@ import socket
 import threading
 
 import pytest
-from conftest import WAIT, RunningForwarder, open_fds, payload, recv_all, wait_for
 from test_forwarder import established, pump
 
-from asyncore_fwd import Forwarder, Rule
-from asyncore_fwd import _splice
+from asyncore_fwd import Forwarder, Rule, _splice
 from asyncore_fwd._compat import asyncore
+from conftest import WAIT, RunningForwarder, open_fds, payload, recv_all, wait_for
 
 pytestmark = pytest.mark.skipif(not _splice.AVAILABLE, reason="no os.splice() on this platform")
 

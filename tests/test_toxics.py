@@ -12,11 +12,20 @@ import time
 from typing import Iterator, List
 
 import pytest
-from conftest import WAIT, EchoServer, open_fds, recv_all, recv_exactly, recv_until_reset, wait_for
 
 from asyncore_fwd import Forwarder
-from asyncore_fwd.toxics import (Bandwidth, Latency, LimitData, ResetPeer, Slicer, SlowClose, Timeout, Toxic,
-                                parse_toxic_spec)
+from asyncore_fwd.toxics import (
+    Bandwidth,
+    Latency,
+    LimitData,
+    ResetPeer,
+    Slicer,
+    SlowClose,
+    Timeout,
+    Toxic,
+    parse_toxic_spec,
+)
+from conftest import WAIT, EchoServer, open_fds, recv_all, recv_exactly, recv_until_reset, wait_for
 
 
 @pytest.fixture
@@ -280,17 +289,19 @@ def test_toxic_specs_from_the_command_line(spec: str, toxic: Toxic, direction: s
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("sideways:latency=1", "bad toxic 'sideways:latency=1': direction must be one of upstream, downstream, both, not 'sideways'"),
-    ("latency", "bad toxic 'latency': give its seconds, as in latency=VALUE"),
-    ("latency=soon", "bad toxic 'latency=soon': seconds: expected a value like 100ms or 1.5s, not 'soon'"),
-    ("latency=-1s", "bad toxic 'latency=-1s': seconds must be a number >= 0, not -1.0"),
-    ("latency=1,foo=2", "bad toxic 'latency=1,foo=2': latency has no option 'foo' (it takes seconds, jitter, toxicity)"),
-    ("latency=1,seconds=2", "bad toxic 'latency=1,seconds=2': seconds given twice"),
-    ("bandwidth=1x", "bad toxic 'bandwidth=1x': bytes_per_second: expected a value like 64K or 1M (bytes per second), not '1x'"),
-    ("slicer=1.5", "bad toxic 'slicer=1.5': average_size: expected a whole number, not '1.5'"),
-    ("poison=1", "bad toxic 'poison=1': unknown toxic 'poison' (one of latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close)"),
+    ("sideways:latency=1",
+     "direction must be one of upstream, downstream, both, not 'sideways'"),
+    ("latency", "give its seconds, as in latency=VALUE"),
+    ("latency=soon", "seconds: expected a value like 100ms or 1.5s, not 'soon'"),
+    ("latency=-1s", "seconds must be a number >= 0, not -1.0"),
+    ("latency=1,foo=2", "latency has no option 'foo' (it takes seconds, jitter, toxicity)"),
+    ("latency=1,seconds=2", "seconds given twice"),
+    ("bandwidth=1x", "bytes_per_second: expected a value like 64K or 1M (bytes per second), not '1x'"),
+    ("slicer=1.5", "average_size: expected a whole number, not '1.5'"),
+    ("poison=1",
+     "unknown toxic 'poison' (one of latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close)"),
 ])
 def test_bad_toxic_specs_get_one_line_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_toxic_spec(spec)
-    assert str(caught.value) == message
+    assert str(caught.value) == f"bad toxic {spec!r}: {message}"

@@ -11,8 +11,8 @@ import io
 import re
 import signal
 import socket
-import sys
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List
@@ -22,8 +22,18 @@ import pytest
 from asyncore_fwd import EpollLoop, trace
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._loop import AsyncoreLoop
-from conftest import (ROOT, WAIT, EchoServer, ForwarderProcess, RunningForwarder, ScriptedServer, payload,
-                      recv_all, recv_exactly, wait_for)
+from conftest import (
+    ROOT,
+    WAIT,
+    EchoServer,
+    ForwarderProcess,
+    RunningForwarder,
+    ScriptedServer,
+    payload,
+    recv_all,
+    recv_exactly,
+    wait_for,
+)
 
 
 @pytest.fixture

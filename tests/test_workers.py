@@ -9,9 +9,9 @@ import sys
 from typing import Callable, List
 
 import pytest
-from conftest import WAIT, ForwarderProcess, recv_all, wait_for
 
 from asyncore_fwd import _workers
+from conftest import WAIT, ForwarderProcess, recv_all, wait_for
 
 pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here")
 

@@ -7,10 +7,7 @@
   of ``stylesheets/extra.css`` and screen readers go by.
 * The language switch leads to the same page in the other language when
   it exists (``zh/PAGE`` for ``PAGE``), else to that language's home page.
-* Pages of the nav under ``lessons/`` and ``zh/`` that are not written yet
-  get a short "not written yet" page, so the nav can list them all
-  and the site still builds strictly meanwhile.  Any other missing page is
-  an error, as usual.
+* Every page the nav lists must exist: a missing one fails the build.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ log = logging.getLogger("mkdocs.hooks.site")
 
 MERMAID = "assets/vendor/mermaid.min.js"
 #: Parts of the site that others write: their pages may not exist yet.
-PENDING_OK = ("lessons/", "zh/")
 HTML_LANG = re.compile(r'<html lang="[^"]*"')
 
 
@@ -57,21 +53,12 @@ def on_config(config):  # type: ignore[no-untyped-def]
 
 def on_files(files, config):  # type: ignore[no-untyped-def]
     from mkdocs.exceptions import PluginError
-    from mkdocs.structure.files import File
 
     existing = {file.src_uri for file in files}
-    pending = []
-    for title, path in missing_pages(config["nav"], existing):
-        if not path.startswith(PENDING_OK):
-            raise PluginError(f"the nav lists {path!r}, which does not exist in docs/")
-        note = "本页尚未写成。" if path.startswith("zh/") else "This page is not written yet."
-        text = f"# {title or path.rsplit('/', 1)[-1][:-3]}\n\n{note}\n"
-        files.append(File.generated(config, path, content=text))
-        pending.append(path)
+    for _, path in missing_pages(config["nav"], existing):
+        raise PluginError(f"the nav lists {path!r}, which does not exist in docs/")
     global _files
     _files = files
-    if pending:
-        log.info("pages listed in the nav but not written yet (shown as such): %s", ", ".join(pending))
     return files
 
 

@@ -50,7 +50,12 @@ class forwarder(asyncore.dispatcher):
         # asyncore's handle_accept() calls this for each client it accepted,
         # and skips the None that accept() returns when the client has gone.
         # print('--- Connect --- ')
-        sender(receiver(conn),self.remoteip,self.remoteport)
+        client=receiver(conn)
+        try:
+            sender(client,self.remoteip,self.remoteport)
+        except OSError:
+            client.close()  # no server side (EMFILE?): do not leave the client's in the map
+            raise           # handle_error() pauses accepting
 
     def handle_error(self):
         # accept() raised, e.g. EMFILE.  The default handle_error() closes

@@ -64,7 +64,12 @@ class forwarder(asyncore.dispatcher):
         # asyncore's handle_accept() calls this for each client it accepted,
         # and skips the None that accept() returns when the client has gone.
         log.info('connection from %s port %d', addr[0], addr[1])
-        sender(receiver(conn),self.remoteip,self.remoteport)
+        client=receiver(conn)
+        try:
+            sender(client,self.remoteip,self.remoteport)
+        except OSError:
+            client.close()  # no server side (EMFILE?): do not leave the client's in the map
+            raise           # handle_error() pauses accepting
 
     def handle_error(self):
         # accept() raised, e.g. EMFILE.  The default handle_error() closes
@@ -165,7 +170,8 @@ class sender(asyncore.dispatcher):
             self.receiver.close()
             return False
         # While connecting, writable: poll() reports the connect's outcome.
-        return self.connecting or (len(self.receiver.from_remote_buffer) > 0) or (self.receiver.eof and not self.write_closed)
+        return (self.connecting or (len(self.receiver.from_remote_buffer) > 0)
+                or (self.receiver.eof and not self.write_closed))
 
     def handle_write(self):
         sent = self.send(self.receiver.from_remote_buffer)
