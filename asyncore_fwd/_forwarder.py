@@ -495,9 +495,9 @@ class Forwarder(_Dispatcher):
         self.stats.closed(conn)
         if self.access is not None:
             self.access.closed(conn)
-        details = close_details(conn, self.rule.label)
         level = logging.DEBUG if not conn.error else logging.INFO if conn.cut else logging.WARNING
-        if log.isEnabledFor(level):
+        if log.isEnabledFor(level):  # a clean close at the default level costs no formatting
+            details = close_details(conn, self.rule.label)
             log.log(level, "%s", format_close(details), extra={"event": "close", "details": details})
 
 
