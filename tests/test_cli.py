@@ -96,8 +96,8 @@ def check_one_verbose_connection(proc: ForwarderProcess, echo_server: EchoServer
         assert recv_all(client) == message
     conn_id = proc.wait_line(r"#(\d+) accepted from 127\.0\.0\.1:\d+$").group(1)
     proc.wait_line(rf"#{conn_id} connected to 127\.0\.0\.1:{echo_server.port} \(127\.0\.0\.1:{echo_server.port}\)$")
-    proc.wait_line(rf"#{conn_id} from 127\.0\.0\.1:\d+ closed after [\d.]+ s: {len(message)} bytes to server, "
-                   rf"{len(message)} bytes to client, client closed first$")
+    proc.wait_line(rf"127\.0\.0\.1:\d+ 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{echo_server.port} "
+                   rf"{len(message)}/{len(message)} [\d.]+ms [\d.]+s client closed first$")
 
 
 # -- usage errors -----------------------------------------------------------
