@@ -224,10 +224,22 @@ def help_text(capsys: pytest.CaptureFixture[str]) -> str:
 
 @pytest.mark.parametrize("flag", ["-l", "--local-ip", "-p", "--local-port", "-r", "--remote-ip",
                                   "-P", "--remote-port", "--backlog", "--connect-timeout", "--high-water",
-                                  "-v", "--verbose", "-q", "--quiet", "--version", "-h", "--help"])
+                                  "-v", "--verbose", "-q", "--quiet", "--version", "-h", "--help",
+                                  "-L", "--forward", "-c", "--config", "--check-config", "--drain-timeout",
+                                  "--metrics", "--pidfile", "--log-format", "--workers", "--loop", "--splice"])
 def test_help_mentions_each_flag(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     """--help lists every option, short and long."""
     assert re.search(rf"(?:^|[\s,\[]){re.escape(flag)}(?=[\s,\]]|$)", help_text(capsys), re.MULTILINE)
+
+
+def test_help_lists_exit_codes_and_signals(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help ends with what each exit status and each signal means."""
+    text = help_text(capsys)
+    epilog = text[text.index("signals:"):]
+    for signal_name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1"):
+        assert re.search(rf"^  .*{signal_name}", epilog, re.MULTILINE), signal_name
+    for status in ("0", "1", "2"):
+        assert re.search(rf"^  {status}  \S", epilog[epilog.index("exit status:"):], re.MULTILINE), status
 
 
 def test_remote_ip_help_describes_the_remote_not_the_local_address(capsys: pytest.CaptureFixture[str]) -> None:
