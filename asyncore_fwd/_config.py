@@ -25,7 +25,6 @@ keys as ``,key=value`` options, a list key repeated once per entry:
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import math
@@ -40,8 +39,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["ConfigError", "KEYS", "describe_rule", "format_size", "load_config", "parse_forward_spec", "parse_size",
-           "rule_defaults", "check_unique"]
+__all__ = ["ConfigError", "KEYS", "check_unique", "describe_rule", "format_size", "load_config", "parse_forward_spec",
+           "parse_size", "rule_defaults", "split_host_port"]
 
 #: Where ``-L`` listens when it names no address (as ssh does).
 DEFAULT_BIND = "127.0.0.1"
@@ -389,10 +388,19 @@ def load_config(path: str, base: Optional[Mapping[str, Any]] = None) -> List[Rul
 
 
 def check_unique(rules: Sequence[Rule], places: Sequence[str]) -> None:
-    """ConfigError if two rules share a name or a listen address (``places[i]`` names rule i)."""
+    """ConfigError if two rules share a name or a listen address (``places[i]`` names rule i).
+
+    Rules on port 0 may share an address (each gets its own free port), but
+    then they need names: a rule without one is known by where it listens.
+    """
     names: Dict[str, int] = {}
     listens: Dict[Tuple[str, int], int] = {}
     for index, rule in enumerate(rules):
+        if not rule.name and not rule.local_port and rule.label in names:
+            raise ConfigError(f"{places[index]}: name: missing, and {_show(rule.listen)} is already where "
+                              f"{_strip_file(places[names[rule.label]])} listens: give each rule on port 0 a name")
+        if not rule.name and not rule.local_port:
+            names[rule.label] = index
         if rule.name:
             if rule.name in names:
                 raise ConfigError(f"{places[index]}: name: {_show(rule.name)} is already the name of "
@@ -433,9 +441,4 @@ def describe_rule(rule: Rule) -> str:
         "high_water": format_size(rule.high_water),
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
-
-
-def with_port(rule: Rule, port: int) -> Rule:
-    """``rule`` listening on ``port`` instead (after a port 0 was given one)."""
-    return dataclasses.replace(rule, local_port=port)
 

@@ -11,7 +11,6 @@ for bad usage or a bad config.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging

@@ -70,6 +70,9 @@ CONFIG_ERRORS = [
      'fwd.toml: rule 2 ("web"): name: "web" is already the name of rule 1 ("web")'),
     ("duplicate-listen", GOOD_RULE + GOOD_RULE,
      'fwd.toml: rule 2: listen: "127.0.0.1:8080" is already where rule 1 listens'),
+    ("port-0-twice-without-names", '[[rule]]\nlisten = "127.0.0.1:0"\nconnect = "h:1"\n' * 2,
+     'fwd.toml: rule 2: name: missing, and "127.0.0.1:0" is already where rule 1 listens: give each rule on '
+     'port 0 a name'),
     ("missing-connect", '[[rule]]\nname = "db"\nlisten = "127.0.0.1:1"\n',
      'fwd.toml: rule 1 ("db"): connect: missing (expected "host:port")'),
     ("missing-listen", '[[rule]]\nconnect = "h:1"\n',
@@ -278,10 +281,10 @@ def test_rule_allow_replaces_the_defaults_allow() -> None:
     assert second.deny == ()
 
 
-def test_port_0_may_repeat() -> None:
-    """Two rules on port 0 of one address do not collide: each gets its own free port."""
-    path = write('[[rule]]\nlisten = "127.0.0.1:0"\nconnect = "h:1"\n'
-                 '[[rule]]\nlisten = "127.0.0.1:0"\nconnect = "h:2"\n')
+def test_port_0_may_repeat_with_names() -> None:
+    """Two named rules on port 0 of one address do not collide: each gets its own free port."""
+    path = write('[[rule]]\nname = "a"\nlisten = "127.0.0.1:0"\nconnect = "h:1"\n'
+                 '[[rule]]\nname = "b"\nlisten = "127.0.0.1:0"\nconnect = "h:2"\n')
     assert len(load_config(path)) == 2
 
 
