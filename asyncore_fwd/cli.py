@@ -522,11 +522,12 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
 
 
 class _quiet:
-    """Silence the package's INFO lines for a moment (the probe's start lines)."""
+    """Silence the package's lines below ERROR for a moment: the probe's start lines and
+    warnings, which every worker logs again (its errors are exceptions)."""
 
     def __enter__(self) -> None:
         self.level = log.level
-        log.setLevel(max(self.level, logging.WARNING))
+        log.setLevel(max(self.level, logging.ERROR))
 
     def __exit__(self, *exc: object) -> None:
         log.setLevel(self.level)
