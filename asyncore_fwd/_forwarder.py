@@ -26,11 +26,14 @@ Strategy, in the order the loop sees it:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
 import sys
-from typing import Any, List, Optional, Tuple
+import threading
+import time
+from typing import Any, Iterator, List, Optional, Tuple
 
 from . import _loop
 from ._compat import asyncore
@@ -41,6 +44,8 @@ from ._relay import Connection, Receiver, Sender, _Dispatcher
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ._stats import RuleStats, close_details, format_close
 from ._timers import Timer, forget, timers_for
+from ._wakeup import LoopCalls
+from .toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
 
@@ -76,10 +81,11 @@ class Forwarder(_Dispatcher):
                  read_size: int = DEFAULT_READ_SIZE,
                  splice: bool = False,
                  reuse_port: bool = False,
+                 seed: Optional[int] = None,
                  **options: Any) -> None:
         # ``options``: the other fields of ``Rule`` (name, allow, deny, limits, timeouts).
         self._start(Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice,
-                         reuse_port, **options), map)
+                         reuse_port, **options), map, seed=seed)
 
     @classmethod
     def from_rule(cls, rule: Rule, map: Optional[SocketMap] = None, *, stats: Optional[RuleStats] = None,
@@ -91,11 +97,11 @@ class Forwarder(_Dispatcher):
         reload changes a rule without closing its port.
         """
         fwd = cls.__new__(cls)
-        fwd._start(rule, map, stats, listener)
+        fwd._start(rule, map, stats=stats, listener=listener)
         return fwd
 
-    def _start(self, rule: Rule, map: Optional[SocketMap], stats: Optional[RuleStats] = None,
-               listener: Optional[socket.socket] = None) -> None:
+    def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
+               stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None) -> None:
         self.rule = rule
         if self.rule.splice:
             from ._splice import SpliceReceiver, SpliceSender
@@ -109,6 +115,10 @@ class Forwarder(_Dispatcher):
         self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
         self._accept_pause: Optional[Timer] = None
         self._stop_requested = False
+        #: Toxics (fault injection), made on first use; see ``add_toxic``.
+        self._toxics: Optional[ToxicSet] = None
+        self._seed = seed
+        self._down = False
         super().__init__(map=map)
         self._timers = timers_for(self._map)
         #: Allow/deny lists and limits; None when the rule has none (nothing to check).
@@ -173,16 +183,153 @@ class Forwarder(_Dispatcher):
         takes effect within ``poll_interval`` seconds.
         """
         backend = _loop.open_loop(loop, self._map)
+        calls = LoopCalls.open(self._map)  # other threads' requests wake the loop at once
         try:
             while not self._stop_requested and self._map:
                 backend.poll(poll_interval)
         finally:
             self.close()
+            calls.close()
             backend.close()
 
     def stop(self) -> None:
-        """Ask ``serve_forever`` to return.  Safe from another thread or a signal handler."""
+        """Ask ``serve_forever`` to return, at once.  Safe from another thread or a signal handler."""
         self._stop_requested = True
+        calls = LoopCalls.of(self._map)
+        if calls is not None:
+            calls.wake()
+
+    @contextlib.contextmanager
+    def running(self, loop: str = "auto") -> Iterator[Forwarder]:
+        """Serve in a background thread for the ``with`` block; on exit, stop and join.
+
+        When the block ends the listening port is closed, every connection
+        is closed and no thread is left.
+        """
+        thread = threading.Thread(target=self.serve_forever, kwargs={"loop": loop},
+                                  name=f"asyncore_fwd {format_address(self.address)}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while LoopCalls.of(self._map) is None and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the loop can take calls from this thread
+        try:
+            yield self
+        finally:
+            self.stop()
+            thread.join()
+
+    def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
+        """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""
+        calls = LoopCalls.of(self._map)
+        if calls is None:
+            return function(*args)
+        return calls.call(lambda: function(*args))
+
+    # -- fault injection: toxics, down, waiting for connections ------------------
+
+    def add_toxic(self, toxic: Toxic, direction: str = "downstream") -> ToxicHandle:
+        """Make ``toxic`` act on ``direction`` of open and new connections; returns its handle.
+
+        ``direction`` is ``"upstream"`` (client to server), ``"downstream"``
+        or ``"both"``.  Safe from any thread: the toxic acts once this returns.
+        """
+        if not isinstance(toxic, Toxic):
+            raise TypeError(f"add_toxic() takes a Toxic, not {toxic!r}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
+        if self.rule.splice:
+            raise ValueError("toxics need the copy relay: bytes never enter Python with splice=True")
+        handle = ToxicHandle(toxic, direction)
+
+        def add() -> None:
+            if self._toxics is None:
+                self._toxics = ToxicSet(self._seed)
+            self._toxics.add(handle, self.connections)
+        self._in_loop(add)
+        return handle
+
+    def remove_toxic(self, handle: ToxicHandle) -> None:
+        """Stop a toxic (what it holds is passed on at once).  Safe from any thread."""
+        def remove() -> None:
+            if self._toxics is None or handle not in self._toxics.handles:
+                raise ValueError(f"{handle!r} is not a toxic of this forwarder")
+            self._toxics.remove(handle)
+        self._in_loop(remove)
+
+    @property
+    def toxics(self) -> List[ToxicHandle]:
+        """The handles of the toxics acting now, in the order they were added."""
+        return list(self._toxics.handles) if self._toxics is not None else []
+
+    @contextlib.contextmanager
+    def toxic(self, toxic: Toxic, direction: str = "downstream") -> Iterator[ToxicHandle]:
+        """``add_toxic`` for the ``with`` block, removed on exit."""
+        handle = self.add_toxic(toxic, direction)
+        try:
+            yield handle
+        finally:
+            self.remove_toxic(handle)
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[Forwarder]:
+        """As if the server went away: open connections are reset, new connects refused.
+
+        The listening port is closed for the block and opened again (same
+        address and port) on exit.  Safe from any thread.
+        """
+        self._in_loop(self._go_down)
+        try:
+            yield self
+        finally:
+            self._in_loop(self._come_up)
+
+    def wait_for_connections(self, count: int, timeout: float = 10.0) -> bool:
+        """True once ``count`` connections are open (accepted), False after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while len(self.connections) < count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def close_connections(self) -> None:
+        """Close every open connection (each peer sees EOF); keep listening.  Safe from any thread."""
+        def close_all() -> None:
+            for conn in list(self.connections):
+                conn.close()
+        self._in_loop(close_all)
+
+    def _go_down(self) -> None:
+        if self._down:
+            return
+        self._down = True
+        for conn in list(self.connections):
+            conn.receiver.reset_on_close()
+            conn.sender.reset_on_close()
+            conn.error = "forwarder down"
+            conn.close()
+        # Swap the listening socket for an idle one, so that the dispatcher
+        # keeps its place in the map while the port refuses connects.
+        listener = self.socket
+        self.del_channel()
+        idle = socket.socket(listener.family, socket.SOCK_STREAM)
+        idle.setblocking(False)
+        self.set_socket(idle)
+        self.accepting = False
+        listener.close()
+
+    def _come_up(self) -> None:
+        if not self._down:
+            return
+        try:
+            self.set_reuse_addr()
+            if self.rule.reuse_port:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.bind(self._address)
+            self.listen(self.rule.backlog)
+        finally:
+            self._down = False
+            _loop.channel_changed(self)
 
     def close(self) -> None:
         """Stop listening and close every connection this forwarder made."""
@@ -224,7 +371,7 @@ class Forwarder(_Dispatcher):
         # joins the map after its listener, so the first listener in the map
         # is asked before any connection's descriptor is collected this round.
         self._timers.run_due()
-        return self._accept_pause is None
+        return self._accept_pause is None and not self._down
 
     def writable(self) -> bool:
         return False
@@ -256,13 +403,17 @@ class Forwarder(_Dispatcher):
                 self.refuse(sock, addr, reason)
                 return
         try:
-            Connection(self, sock, addr)
+            conn = Connection(self, sock, addr)
+            if self._toxics is not None:
+                self._toxics.connection_opened(conn)
         except OSError as error:
             reset(sock)  # refused, not served: a reset says so
             if error.errno in OUT_OF_RESOURCES:
                 self.pause_accepting(error)
             else:
-                log.warning("dropped client %s: %s", format_address(addr), describe_error(error))
+                details = {"rule": self.rule.label, "client": format_address(addr), "reason": "resources"}
+                log.warning("dropped client %s: %s", format_address(addr), describe_error(error),
+                            extra={"event": "refused", "details": details})
 
     def handle_close(self) -> None:
         """Called on an error flag on the listener: never close it, just pause."""
@@ -291,13 +442,15 @@ class Forwarder(_Dispatcher):
         if self._accept_pause is not None:
             self._accept_pause.cancel()
         else:
+            details = {"rule": self.rule.label, "paused_s": ACCEPT_PAUSE, "error": describe_error(error)}
             log.warning("not accepting on %s for %g s: %s", format_address(self.address),
-                        ACCEPT_PAUSE, describe_error(error))
+                        ACCEPT_PAUSE, describe_error(error), extra={"event": "accept_pause", "details": details})
         self._accept_pause = self._timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._accept_pause = None
-        log.info("accepting connections again on %s", format_address(self.address))
+        log.info("accepting connections again on %s", format_address(self.address),
+                 extra={"event": "accept_pause", "details": {"rule": self.rule.label, "paused_s": 0}})
         _loop.channel_changed(self)
 
     # -- events: override to log, count or trace differently ---------------

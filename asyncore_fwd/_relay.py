@@ -170,6 +170,8 @@ class Connection:
         self.receiver.close_socket()
         self.sender.close_socket()
         self.forwarder.connections.discard(self)
+        if self.forwarder._toxics is not None:
+            self.forwarder._toxics.connection_closed(self)
         self.forwarder.connection_closed(self)
 
 

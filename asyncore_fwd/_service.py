@@ -3,9 +3,9 @@
 Strategy: one ``Forwarder`` per rule, all on one asyncore map, served by
 one loop backend.  What must happen while the loop runs -- a drain, a
 reload -- is only *requested* by ``drain()`` and ``reload()``, which are
-therefore safe from a signal handler or another thread; the loop carries
-the request out between two rounds (so within ``poll_interval`` seconds),
-where nothing else touches the map.
+therefore safe from a signal handler or another thread: the request is
+queued, the loop is woken at once (``LoopCalls``), and it carries the
+request out between two rounds, where nothing else touches the map.
 
 * **Drain.**  Every listener closes; the open connections go on until
   they end by themselves or the drain timeout cuts them (with resets:
@@ -36,6 +36,7 @@ from ._net import SocketMap, describe_error, format_address
 from ._rules import Rule
 from ._stats import COUNTERS
 from ._timers import forget
+from ._wakeup import LoopCalls
 
 __all__ = ["Service"]
 
@@ -95,10 +96,11 @@ class Service:
         """Run the loop until ``stop()`` or the end of a drain, then ``close()``.
 
         ``loop`` is ``"epoll"``, ``"poll"``, ``"select"`` or ``"auto"``.
-        ``stop()``, ``drain()`` and ``reload()`` take effect within
-        ``poll_interval`` seconds.
+        ``stop()``, ``drain()`` and ``reload()`` wake the loop: they take
+        effect at once, not after ``poll_interval``.
         """
         backend = _loop.open_loop(loop, self.map)
+        calls = LoopCalls.open(self.map)  # lets stop(), drain() and reload() wake the loop
         self._serving = True
         try:
             while not self._stop_requested:
@@ -113,12 +115,14 @@ class Service:
                     self._forget_retired()
         finally:
             self._serving = False
+            calls.close()
             backend.close()
             self.close()
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return now, closing everything.  Safe from a signal handler or thread."""
         self._stop_requested = True
+        self._wake()
 
     def drain(self, timeout: float) -> None:
         """Stop accepting; ``serve_forever`` returns when no connection is left.
@@ -128,6 +132,7 @@ class Service:
         signal handler or another thread.
         """
         self._requests.append(("drain", max(0.0, float(timeout))))
+        self._wake()
 
     def reload(self, rules: Sequence[Rule]) -> None:
         """Apply a new list of rules (see the module docstring).
@@ -139,7 +144,9 @@ class Service:
         rules = list(rules)
         _check_labels(rules)
         self._requests.append(("reload", rules))
-        if not self._serving:
+        if self._serving:
+            self._wake()
+        else:
             self._carry_out_requests()
 
     def close(self) -> None:
@@ -170,6 +177,11 @@ class Service:
             log.info("%s: %s", label, text, extra={"event": "stats", "details": {"rule": label, **counters}})
 
     # -- requests, carried out by the loop -------------------------------
+
+    def _wake(self) -> None:
+        calls = LoopCalls.of(self.map)
+        if calls is not None:
+            calls.wake()  # one write() to a pipe: safe from a signal handler
 
     def _carry_out_requests(self) -> None:
         while self._requests:

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "127.0.0.1)")
     process.add_argument("--pidfile", metavar="PATH",
                          help="write the process id there once listening; removed at exit")
+    process.add_argument("--trace", action="store_true",
+                         help="write a line to stderr for every loop round and every handler call "
+                              "(slow: for learning and debugging)")
     logs = parser.add_argument_group("logs (to stderr)")
     logs.add_argument("--log-format", choices=("text", "json"), default="text",
                       help="text: time level message; json: one JSON object per line (default: text)")
@@ -327,6 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(describe_rule(rule))
         return 0
     _configure_logging(args)
+    if args.trace:
+        from . import trace
+        trace.enable(sys.stderr)
     if args.workers > 1:
         return _run_workers(args, rules, forward_rules)
     return _serve(args, rules, lambda: load_rules(args, forward_rules), pidfile=args.pidfile)

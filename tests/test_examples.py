@@ -32,3 +32,12 @@ def test_article_help_describes_the_remote_ip_as_a_local_address() -> None:
     assert result.returncode == 0, result.stderr
     help_text = " ".join(result.stdout.split())  # however optparse wrapped it
     assert "-r REMOTE_IP, --remote-ip=REMOTE_IP Local IP address to bind to" in help_text
+
+
+def test_retry_example_runs_with_the_installed_pytest_plugin() -> None:
+    """examples/test_client_retries.py passes under pytest, using the plugin's fixture as a user would."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(EXAMPLES / "test_client_retries.py")],
+                            capture_output=True, text=True, timeout=6 * WAIT, cwd=EXAMPLES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout

@@ -1,0 +1,583 @@
+"""Toxics: faults injected into a forwarder's connections, to test clients.
+
+Put a ``Forwarder`` between a client under test and its server, then add
+toxics while it runs::
+
+    from asyncore_fwd import Forwarder
+    from asyncore_fwd.toxics import Latency
+
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server_port, map={}, seed=1)
+    with fwd.running():
+        with fwd.toxic(Latency(0.2), direction="downstream"):
+            ...   # every reply now arrives 200 ms late
+        with fwd.down():
+            ...   # connects are refused, open connections reset
+
+A toxic acts on one direction of each connection: ``"upstream"`` (client to
+server), ``"downstream"`` (server to client) or ``"both"``; ``toxicity`` is
+the share of connections it applies to, drawn with the forwarder's ``seed``
+so that a failing test can be replayed.  It acts on open connections and new
+ones from the moment ``add_toxic`` returns, until it is removed.
+
+How it works: a connection with toxics gets a ``_Link`` per direction, which
+takes the place of three methods *of that connection's sides only*
+(``forward`` and ``shutdown_write`` of the side that writes, ``readable`` of
+the side that reads), passing bytes and EOF through the toxics in order.
+Connections without toxics run the plain relay: nothing is checked per byte.
+Bytes a toxic holds count towards backpressure, so memory stays bounded.
+Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from . import _loop
+from ._timers import Timer, timers_for
+
+if TYPE_CHECKING:
+    from ._relay import Connection, _Pipe
+
+__all__ = ["Bandwidth", "Latency", "LimitData", "ResetPeer", "SlowClose", "Slicer", "Timeout", "Toxic",
+           "DIRECTIONS"]
+
+#: The directions a toxic can act on.
+DIRECTIONS = ("upstream", "downstream", "both")
+
+Deliver = Callable[[bytes], None]
+DeliverEof = Callable[[], None]
+
+
+def _number(name: str, value: object, lowest: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lowest <= value < float("inf"):
+        raise ValueError(f"{name} must be a number >= {lowest:g}, not {value!r}")
+    return float(value)
+
+
+class Toxic:
+    """A fault for one direction of a connection; this base passes everything on unchanged.
+
+    Its hooks run in the loop's thread, once per ``_Link`` (one direction of
+    one connection); per-link state goes in ``link.state[self]``.
+    """
+
+    def __init__(self, toxicity: float = 1.0) -> None:
+        if _number("toxicity", toxicity) > 1:
+            raise ValueError(f"toxicity must be from 0 to 1, not {toxicity!r}")
+        self.toxicity = float(toxicity)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+    def attached(self, link: _Link) -> None:
+        """Called when the toxic starts acting on ``link``."""
+
+    def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
+        """Called with bytes on their way; ``deliver`` passes them on (now or later)."""
+        deliver(data)
+
+    def eof(self, link: _Link, deliver_eof: DeliverEof) -> None:
+        """Called when the EOF reaches this toxic, after every byte before it."""
+        deliver_eof()
+
+    def detached(self, link: _Link) -> None:
+        """Called when the toxic is removed: pass on at once what it still holds."""
+
+
+class _Queue(Toxic):
+    """A toxic that holds bytes in order and lets them out on its timers."""
+
+    def attached(self, link: _Link) -> None:
+        link.state[self] = {"queue": [], "timer": None, "eof": None}
+
+    def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
+        state = link.state[self]
+        state["queue"].append(self._enqueue(link, data))
+        link.hold(len(data))
+        if state["timer"] is None:
+            self._schedule(link, deliver)
+
+    def eof(self, link: _Link, deliver_eof: DeliverEof) -> None:
+        state = link.state[self]
+        if state["queue"] or state["timer"] is not None:
+            state["eof"] = deliver_eof  # after the last byte
+        else:
+            deliver_eof()
+
+    def detached(self, link: _Link) -> None:
+        state = link.state.pop(self, None)
+        if state is None:
+            return  # detached already (closing the connection while flushing)
+        if state["timer"] is not None:
+            state["timer"].cancel()
+        for entry in state["queue"]:
+            link.release(len(entry[1]))
+            link.pass_on(self, entry[1])
+        if state["eof"] is not None:
+            state["eof"]()
+
+    def _enqueue(self, link: _Link, data: bytes) -> Tuple[float, bytes]:
+        raise NotImplementedError
+
+    def _schedule(self, link: _Link, deliver: Deliver) -> None:
+        raise NotImplementedError
+
+    def _released(self, link: _Link, data: bytes, deliver: Deliver) -> None:
+        link.release(len(data))
+        deliver(data)
+
+    def _drained(self, link: _Link) -> None:
+        state = link.state.get(self)
+        if state is not None and not state["queue"] and state["eof"] is not None:
+            deliver_eof, state["eof"] = state["eof"], None
+            deliver_eof()
+
+
+class Latency(_Queue):
+    """Delay every byte by ``seconds`` (plus or minus up to ``jitter``), keeping their order."""
+
+    def __init__(self, seconds: float, jitter: float = 0.0, toxicity: float = 1.0) -> None:
+        super().__init__(toxicity)
+        self.seconds = _number("seconds", seconds)
+        self.jitter = _number("jitter", jitter)
+
+    def _enqueue(self, link: _Link, data: bytes) -> Tuple[float, bytes]:
+        due = link.now() + self.seconds + (link.rng.uniform(-self.jitter, self.jitter) if self.jitter else 0.0)
+        queue = link.state[self]["queue"]
+        return (max(due, queue[-1][0]) if queue else due), data  # never overtake
+
+    def _schedule(self, link: _Link, deliver: Deliver) -> None:
+        state = link.state[self]
+        state["timer"] = link.timers.call_at(state["queue"][0][0], self._due, link, deliver)
+
+    def _due(self, link: _Link, deliver: Deliver) -> None:
+        state = link.state.get(self)
+        if state is None:
+            return
+        state["timer"] = None
+        now = link.now()
+        while state["queue"] and state["queue"][0][0] <= now:
+            self._released(link, state["queue"].pop(0)[1], deliver)
+        if state["queue"]:
+            self._schedule(link, deliver)
+        self._drained(link)
+
+
+class Bandwidth(_Queue):
+    """Let at most ``bytes_per_second`` through."""
+
+    #: How often the queue is let out: small enough to be smooth, big enough to be cheap.
+    TICK = 0.01
+
+    def __init__(self, bytes_per_second: float, toxicity: float = 1.0) -> None:
+        super().__init__(toxicity)
+        self.bytes_per_second = _number("bytes_per_second", bytes_per_second, lowest=1.0)
+
+    def attached(self, link: _Link) -> None:
+        super().attached(link)
+        link.state[self]["allowance"], link.state[self]["since"] = 0.0, link.now()
+
+    def _enqueue(self, link: _Link, data: bytes) -> Tuple[float, bytes]:
+        return 0.0, data
+
+    def _schedule(self, link: _Link, deliver: Deliver) -> None:
+        state = link.state[self]
+        if not state["timer"]:
+            state["since"] = max(state["since"], link.now() - self.TICK)
+        state["timer"] = link.timers.call_later(self.TICK, self._tick, link, deliver)
+
+    def _tick(self, link: _Link, deliver: Deliver) -> None:
+        state = link.state.get(self)
+        if state is None:
+            return
+        state["timer"] = None
+        now = link.now()
+        allowance = state["allowance"] + (now - state["since"]) * self.bytes_per_second
+        state["since"] = now
+        queue = state["queue"]
+        while queue and allowance >= 1:
+            data = queue[0][1]
+            take = min(len(data), int(allowance))
+            if take < len(data):
+                queue[0] = (0.0, data[take:])
+            else:
+                queue.pop(0)
+            allowance -= take
+            self._released(link, data[:take], deliver)
+        state["allowance"] = allowance if queue else 0.0  # no credit saved while idle
+        if queue:
+            self._schedule(link, deliver)
+        self._drained(link)
+
+
+class Slicer(_Queue):
+    """Cut the stream into segments of about ``average_size`` bytes, ``delay`` seconds apart."""
+
+    def __init__(self, average_size: int, size_variation: int = 0, delay: float = 0.0,
+                 toxicity: float = 1.0) -> None:
+        super().__init__(toxicity)
+        if isinstance(average_size, bool) or not isinstance(average_size, int) or average_size < 1:
+            raise ValueError(f"average_size must be a positive integer, not {average_size!r}")
+        if isinstance(size_variation, bool) or not isinstance(size_variation, int) or \
+                not 0 <= size_variation < average_size:
+            raise ValueError(f"size_variation must be an integer from 0 to average_size - 1, not {size_variation!r}")
+        self.average_size, self.size_variation = average_size, size_variation
+        self.delay = _number("delay", delay)
+
+    def _enqueue(self, link: _Link, data: bytes) -> Tuple[float, bytes]:
+        return 0.0, data
+
+    def _schedule(self, link: _Link, deliver: Deliver) -> None:
+        state = link.state[self]
+        state["timer"] = link.timers.call_later(self.delay, self._next, link, deliver)
+
+    def _next(self, link: _Link, deliver: Deliver) -> None:
+        state = link.state.get(self)
+        if state is None:
+            return
+        state["timer"] = None
+        queue = state["queue"]
+        while queue:
+            data = queue[0][1]
+            size = self.average_size + link.rng.randint(-self.size_variation, self.size_variation)
+            segment, rest = data[:size], data[size:]
+            if rest:
+                queue[0] = (0.0, rest)
+            else:
+                queue.pop(0)
+            self._released(link, segment, deliver)
+            if self.delay:
+                break  # one segment per delay
+        if queue:
+            self._schedule(link, deliver)
+        self._drained(link)
+
+
+class Timeout(Toxic):
+    """Stop relaying: drop the bytes, and close the connection after ``seconds`` (never with 0)."""
+
+    def __init__(self, seconds: float, toxicity: float = 1.0) -> None:
+        super().__init__(toxicity)
+        self.seconds = _number("seconds", seconds)
+
+    def attached(self, link: _Link) -> None:
+        if self.seconds:
+            link.state[self] = link.timers.call_later(self.seconds, link.conn.close)
+
+    def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
+        pass  # dropped, as on a dead network path
+
+    def eof(self, link: _Link, deliver_eof: DeliverEof) -> None:
+        pass
+
+    def detached(self, link: _Link) -> None:
+        timer: Optional[Timer] = link.state.pop(self, None)
+        if timer is not None:
+            timer.cancel()
+
+
+class LimitData(Toxic):
+    """Pass on ``bytes`` bytes, then close the connection cleanly (after writing them)."""
+
+    def __init__(self, bytes: int, toxicity: float = 1.0) -> None:
+        super().__init__(toxicity)
+        if isinstance(bytes, bool) or not isinstance(bytes, int) or bytes < 0:
+            raise ValueError(f"bytes must be an integer >= 0, not {bytes!r}")
+        self.bytes = bytes
+
+    def attached(self, link: _Link) -> None:
+        link.state[self] = self.bytes
+        if not self.bytes:
+            link.close_when_written()
+
+    def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
+        left = link.state[self]
+        if left <= 0:
+            return
+        link.state[self] = left - len(data)
+        deliver(data[:left])
+        if left <= len(data):
+            link.close_when_written()
+
+
+class ResetPeer(Toxic):
+    """Reset the connection (RST to both peers) ``after`` seconds."""
+
+    def __init__(self, after: float = 0.0, toxicity: float = 1.0) -> None:
+        super().__init__(toxicity)
+        self.after = _number("after", after)
+
+    def attached(self, link: _Link) -> None:
+        link.state[self] = link.timers.call_later(self.after, link.reset)
+
+    def detached(self, link: _Link) -> None:
+        timer: Optional[Timer] = link.state.pop(self, None)
+        if timer is not None:
+            timer.cancel()
+
+
+class SlowClose(Toxic):
+    """Delay the EOF by ``seconds``."""
+
+    def __init__(self, seconds: float, toxicity: float = 1.0) -> None:
+        super().__init__(toxicity)
+        self.seconds = _number("seconds", seconds)
+
+    def eof(self, link: _Link, deliver_eof: DeliverEof) -> None:
+        link.state[self] = link.timers.call_later(self.seconds, deliver_eof)
+
+    def detached(self, link: _Link) -> None:
+        timer: Optional[Timer] = link.state.pop(self, None)
+        if timer is not None and not timer.cancelled:
+            timer.cancel()
+            timer._callback()  # the EOF goes on now
+
+
+class _Link:
+    """One direction of one connection with toxics: from ``reader`` to ``writer``."""
+
+    def __init__(self, conn: Connection, reader: _Pipe, writer: _Pipe, rng: random.Random) -> None:
+        self.conn, self.reader, self.writer, self.rng = conn, reader, writer, rng
+        self.timers = timers_for(conn.forwarder._map)
+        self.toxics: List[Toxic] = []
+        self.state: Dict[Toxic, Any] = {}
+        self.held = 0
+        self.blocked = False
+        self._eof_started = self._eof_through = False
+        # Take the place of three methods of these two sides only.
+        writer.forward = self._forward  # type: ignore[method-assign]
+        writer.shutdown_write = self._shutdown_write  # type: ignore[method-assign]
+        reader.readable = self._readable  # type: ignore[method-assign]
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def add(self, toxic: Toxic) -> None:
+        self.toxics.append(toxic)
+        toxic.attached(self)
+
+    def remove(self, toxic: Toxic) -> None:
+        toxic.detached(self)  # may close the connection (its flushed EOF fails): then drop() ran
+        if toxic in self.toxics:
+            self.toxics.remove(toxic)
+        self.state.pop(toxic, None)
+        if not self.toxics and not self.conn.closed and not self.held:
+            self.uninstall()
+
+    def uninstall(self) -> None:
+        """Give the sides their plain methods back."""
+        for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.reader, "readable")):
+            side.__dict__.pop(name, None)
+        if self._eof_started and not self._eof_through and not self.conn.closed:
+            self._eof_through = True
+            self._final_eof()
+
+    def drop(self) -> None:
+        """The connection closed: stop every timer (what they would pass on goes nowhere)."""
+        for toxic in list(self.toxics):
+            toxic.detached(self)
+        self.toxics.clear()
+
+    # -- the three methods --------------------------------------------------------
+
+    def _forward(self, data: memoryview) -> None:
+        self.pass_on(None, bytes(data))  # a copy: the read buffer is reused
+
+    def _readable(self) -> bool:
+        return (type(self.reader).readable(self.reader) and not self.blocked
+                and self.held < self.conn.rule.high_water)
+
+    def _shutdown_write(self) -> None:
+        if self._eof_through:
+            type(self.writer).shutdown_write(self.writer)
+        elif not self._eof_started:
+            self._eof_started = True
+            self._eof_after(None)
+
+    # -- passing along the toxics ---------------------------------------------------
+
+    def pass_on(self, after: Optional[Toxic], data: bytes) -> None:
+        """Hand ``data`` to the toxic after ``after`` (the first if None), or to the writer."""
+        if self.conn.closed:
+            return
+        index = 0 if after is None else self.toxics.index(after) + 1
+        if index < len(self.toxics):
+            toxic = self.toxics[index]
+            toxic.data(self, data, lambda out, toxic=toxic: self.pass_on(toxic, out))
+            return
+        type(self.writer).forward(self.writer, data)
+        _loop.channel_changed(self.writer)
+        _loop.channel_changed(self.reader)
+
+    def _eof_after(self, after: Optional[Toxic]) -> None:
+        if self.conn.closed:
+            return
+        index = 0 if after is None else self.toxics.index(after) + 1
+        if index < len(self.toxics):
+            toxic = self.toxics[index]
+            toxic.eof(self, lambda toxic=toxic: self._eof_after(toxic) if toxic in self.toxics else None)
+            return
+        self._eof_through = True
+        self._final_eof()
+
+    def _final_eof(self) -> None:
+        if not self.writer.outgoing:
+            type(self.writer).shutdown_write(self.writer)
+        _loop.channel_changed(self.writer)
+
+    def hold(self, count: int) -> None:
+        self.held += count
+
+    def release(self, count: int) -> None:
+        self.held -= count
+        _loop.channel_changed(self.reader)
+
+    # -- ending the connection ------------------------------------------------------
+
+    def close_when_written(self) -> None:
+        """Stop reading; close the pair (cleanly) once the writer has sent what it has."""
+        self.blocked = True
+        if self.conn.closed:
+            return
+        if self.writer.outgoing:
+            self.timers.call_later(0.005, self.close_when_written)
+        else:
+            self.conn.close()
+
+    def reset(self) -> None:
+        """Reset both peers at once."""
+        if not self.conn.closed:
+            self.conn.error = "toxic: reset_peer"
+            self.conn.receiver.reset_on_close()
+            self.conn.sender.reset_on_close()
+            self.conn.close()
+
+
+class ToxicHandle:
+    """What ``add_toxic`` returns: the toxic and the direction it acts on."""
+
+    def __init__(self, toxic: Toxic, direction: str) -> None:
+        self.toxic, self.direction = toxic, direction
+
+    def __repr__(self) -> str:
+        return f"<{self.toxic!r} {self.direction}>"
+
+
+class ToxicSet:
+    """A forwarder's toxics, and the links they act through.  Used in the loop's thread only."""
+
+    def __init__(self, seed: Optional[int]) -> None:
+        self.handles: List[ToxicHandle] = []
+        self.rng = random.Random(seed)
+        self._links: Dict[Connection, Dict[str, _Link]] = {}
+
+    def add(self, handle: ToxicHandle, connections: Any) -> None:
+        self.handles.append(handle)
+        for conn in list(connections):
+            self._apply(handle, conn)
+
+    def remove(self, handle: ToxicHandle) -> None:
+        self.handles.remove(handle)
+        for links in list(self._links.values()):  # a removal may close a connection
+            for link in list(links.values()):
+                if handle.toxic in link.toxics:
+                    link.remove(handle.toxic)
+
+    def connection_opened(self, conn: Connection) -> None:
+        for handle in self.handles:
+            self._apply(handle, conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        for link in self._links.pop(conn, {}).values():
+            link.drop()
+
+    def _apply(self, handle: ToxicHandle, conn: Connection) -> None:
+        if conn.closed or self.rng.random() >= handle.toxic.toxicity:
+            return
+        links = self._links.setdefault(conn, {})
+        directions = ("upstream", "downstream") if handle.direction == "both" else (handle.direction,)
+        for direction in directions:
+            link = links.get(direction)
+            if link is None:
+                reader, writer = ((conn.receiver, conn.sender) if direction == "upstream"
+                                  else (conn.sender, conn.receiver))
+                link = links[direction] = _Link(conn, reader, writer, self.rng)
+            link.add(handle.toxic)
+
+
+
+# -- toxics from the command line: --toxic SPEC --------------------------------------
+
+#: name in a spec -> (class, its main parameter, the kind of each parameter)
+_SPECS: Dict[str, Tuple[type, str, Dict[str, str]]] = {
+    "latency": (Latency, "seconds", {"seconds": "time", "jitter": "time"}),
+    "bandwidth": (Bandwidth, "bytes_per_second", {"bytes_per_second": "size"}),
+    "slicer": (Slicer, "average_size", {"average_size": "count", "size_variation": "count", "delay": "time"}),
+    "timeout": (Timeout, "seconds", {"seconds": "time"}),
+    "limit_data": (LimitData, "bytes", {"bytes": "count"}),
+    "reset_peer": (ResetPeer, "after", {"after": "time"}),
+    "slow_close": (SlowClose, "seconds", {"seconds": "time"}),
+}
+_UNITS = {"time": {"ms": 0.001, "s": 1.0, "": 1.0}, "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1}}
+
+
+def _spec_value(kind: str, text: str) -> float:
+    if kind == "count":
+        if not text.isdigit():
+            raise ValueError(f"expected a whole number, not {text!r}")
+        return int(text)
+    number = text.lower()
+    for unit in sorted(_UNITS[kind], key=len, reverse=True):
+        if unit and number.endswith(unit):
+            number = number[:-len(unit)]
+            break
+    else:
+        unit = ""
+    try:
+        value = float(number) * _UNITS[kind][unit]
+    except ValueError:
+        example = "100ms or 1.5s" if kind == "time" else "64K or 1M (bytes per second)"
+        raise ValueError(f"expected a value like {example}, not {text!r}") from None
+    return int(value) if kind == "size" else value
+
+
+def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
+    """``[DIRECTION:]NAME[=VALUE][,KEY=VALUE...]`` as (toxic, direction), e.g.
+
+    ``downstream:latency=100ms,jitter=10ms``, ``upstream:bandwidth=64K``,
+    ``both:reset_peer=2s,toxicity=0.5``.  The direction defaults to
+    downstream; ValueError with a one-line message if the spec is bad.
+    """
+    direction, _, body = text.rpartition(":")
+    direction = direction or "downstream"
+    if direction not in DIRECTIONS:
+        raise ValueError(f"bad toxic {text!r}: direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
+    first, *options = body.split(",")
+    name, _, main_value = first.partition("=")
+    if name not in _SPECS:
+        raise ValueError(f"bad toxic {text!r}: unknown toxic {name!r} (one of {', '.join(_SPECS)})")
+    cls, main, kinds = _SPECS[name]
+    arguments: Dict[str, Any] = {}
+    for key, value in [(main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
+        if key == "toxicity":
+            kind = "time"  # a plain number
+        elif key in kinds:
+            kind = kinds[key]
+        else:
+            raise ValueError(f"bad toxic {text!r}: {name} has no option {key!r} "
+                             f"(it takes {', '.join([*kinds, 'toxicity'])})")
+        if key in arguments:
+            raise ValueError(f"bad toxic {text!r}: {key} given twice")
+        try:
+            arguments[key] = _spec_value(kind, value)
+        except ValueError as error:
+            raise ValueError(f"bad toxic {text!r}: {key}: {error}") from None
+    if main not in arguments and name != "reset_peer":
+        raise ValueError(f"bad toxic {text!r}: give its {main}, as in {name}=VALUE")
+    try:
+        return cls(**arguments), direction
+    except ValueError as error:
+        raise ValueError(f"bad toxic {text!r}: {error}") from None

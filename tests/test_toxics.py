@@ -1,0 +1,296 @@
+"""Fault injection: toxics, running() in a thread, down(), and the controls around them.
+
+Bounds on times are generous (the machines are shared): they check that a
+delay happens and is of the right order, never a speed.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Iterator, List
+
+import pytest
+from conftest import WAIT, EchoServer, open_fds, recv_all, recv_exactly, recv_until_reset, wait_for
+
+from asyncore_fwd import Forwarder
+from asyncore_fwd.toxics import (Bandwidth, Latency, LimitData, ResetPeer, Slicer, SlowClose, Timeout, Toxic,
+                                parse_toxic_spec)
+
+
+@pytest.fixture
+def proxy(echo_server: EchoServer) -> Iterator[Forwarder]:
+    """A forwarder in front of the echo server, serving in a background thread."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, seed=7)
+    with fwd.running():
+        yield fwd
+
+
+def echo_time(client: socket.socket, message: bytes = b"ping") -> float:
+    started = time.monotonic()
+    client.sendall(message)
+    assert recv_exactly(client, len(message)) == message
+    return time.monotonic() - started
+
+
+# -- running in a thread --------------------------------------------------------
+
+
+def test_running_leaves_no_thread_port_or_descriptor_behind(echo_server: EchoServer) -> None:
+    """running(): serves in a thread; on exit the port is closed and the thread is gone."""
+    threads, fds = threading.active_count(), open_fds()
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    with fwd.running():
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            echo_time(client)
+    assert threading.active_count() == threads
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(fwd.address, timeout=WAIT)
+    wait_for(lambda: open_fds() <= fds, what="descriptors back")
+
+
+def test_stop_wakes_a_loop_waiting_on_a_long_timeout(echo_server: EchoServer) -> None:
+    """stop() from another thread ends serve_forever at once, not at the end of its wait."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    thread = threading.Thread(target=fwd.serve_forever, kwargs={"poll_interval": 30.0})
+    thread.start()
+    wait_for(lambda: len(fwd._map) > 1, what="the loop to start")
+    started = time.monotonic()
+    fwd.stop()
+    thread.join(WAIT)
+    assert not thread.is_alive() and time.monotonic() - started < 2.0
+
+
+# -- each toxic --------------------------------------------------------------------
+
+
+def test_latency_delays_the_reply_by_about_the_latency(proxy: Forwarder) -> None:
+    with socket.create_connection(proxy.address, timeout=WAIT) as client:
+        assert echo_time(client) < 0.1
+        with proxy.toxic(Latency(0.2), direction="downstream"):
+            assert 0.19 <= echo_time(client) < 1.5
+        assert echo_time(client) < 0.15
+
+
+def test_latency_with_jitter_keeps_the_bytes_in_order(proxy: Forwarder) -> None:
+    messages = [b"%04d," % i for i in range(200)]
+    with proxy.toxic(Latency(0.01, jitter=0.01), direction="both"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            for message in messages:
+                client.sendall(message)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"".join(messages)
+
+
+def test_latency_holds_bytes_within_the_high_water_mark(echo_server: EchoServer) -> None:
+    """Bytes held back by a toxic count as buffered: reading pauses, memory stays bounded."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, high_water=64 * 1024)
+    with fwd.running(), fwd.toxic(Latency(0.3), direction="upstream"):
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            client.setblocking(False)
+            sent, deadline = 0, time.monotonic() + 0.25
+            while time.monotonic() < deadline:
+                try:
+                    sent += client.send(b"x" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.005)
+            (conn,) = fwd.connections
+            link = fwd._toxics._links[conn]["upstream"]  # type: ignore[union-attr]
+            assert link.held < 64 * 1024 + fwd.rule.read_size
+            assert sent > link.held  # the rest waits in the kernel's buffers, not in ours
+
+
+def test_bandwidth_limits_the_rate(proxy: Forwarder) -> None:
+    with proxy.toxic(Bandwidth(200_000), direction="downstream"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            started = time.monotonic()
+            client.sendall(b"b" * 100_000)
+            assert recv_exactly(client, 100_000) == b"b" * 100_000
+            assert time.monotonic() - started >= 0.35  # 100 kB at 200 kB/s: 0.5 s
+
+
+def test_slicer_delivers_small_segments(proxy: Forwarder) -> None:
+    with proxy.toxic(Slicer(10, size_variation=2, delay=0.005), direction="downstream"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            client.sendall(b"s" * 300)
+            sizes: List[int] = []
+            while sum(sizes) < 300:
+                sizes.append(len(client.recv(1000)))
+            assert max(sizes) <= 24 and len(sizes) >= 10
+
+
+def test_timeout_drops_bytes_then_closes_the_connection(proxy: Forwarder) -> None:
+    with proxy.toxic(Timeout(0.3), direction="downstream"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            started = time.monotonic()
+            client.sendall(b"lost")
+            assert recv_all(client) == b""
+            assert 0.25 <= time.monotonic() - started < 3.0
+
+
+def test_timeout_zero_never_closes_and_removing_it_resumes(proxy: Forwarder) -> None:
+    with socket.create_connection(proxy.address, timeout=WAIT) as client:
+        handle = proxy.add_toxic(Timeout(0), direction="downstream")
+        client.sendall(b"dropped")
+        client.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            client.recv(100)
+        proxy.remove_toxic(handle)
+        client.settimeout(WAIT)
+        assert echo_time(client, b"after") < 1.0
+
+
+def test_limit_data_closes_cleanly_after_that_many_bytes(proxy: Forwarder) -> None:
+    with proxy.toxic(LimitData(5), direction="downstream"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            client.sendall(b"0123456789")
+            assert recv_all(client) == b"01234"
+
+
+def test_reset_peer_resets_the_client(proxy: Forwarder) -> None:
+    with proxy.toxic(ResetPeer(after=0.1), direction="downstream"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            recv_until_reset(client)
+
+
+def test_slow_close_delays_the_eof_not_the_bytes(proxy: Forwarder) -> None:
+    with proxy.toxic(SlowClose(0.4), direction="downstream"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            started = time.monotonic()
+            client.sendall(b"bye")
+            client.shutdown(socket.SHUT_WR)  # the echo server then closes its side
+            assert recv_exactly(client, 3) == b"bye"
+            assert time.monotonic() - started < 0.3
+            assert recv_all(client) == b""
+            assert time.monotonic() - started >= 0.35
+
+
+def test_a_half_closing_client_gets_the_whole_delayed_reply_then_eof(proxy: Forwarder) -> None:
+    with proxy.toxic(Latency(0.05), direction="both"):
+        with socket.create_connection(proxy.address, timeout=WAIT) as client:
+            client.sendall(b"request")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"request"
+
+
+# -- controls -------------------------------------------------------------------
+
+
+def test_toxicity_picks_the_same_connections_for_the_same_seed(echo_server: EchoServer) -> None:
+    """toxicity=0.5: about half the connections are hit, and the same ones again with the same seed."""
+    def hits(seed: int) -> List[bool]:
+        fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, seed=seed)
+        pattern = []
+        with fwd.running(), fwd.toxic(LimitData(0, toxicity=0.5), direction="downstream"):
+            for _ in range(20):
+                try:
+                    with socket.create_connection(fwd.address, timeout=WAIT) as client:
+                        client.sendall(b"x")
+                        client.shutdown(socket.SHUT_WR)
+                        pattern.append(recv_all(client) != b"x")  # hit: closed at once
+                except OSError:  # hit: reset (for the unread byte) before or during the exchange
+                    pattern.append(True)
+        return pattern
+
+    first = hits(seed=42)
+    assert 3 <= sum(first) <= 17
+    assert hits(seed=42) == first
+
+
+def test_down_refuses_connects_resets_open_connections_and_comes_back(proxy: Forwarder) -> None:
+    client = socket.create_connection(proxy.address, timeout=WAIT)
+    with client:
+        echo_time(client)
+        with proxy.down():
+            recv_until_reset(client)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(proxy.address, timeout=WAIT)
+    with socket.create_connection(proxy.address, timeout=WAIT) as again:
+        assert echo_time(again) < 1.0
+
+
+def test_wait_for_connections_and_close_connections(proxy: Forwarder) -> None:
+    assert proxy.wait_for_connections(1, timeout=0.1) is False
+    with socket.create_connection(proxy.address, timeout=WAIT) as client:
+        assert proxy.wait_for_connections(1, timeout=WAIT) is True
+        proxy.close_connections()
+        assert recv_all(client) == b""
+    assert proxy.toxics == []
+
+
+def test_toxics_lists_what_acts_now(proxy: Forwarder) -> None:
+    handle = proxy.add_toxic(Latency(0.01), direction="upstream")
+    assert proxy.toxics == [handle] and handle.direction == "upstream"
+    proxy.remove_toxic(handle)
+    assert proxy.toxics == []
+    with pytest.raises(ValueError):
+        proxy.remove_toxic(handle)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Latency(-1), "seconds must be a number >= 0"),
+    (lambda: Latency(0.1, toxicity=2), "toxicity must be from 0 to 1"),
+    (lambda: Bandwidth(0), "bytes_per_second must be a number >= 1"),
+    (lambda: Slicer(0), "average_size must be a positive integer"),
+    (lambda: Slicer(10, size_variation=10), "size_variation must be an integer from 0"),
+    (lambda: LimitData(-1), "bytes must be an integer >= 0"),
+    (lambda: ResetPeer(after="soon"), "after must be a number >= 0"),
+])
+def test_bad_toxic_arguments_are_refused(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_add_toxic_checks_its_direction_and_the_relay(echo_server: EchoServer) -> None:
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    with pytest.raises(ValueError, match="direction must be one of upstream, downstream, both"):
+        fwd.add_toxic(Latency(0.1), direction="sideways")
+    with pytest.raises(TypeError):
+        fwd.add_toxic("latency")  # type: ignore[arg-type]
+    fwd.close()
+    spliced = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, splice=True)
+    with pytest.raises(ValueError, match="copy relay"):
+        spliced.add_toxic(Toxic())
+    spliced.close()
+
+
+def test_pytest_plugin_fixture_is_installed(asyncore_fwd_proxy, echo_server: EchoServer) -> None:
+    """The package's pytest plugin gives every project a running forwarder, stopped at teardown."""
+    fwd = asyncore_fwd_proxy("127.0.0.1", echo_server.port)
+    with fwd.toxic(Latency(0.1)):
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            assert echo_time(client) >= 0.09
+
+
+@pytest.mark.parametrize("spec, toxic, direction", [
+    ("downstream:latency=100ms,jitter=10ms", Latency(0.1, jitter=0.01), "downstream"),
+    ("latency=1.5", Latency(1.5), "downstream"),
+    ("upstream:bandwidth=64K", Bandwidth(65536), "upstream"),
+    ("both:slicer=10,size_variation=3,delay=5ms", Slicer(10, 3, 0.005), "both"),
+    ("timeout=0", Timeout(0), "downstream"),
+    ("limit_data=100", LimitData(100), "downstream"),
+    ("reset_peer", ResetPeer(), "downstream"),
+    ("both:reset_peer=2s,toxicity=0.5", ResetPeer(2.0, toxicity=0.5), "both"),
+    ("slow_close=300ms", SlowClose(0.3), "downstream"),
+])
+def test_toxic_specs_from_the_command_line(spec: str, toxic: Toxic, direction: str) -> None:
+    parsed, parsed_direction = parse_toxic_spec(spec)
+    assert (repr(parsed), parsed_direction) == (repr(toxic), direction)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sideways:latency=1", "bad toxic 'sideways:latency=1': direction must be one of upstream, downstream, both, not 'sideways'"),
+    ("latency", "bad toxic 'latency': give its seconds, as in latency=VALUE"),
+    ("latency=soon", "bad toxic 'latency=soon': seconds: expected a value like 100ms or 1.5s, not 'soon'"),
+    ("latency=-1s", "bad toxic 'latency=-1s': seconds must be a number >= 0, not -1.0"),
+    ("latency=1,foo=2", "bad toxic 'latency=1,foo=2': latency has no option 'foo' (it takes seconds, jitter, toxicity)"),
+    ("latency=1,seconds=2", "bad toxic 'latency=1,seconds=2': seconds given twice"),
+    ("bandwidth=1x", "bad toxic 'bandwidth=1x': bytes_per_second: expected a value like 64K or 1M (bytes per second), not '1x'"),
+    ("slicer=1.5", "bad toxic 'slicer=1.5': average_size: expected a whole number, not '1.5'"),
+    ("poison=1", "bad toxic 'poison=1': unknown toxic 'poison' (one of latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close)"),
+])
+def test_bad_toxic_specs_get_one_line_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_toxic_spec(spec)
+    assert str(caught.value) == message

@@ -1,0 +1,272 @@
+"""The trace mode: a line for every loop round and every dispatcher call.
+
+Each test switches tracing on with the ``traced`` fixture (the lines go to a
+string) or runs a traced process, and reads the lines back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+import signal
+import socket
+import sys
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+
+from asyncore_fwd import EpollLoop, trace
+from asyncore_fwd._compat import asyncore
+from asyncore_fwd._loop import AsyncoreLoop
+from conftest import (ROOT, WAIT, EchoServer, ForwarderProcess, RunningForwarder, ScriptedServer, payload,
+                      recv_all, recv_exactly, wait_for)
+
+
+@pytest.fixture
+def traced() -> Iterator[io.StringIO]:
+    """Tracing on, written to a string; off again (everything put back) at teardown."""
+    lines = io.StringIO()
+    trace.enable(lines)
+    yield lines
+    trace.disable()
+
+
+def in_order(lines: List[str], *patterns: str) -> None:
+    """Each pattern matches a line after the line the previous pattern matched."""
+    start = 0
+    for pattern in patterns:
+        for index in range(start, len(lines)):
+            if re.search(pattern, lines[index]):
+                start = index + 1
+                break
+        else:
+            pytest.fail(f"no line matching {pattern!r} after line {start}; trace:\n" + "\n".join(lines))
+
+
+# -- a forwarded connection, under each loop ----------------------------------
+
+
+def reply_after_eof(conn: socket.socket) -> None:
+    """Server: read the request up to the client's EOF, reply, close."""
+    conn.sendall(b"reply to " + recv_all(conn))
+
+
+def test_a_forwarded_session_is_traced_in_order(
+        traced: io.StringIO, loop_kind: str, scripted_server: Callable[..., ScriptedServer]) -> None:
+    """Accept, connect event, reads, EOF passed on each way, close: in that order, under each loop."""
+    server = scripted_server(reply_after_eof)
+    fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", server.port, loop=loop_kind)
+    try:
+        with fwd.connect() as client:
+            client.sendall(b"hello")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"reply to hello"
+        wait_for(lambda: not fwd.forwarder.connections, what="the pair to close")
+    finally:
+        fwd.stop()
+    in_order(traced.getvalue().splitlines(),
+             rf"^r\d+ {loop_kind}\(timeout=0\.05\) -> 1 event: fd\d+ r$",
+             r"^r\d+ +fd\d+ Forwarder#1 handle_accept\(\)$",
+             r"^r\d+ +fd\d+ Forwarder#1 handle_accepted\(fd\d+, 127\.0\.0\.1:\d+\)$",
+             r"^r\d+ fd\d+ Sender#1 writable\(\) -> True \(connecting\)$",
+             r"^r\d+ +fd\d+ Sender#1 handle_connect_event\(\)$",
+             r"^r\d+ fd\d+ Receiver#1 readable\(\) -> True$",
+             r"^r\d+ +fd\d+ Receiver#1 handle_read\(\) -> read 5B$",
+             r"^r\d+ +fd\d+ Receiver#1 handle_read\(\) -> EOF, EOF passed on$",
+             r"^r\d+ fd\d+ Receiver#1 readable\(\) -> False \(EOF received\)$",
+             r"^r\d+ +fd\d+ Sender#1 handle_read\(\) -> read 14B$",
+             r"^r\d+ +fd\d+ Receiver#1 close\(\)$",
+             r"^r\d+ +fd\d+ Sender#1 close\(\)$",
+             r"^r\d+ +fd\d+ Sender#1 handle_read\(\) -> EOF, EOF passed on, pair closed$",
+             r"^r- fd\d+ Forwarder#1 close\(\)$")
+
+
+def test_a_side_held_back_by_its_peer_says_why(
+        traced: io.StringIO, scripted_server: Callable[..., ScriptedServer]) -> None:
+    """A server side not read because the client does not read: readable() -> False with the reason."""
+
+    def flood(conn: socket.socket) -> None:
+        try:
+            conn.sendall(payload(16 * 1024 * 1024))
+        except OSError:
+            pass  # the forwarder closed the connection at the end of the test
+
+    server = scripted_server(flood)
+    fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", server.port, loop="poll", high_water=64 * 1024)
+    try:
+        with fwd.connect():  # reads nothing
+            wait_for(lambda: re.search(r"^r\d+ fd\d+ Sender#1 readable\(\) -> False "
+                                       r"\(peer holds \d+(\.\d)?K >= high water\)$",
+                                       traced.getvalue(), re.MULTILINE),
+                     what="the server side to be held back")
+    finally:
+        fwd.stop()
+
+
+# -- any asyncore program -----------------------------------------------------
+
+
+def load_article() -> object:
+    """examples/article_forwarder.py as a module (its main block does not run)."""
+    spec = importlib.util.spec_from_file_location("traced_article", ROOT / "examples" / "article_forwarder.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_articles_classes_are_traced(traced: io.StringIO, echo_server: EchoServer) -> None:
+    """Plain asyncore.dispatcher subclasses, defined after tracing started, get their lines too."""
+    article = load_article()
+    listener = article.forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port)  # type: ignore[attr-defined]
+    try:
+        with socket.create_connection(listener.socket.getsockname(), timeout=WAIT) as client:
+            client.sendall(b"ping")
+            client.setblocking(False)
+            echoed = b""
+            deadline = time.monotonic() + WAIT
+            while echoed != b"ping" and time.monotonic() < deadline:
+                asyncore.loop(timeout=0.01, count=1)  # the article uses asyncore's global map
+                try:
+                    echoed += client.recv(4 - len(echoed))
+                except BlockingIOError:
+                    pass
+            assert echoed == b"ping"
+    finally:
+        for channel in list(asyncore.socket_map.values()):
+            if type(channel).__module__ == "traced_article":
+                channel.close()
+    in_order(traced.getvalue().splitlines(),
+             r"^r\d+ select\(timeout=0\.01\) -> 1 event: fd\d+ r$",
+             r"^r\d+ fd\d+ forwarder#1 handle_accept\(\)$",
+             r"^r\d+ fd\d+ receiver#1 handle_read\(\)$",
+             r"^r\d+ fd\d+ sender#1 writable\(\) -> True$",
+             r"^r\d+ fd\d+ sender#1 handle_write\(\)$",
+             r"^r\d+ fd\d+ sender#1 handle_read\(\)$",
+             r"^r\d+ fd\d+ receiver#1 handle_write\(\)$")
+
+
+def test_an_exception_in_a_handler_is_traced(traced: io.StringIO, sock_map: dict) -> None:
+    """The handler's line says what it raised; handle_error() says what it handles."""
+
+    class Failing(asyncore.dispatcher):
+        def handle_read(self) -> None:
+            raise ValueError("boom")
+
+        def handle_error(self) -> None:
+            self.close()
+
+    mine, theirs = socket.socketpair()
+    with theirs:
+        Failing(mine, map=sock_map)
+        theirs.sendall(b"x")
+        asyncore.loop(timeout=WAIT, map=sock_map, count=1)
+    in_order(traced.getvalue().splitlines(),
+             r"^r1 fd\d+ Failing#1 handle_read\(\) raised ValueError: boom$",
+             r"^r1 fd\d+ Failing#1 handle_error\(after ValueError: boom\)$",
+             r"^r1   fd\d+ Failing#1 close\(\)$")
+
+
+# -- off means off ------------------------------------------------------------
+
+
+def test_disable_puts_back_every_original_function() -> None:
+    """After disable(), every wrapped function is the original object again, for old and new classes."""
+    def handle_read(self: object) -> None:
+        pass
+
+    owners = [asyncore, EpollLoop, AsyncoreLoop] + trace._subclasses(asyncore.dispatcher)
+    names = trace.TRACED_METHODS + ("poll", "poll2", "poll3", "select", "__init_subclass__")
+    before = {(owner, name): vars(owner).get(name) for owner in owners for name in names}
+    trace.enable(io.StringIO())
+    try:
+        assert asyncore.poll is not before[asyncore, "poll"]
+        assert EpollLoop.poll is not before[EpollLoop, "poll"]
+        assert AsyncoreLoop.poll is not before[AsyncoreLoop, "poll"]
+        assert asyncore.dispatcher.readable is not before[asyncore.dispatcher, "readable"]
+        later = type("Later", (asyncore.dispatcher,), {"handle_read": handle_read})
+        assert later.handle_read is not handle_read
+    finally:
+        trace.disable()
+    after = {(owner, name): vars(owner).get(name) for owner in owners for name in names}
+    changed = [key for key in before if after[key] is not before[key]]
+    assert changed == []
+    assert vars(later)["handle_read"] is handle_read
+
+
+# -- the runner and the command line ------------------------------------------
+
+SCRIPT = '''\
+import socket
+import sys
+import warnings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import asyncore
+
+import sibling  # found in the script's own directory
+
+
+class Reader(asyncore.dispatcher):
+    def writable(self):
+        return False
+
+    def handle_read(self):
+        self.recv(100)  # b"" at EOF: asyncore then calls handle_close()
+
+
+mine, theirs = socket.socketpair()
+Reader(mine)
+theirs.sendall(b"hi")
+theirs.close()
+asyncore.loop(timeout=0.1, count=10)
+print("arguments:", sys.argv[1:], sibling.NAME)
+'''
+
+
+def run_traced_script(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    (tmp_path / "sibling.py").write_text("NAME = 'sibling'\n")
+    script = tmp_path / "reader.py"
+    script.write_text(SCRIPT)
+    return subprocess.run([sys.executable, "-W", "error", "-m", "asyncore_fwd.trace", str(script), *arguments],
+                          capture_output=True, text=True, timeout=WAIT, cwd=ROOT)
+
+
+def test_runner_traces_the_script_on_stderr(tmp_path: Path) -> None:
+    """python -m asyncore_fwd.trace SCRIPT: the script's own dispatcher is traced, round by round."""
+    result = run_traced_script(tmp_path)
+    assert result.returncode == 0, result.stderr
+    in_order(result.stderr.splitlines(),
+             r"^r1 fd\d+ Reader#1 readable\(\) -> True$",
+             r"^r1 fd\d+ Reader#1 writable\(\) -> False$",
+             r"^r1 select\(timeout=0\.1\) -> 1 event: fd\d+ r$",
+             r"^r1 fd\d+ Reader#1 handle_read\(\)$",
+             r"^r\d+ fd\d+ Reader#1 handle_read\(\)$",
+             r"^r\d+   fd\d+ Reader#1 handle_close\(\)$",
+             r"^r\d+     fd\d+ Reader#1 close\(\)$")
+
+
+def test_runner_runs_the_script_as_python_would(tmp_path: Path) -> None:
+    """The script gets its arguments, and its directory first on the module path."""
+    result = run_traced_script(tmp_path, "one", "two")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "arguments: ['one', 'two'] sibling\n"
+
+
+def test_cli_trace_flag_traces_the_forwarder(
+        spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
+    """asyncore-fwd --trace writes trace lines for a connection to stderr, and still stops on SIGINT."""
+    fwd = spawn([sys.executable, "-W", "error", "-m", "asyncore_fwd", "--trace", "--loop", "epoll",
+                 "-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port)])
+    with socket.create_connection(("127.0.0.1", fwd.start_port()), timeout=WAIT) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+    fwd.wait_line(r"^r\d+ epoll\(timeout=0\.5\) -> 1 event: fd\d+ r$")
+    fwd.wait_line(r"^r\d+ +fd\d+ Forwarder#1 handle_accepted\(fd\d+, 127\.0\.0\.1:\d+\)$")
+    fwd.wait_line(r"^r\d+ +fd\d+ Receiver#1 handle_read\(\) -> read 4B$")
+    assert fwd.stop(signal.SIGINT) == 0
