@@ -12,6 +12,8 @@ connect timeouts, and no traceback or dead listener when a peer misbehaves.
     fwd = Forwarder("127.0.0.1", 8080, "localhost", 8000, map={})
     fwd.serve_forever()       # or in a thread: fwd.stop() ends it
 
+Many rules in one process, on one loop, with drain and reload: ``Service``.
+
 Runs on the standard library's asyncore (3.10, 3.11) or the pyasyncore
 backport (3.12+).
 """
@@ -27,6 +29,7 @@ from ._forwarder import (
     sender,
 )
 from ._loop import EpollLoop, loop
+from ._service import Service
 
 __version__ = "0.1.0"
 
@@ -37,6 +40,7 @@ __all__ = [
     "Receiver",
     "Rule",
     "Sender",
+    "Service",
     "__version__",
     "forwarder",
     "loop",

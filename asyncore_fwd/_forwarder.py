@@ -33,14 +33,16 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from . import _loop
 from ._compat import asyncore
 from ._net import (OUT_OF_RESOURCES, RemoteAddresses, SockAddr, SocketMap, describe_error, format_address,
                    listen_address, os_error, pending_error, reset)
+from ._access import AccessControl, is_loopback
 from ._relay import Connection, Receiver, Sender, _Dispatcher
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
+from ._stats import RuleStats, close_details, format_close
 from ._timers import Timer, forget, timers_for
 from ._wakeup import LoopCalls
 from .toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
@@ -79,14 +81,35 @@ class Forwarder(_Dispatcher):
                  read_size: int = DEFAULT_READ_SIZE,
                  splice: bool = False,
                  reuse_port: bool = False,
-                 seed: Optional[int] = None) -> None:
-        self.rule = Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice,
-                         reuse_port)
+                 seed: Optional[int] = None,
+                 **options: Any) -> None:
+        # ``options``: the other fields of ``Rule`` (name, allow, deny, limits, timeouts).
+        self._start(Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice,
+                         reuse_port, **options), map, seed=seed)
+
+    @classmethod
+    def from_rule(cls, rule: Rule, map: Optional[SocketMap] = None, *, stats: Optional[RuleStats] = None,
+                  listener: Optional[socket.socket] = None) -> Forwarder:
+        """A forwarder for ``rule``, listening now.
+
+        ``stats`` continues another forwarder's counters, and ``listener``
+        takes over its listening socket (see ``release_listener``): how a
+        reload changes a rule without closing its port.
+        """
+        fwd = cls.__new__(cls)
+        fwd._start(rule, map, stats=stats, listener=listener)
+        return fwd
+
+    def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
+               stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None) -> None:
+        self.rule = rule
         if self.rule.splice:
             from ._splice import SpliceReceiver, SpliceSender
             self.receiver_class, self.sender_class = SpliceReceiver, SpliceSender
         #: The live connections, for stats and for closing them all.
         self.connections: set[Connection] = set()
+        #: The counters of this rule (``stats.snapshot(self.connections)``).
+        self.stats = stats if stats is not None else RuleStats()
         #: One read buffer for every connection: the loop runs one handler at a time.
         self.scratch = memoryview(bytearray(self.rule.read_size))
         self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
@@ -98,6 +121,19 @@ class Forwarder(_Dispatcher):
         self._down = False
         super().__init__(map=map)
         self._timers = timers_for(self._map)
+        #: Allow/deny lists and limits; None when the rule has none (nothing to check).
+        self.access = AccessControl.for_rule(self.rule, self._timers)
+        if listener is not None:
+            self._take_over(listener)
+        else:
+            self._listen()
+        self._address: Tuple[str, int] = self.socket.getsockname()[:2]
+        self.addr = self._address  # asyncore's repr shows it: the real port, not 0
+        if not self.rule.allow and not is_loopback(self._address[0]):
+            log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
+                        self.rule.label, format_address(self._address))
+
+    def _listen(self) -> None:
         family, address = listen_address(self.rule.local_host, self.rule.local_port)
         self.create_socket(family, socket.SOCK_STREAM)
         try:
@@ -113,13 +149,24 @@ class Forwarder(_Dispatcher):
         except BaseException:
             self.close()
             raise
-        self._address: Tuple[str, int] = self.socket.getsockname()[:2]
-        self.addr = self._address  # asyncore's repr shows it: the real port, not 0
+
+    def _take_over(self, listener: socket.socket) -> None:
+        self.set_socket(listener)
+        self.accepting = True
+        try:
+            listener.listen(self.rule.backlog)  # the backlog may have changed
+        except OSError:
+            pass
 
     @property
     def address(self) -> Tuple[str, int]:
         """The (host, port) actually bound: the port to use after ``port=0``."""
         return self._address
+
+    @property
+    def label(self) -> str:
+        """The rule's name in logs and stats: its name, or where it listens."""
+        return self.rule.label
 
     def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
         """(family, sockaddr) of the remote to try, in order."""
@@ -286,14 +333,32 @@ class Forwarder(_Dispatcher):
 
     def close(self) -> None:
         """Stop listening and close every connection this forwarder made."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.close()
+        if self.access is not None:
+            self.access.refusals.close()
+        if not self._map:
+            forget(self._map)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; the connections go on (to drain them)."""
         asyncore.dispatcher.close(self)
+        self._cancel_accept_pause()
+
+    def release_listener(self) -> socket.socket:
+        """Stop accepting and hand the listening socket, still open, to a successor."""
+        listener = self.socket
+        self.del_channel()
+        self.socket = None
+        self.accepting = False
+        self._cancel_accept_pause()
+        return listener
+
+    def _cancel_accept_pause(self) -> None:
         if self._accept_pause is not None:
             self._accept_pause.cancel()
             self._accept_pause = None
-        for conn in list(self.connections):
-            conn.close()
-        if not self._map:
-            forget(self._map)
 
     # -- select() predicates --------------------------------------------
 
@@ -332,6 +397,11 @@ class Forwarder(_Dispatcher):
 
     def handle_accepted(self, sock: socket.socket, addr: SockAddr) -> None:
         """Called with each new client socket: pair it with a connection to the remote."""
+        if self.access is not None:
+            reason = self.access.refusal(addr, len(self.connections))
+            if reason is not None:
+                self.refuse(sock, addr, reason)
+                return
         try:
             conn = Connection(self, sock, addr)
             if self._toxics is not None:
@@ -341,7 +411,9 @@ class Forwarder(_Dispatcher):
             if error.errno in OUT_OF_RESOURCES:
                 self.pause_accepting(error)
             else:
-                log.warning("dropped client %s: %s", format_address(addr), describe_error(error))
+                details = {"rule": self.rule.label, "client": format_address(addr), "reason": "resources"}
+                log.warning("dropped client %s: %s", format_address(addr), describe_error(error),
+                            extra={"event": "refused", "details": details})
 
     def handle_close(self) -> None:
         """Called on an error flag on the listener: never close it, just pause."""
@@ -358,24 +430,37 @@ class Forwarder(_Dispatcher):
 
     # -- helpers ----------------------------------------------------------
 
+    def refuse(self, sock: socket.socket, addr: SockAddr, reason: str) -> None:
+        """Turn a client away with a reset, count it, and log it (rate-limited)."""
+        self.stats.refused(reason)  # first: the client may look at the stats once reset
+        reset(sock)
+        if self.access is not None:
+            self.access.refusals.refused(addr, reason)
+
     def pause_accepting(self, error: BaseException) -> None:
         """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error)."""
         if self._accept_pause is not None:
             self._accept_pause.cancel()
         else:
+            details = {"rule": self.rule.label, "paused_s": ACCEPT_PAUSE, "error": describe_error(error)}
             log.warning("not accepting on %s for %g s: %s", format_address(self.address),
-                        ACCEPT_PAUSE, describe_error(error))
+                        ACCEPT_PAUSE, describe_error(error), extra={"event": "accept_pause", "details": details})
         self._accept_pause = self._timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._accept_pause = None
-        log.info("accepting connections again on %s", format_address(self.address))
+        log.info("accepting connections again on %s", format_address(self.address),
+                 extra={"event": "accept_pause", "details": {"rule": self.rule.label, "paused_s": 0}})
         _loop.channel_changed(self)
 
     # -- events: override to log, count or trace differently ---------------
+    # (call the base method: it keeps the counters and the limits)
 
     def connection_opened(self, conn: Connection) -> None:
         """A client was accepted; the server connect starts."""
+        self.stats.accepted += 1
+        if self.access is not None:
+            self.access.opened(conn)
         log.debug("#%d accepted from %s", conn.id, format_address(conn.client_address))
 
     def connection_established(self, conn: Connection) -> None:
@@ -384,14 +469,18 @@ class Forwarder(_Dispatcher):
         log.debug("#%d connected to %s (%s)", conn.id, self.rule.remote, format_address(conn.server_address))
 
     def connection_closed(self, conn: Connection) -> None:
-        """The pair closed: one line with what it moved and why it ended."""
-        summary = (f"#{conn.id} from {format_address(conn.client_address)} closed after "
-                   f"{conn.duration:.3f} s: {conn.bytes_to_server} bytes to server, "
-                   f"{conn.bytes_to_client} bytes to client, {conn.closed_first or 'forwarder'} closed first")
-        if conn.error:
-            log.warning("%s (%s)", summary, conn.error)
-        else:
-            log.debug("%s", summary)
+        """The pair closed: count it, and log one line with what it moved and why it ended.
+
+        DEBUG for a clean close, INFO when the forwarder ended it (a timeout,
+        a drain cut short), WARNING for an error.  The line's format is in ``_stats``.
+        """
+        self.stats.closed(conn)
+        if self.access is not None:
+            self.access.closed(conn)
+        details = close_details(conn, self.rule.label)
+        level = logging.DEBUG if not conn.error else logging.INFO if conn.cut else logging.WARNING
+        if log.isEnabledFor(level):
+            log.log(level, "%s", format_close(details), extra={"event": "close", "details": details})
 
 
 # The article's lowercase names, for code written against it.

@@ -22,6 +22,7 @@ from . import _loop
 from ._compat import asyncore
 from ._net import (LINGER_ABORT, OUT_OF_RESOURCES, SockAddr, SocketMap, acknowledge_urgent, describe_error,
                    format_address, os_error, pending_error, tune)
+from ._timeouts import Timeouts
 from ._timers import Timer, timers_for
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class Connection:
         #: The server address actually connected to, once connected.
         self.server_address: Optional[SockAddr] = None
         self.opened_at = time.monotonic()
+        #: When the server connect succeeded (None until then).
+        self.connected_at: Optional[float] = None
         self.closed_at: Optional[float] = None
         #: True from the server connect until the pair closes: both sides may relay.
         self.established = False
@@ -84,6 +87,12 @@ class Connection:
         self.closed_first: Optional[str] = None
         #: Why the pair closed early (reset, refused, timeout...), or None.
         self.error: Optional[str] = None
+        #: True if the server could not be reached.
+        self.connect_failed = False
+        #: True if the forwarder closed the pair on purpose (a timeout, a drain).
+        self.cut = False
+        #: The idle and half-closed timeouts, if the rule sets any.
+        self.timeouts: Optional[Timeouts] = None
         self.receiver = forwarder.receiver_class(self, sock)
         try:
             self.sender = forwarder.sender_class(self)
@@ -115,7 +124,14 @@ class Connection:
         """The server side connected: from now on both sides relay."""
         self.server_address = address
         self.established = True
+        self.connected_at = time.monotonic()
+        self.timeouts = Timeouts.start(self)
         self.forwarder.connection_established(self)
+
+    def direction_ended(self) -> None:
+        """One direction passed its EOF on; the other still relays."""
+        if self.timeouts is not None:
+            self.timeouts.direction_ended()
 
     def side_finished(self, side: _Pipe) -> None:
         """Record which side closed first (sent EOF or failed)."""
@@ -135,6 +151,20 @@ class Connection:
         side.peer.reset_on_close()
         self.close()
 
+    def time_out(self, reason: str) -> None:
+        """A timeout expired: close with FINs if no data is lost, else with resets."""
+        self.close_early(reason, reset=bool(len(self.receiver.outgoing) or len(self.sender.outgoing)))
+
+    def close_early(self, reason: str, reset: bool = True) -> None:
+        """The forwarder ends the pair (a timeout, a drain cut short): reset both sides if ``reset``."""
+        if self.closed:
+            return
+        self.error, self.cut = reason, True
+        if reset:
+            self.receiver.reset_on_close()
+            self.sender.reset_on_close()
+        self.close()
+
     def close(self) -> None:
         """Close both sockets (once) and tell the forwarder."""
         if self.closed:
@@ -142,6 +172,8 @@ class Connection:
         self.closed = True
         self.closed_at = time.monotonic()
         self.established = False
+        if self.timeouts is not None:
+            self.timeouts.cancel()
         self.receiver.close_socket()
         self.sender.close_socket()
         self.forwarder.connections.discard(self)
@@ -312,6 +344,8 @@ class _Pipe(_Dispatcher):
         self.write_closed = True
         if self.peer.write_closed:
             self.conn.close()
+        else:
+            self.conn.direction_ended()
 
     def reset_on_close(self) -> None:
         """Make the coming close send RST instead of FIN (only once connected)."""
@@ -439,6 +473,7 @@ class Sender(_Pipe):
         if not self.conn.closed:
             last = self._last_error or os_error(errno.EHOSTUNREACH)
             self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(last)}"
+            self.conn.connect_failed = True
             self.conn.receiver.reset_on_close()
             self.conn.close()
 

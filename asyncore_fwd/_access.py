@@ -1,0 +1,158 @@
+"""Who may connect to a rule, and how many at once.
+
+Strategy: checked once per accepted client, before anything else is done
+for it; a rule without allow/deny lists or limits has no ``AccessControl``
+at all, so the default path pays one ``is None`` test per connection.  A
+refused client is reset at once and never connected to the target.
+
+* **Lists.**  ``deny`` wins; an empty ``allow`` admits everyone not denied.
+  An IPv4-mapped IPv6 client (``::ffff:10.1.2.3``, as a dual-stack
+  listener sees IPv4 clients) is matched as the IPv4 address it is.
+* **Limits.**  ``max_connections`` counts this forwarder's open
+  connections; ``max_per_client`` those of each client IP.
+* **Log.**  A scan must not flood the log: the first refusal of a rule is
+  logged, then at most one summary line per ``REFUSAL_LOG_INTERVAL``
+  seconds with the number left out (``RefusalLog``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING, Dict, Optional, Union
+
+from ._net import SockAddr, format_address
+from ._rules import Rule
+from ._timers import Timer, Timers
+
+if TYPE_CHECKING:
+    from ._relay import Connection
+
+__all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback"]
+
+log = logging.getLogger("asyncore_fwd")
+
+#: After a logged refusal, further refusals of the rule are counted, and
+#: summed up in one line at most this often (seconds).
+REFUSAL_LOG_INTERVAL = 10.0
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def client_ip(address: SockAddr) -> IPAddress:
+    """The client's IP address; an IPv4-mapped IPv6 address as its IPv4 address."""
+    ip = ipaddress.ip_address(address[0].split("%", 1)[0])  # no scope id: networks have none
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+        return ip.ipv4_mapped  # type: ignore[union-attr]
+    return ip
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` (a bound address) only serves this machine."""
+    try:
+        return client_ip((host,)).is_loopback
+    except ValueError:
+        return False
+
+
+class RefusalLog:
+    """Logs refusals of one rule: the first at once, then one summary per interval."""
+
+    def __init__(self, label: str, timers: Timers, interval: Optional[float] = None) -> None:
+        self.label = label
+        self.interval = REFUSAL_LOG_INTERVAL if interval is None else interval
+        self._timers = timers
+        #: While set, refusals are counted, not logged; it logs the count when it fires.
+        self._window: Optional[Timer] = None
+        self._suppressed = 0
+        self._last = ("", "")
+
+    def refused(self, client: SockAddr, reason: str) -> None:
+        """A client was refused: log it, or count it while a window is open."""
+        if self._window is not None:
+            self._suppressed += 1
+            self._last = (format_address(client), reason)
+            return
+        details = {"rule": self.label, "client": format_address(client), "reason": reason}
+        log.info("%s: refused %s (%s)", self.label, details["client"], reason,
+                 extra={"event": "refused", "details": details})
+        self._window = self._timers.call_later(self.interval, self._window_ended)
+
+    def _window_ended(self) -> None:
+        self._window = None
+        if self._log_suppressed():
+            # Keep summing up while refusals go on; the next quiet window ends it.
+            self._window = self._timers.call_later(self.interval, self._window_ended)
+
+    def _log_suppressed(self) -> bool:
+        if not self._suppressed:
+            return False
+        count, self._suppressed = self._suppressed, 0
+        client, reason = self._last
+        details = {"rule": self.label, "client": client, "reason": reason, "suppressed": count}
+        log.info("%s: refused %d more clients in the last %g s (last: %s, %s)", self.label, count,
+                 self.interval, client, reason, extra={"event": "refused", "details": details})
+        return True
+
+    def close(self) -> None:
+        """Log what is still counted, and stop the window."""
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        self._log_suppressed()
+
+
+class AccessControl:
+    """A rule's allow/deny lists and connection limits, with the per-client counts."""
+
+    def __init__(self, rule: Rule, timers: Timers) -> None:
+        self.allow = rule.allow
+        self.deny = rule.deny
+        self.max_connections = rule.max_connections
+        self.max_per_client = rule.max_per_client
+        #: Open connections per client IP (only with ``max_per_client``).
+        self.per_client: Dict[IPAddress, int] = {}
+        self.refusals = RefusalLog(rule.label, timers)
+
+    @classmethod
+    def for_rule(cls, rule: Rule, timers: Timers) -> Optional[AccessControl]:
+        """The rule's access control, or None when it has no lists and no limits."""
+        if rule.allow or rule.deny or rule.max_connections or rule.max_per_client:
+            return cls(rule, timers)
+        return None
+
+    def permits(self, ip: IPAddress) -> bool:
+        """True if the lists let ``ip`` in: not denied, and allowed (or no allow list)."""
+        if any(ip in network for network in self.deny):
+            return False
+        return not self.allow or any(ip in network for network in self.allow)
+
+    def refusal(self, client: SockAddr, open_connections: int) -> Optional[str]:
+        """Why ``client`` must be refused ("acl", "max_connections", "max_per_client"), or None."""
+        try:
+            ip = client_ip(client)
+        except ValueError:  # not an IP socket address (cannot happen with TCP/IP): lists cannot match
+            return "acl" if self.allow else None
+        if not self.permits(ip):
+            return "acl"
+        if self.max_connections and open_connections >= self.max_connections:
+            return "max_connections"
+        if self.max_per_client and self.per_client.get(ip, 0) >= self.max_per_client:
+            return "max_per_client"
+        return None
+
+    def opened(self, conn: Connection) -> None:
+        """A connection was admitted: count it for its client."""
+        if self.max_per_client:
+            ip = client_ip(conn.client_address)
+            self.per_client[ip] = self.per_client.get(ip, 0) + 1
+
+    def closed(self, conn: Connection) -> None:
+        """A connection closed: its client may open another."""
+        if self.max_per_client:
+            ip = client_ip(conn.client_address)
+            left = self.per_client.get(ip, 0) - 1
+            if left > 0:
+                self.per_client[ip] = left
+            else:
+                self.per_client.pop(ip, None)

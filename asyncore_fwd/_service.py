@@ -1,0 +1,293 @@
+"""A service: many rules, one process, one loop.
+
+Strategy: one ``Forwarder`` per rule, all on one asyncore map, served by
+one loop backend.  What must happen while the loop runs -- a drain, a
+reload -- is only *requested* by ``drain()`` and ``reload()``, which are
+therefore safe from a signal handler or another thread: the request is
+queued, the loop is woken at once (``LoopCalls``), and it carries the
+request out between two rounds, where nothing else touches the map.
+
+* **Drain.**  Every listener closes; the open connections go on until
+  they end by themselves or the drain timeout cuts them (with resets:
+  they did not end cleanly); then ``serve_forever`` returns.
+* **Reload.**  A new list of rules is matched with the running ones by
+  name, else by where they listen.  Unchanged: untouched.  Removed: stops
+  accepting, its connections drain.  New: starts.  Changed: a new
+  forwarder serves new clients with the new settings (taking over the
+  listening socket when ``listen`` is the same, so no client is refused
+  during the switch) while the old connections finish under the old
+  settings.  A rule that cannot start is logged and the others apply.
+
+Forwarders that stopped accepting but still have connections are
+"retiring": they are served until their last connection closes, and
+counted in ``stats()`` under their rule.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+from . import _loop
+from ._forwarder import Forwarder
+from ._net import SocketMap, describe_error, format_address
+from ._rules import Rule
+from ._stats import COUNTERS
+from ._timers import forget
+from ._wakeup import LoopCalls
+
+__all__ = ["Service"]
+
+log = logging.getLogger("asyncore_fwd")
+
+
+def _check_labels(rules: Sequence[Rule]) -> None:
+    seen = set()
+    for rule in rules:
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rules must be Rule objects, not {type(rule).__name__}")
+        if rule.label in seen:
+            raise ValueError(f"two rules are named {rule.label!r}: give each rule its own name")
+        seen.add(rule.label)
+
+
+class Service:
+    """Runs a list of rules on one asyncore map: one Forwarder per rule.
+
+    Every listener is bound here, so a port in use or an unknown host fails
+    at once with a one-line ``OSError`` (and nothing is left open).  ``map``
+    is the asyncore map to join (a new one by default).
+    """
+
+    def __init__(self, rules: Sequence[Rule], *, map: Optional[SocketMap] = None) -> None:
+        rules = list(rules)
+        _check_labels(rules)
+        self.map: SocketMap = {} if map is None else map
+        #: The running forwarders, by ``rule.label``.
+        self.forwarders: Dict[str, Forwarder] = {}
+        #: Forwarders that stopped accepting, served until their last connection closes.
+        self.retiring: List[Forwarder] = []
+        #: Other dispatchers closed with the service (e.g. a ``MetricsServer``).
+        self.attachments: List[Any] = []
+        # Requests from drain() and reload(), carried out by the loop.
+        self._requests: Deque[Tuple[str, Any]] = collections.deque()
+        self._stop_requested = False
+        self._serving = False
+        self._drain_deadline: Optional[float] = None
+        try:
+            for rule in rules:
+                self.forwarders[rule.label] = self._start(rule)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, rule: Rule, **takeover: Any) -> Forwarder:
+        fwd = Forwarder.from_rule(rule, self.map, **takeover)
+        details = {"rule": rule.label, "listen": format_address(fwd.address), "target": rule.remote}
+        log.info("%s: forwarding %s to %s", rule.label, details["listen"], rule.remote,
+                 extra={"event": "start", "details": details})
+        return fwd
+
+    # -- running ----------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5, loop: str = "auto") -> None:
+        """Run the loop until ``stop()`` or the end of a drain, then ``close()``.
+
+        ``loop`` is ``"epoll"``, ``"poll"``, ``"select"`` or ``"auto"``.
+        ``stop()``, ``drain()`` and ``reload()`` wake the loop: they take
+        effect at once, not after ``poll_interval``.
+        """
+        backend = _loop.open_loop(loop, self.map)
+        calls = LoopCalls.open(self.map)  # lets stop(), drain() and reload() wake the loop
+        self._serving = True
+        try:
+            while not self._stop_requested:
+                self._carry_out_requests()
+                if self._drain_deadline is not None and self._drained():
+                    break
+                if self.map:
+                    backend.poll(self._wait(poll_interval))
+                else:
+                    time.sleep(self._wait(poll_interval))  # nothing to wait for but requests
+                if self.retiring:
+                    self._forget_retired()
+        finally:
+            self._serving = False
+            calls.close()
+            backend.close()
+            self.close()
+
+    def stop(self) -> None:
+        """Ask ``serve_forever`` to return now, closing everything.  Safe from a signal handler or thread."""
+        self._stop_requested = True
+        self._wake()
+
+    def drain(self, timeout: float) -> None:
+        """Stop accepting; ``serve_forever`` returns when no connection is left.
+
+        After ``timeout`` seconds the connections still open are cut (with
+        resets) and counted in the log; 0 cuts them at once.  Safe from a
+        signal handler or another thread.
+        """
+        self._requests.append(("drain", max(0.0, float(timeout))))
+        self._wake()
+
+    def reload(self, rules: Sequence[Rule]) -> None:
+        """Apply a new list of rules (see the module docstring).
+
+        While ``serve_forever`` runs, the loop applies it between two rounds;
+        otherwise at once.  Raises ``ValueError`` at once for two rules with
+        one name; everything else is logged.
+        """
+        rules = list(rules)
+        _check_labels(rules)
+        self._requests.append(("reload", rules))
+        if self._serving:
+            self._wake()
+        else:
+            self._carry_out_requests()
+
+    def close(self) -> None:
+        """Close every listener and connection of the service."""
+        for fwd in list(self.forwarders.values()) + self.retiring:
+            fwd.close()
+        self.retiring = []
+        for attachment in self.attachments:
+            attachment.close()
+        if not self.map:
+            forget(self.map)
+
+    # -- stats ------------------------------------------------------------
+
+    def stats(self) -> Dict[str, Dict[str, int]]:
+        """Per rule label: active, accepted, refused_acl, refused_limit, failed_connects,
+        bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
+        groups: Dict[str, List[Forwarder]] = {label: [fwd] for label, fwd in self.forwarders.items()}
+        for fwd in list(self.retiring):
+            groups.setdefault(fwd.label, []).append(fwd)
+        return {label: fwds[0].stats.snapshot([conn for fwd in fwds for conn in list(fwd.connections)])
+                for label, fwds in groups.items()}
+
+    def log_stats(self) -> None:
+        """Log one INFO line per rule with its counters (event "stats"): for SIGUSR1."""
+        for label, counters in self.stats().items():
+            text = " ".join(f"{key}={counters[key]}" for key in COUNTERS)
+            log.info("%s: %s", label, text, extra={"event": "stats", "details": {"rule": label, **counters}})
+
+    # -- requests, carried out by the loop -------------------------------
+
+    def _wake(self) -> None:
+        calls = LoopCalls.of(self.map)
+        if calls is not None:
+            calls.wake()  # one write() to a pipe: safe from a signal handler
+
+    def _carry_out_requests(self) -> None:
+        while self._requests:
+            kind, argument = self._requests.popleft()
+            if kind == "drain":
+                self._start_drain(argument)
+            elif self._drain_deadline is None:  # a reload during a drain would start listening again
+                self._apply(argument)
+
+    def _wait(self, poll_interval: float) -> float:
+        if self._drain_deadline is None:
+            return poll_interval
+        return max(0.0, min(poll_interval, self._drain_deadline - time.monotonic()))
+
+    def _all_forwarders(self) -> List[Forwarder]:
+        return list(self.forwarders.values()) + self.retiring
+
+    def _start_drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self._drain_deadline is not None:
+            self._drain_deadline = min(self._drain_deadline, deadline)  # a second drain may shorten it
+            return
+        self._drain_deadline = deadline
+        for fwd in self._all_forwarders():
+            fwd.stop_accepting()
+        open_connections = sum(len(fwd.connections) for fwd in self._all_forwarders())
+        log.info("draining: not accepting; %d connections open, cut in %g s", open_connections, timeout,
+                 extra={"event": "drain", "details": {"open": open_connections, "timeout_s": timeout}})
+
+    def _drained(self) -> bool:
+        """True when the drain is over: no connection left, or the time is up (cut the rest)."""
+        assert self._drain_deadline is not None
+        left = [conn for fwd in self._all_forwarders() for conn in list(fwd.connections)]
+        if left and time.monotonic() < self._drain_deadline:
+            return False
+        for conn in left:
+            conn.close_early("drain timeout")
+        if left:
+            log.warning("drain timeout: cut %d connections", len(left),
+                        extra={"event": "drain", "details": {"cut": len(left)}})
+        else:
+            log.info("drained: no connection left", extra={"event": "drain", "details": {"cut": 0}})
+        return True
+
+    def _apply(self, rules: List[Rule]) -> None:
+        """Carry out a reload: match the new rules with the running ones, then change what differs."""
+        running = dict(self.forwarders)
+        by_listen = {fwd.rule.listen: label for label, fwd in running.items()}
+        matched: List[Tuple[Rule, Optional[Forwarder]]] = []
+        for rule in rules:
+            label = rule.label if rule.label in running else by_listen.get(rule.listen)
+            if label is not None and label not in running:
+                label = None  # its listen was matched by an earlier rule
+            matched.append((rule, running.pop(label) if label is not None else None))
+        report: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "unchanged": [], "failed": []}
+        forwarders: Dict[str, Forwarder] = {}
+        # Removed rules first: their ports may be taken by new ones.
+        for label, fwd in running.items():
+            self._retire(fwd)
+            report["removed"].append(label)
+        for rule, old in matched:
+            if old is not None and old.rule == rule:
+                forwarders[rule.label] = old
+                report["unchanged"].append(rule.label)
+                continue
+            try:
+                if old is None:
+                    forwarders[rule.label] = self._start(rule)
+                    report["added"].append(rule.label)
+                else:
+                    forwarders[rule.label] = self._change(old, rule)
+                    report["changed"].append(rule.label)
+            except OSError as error:
+                log.error("%s: cannot start: %s", rule.label, describe_error(error),
+                          extra={"event": "reload", "details": {"rule": rule.label, "error": describe_error(error)}})
+                report["failed"].append(rule.label)
+                if old is not None:
+                    forwarders[old.label] = old  # keep serving the old settings
+        self.forwarders = forwarders
+        summary = ", ".join(f"{len(labels)} {kind}" for kind, labels in report.items())
+        log.info("reloaded: %s", summary, extra={"event": "reload", "details": report})
+
+    def _change(self, old: Forwarder, rule: Rule) -> Forwarder:
+        """Serve ``rule`` in place of ``old``; ``old``'s connections drain with its settings."""
+        stats = old.stats if old.label == rule.label else None
+        if old.rule.listen == rule.listen and old.rule.reuse_port == rule.reuse_port:
+            listener = old.release_listener()
+            try:
+                new = self._start(rule, stats=stats, listener=listener)
+            except BaseException:
+                old._take_over(listener)  # e.g. the new remote does not resolve: keep the old one
+                raise
+        else:
+            new = self._start(rule, stats=stats)  # binds first: if that fails, the old one goes on
+            old.stop_accepting()
+        self._retire(old)
+        return new
+
+    def _forget_retired(self) -> None:
+        for fwd in [fwd for fwd in self.retiring if not fwd.connections]:
+            self.retiring.remove(fwd)
+            fwd.close()
+
+    def _retire(self, fwd: Forwarder) -> None:
+        fwd.stop_accepting()
+        if fwd.connections:
+            self.retiring.append(fwd)
+        else:
+            fwd.close()

@@ -1,0 +1,95 @@
+"""Counters per rule, and the one log line each connection leaves at close.
+
+Strategy: nothing here runs per byte.  A counter changes at an event
+(accept, refusal, failed connect, close); the bytes of a connection are
+added when it closes, and a snapshot adds those of the live connections,
+which their sides count anyway.
+
+The close line, HAProxy-tcplog-like, one per connection::
+
+    RULE CLIENT -> TARGET BYTES_TO_SERVER/BYTES_TO_CLIENT CONNECT_MS DURATION_S CLOSED_FIRST closed first[: REASON]
+    web 127.0.0.1:50412 -> 127.0.0.1:8000 120/5320 0.4ms 1.203s client closed first
+    web 127.0.0.1:50418 -> 127.0.0.1:8000 0/0 - 0.001s forwarder closed first: cannot connect to ...
+
+``TARGET`` is the server address connected to (the rule's remote if none
+was); ``CONNECT_MS`` is ``-`` when the server was never reached;
+``CLOSED_FIRST`` is ``client``, ``server`` or ``forwarder``; ``REASON`` is
+left out for a clean close.  The same fields are in the record's ``details``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Iterable
+
+from ._net import format_address
+
+if TYPE_CHECKING:
+    from ._relay import Connection
+
+__all__ = ["COUNTERS", "RuleStats", "close_details", "format_close"]
+
+#: The keys of a snapshot, in the order they are reported.
+COUNTERS = ("active", "accepted", "refused_acl", "refused_limit", "failed_connects",
+            "bytes_to_server", "bytes_to_client")
+
+
+class RuleStats:
+    """The counters of one rule; shared by the old and new forwarder of a reloaded rule."""
+
+    __slots__ = ("accepted", "refused_acl", "refused_limit", "failed_connects", "bytes_to_server",
+                 "bytes_to_client")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused_acl = 0
+        self.refused_limit = 0
+        self.failed_connects = 0
+        #: Bytes of the connections that have closed.
+        self.bytes_to_server = 0
+        self.bytes_to_client = 0
+
+    def refused(self, reason: str) -> None:
+        """A client was turned away: by the access lists ("acl") or a limit."""
+        if reason == "acl":
+            self.refused_acl += 1
+        else:
+            self.refused_limit += 1
+
+    def closed(self, conn: Connection) -> None:
+        """A connection closed: add what it moved."""
+        self.bytes_to_server += conn.bytes_to_server
+        self.bytes_to_client += conn.bytes_to_client
+        if conn.connect_failed:
+            self.failed_connects += 1
+
+    def snapshot(self, live: Iterable[Connection]) -> Dict[str, int]:
+        """The counters now, with the bytes the ``live`` connections have moved so far."""
+        active = to_server = to_client = 0
+        for conn in live:
+            active += 1
+            to_server += conn.bytes_to_server
+            to_client += conn.bytes_to_client
+        return {"active": active, "accepted": self.accepted, "refused_acl": self.refused_acl,
+                "refused_limit": self.refused_limit, "failed_connects": self.failed_connects,
+                "bytes_to_server": self.bytes_to_server + to_server,
+                "bytes_to_client": self.bytes_to_client + to_client}
+
+
+def close_details(conn: Connection, label: str) -> Dict[str, Any]:
+    """The ``details`` of a connection's ``close`` event."""
+    connect_ms = None
+    if conn.connected_at is not None:
+        connect_ms = round((conn.connected_at - conn.opened_at) * 1000, 3)
+    target = format_address(conn.server_address) if conn.server_address is not None else conn.rule.remote
+    return {"rule": label, "client": format_address(conn.client_address), "target": target,
+            "bytes_to_server": conn.bytes_to_server, "bytes_to_client": conn.bytes_to_client,
+            "connect_ms": connect_ms, "duration_s": round(conn.duration, 6),
+            "closed_first": conn.closed_first or "forwarder", "reason": conn.error}
+
+
+def format_close(details: Dict[str, Any]) -> str:
+    """The close line (see the module docstring) for ``close_details()``."""
+    connect = "-" if details["connect_ms"] is None else f"{details['connect_ms']:.1f}ms"
+    return (f"{details['rule']} {details['client']} -> {details['target']} "
+            f"{details['bytes_to_server']}/{details['bytes_to_client']} {connect} {details['duration_s']:.3f}s "
+            f"{details['closed_first']} closed first" + (f": {details['reason']}" if details["reason"] else ""))

@@ -1,0 +1,275 @@
+"""Service: many rules on one loop; stop, drain and reload."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Iterator, List, Tuple
+
+import pytest
+
+from asyncore_fwd import Rule, Service
+
+from conftest import WAIT, EchoServer, recv_all, recv_exactly, recv_until_reset, wait_for
+
+
+class RunningService:
+    """A Service served by a thread until ``stop()``."""
+
+    def __init__(self, rules, loop: str) -> None:
+        self.service = Service(rules)
+        self.thread = threading.Thread(target=self.service.serve_forever,
+                                       kwargs={"poll_interval": 0.05, "loop": loop}, daemon=True)
+        self.thread.start()
+
+    def address(self, label: str) -> Tuple[str, int]:
+        return self.service.forwarders[label].address
+
+    def connect(self, label: str) -> socket.socket:
+        return socket.create_connection(self.address(label), timeout=WAIT)
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "serve_forever did not return after stop()"
+
+
+@pytest.fixture
+def start_service(loop_kind: str) -> Iterator[Callable[..., RunningService]]:
+    """``start_service(rules)`` runs a Service in a thread, once per loop kind."""
+    running: List[RunningService] = []
+
+    def start(rules) -> RunningService:
+        service = RunningService(rules, loop_kind)
+        running.append(service)
+        return service
+
+    yield start
+    for service in running:
+        service.stop()
+
+
+@pytest.fixture
+def second_echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def rule(name: str, target_port: int, **options) -> Rule:
+    return Rule("127.0.0.1", 0, "127.0.0.1", target_port, name=name, **options)
+
+
+def round_trip(client: socket.socket, data: bytes = b"ping") -> None:
+    client.sendall(data)
+    assert recv_exactly(client, len(data)) == data
+
+
+def refuses(address: Tuple[str, int]) -> bool:
+    """True if nothing listens at ``address`` any more."""
+    try:
+        socket.create_connection(address, timeout=WAIT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> List[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+# -- start and stop --------------------------------------------------------------
+
+
+def test_each_rule_forwards_to_its_own_target(start_service, echo_server, second_echo_server) -> None:
+    running = start_service([rule("one", echo_server.port), rule("two", second_echo_server.port)])
+    for label in ("one", "two"):
+        with running.connect(label) as client:
+            round_trip(client)
+    assert echo_server.accepted == second_echo_server.accepted == 1
+
+
+def test_start_logs_one_start_event_per_rule(echo_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = Service([rule("one", echo_server.port), rule("two", echo_server.port)])
+    service.close()
+    assert [r.details["rule"] for r in events(caplog, "start")] == ["one", "two"]
+    assert events(caplog, "start")[0].details["target"] == f"127.0.0.1:{echo_server.port}"
+
+
+def test_port_in_use_fails_at_once_and_leaves_nothing_open(echo_server) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        sock_map: dict = {}
+        with pytest.raises(OSError, match="cannot listen on 127.0.0.1:"):
+            Service([rule("fine", echo_server.port), Rule("127.0.0.1", taken.getsockname()[1], "127.0.0.1",
+                                                          echo_server.port)], map=sock_map)
+        assert sock_map == {}
+
+
+def test_two_rules_with_one_name_are_refused(echo_server) -> None:
+    with pytest.raises(ValueError, match="two rules are named 'same'"):
+        Service([rule("same", echo_server.port), rule("same", echo_server.port)])
+
+
+def test_stop_closes_listeners_and_connections(start_service, echo_server) -> None:
+    running = start_service([rule("one", echo_server.port)])
+    address = running.address("one")
+    client = running.connect("one")
+    round_trip(client)
+    running.stop()
+    assert running.service.map == {}
+    with client:
+        recv_all(client)  # closed by the forwarder
+    assert refuses(address)
+
+
+# -- drain ------------------------------------------------------------------------
+
+
+def test_transfer_completes_during_a_drain(start_service, echo_server) -> None:
+    running = start_service([rule("one", echo_server.port)])
+    address = running.address("one")
+    client = running.connect("one")
+    round_trip(client)
+    running.service.drain(WAIT)
+    wait_for(lambda: refuses(address), what="the listener to close")
+    with client:
+        round_trip(client, b"after the drain started")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    running.thread.join(WAIT)
+    assert not running.thread.is_alive(), "serve_forever did not return once drained"
+
+
+def test_drain_timeout_cuts_what_is_left_and_logs_how_many(start_service, echo_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = start_service([rule("one", echo_server.port)])
+    client = running.connect("one")
+    round_trip(client)
+    started = time.monotonic()
+    running.service.drain(0.3)
+    with client:
+        recv_until_reset(client)  # cut with a reset: the stream did not end cleanly
+    assert time.monotonic() - started >= 0.25
+    running.thread.join(WAIT)
+    assert not running.thread.is_alive()
+    (cut,) = [r for r in events(caplog, "drain") if "cut" in r.details]
+    assert cut.details["cut"] == 1 and "cut 1 connections" in cut.getMessage()
+    (closed,) = events(caplog, "close")
+    assert closed.details["reason"] == "drain timeout" and closed.details["closed_first"] == "forwarder"
+
+
+def test_drain_with_no_connection_returns_at_once(start_service, echo_server) -> None:
+    running = start_service([rule("one", echo_server.port)])
+    running.service.drain(WAIT)
+    running.thread.join(WAIT / 2)
+    assert not running.thread.is_alive()
+
+
+# -- reload -----------------------------------------------------------------------
+
+
+def test_reload_adds_removes_and_changes_rules_while_an_unchanged_one_flows(
+        start_service, echo_server, second_echo_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = start_service([rule("kept", echo_server.port), rule("removed", echo_server.port),
+                             rule("changed", echo_server.port)])
+    service = running.service
+    kept = running.connect("kept")
+    round_trip(kept)
+    kept_forwarder, removed_address = service.forwarders["kept"], running.address("removed")
+    changed_address = running.address("changed")
+    service.reload([rule("kept", echo_server.port), rule("changed", second_echo_server.port),
+                    rule("added", second_echo_server.port)])
+    wait_for(lambda: events(caplog, "reload"), what="the reload")
+    assert sorted(service.forwarders) == ["added", "changed", "kept"]
+    assert service.forwarders["kept"] is kept_forwarder
+    with kept:
+        round_trip(kept, b"still flowing")
+    assert refuses(removed_address)
+    assert running.address("changed") == changed_address  # the same listening socket
+    for label in ("changed", "added"):
+        with running.connect(label) as client:
+            round_trip(client)
+    assert second_echo_server.accepted == 2  # the changed rule now goes to the new target
+    (record,) = events(caplog, "reload")
+    assert {kind: record.details[kind] for kind in ("added", "removed", "changed", "unchanged", "failed")} == {
+        "added": ["added"], "removed": ["removed"], "changed": ["changed"], "unchanged": ["kept"], "failed": []}
+
+
+def test_connection_of_a_changed_rule_keeps_its_old_target(start_service, echo_server, second_echo_server) -> None:
+    running = start_service([rule("changed", echo_server.port)])
+    old = running.connect("changed")
+    round_trip(old)
+    running.service.reload([rule("changed", second_echo_server.port)])
+    wait_for(lambda: running.service.retiring, what="the old forwarder to retire")
+    with old:
+        round_trip(old, b"old settings")
+    with running.connect("changed") as new:
+        round_trip(new)
+    assert (echo_server.accepted, second_echo_server.accepted) == (1, 1)
+    stats = running.service.stats()["changed"]
+    assert stats["accepted"] == 2  # one rule, counted across the reload
+
+
+def test_connection_of_a_removed_rule_drains(start_service, echo_server) -> None:
+    running = start_service([rule("removed", echo_server.port), rule("other", echo_server.port)])
+    client = running.connect("removed")
+    round_trip(client)
+    running.service.reload([rule("other", echo_server.port)])
+    wait_for(lambda: "removed" not in running.service.forwarders, what="the reload")
+    with client:
+        round_trip(client, b"draining")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    wait_for(lambda: not running.service.retiring, what="the removed rule to be forgotten")
+
+
+def test_rule_matched_by_listen_when_unnamed(echo_server, second_echo_server) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    service = Service([Rule("127.0.0.1", port, "127.0.0.1", echo_server.port)])
+    try:
+        service.reload([Rule("127.0.0.1", port, "127.0.0.1", second_echo_server.port, name="named now")])
+        assert list(service.forwarders) == ["named now"]
+        assert service.forwarders["named now"].address[1] == port
+    finally:
+        service.close()
+
+
+def test_reload_with_a_port_that_cannot_be_bound_keeps_the_rest(start_service, echo_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = start_service([rule("kept", echo_server.port)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bad = Rule("127.0.0.1", taken.getsockname()[1], "127.0.0.1", echo_server.port, name="bad")
+        running.service.reload([rule("kept", echo_server.port), bad, rule("added", echo_server.port)])
+        wait_for(lambda: [r for r in events(caplog, "reload") if "failed" in r.details], what="the reload")
+    (failure,) = [r for r in events(caplog, "reload") if "error" in r.details]
+    assert failure.levelno == logging.ERROR and failure.details["rule"] == "bad"
+    assert sorted(running.service.forwarders) == ["added", "kept"]
+    for label in ("kept", "added"):
+        with running.connect(label) as client:
+            round_trip(client)
+
+
+def test_changed_rule_that_cannot_bind_its_new_port_keeps_serving_the_old_one(start_service, echo_server,
+                                                                             caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = start_service([rule("moved", echo_server.port)])
+    old_address = running.address("moved")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        moved = Rule("127.0.0.1", taken.getsockname()[1], "127.0.0.1", echo_server.port, name="moved")
+        running.service.reload([moved])
+        wait_for(lambda: [r for r in events(caplog, "reload") if "failed" in r.details], what="the reload")
+    assert running.service.forwarders["moved"].address == old_address
+    with socket.create_connection(old_address, timeout=WAIT) as client:
+        round_trip(client)

@@ -1,0 +1,187 @@
+"""The close line, the counters per rule, and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+from typing import Callable, Iterator, List
+
+import pytest
+
+from asyncore_fwd import Rule, Service
+from asyncore_fwd._metrics import MAX_REQUEST, MetricsServer, render_prometheus
+
+from conftest import WAIT, connect_until_reset, recv_all, recv_exactly, wait_for
+
+CLOSE_KEYS = {"rule", "client", "target", "bytes_to_server", "bytes_to_client", "connect_ms", "duration_s",
+              "closed_first", "reason"}
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> List[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+def dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def start_service(loop_kind: str) -> Iterator[Callable[..., Service]]:
+    """``start_service(rules)``: a Service served by a thread, stopped at teardown."""
+    running = []
+
+    def start(rules) -> Service:
+        service = Service(rules)
+        thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05, "loop": loop_kind},
+                                  daemon=True)
+        thread.start()
+        running.append((service, thread))
+        return service
+
+    yield start
+    for service, thread in running:
+        service.stop()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
+
+# -- the close line -----------------------------------------------------------------
+
+
+def test_clean_close_logs_one_debug_line_with_every_detail(start_forwarder, echo_server, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="asyncore_fwd")
+    fwd = start_forwarder(echo_server.port, name="web")
+    with fwd.connect() as client:
+        client.sendall(b"hello")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b"hello"
+    wait_for(lambda: events(caplog, "close"), what="the close line")
+    (record,) = events(caplog, "close")
+    details = record.details
+    assert set(details) == CLOSE_KEYS
+    assert record.levelno == logging.DEBUG
+    assert details["rule"] == "web" and details["target"] == f"127.0.0.1:{echo_server.port}"
+    assert details["bytes_to_server"] == details["bytes_to_client"] == 5
+    assert details["closed_first"] == "client" and details["reason"] is None
+    assert details["connect_ms"] >= 0 and details["duration_s"] >= 0
+    assert re.fullmatch(rf"web 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{echo_server.port} 5/5 [\d.]+ms [\d.]+s "
+                        r"client closed first", record.getMessage()), record.getMessage()
+
+
+def test_failed_connect_logs_a_warning_without_connect_time(start_forwarder, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="asyncore_fwd")
+    fwd = start_forwarder(dead_port())
+    connect_until_reset(fwd.address)
+    wait_for(lambda: events(caplog, "close"), what="the close line")
+    (record,) = events(caplog, "close")
+    assert record.levelno == logging.WARNING
+    assert record.details["connect_ms"] is None and "cannot connect" in record.details["reason"]
+    wait_for(lambda: fwd.forwarder.stats.failed_connects == 1, what="the failed connect to be counted")
+
+
+# -- counters ------------------------------------------------------------------------
+
+
+def test_stats_count_live_and_closed_connections(start_service, echo_server) -> None:
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    client = socket.create_connection(service.forwarders["web"].address, timeout=WAIT)
+    client.sendall(b"a" * 100)
+    recv_exactly(client, 100)
+    # The loop thread counts a send just after it returns: the echo may be here first.
+    wait_for(lambda: service.stats()["web"]["bytes_to_client"] == 100, what="the live bytes to be counted")
+    live = service.stats()["web"]
+    assert (live["active"], live["accepted"], live["bytes_to_server"], live["bytes_to_client"]) == (1, 1, 100, 100)
+    client.close()
+    wait_for(lambda: service.stats()["web"]["active"] == 0, what="the connection to close")
+    closed = service.stats()["web"]
+    assert (closed["accepted"], closed["bytes_to_server"], closed["bytes_to_client"]) == (1, 100, 100)
+    assert closed["refused_acl"] == closed["refused_limit"] == closed["failed_connects"] == 0
+
+
+def test_log_stats_writes_one_info_line_per_rule(echo_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name=name) for name in ("a", "b")])
+    try:
+        service.log_stats()
+    finally:
+        service.close()
+    records = events(caplog, "stats")
+    assert [r.details["rule"] for r in records] == ["a", "b"]
+    assert all(r.levelno == logging.INFO and r.details["accepted"] == 0 for r in records)
+
+
+# -- Prometheus ------------------------------------------------------------------------
+
+# One line of the text format 0.0.4: a comment, or a sample with labels.
+HELP = re.compile(r"# HELP (asyncore_fwd_[a-z_]+) \S.*")
+TYPE = re.compile(r"# TYPE (asyncore_fwd_[a-z_]+) (counter|gauge)")
+SAMPLE = re.compile(r'(asyncore_fwd_[a-z_]+)\{rule="((?:[^"\\\n]|\\[\\"n])*)"\} (\d+)')
+
+
+def parse_prometheus(text: str) -> dict:
+    """{(metric, rule): value}, checking each line against the format."""
+    assert text.endswith("\n")
+    samples, types = {}, {}
+    for line in text.splitlines():
+        if HELP.fullmatch(line):
+            continue
+        typed = TYPE.fullmatch(line)
+        if typed:
+            types[typed.group(1)] = typed.group(2)
+            continue
+        sample = SAMPLE.fullmatch(line)
+        assert sample, f"not a valid line: {line!r}"
+        name = sample.group(1)
+        assert name in types, f"{name} has no TYPE line before it"
+        assert name.endswith("_total") == (types[name] == "counter")
+        samples[name, sample.group(2)] = int(sample.group(3))
+    return samples
+
+
+def test_prometheus_text_parses_with_escaped_rule_names(echo_server) -> None:
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name='odd "name"\\')])
+    try:
+        samples = parse_prometheus(render_prometheus(service))
+    finally:
+        service.close()
+    assert samples[("asyncore_fwd_connections_accepted_total", 'odd \\"name\\"\\\\')] == 0
+    assert samples[("asyncore_fwd_connections_active", 'odd \\"name\\"\\\\')] == 0
+    assert len(samples) == 7
+
+
+def http_get(address, request: bytes) -> bytes:
+    with socket.create_connection(address, timeout=WAIT) as client:
+        client.sendall(request)
+        return recv_all(client)
+
+
+def test_get_metrics_over_a_socket_returns_the_counters(start_service, echo_server) -> None:
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)  # joins the map between two rounds: the loop only reads it
+    with socket.create_connection(service.forwarders["web"].address, timeout=WAIT) as client:
+        client.sendall(b"abc")
+        recv_exactly(client, 3)
+    response = http_get(metrics.address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and b"text/plain; version=0.0.4" in head
+    samples = parse_prometheus(body.decode())
+    assert samples[("asyncore_fwd_connections_accepted_total", "web")] == 1
+    assert samples[("asyncore_fwd_bytes_to_server_total", "web")] == 3
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /other HTTP/1.0\r\n\r\n", b"404"),
+    (b"POST /metrics HTTP/1.0\r\n\r\n", b"405"),
+    (b"\x00\xffnot http\r\n\r\n", b"400"),
+    (b"GET /metrics HTTP/1.0\r\n" + b"X: " + b"y" * MAX_REQUEST + b"\r\n\r\n", b"431"),
+])
+def test_bad_metrics_request_gets_an_error_and_the_server_goes_on(start_service, echo_server, request_bytes,
+                                                                  status) -> None:
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)
+    assert http_get(metrics.address, request_bytes).startswith(b"HTTP/1.0 " + status)
+    assert http_get(metrics.address, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
