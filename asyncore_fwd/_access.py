@@ -42,8 +42,8 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 def client_ip(address: SockAddr) -> IPAddress:
     """The client's IP address; an IPv4-mapped IPv6 address as its IPv4 address."""
     ip = ipaddress.ip_address(address[0].split("%", 1)[0])  # no scope id: networks have none
-    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return ip.ipv4_mapped  # type: ignore[union-attr]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
     return ip
 
 

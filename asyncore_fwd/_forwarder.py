@@ -36,10 +36,20 @@ import time
 from typing import Any, Iterator, List, Optional, Tuple
 
 from . import _loop
-from ._compat import asyncore
-from ._net import (OUT_OF_RESOURCES, RemoteAddresses, SockAddr, SocketMap, describe_error, format_address,
-                   listen_address, os_error, pending_error, reset)
 from ._access import AccessControl, is_loopback
+from ._compat import asyncore
+from ._net import (
+    OUT_OF_RESOURCES,
+    RemoteAddresses,
+    SockAddr,
+    SocketMap,
+    describe_error,
+    format_address,
+    listen_address,
+    os_error,
+    pending_error,
+    reset,
+)
 from ._relay import Connection, Receiver, Sender, _Dispatcher
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ._stats import RuleStats, close_details, format_close

@@ -20,8 +20,18 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import _loop
 from ._compat import asyncore
-from ._net import (LINGER_ABORT, OUT_OF_RESOURCES, SockAddr, SocketMap, acknowledge_urgent, describe_error,
-                   format_address, os_error, pending_error, tune)
+from ._net import (
+    LINGER_ABORT,
+    OUT_OF_RESOURCES,
+    SockAddr,
+    SocketMap,
+    acknowledge_urgent,
+    describe_error,
+    format_address,
+    os_error,
+    pending_error,
+    tune,
+)
 from ._timeouts import Timeouts
 from ._timers import Timer, timers_for
 

@@ -203,6 +203,10 @@ def _wait_ready(ready_reader: int, count: int) -> None:
         received += len(os.read(ready_reader, count - received))
 
 
+def _say_ready(ready_writer: int) -> None:
+    os.write(ready_writer, b".")
+
+
 def _spawn(index: int, run_worker: Callable[[int, Callable[[], None]], int], workers: Dict[int, int],
            ready_writer: int) -> None:
     pid = os.fork()
@@ -220,7 +224,7 @@ def _spawn(index: int, run_worker: Callable[[int, Callable[[], None]], int], wor
         # default would kill a worker that is still starting).
         for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)
-        status = run_worker(index, lambda: os.write(ready_writer, b"."))
+        status = run_worker(index, lambda: _say_ready(ready_writer))
     except BaseException:
         log.exception("worker %d failed", index)
     finally:

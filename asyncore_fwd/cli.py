@@ -18,11 +18,19 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__, _workers
-from ._config import (ConfigError, check_unique, describe_rule, load_config, parse_forward_spec, parse_size,
-                      rule_defaults, split_host_port)
+from ._config import (
+    ConfigError,
+    check_unique,
+    describe_rule,
+    load_config,
+    parse_forward_spec,
+    parse_size,
+    rule_defaults,
+    split_host_port,
+)
 from ._loop import LOOP_KINDS, best_loop_kind
 from ._net import describe_error, format_address
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
@@ -120,7 +128,7 @@ class _Given(argparse.Action):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         """Bad usage: one line naming the problem (not the whole usage), exit 2."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

@@ -9,11 +9,9 @@ from typing import Iterator
 
 import pytest
 
-from asyncore_fwd import Rule
-from asyncore_fwd import _access
+from asyncore_fwd import Rule, _access
 from asyncore_fwd._access import AccessControl, client_ip, is_loopback
 from asyncore_fwd._timers import Timers
-
 from conftest import WAIT, connect_until_reset, needs_ipv6, recv_exactly, wait_for
 
 

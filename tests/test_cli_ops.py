@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable, List
 
 import pytest
-from conftest import WAIT, EchoServer, ForwarderProcess, ScriptedServer, recv_all, recv_exactly, wait_for
 
 from asyncore_fwd import _workers
+from conftest import WAIT, EchoServer, ForwarderProcess, ScriptedServer, recv_all, recv_exactly, wait_for
 
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
 Spawn = Callable[..., ForwarderProcess]

@@ -11,7 +11,6 @@ from typing import Callable, Iterator, List, Tuple
 import pytest
 
 from asyncore_fwd import Rule, Service
-
 from conftest import WAIT, EchoServer, recv_all, recv_exactly, recv_until_reset, wait_for
 
 

@@ -12,7 +12,6 @@ import pytest
 
 from asyncore_fwd import Rule, Service
 from asyncore_fwd._metrics import MAX_REQUEST, MetricsServer, render_prometheus
-
 from conftest import WAIT, connect_until_reset, recv_all, recv_exactly, wait_for
 
 CLOSE_KEYS = {"rule", "client", "target", "bytes_to_server", "bytes_to_client", "connect_ms", "duration_s",
