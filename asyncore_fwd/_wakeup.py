@@ -61,7 +61,8 @@ class LoopCalls(asyncore.file_dispatcher):
         """Run ``function()`` in the loop's thread and return its result (or raise its error)."""
         if threading.get_ident() == self._loop_thread:
             return function()
-        done, outcome = threading.Event(), []  # type: Tuple[threading.Event, List[Any]]
+        done = threading.Event()
+        outcome: list = []
         self._queue.append((function, done, outcome))
         self.wake()
         if not done.wait(timeout):

@@ -1,31 +1,47 @@
-"""Several worker processes serving one port, under a supervising parent.
+"""Several worker processes serving the same ports, under a supervising parent.
 
-Each worker is a forked copy of the forwarder with its own listening socket,
-bound with SO_REUSEPORT to the same address, so the kernel spreads new
+Each worker is a forked copy of the service with its own listening sockets,
+bound with SO_REUSEPORT to the same addresses, so the kernel spreads new
 connections over the workers and each runs its own loop on its own core.
-The parent only watches: it restarts a worker that dies, and on SIGINT or
-SIGTERM passes SIGTERM on to every worker and waits for them.
+The parent only watches: it restarts a worker that dies, passes SIGHUP and
+SIGUSR1 on, and on SIGINT or SIGTERM passes SIGTERM on to every worker and
+waits for their drain before it kills anything.
+
+Strategy for the ports: SO_REUSEPORT lets any process of the same user join
+a listening port, so two separate commands on one port would silently split
+its traffic.  The parent therefore first binds a reserving socket on each
+address *without* SO_REUSEPORT (and with SO_REUSEADDR, so that connections
+of an earlier run in TIME_WAIT do not block it).  Linux lets the workers'
+SO_REUSEPORT sockets bind and listen next to it, since it never listens;
+but once they listen, another command's reserving socket, lacking
+SO_REUSEPORT, conflicts with them and fails with "address in use", so the
+second command stops before it forks anything.  (Two commands started in the
+same few milliseconds, before either listens, are not told apart.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
 import signal
 import socket
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["AVAILABLE", "reserve_port", "supervise"]
+from ._net import describe_error, format_address, listen_address
+from ._rules import Rule
+
+__all__ = ["AVAILABLE", "Reservations", "reserve_port", "supervise"]
 
 log = logging.getLogger("asyncore_fwd")
 
 #: True where several sockets may listen on one port (Linux, the BSDs).
 AVAILABLE = hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")
 
-#: Seconds the workers get to finish after SIGTERM before they are killed.
-STOP_GRACE = 5.0
+#: Seconds the workers get after their drain timeout before they are killed.
+STOP_MARGIN = 3.0
 #: Seconds to wait for every worker to listen before announcing the service anyway.
 START_WAIT = 10.0
 #: A worker that dies this many times within RESTART_WINDOW seconds is not restarted again.
@@ -34,47 +50,108 @@ RESTART_WINDOW = 10.0
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) a SO_REUSEPORT socket on ``host:port``.
+    """Bind (without listening) a socket on ``host:port`` that holds it for the workers.
 
-    It holds the port for the workers, which bind the same one: with
-    ``port=0`` it is how they all learn which port the kernel picked.  Not
-    listening, it is never handed a connection.
+    SO_REUSEADDR but not SO_REUSEPORT: see the module's docstring.  With
+    ``port=0`` it is how the workers all learn which port the kernel picked.
+    Not listening, it is never handed a connection.  OSError with a one-line
+    message.
     """
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                  flags=socket.AI_PASSIVE)[0]
+    family, address = listen_address(host, port)
     reserve = socket.socket(family, socket.SOCK_STREAM)
     try:
-        reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         reserve.bind(address)
+    except OSError as error:
+        reserve.close()
+        raise OSError(error.errno, f"cannot listen on {format_address((host, port))}: {describe_error(error)}") \
+            from None
     except BaseException:
         reserve.close()
         raise
     return reserve
 
 
+class Reservations:
+    """The parent's reserving sockets, one per rule, and the ports they hold."""
+
+    def __init__(self) -> None:
+        self._held: Dict[Tuple[str, object], socket.socket] = {}
+        self._ports: Dict[Tuple[str, object], int] = {}
+
+    @staticmethod
+    def _key(rule: Rule) -> Tuple[str, object]:
+        # Port 0 is a new free port per rule: such a rule is known by its label.
+        return (rule.local_host, rule.local_port) if rule.local_port else ("label", rule.label)
+
+    def hold(self, rules: Sequence[Rule]) -> List[Rule]:
+        """Reserve every rule's address (keeping those already held, releasing the others);
+        return the rules with the held ports and ``reuse_port=True``."""
+        held: Dict[Tuple[str, object], socket.socket] = {}
+        try:
+            for rule in rules:
+                key = self._key(rule)
+                held[key] = self._held.get(key) or reserve_port(rule.local_host, rule.local_port)
+        except BaseException:
+            for key, sock in held.items():
+                if self._held.get(key) is not sock:
+                    sock.close()
+            raise
+        for key, sock in self._held.items():
+            if held.get(key) is not sock:
+                sock.close()
+        self._held = held
+        self._ports = {key: sock.getsockname()[1] for key, sock in held.items()}
+        return self.apply(rules)
+
+    def apply(self, rules: Sequence[Rule]) -> List[Rule]:
+        """The rules with the ports held (as last known) and ``reuse_port=True``, reserving nothing."""
+        return [dataclasses.replace(rule, local_port=self._ports.get(self._key(rule), rule.local_port),
+                                    reuse_port=True) for rule in rules]
+
+    def close(self) -> None:
+        for sock in self._held.values():
+            sock.close()
+        self._held = {}
+
+
 def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
-              on_ready: Callable[[], None]) -> int:
+              on_ready: Callable[[], None], drain_timeout: float = 10.0,
+              on_hangup: Optional[Callable[[], bool]] = None) -> int:
     """Fork ``count`` workers running ``run_worker(index, ready)``; keep them running
     until SIGINT/SIGTERM.  Each worker calls ``ready()`` once it listens; when all
-    have (or after START_WAIT s), ``on_ready()`` runs.  Returns 0 after a
-    requested stop, 1 if a worker kept dying."""
+    have (or after START_WAIT s), ``on_ready()`` runs.  SIGHUP runs ``on_hangup()``
+    and, if it returns True, is passed on to every worker; SIGUSR1 is passed on.
+    A stop passes SIGTERM on and gives the workers ``drain_timeout`` seconds
+    (and a margin) before killing them; a second stop signal is passed on too
+    (the workers then stop at once).  Returns 0 after a requested stop, 1 if a
+    worker kept dying."""
     workers: Dict[int, int] = {}  # pid -> index
     deaths: Dict[int, List[float]] = {}
-    stopping: List[int] = []  # the signal that asked us to stop, once it came
+    received: List[int] = []  # signals not handled yet, in order
 
-    def request_stop(signum: int, frame: object) -> None:
-        stopping.append(signum)
+    def note(signum: int, frame: object) -> None:
+        received.append(signum)
 
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+    previous = {signum: signal.signal(signum, note) for signum in handled}
     failed = False
+    stop_signal: Optional[int] = None
     ready_reader, ready_writer = os.pipe()
     try:
         for index in range(count):
             _spawn(index, run_worker, workers, ready_writer)
         _wait_ready(ready_reader, count)
-        if not stopping:
-            on_ready()
-        while workers and not stopping:
+        try:
+            if not any(signum in (signal.SIGINT, signal.SIGTERM) for signum in received):
+                on_ready()
+        except BaseException:
+            _stop_all(workers, 0.0)
+            raise
+        while workers:
+            stop_signal = _pass_on(received, workers, on_hangup)
+            if stop_signal is not None:
+                break
             pid, status = _reap()
             if not pid:
                 time.sleep(0.05)
@@ -88,15 +165,30 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
                 break
             log.warning("worker %d (pid %d) exited (%s); starting it again", index, pid, _describe(status))
             _spawn(index, run_worker, workers, ready_writer)
-        if stopping:
-            log.info("%s: stopping %d workers", signal.Signals(stopping[0]).name, len(workers))
-        _stop_all(workers)
+        if stop_signal is not None:
+            name = signal.Signals(stop_signal).name
+            log.info("%s: stopping %d workers; open connections get %g s to finish (%s again: at once)",
+                     name, len(workers), drain_timeout, name)
+        _stop_all(workers, drain_timeout, received)
     finally:
         os.close(ready_reader)
         os.close(ready_writer)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 1 if failed else 0
+
+
+def _pass_on(received: List[int], workers: Dict[int, int], on_hangup: Optional[Callable[[], bool]]) -> Optional[int]:
+    """Handle the signals received so far; the stop signal if one came."""
+    while received:
+        signum = received.pop(0)
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            return signum
+        if signum == signal.SIGHUP and (on_hangup is None or not on_hangup()):
+            continue
+        for pid in workers:
+            _signal(pid, signum)
+    return None
 
 
 def _wait_ready(ready_reader: int, count: int) -> None:
@@ -111,6 +203,10 @@ def _wait_ready(ready_reader: int, count: int) -> None:
         received += len(os.read(ready_reader, count - received))
 
 
+def _say_ready(ready_writer: int) -> None:
+    os.write(ready_writer, b".")
+
+
 def _spawn(index: int, run_worker: Callable[[int, Callable[[], None]], int], workers: Dict[int, int],
            ready_writer: int) -> None:
     pid = os.fork()
@@ -122,9 +218,13 @@ def _spawn(index: int, run_worker: Callable[[int, Callable[[], None]], int], wor
     # return into the parent's code.
     status = 1
     try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
-        status = run_worker(index, lambda: os.write(ready_writer, b"."))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Ctrl-C reaches the whole process group: the parent passes it on as
+        # SIGTERM.  SIGHUP and SIGUSR1 wait for run_worker's handlers (their
+        # default would kill a worker that is still starting).
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+        status = run_worker(index, lambda: _say_ready(ready_writer))
     except BaseException:
         log.exception("worker %d failed", index)
     finally:
@@ -139,19 +239,25 @@ def _reap() -> Tuple[int, int]:
         return 0, 0
 
 
-def _stop_all(workers: Dict[int, int]) -> None:
-    """SIGTERM every worker, wait up to STOP_GRACE s, then SIGKILL what is left."""
+def _stop_all(workers: Dict[int, int], drain_timeout: float, received: Optional[List[int]] = None) -> None:
+    """SIGTERM every worker and wait for their drain (``drain_timeout`` s and a
+    margin); a stop signal meanwhile is passed on; then SIGKILL what is left."""
     for pid in workers:
         _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
+    deadline = time.monotonic() + drain_timeout + STOP_MARGIN
     while workers and time.monotonic() < deadline:
+        if received and any(signum in (signal.SIGINT, signal.SIGTERM) for signum in received):
+            received.clear()  # a second stop: the workers stop at once on a second SIGTERM
+            for pid in workers:
+                _signal(pid, signal.SIGTERM)
         pid, _ = _reap()
         if pid:
             workers.pop(pid, None)
         else:
             time.sleep(0.05)
     for pid in list(workers):
-        log.warning("worker %d (pid %d) did not stop in %g s: killing it", workers[pid], pid, STOP_GRACE)
+        log.warning("worker %d (pid %d) did not stop in %g s: killing it", workers[pid], pid,
+                    drain_timeout + STOP_MARGIN)
         _signal(pid, signal.SIGKILL)
         try:
             os.waitpid(pid, 0)

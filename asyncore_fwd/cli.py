@@ -1,27 +1,67 @@
 """The ``asyncore-fwd`` command: argument parsing, logging set-up, signals.
 
-Kept apart from the library: nothing here is needed to embed a ``Forwarder``.
-Exit status: 0 after SIGINT/SIGTERM, 1 for a run-time error (address in use,
-permission denied, unknown host), 2 for bad usage.
+Kept apart from the library: nothing here is needed to embed a ``Forwarder``
+or a ``Service``.  The rules come from the article's one-rule flags
+(``-l -p -r -P``), or from any number of ``-L`` flags and a config file
+(``-c``); ``_config`` parses those.  Exit status: 0 after SIGINT/SIGTERM, 1
+for a run-time error (address in use, permission denied, unknown host), 2
+for bad usage or a bad config.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
+import datetime
+import json
 import logging
+import os
 import signal
-import socket
 import sys
 import threading
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__, _workers
-from ._forwarder import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Forwarder, format_address
+from ._config import (
+    ConfigError,
+    check_unique,
+    describe_rule,
+    load_config,
+    parse_forward_spec,
+    parse_size,
+    rule_defaults,
+    split_host_port,
+)
 from ._loop import LOOP_KINDS, best_loop_kind
+from ._net import describe_error, format_address
+from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
 
 PROG = "asyncore-fwd"
 log = logging.getLogger("asyncore_fwd")
+
+#: Seconds open connections get to finish after SIGTERM/SIGINT, by default.
+DEFAULT_DRAIN_TIMEOUT = 10.0
+
+EPILOG = """\
+examples:
+  %(prog)s -p 8080 -r example.org -P 80
+      connections to 127.0.0.1:8080 go to example.org:80
+  %(prog)s -L 8080:example.org:80 -L '[::1]:5433:db.internal:5432,max_connections=50'
+      two rules in one process (ssh's -L syntax, options after commas)
+  %(prog)s -c /etc/asyncore-fwd.toml --check-config
+      print the rules of a config file, defaults applied, and exit
+
+signals:
+  SIGTERM, SIGINT  stop accepting; open connections get --drain-timeout seconds
+                   to finish, then are cut; a second signal stops at once
+  SIGHUP           re-read the config file (-c) and apply it; a config with an
+                   error is logged and the running rules stay
+  SIGUSR1          log one line of counters per rule
+
+exit status:
+  0  stopped by SIGTERM or SIGINT, or --check-config found no error
+  1  a run-time error: address in use, permission denied, unknown host...
+  2  bad usage or a bad config file (one line saying where and what)
+"""
 
 
 def _integer(what: str, lowest: int, highest: int) -> Callable[[str], int]:
@@ -44,171 +84,464 @@ def _host(text: str) -> str:
     return text
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, lowest_ok: bool = False) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected a positive number of seconds")
+    if not (0 <= value if lowest_ok else 0 < value) or value == float("inf"):
+        expected = "a number of seconds >= 0" if lowest_ok else "a positive number of seconds"
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected {expected}")
     return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    return _seconds(text, lowest_ok=True)
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "k": 1024, "m": 1024 ** 2}
-    number, unit = text.rstrip("kKmM"), text[len(text.rstrip("kKmM")):].lower()
     try:
-        value = int(number, 10) * units[unit]
-    except (ValueError, KeyError):
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected a positive number of bytes, like 65536, 512K or 1M")
-    return value
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: {error}") from None
+
+
+def _metrics_address(text: str) -> Tuple[str, int]:
+    """``[HOST:]PORT`` for --metrics (HOST defaults to 127.0.0.1)."""
+    try:
+        host, port = split_host_port(text) if ":" in text else ("127.0.0.1", text)
+    except ValueError:
+        host, port = "", ""
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected [HOST:]PORT, like 9100 or "
+                                         f"127.0.0.1:9100 ([::1]:9100 for IPv6)")
+    return host, int(port)
+
+
+class _Given(argparse.Action):
+    """Store the value and remember the flag was given (-l has a default, yet cannot go with -L)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.one_rule_flags = getattr(namespace, "one_rule_flags", []) + [self.option_strings[0]]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         """Bad usage: one line naming the problem (not the whole usage), exit 2."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface: the article's four flags and a few more."""
+    """The command-line interface: the article's four flags, -L and -c, and the rest."""
     parser = _Parser(
         prog=PROG,
-        description="Forward TCP connections from a local address to a remote one.",
-        epilog="Example: %(prog)s -p 8080 -r example.org -P 80  "
-               "(connections to 127.0.0.1:8080 go to example.org:80)",
+        usage="%(prog)s -p PORT -r HOST -P PORT [options]\n"
+              "       %(prog)s [-L SPEC ...] [-c FILE] [options]",
+        description="Forward TCP connections from local addresses to remote ones.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-l", "--local-ip", type=_host, default="127.0.0.1", metavar="ADDR",
-                        help="local address to listen on, IPv4 or IPv6 (default: %(default)s; "
-                             "0.0.0.0 or :: for all)")
-    parser.add_argument("-p", "--local-port", type=_integer("port", 0, 65535), required=True, metavar="PORT",
-                        help="local port to listen on (0 picks a free port, shown at start)")
-    parser.add_argument("-r", "--remote-ip", type=_host, required=True, metavar="HOST",
-                        help="remote host to forward to: a name, an IPv4 or an IPv6 address")
-    parser.add_argument("-P", "--remote-port", type=_integer("port", 1, 65535), required=True, metavar="PORT",
-                        help="remote port to forward to")
-    parser.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=DEFAULT_BACKLOG, metavar="N",
+    one = parser.add_argument_group("one rule (the article's flags)")
+    one.add_argument("-l", "--local-ip", type=_host, default="127.0.0.1", metavar="ADDR", action=_Given,
+                     help="local address to listen on, IPv4 or IPv6 (default: %(default)s; "
+                          "0.0.0.0 or :: for all)")
+    one.add_argument("-p", "--local-port", type=_integer("port", 0, 65535), metavar="PORT", action=_Given,
+                     help="local port to listen on (0 picks a free port, shown at start)")
+    one.add_argument("-r", "--remote-ip", type=_host, metavar="HOST", action=_Given,
+                     help="remote host to forward to: a name, an IPv4 or an IPv6 address")
+    one.add_argument("-P", "--remote-port", type=_integer("port", 1, 65535), metavar="PORT", action=_Given,
+                     help="remote port to forward to")
+    many = parser.add_argument_group("many rules")
+    many.add_argument("-L", "--forward", action="append", default=[], metavar="SPEC",
+                      help="a rule as [BIND:]PORT:HOST:HOSTPORT[,key=value...] (BIND defaults to 127.0.0.1; "
+                           "IPv6 in brackets; keys as in a config file); repeat for more rules")
+    many.add_argument("-c", "--config", metavar="FILE",
+                      help="read rules from a TOML file: an optional [defaults] table and one [[rule]] "
+                           "table per rule (SIGHUP re-reads it)")
+    many.add_argument("--check-config", action="store_true",
+                      help="print the rules, one line each with every setting, and exit (2 on an error)")
+    tuning = parser.add_argument_group("settings (defaults for every rule)")
+    tuning.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=DEFAULT_BACKLOG, metavar="N",
                         help="length of the listen queue, capped by net.core.somaxconn (default: %(default)s)")
-    parser.add_argument("--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
+    tuning.add_argument("--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT, metavar="SECONDS",
                         help="give up connecting to the remote after this long (default: %(default)g)")
-    parser.add_argument("--high-water", type=_size, default=DEFAULT_HIGH_WATER, metavar="BYTES",
-                        help="stop reading from a side while this much waits for the other "
-                             "(default: 512K)")
-    parser.add_argument("--loop", choices=("auto",) + LOOP_KINDS, default="auto",
-                        help=f"event loop: epoll's cost follows active connections; poll has no "
-                             f"descriptor limit; select stops at descriptor 1023 "
-                             f"(default: auto, here {best_loop_kind()})")
-    parser.add_argument("--splice", action="store_true",
-                        help="relay with splice() through kernel pipes instead of copying "
-                             "(Linux; costs 4 more descriptors per connection)")
-    parser.add_argument("--workers", type=_integer("worker count", 1, 256), default=1, metavar="N",
-                        help="serve with N processes sharing the port (SO_REUSEPORT), one loop each, "
-                             "supervised by this one (default: %(default)s)")
-    parser.add_argument("--trace", action="store_true",
-                        help="write a line to stderr for every loop round and every handler call "
-                             "(slow: for learning and debugging)")
-    loudness = parser.add_mutually_exclusive_group()
+    tuning.add_argument("--high-water", type=_size, default=DEFAULT_HIGH_WATER, metavar="BYTES",
+                        help="stop reading from a side while this much waits for the other: 65536, 512K, "
+                             "1M, 1G (default: 512K)")
+    process = parser.add_argument_group("the process")
+    process.add_argument("--loop", choices=("auto",) + LOOP_KINDS, default="auto",
+                         help=f"event loop: epoll's cost follows active connections; poll has no "
+                              f"descriptor limit; select stops at descriptor 1023 "
+                              f"(default: auto, here {best_loop_kind()})")
+    process.add_argument("--splice", action="store_true",
+                         help="relay with splice() through kernel pipes instead of copying "
+                              "(Linux; costs 4 more descriptors per connection)")
+    process.add_argument("--workers", type=_integer("worker count", 1, 256), default=1, metavar="N",
+                         help="serve with N processes sharing the ports (SO_REUSEPORT), one loop each, "
+                              "supervised by this one (default: %(default)s)")
+    process.add_argument("--drain-timeout", type=_seconds_or_zero, default=DEFAULT_DRAIN_TIMEOUT,
+                         metavar="SECONDS",
+                         help="on SIGTERM/SIGINT, give open connections this long to finish, then cut them "
+                              "(0: at once; default: %(default)g)")
+    process.add_argument("--metrics", type=_metrics_address, metavar="[HOST:]PORT",
+                         help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to "
+                              "127.0.0.1)")
+    process.add_argument("--pidfile", metavar="PATH",
+                         help="write the process id there once listening; removed at exit")
+    process.add_argument("--trace", action="store_true",
+                         help="write a line to stderr for every loop round and every handler call "
+                              "(slow: for learning and debugging)")
+    logs = parser.add_argument_group("logs (to stderr)")
+    logs.add_argument("--log-format", choices=("text", "json"), default="text",
+                      help="text: time level message; json: one JSON object per line (default: text)")
+    loudness = logs.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true",
                           help="log every connection: accepted, connected, closed (bytes, duration, who closed)")
     loudness.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.set_defaults(one_rule_flags=[])
     return parser
 
 
-def _configure_logging(verbose: bool, quiet: bool) -> None:
+# -- logging -------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, event, message, then the event's details."""
+
+    def __init__(self, **fixed: Any) -> None:
+        super().__init__()
+        self.fixed = fixed
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: Dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                                     .isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", None) or "log",
+            "message": record.getMessage(),
+            **self.fixed,
+        }
+        details = getattr(record, "details", None)
+        if isinstance(details, dict):
+            entry.update(details)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class _QuietDrains(logging.Filter):
+    """Hide a drain's two lines when it had no connection to wait for: the signal's line says it all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle_drain = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        details = getattr(record, "details", None)
+        if getattr(record, "event", None) != "drain" or not isinstance(details, dict):
+            return True
+        if "open" in details:
+            self.idle_drain = details["open"] == 0
+            return not self.idle_drain
+        return not (self.idle_drain and details.get("cut") == 0)
+
+
+def _configure_logging(args: argparse.Namespace, worker: Optional[int] = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter(**({} if worker is None else {"worker": worker})))
+    else:
+        tag = "" if worker is None else f"w{worker} "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s"))
+    handler.addFilter(_QuietDrains())
     log.handlers[:] = [handler]
     log.propagate = False
-    log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
+    log.setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO)
+
+
+# -- rules ----------------------------------------------------------------
+
+
+def _base(args: argparse.Namespace) -> Dict[str, Any]:
+    """What every rule starts from: the flags; a config's [defaults] and the rule's own keys go over it."""
+    return rule_defaults(backlog=args.backlog, connect_timeout=args.connect_timeout, high_water=args.high_water,
+                         splice=args.splice)
+
+
+def _forward_rules(args: argparse.Namespace) -> List[Rule]:
+    """The -L rules; ConfigError naming the flag."""
+    rules = []
+    for spec in args.forward:
+        try:
+            rules.append(parse_forward_spec(spec, _base(args)))
+        except ConfigError as error:
+            raise ConfigError(f"-L {json.dumps(spec)}: {error}") from None
+    return rules
+
+
+def load_rules(args: argparse.Namespace, forward_rules: Sequence[Rule]) -> List[Rule]:
+    """The rules of -c (read now) and of -L; ConfigError if any is wrong or two collide."""
+    rules = list(forward_rules)
+    places = [f"-L {json.dumps(spec)}" for spec in args.forward]
+    if args.config:
+        from_file = load_config(args.config, _base(args))
+        rules += from_file
+        places += [f"{args.config}: rule {index}" + (f" ({json.dumps(rule.name)})" if rule.name else "")
+                   for index, rule in enumerate(from_file, 1)]
+    check_unique(rules, places)
+    return rules
+
+
+def _one_rule(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Rule:
+    missing = [flag for flag, value in (("-p/--local-port", args.local_port), ("-r/--remote-ip", args.remote_ip),
+                                        ("-P/--remote-port", args.remote_port)) if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or give rules with -L or -c)")
+    if args.local_ip.isdigit():
+        parser.error(f"-l takes an address; did you mean -p {args.local_ip}?")
+    if args.remote_ip.isdigit():
+        parser.error(f"-r takes a host; did you mean -P {args.remote_ip}?")
+    return Rule(args.local_ip, args.local_port, args.remote_ip, args.remote_port, **_base(args))
+
+
+# -- main ---------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the forwarder until SIGINT or SIGTERM; return the exit status."""
+    """Run the rules until SIGINT or SIGTERM; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.forward or args.config:
+        if args.one_rule_flags:
+            parser.error(f"{'/'.join(sorted(set(args.one_rule_flags), key=args.one_rule_flags.index))} "
+                         f"cannot be combined with -L or -c: give every rule with -L or in the config file")
+        try:
+            forward_rules = _forward_rules(args)
+        except ConfigError as error:
+            parser.error(str(error))
+        try:
+            rules = load_rules(args, forward_rules)
+        except ConfigError as error:
+            return _config_error(error)
+    else:
+        forward_rules = []
+        rules = [_one_rule(parser, args)]
     if args.workers > 1 and not _workers.AVAILABLE:
         parser.error("--workers above 1 needs SO_REUSEPORT and fork(), which this platform lacks")
-    _configure_logging(args.verbose, args.quiet)
+    if args.workers > 1 and args.metrics:
+        parser.error("--metrics cannot be combined with --workers: each worker counts only its own connections")
+    if args.check_config:
+        for rule in rules:
+            print(describe_rule(rule))
+        return 0
+    _configure_logging(args)
     if args.trace:
         from . import trace
         trace.enable(sys.stderr)
     if args.workers > 1:
-        return _run_workers(args)
-    try:
-        fwd = _make_forwarder(args, args.local_port)
-    except OSError as error:
-        return _fail(error)
-    return _serve(fwd, args, announce=True)
+        return _run_workers(args, rules, forward_rules)
+    return _serve(args, rules, lambda: load_rules(args, forward_rules), pidfile=args.pidfile)
 
 
-def _make_forwarder(args: argparse.Namespace, port: int, reuse_port: bool = False) -> Forwarder:
-    return Forwarder(args.local_ip, port, args.remote_ip, args.remote_port, args.backlog,
-                     map={}, connect_timeout=args.connect_timeout, high_water=args.high_water,
-                     splice=args.splice, reuse_port=reuse_port)
+def _config_error(error: ConfigError) -> int:
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return 2
 
 
-def _fail(error: OSError) -> int:
-    print(f"{PROG}: {error.strerror or error}", file=sys.stderr)
+def _fail(error: BaseException) -> int:
+    print(f"{PROG}: {describe_error(error)}", file=sys.stderr)
     return 1
 
 
-def _serve(fwd: Forwarder, args: argparse.Namespace, announce: bool) -> int:
-    """Serve until SIGINT/SIGTERM (handled here when in the main thread)."""
-
-    def stop(signum: int, frame: object) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
-        fwd.stop()
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main_thread:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, stop)
-    if announce:
-        # Only now: whoever waits for this line may signal us as soon as it appears.
-        log.info("forwarding %s to %s", format_address(fwd.address), fwd.rule.remote)
+def _write_pidfile(path: str) -> None:
     try:
-        fwd.serve_forever(loop=args.loop)
-    finally:
-        for signum, handler in previous.items():
+        with open(path, "w") as pidfile:
+            pidfile.write(f"{os.getpid()}\n")
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write the pid file {path}: {describe_error(error)}") from None
+
+
+def _remove_pidfile(path: Optional[str]) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _Signals:
+    """The process's signal handlers while it serves (main thread only).
+
+    Every action they take on the service only records a request, which the
+    service's loop carries out between two rounds (``Service`` promises
+    that), so they are safe at any point of the loop.
+    """
+
+    def __init__(self, args: argparse.Namespace, reread: Optional[Callable[[], List[Rule]]],
+                 worker: bool) -> None:
+        self.args, self.reread, self.worker = args, reread, worker
+        self.service: Any = None
+        self.stop_signals: List[int] = []
+        self.previous: Dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # A worker leaves SIGINT to the supervisor: Ctrl-C reaches the whole
+        # process group, and the supervisor passes it on as SIGTERM.
+        stops = (signal.SIGTERM,) if self.worker else (signal.SIGINT, signal.SIGTERM)
+        for signum in stops:
+            self.previous[signum] = signal.signal(signum, self.stop)
+        self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.hangup)
+        self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self.stats)
+        if self.worker:
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-    log.info("stopped")
+
+    def stop(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        self.stop_signals.append(signum)
+        if len(self.stop_signals) > 1:
+            if not self.worker:
+                log.info("%s again: stopping at once", name)
+            if self.service is not None:
+                self.service.stop()
+            return
+        timeout = self.args.drain_timeout
+        if not self.worker:  # with --workers the supervisor has said it
+            log.info("%s: stopping; open connections get %g s to finish (%s again: at once)", name, timeout, name)
+        if self.service is not None:
+            self.service.drain(timeout)
+
+    def hangup(self, signum: int, frame: object) -> None:
+        if self.service is None:
+            return
+        if self.reread is None or not self.args.config:
+            log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)")
+            return
+        try:
+            rules = self.reread()
+        except ConfigError as error:
+            log.error("SIGHUP: %s; the running rules stay", error)
+            return
+        if not self.worker:
+            log.info("SIGHUP: re-read %s: %d rules", self.args.config, len(rules))
+        self.service.reload(rules)
+
+    def stats(self, signum: int, frame: object) -> None:
+        if self.service is not None:
+            self.service.log_stats()
+
+
+def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Callable[[], List[Rule]]],
+           pidfile: Optional[str] = None, worker: bool = False,
+           ready: Optional[Callable[[], None]] = None) -> int:
+    """Serve ``rules`` until SIGINT/SIGTERM and the drain; return the exit status."""
+    from ._service import Service
+
+    signals = _Signals(args, reread, worker)
+    # Handlers first: the start lines are what a caller waits for before signalling.
+    signals.install()
+    written_pidfile = None
+    try:
+        try:
+            service = Service(rules, map={})
+        except (OSError, ValueError) as error:
+            return _fail(error)
+        signals.service = service
+        try:
+            if args.metrics:
+                from ._metrics import MetricsServer
+
+                metrics = MetricsServer(service, *args.metrics)  # closed with the service
+                log.info("metrics at http://%s/metrics", format_address(metrics.address))
+            if pidfile:
+                _write_pidfile(pidfile)
+                written_pidfile = pidfile
+        except OSError as error:
+            service.close()
+            return _fail(error)
+        if signals.stop_signals:  # came while binding: drain what never served
+            service.drain(0 if len(signals.stop_signals) > 1 else args.drain_timeout)
+        if ready is not None:
+            ready()
+        service.serve_forever(loop=args.loop)
+    finally:
+        signals.restore()
+        _remove_pidfile(written_pidfile)
     return 0
 
 
-def _run_workers(args: argparse.Namespace) -> int:
+def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: List[Rule]) -> int:
     """Check the settings once here, then fork the workers and watch them."""
+    from ._service import Service
+
+    reserves = _workers.Reservations()
+    written_pidfile: List[str] = []
     try:
-        reserve = _workers.reserve_port(args.local_ip.strip("[]"), args.local_port)
-    except (socket.gaierror, UnicodeError) as error:
-        return _fail(OSError(errno.EINVAL, f"cannot resolve local address {args.local_ip!r}: {error}"))
-    except OSError as error:
-        where = format_address((args.local_ip.strip("[]"), args.local_port))
-        return _fail(OSError(error.errno, f"cannot listen on {where}: {error.strerror}"))
-    try:
-        port = reserve.getsockname()[1]
-        try:  # resolve the remote and bind once here, so that errors show before any fork
-            probe = _make_forwarder(args, port, reuse_port=True)
-        except OSError as error:
+        try:
+            rules = reserves.hold(rules)
+            # Resolve the remotes and bind once here, so that errors show before any fork.
+            with _quiet():
+                Service(rules, map={}).close()
+        except (OSError, ValueError) as error:
             return _fail(error)
-        probe.close()
+        current = {"rules": rules}
 
         def run_worker(index: int, ready: Callable[[], None]) -> int:
-            reserve.close()
-            log.handlers[0].setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s w{index} %(message)s"))
-            fwd = _make_forwarder(args, port, reuse_port=True)
-            ready()
-            return _serve(fwd, args, announce=False)
+            reserves.close()
+            _configure_logging(args, worker=index)
+            # The worker re-reads on SIGHUP after the parent checked the file:
+            # with the ports the parent holds (known at the fork).
+            return _serve(args, current["rules"], lambda: reserves.apply(load_rules(args, forward_rules)),
+                          worker=True, ready=ready)
+
+        def hangup() -> bool:
+            """SIGHUP: check the config here (one error line, not one per worker); True to pass it on."""
+            if not args.config:
+                log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)")
+                return False
+            try:
+                current["rules"] = reserves.hold(load_rules(args, forward_rules))  # for workers started later
+            except (ConfigError, OSError) as error:
+                log.error("SIGHUP: %s; the running rules stay", describe_error(error))
+                return False
+            log.info("SIGHUP: re-read %s: %d rules; reloading %d workers", args.config, len(current["rules"]),
+                     args.workers)
+            return True
 
         def announce() -> None:  # once every worker listens: connects are not refused from here on
-            log.info("forwarding %s to %s with %d workers", format_address(probe.address), probe.rule.remote,
-                     args.workers)
+            for rule in rules:
+                log.info("%s: forwarding %s to %s with %d workers", rule.label, rule.listen, rule.remote,
+                         args.workers)
+            if args.pidfile:
+                _write_pidfile(args.pidfile)
+                written_pidfile.append(args.pidfile)
 
-        status = _workers.supervise(args.workers, run_worker, announce)
+        try:
+            return _workers.supervise(args.workers, run_worker, announce, drain_timeout=args.drain_timeout,
+                                      on_hangup=hangup)
+        except OSError as error:  # the pid file
+            return _fail(error)
     finally:
-        reserve.close()
-    log.info("stopped")
-    return status
+        reserves.close()
+        for path in written_pidfile:
+            _remove_pidfile(path)
+
+
+class _quiet:
+    """Silence the package's lines below ERROR for a moment: the probe's start lines and
+    warnings, which every worker logs again (its errors are exceptions)."""
+
+    def __enter__(self) -> None:
+        self.level = log.level
+        log.setLevel(max(self.level, logging.ERROR))
+
+    def __exit__(self, *exc: object) -> None:
+        log.setLevel(self.level)

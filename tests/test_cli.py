@@ -96,8 +96,8 @@ def check_one_verbose_connection(proc: ForwarderProcess, echo_server: EchoServer
         assert recv_all(client) == message
     conn_id = proc.wait_line(r"#(\d+) accepted from 127\.0\.0\.1:\d+$").group(1)
     proc.wait_line(rf"#{conn_id} connected to 127\.0\.0\.1:{echo_server.port} \(127\.0\.0\.1:{echo_server.port}\)$")
-    proc.wait_line(rf"127\.0\.0\.1:\d+ 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{echo_server.port} "
-                   rf"{len(message)}/{len(message)} [\d.]+ms [\d.]+s client closed first$")
+    proc.wait_line(rf" 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{echo_server.port} {len(message)}/{len(message)} "
+                   rf"[\d.]+ms [\d.]+s client closed first$")
 
 
 # -- usage errors -----------------------------------------------------------
@@ -168,18 +168,18 @@ def test_bad_backlog_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[
     assert repr(value) in line
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "1G", "1.5M", "K", "lots"])
+@pytest.mark.parametrize("value", ["0", "-5", "1T", "1.5M", "K", "lots"])
 def test_bad_high_water_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """--high-water must be a positive byte count, optionally with K or M."""
+    """--high-water must be a positive byte count, optionally with K, M or G."""
     line = usage_error(VALID + [f"--high-water={value}"], capsys)
     assert "--high-water" in line
     assert repr(value) in line
 
 
 @pytest.mark.parametrize("value, size", [("65536", 65536), ("512K", 512 * 1024), ("512k", 512 * 1024),
-                                         ("1M", 1024 * 1024)])
-def test_high_water_accepts_bytes_kibibytes_and_mebibytes(value: str, size: int) -> None:
-    """--high-water reads 65536, 512K and 1M as byte counts."""
+                                         ("1M", 1024 * 1024), ("1G", 1024 ** 3)])
+def test_high_water_accepts_bytes_kibibytes_mebibytes_and_gibibytes(value: str, size: int) -> None:
+    """--high-water reads 65536, 512K, 1M and 1G as byte counts."""
     assert cli.build_parser().parse_args(VALID + ["--high-water", value]).high_water == size
 
 
@@ -224,10 +224,22 @@ def help_text(capsys: pytest.CaptureFixture[str]) -> str:
 
 @pytest.mark.parametrize("flag", ["-l", "--local-ip", "-p", "--local-port", "-r", "--remote-ip",
                                   "-P", "--remote-port", "--backlog", "--connect-timeout", "--high-water",
-                                  "-v", "--verbose", "-q", "--quiet", "--version", "-h", "--help"])
+                                  "-v", "--verbose", "-q", "--quiet", "--version", "-h", "--help",
+                                  "-L", "--forward", "-c", "--config", "--check-config", "--drain-timeout",
+                                  "--metrics", "--pidfile", "--log-format", "--workers", "--loop", "--splice"])
 def test_help_mentions_each_flag(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     """--help lists every option, short and long."""
     assert re.search(rf"(?:^|[\s,\[]){re.escape(flag)}(?=[\s,\]]|$)", help_text(capsys), re.MULTILINE)
+
+
+def test_help_lists_exit_codes_and_signals(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help ends with what each exit status and each signal means."""
+    text = help_text(capsys)
+    epilog = text[text.index("signals:"):]
+    for signal_name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1"):
+        assert re.search(rf"^  .*{signal_name}", epilog, re.MULTILINE), signal_name
+    for status in ("0", "1", "2"):
+        assert re.search(rf"^  {status}  \S", epilog[epilog.index("exit status:"):], re.MULTILINE), status
 
 
 def test_remote_ip_help_describes_the_remote_not_the_local_address(capsys: pytest.CaptureFixture[str]) -> None:
@@ -319,8 +331,8 @@ def test_console_script_forwards_logs_and_exits_0_on_sigterm(
 
 def test_sigterm_with_an_open_connection_exits_0_and_ends_the_client(
         spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
-    """SIGTERM while a client is connected: exit 0, and the client sees EOF or a reset."""
-    proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port)])
+    """SIGTERM while a client is connected: after the drain timeout, exit 0, and the client sees EOF or a reset."""
+    proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port), "--drain-timeout", "0.2"])
     port = proc.start_port()
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
         client.sendall(b"ping")

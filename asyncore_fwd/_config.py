@@ -1,0 +1,444 @@
+"""Rules from text: the ``-L`` syntax and the TOML config file.
+
+Strategy: every value is checked here, before a ``Rule`` is made, so that an
+error can name where it came from -- the file, the rule (its name or its
+index), the key and the value as written -- in one line.  ``Rule`` checks
+again; its ``ValueError`` can only show up here as a bug.
+
+A config file has an optional ``[defaults]`` table and one ``[[rule]]`` table
+per rule::
+
+    [defaults]
+    connect_timeout = 5
+    allow = ["10.0.0.0/8", "::1"]
+
+    [[rule]]
+    name = "web"
+    listen = "127.0.0.1:8080"
+    connect = "example.org:80"
+    idle_timeout = 300
+
+A ``-L`` flag is ssh's ``[BIND:]PORT:HOST:HOSTPORT`` followed by the same
+keys as ``,key=value`` options, a list key repeated once per entry:
+``-L 8080:example.org:80,name=web,allow=10.0.0.0/8,allow=::1``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "KEYS", "check_unique", "describe_rule", "format_size", "load_config", "parse_forward_spec",
+           "parse_size", "rule_defaults", "split_host_port"]
+
+#: Where ``-L`` listens when it names no address (as ssh does).
+DEFAULT_BIND = "127.0.0.1"
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+
+
+class ConfigError(ValueError):
+    """A rule that cannot be used, described in one line (where, key, value)."""
+
+
+class _BadValue(ValueError):
+    """A value a key does not accept: the message says what was expected."""
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it: strings in double quotes, TOML's true/false."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):  # pragma: no cover - json.dumps with default=str accepts anything
+        return repr(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- one value per key ---------------------------------------------------
+
+
+def parse_size(value: object) -> int:
+    """A positive byte count: an integer, or text like ``65536``, ``512K``, ``1M``, ``2G``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        number = value.rstrip("kKmMgG")
+        unit = value[len(number):].lower()
+        try:
+            size = int(number, 10) * _SIZE_UNITS[unit] if number.isdigit() else 0
+        except KeyError:  # two suffixes, like 1KM
+            size = 0
+    else:
+        size = 0
+    if size <= 0:
+        raise _BadValue("expected a positive number of bytes, like 65536, 512K, 1M or 1G")
+    return size
+
+
+def format_size(size: int) -> str:
+    """``512K`` for 524288: the largest unit that divides it exactly."""
+    for unit in ("G", "M", "K"):
+        if size % _SIZE_UNITS[unit.lower()] == 0:
+            return f"{size // _SIZE_UNITS[unit.lower()]}{unit}"
+    return str(size)
+
+
+def _number(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _BadValue("") from None
+    if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]
+        raise _BadValue("")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _seconds_at_least_zero(value: object) -> float:
+    try:
+        seconds = _number(value)
+    except _BadValue:
+        seconds = -1.0
+    if seconds < 0:
+        raise _BadValue("expected a number of seconds >= 0")
+    return seconds
+
+
+def _positive_seconds(value: object) -> float:
+    try:
+        seconds = _number(value)
+    except _BadValue:
+        seconds = 0.0
+    if seconds <= 0:
+        raise _BadValue("expected a positive number of seconds")
+    return seconds
+
+
+def _integer(lowest: int, highest: Optional[int], what: str) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value, 10)
+        if (not isinstance(value, int) or isinstance(value, bool) or value < lowest
+                or (highest is not None and value > highest)):
+            raise _BadValue(what)
+        return value
+    return parse
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise _BadValue("expected a name of letters, digits, '_', '.' and '-'")
+    return value
+
+
+def _network(value: object) -> str:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_network(value[1:-1] if value.startswith("[") else value, strict=False))
+        except ValueError:
+            pass
+    raise _BadValue("expected an address or a network, like 10.0.0.0/8, 192.0.2.7 or ::1")
+
+
+def split_host_port(text: str) -> Tuple[str, str]:
+    """``("::1", "80")`` for ``[::1]:80``; _BadValue unless it is HOST:PORT."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise _BadValue('expected "host:port", like "[::1]:8080"')
+        return host, rest[1:]
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise _BadValue('expected "host:port", like "127.0.0.1:8080"')
+    if ":" in host:
+        raise _BadValue('expected "host:port" with an IPv6 address in brackets, like "[::1]:8080"')
+    return host, port
+
+
+def _endpoint(lowest_port: int) -> Callable[[object], Tuple[str, int]]:
+    def parse(value: object) -> Tuple[str, int]:
+        if not isinstance(value, str):
+            raise _BadValue('expected "host:port"')
+        host, port = split_host_port(value)
+        if not host:
+            raise _BadValue('expected "host:port" with a host before the colon')
+        if not port.isdigit() or not lowest_port <= int(port) <= 65535:
+            raise _BadValue(f'expected "host:port" with a port from {lowest_port} to 65535')
+        return host, int(port)
+    return parse
+
+
+#: Every key a rule takes, with what checks and converts its value.
+_PARSERS: Dict[str, Callable[[object], Any]] = {
+    "name": _name,
+    "listen": _endpoint(0),
+    "connect": _endpoint(1),
+    "allow": _network,
+    "deny": _network,
+    "max_connections": _integer(0, None, "expected an integer >= 0 (0 = no limit)"),
+    "max_per_client": _integer(0, None, "expected an integer >= 0 (0 = no limit)"),
+    "connect_timeout": _positive_seconds,
+    "idle_timeout": _seconds_at_least_zero,
+    "half_closed_timeout": _seconds_at_least_zero,
+    "backlog": _integer(0, 65535, "expected an integer from 0 to 65535"),
+    "high_water": parse_size,
+}
+KEYS = tuple(_PARSERS)
+_LISTS = ("allow", "deny")
+#: Keys that only a rule may have: each rule has its own.
+_OWN = ("name", "listen", "connect")
+
+
+def rule_defaults(backlog: int = DEFAULT_BACKLOG, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                  high_water: int = DEFAULT_HIGH_WATER, **fields: Any) -> Dict[str, Any]:
+    """The base every rule starts from (the command line's flags fill it)."""
+    return dict(fields, backlog=backlog, connect_timeout=connect_timeout, high_water=high_water)
+
+
+def _check(key: str, value: object) -> Any:
+    """``value`` checked and converted for ``key``; raises ConfigError naming both."""
+    parser = _PARSERS.get(key)
+    if parser is None:
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(KEYS)})")
+    if key in _LISTS:
+        entries = [value] if isinstance(value, str) else value
+        if not isinstance(entries, list):
+            raise ConfigError(f"{key}: expected a list of addresses or networks, got {_show(value)}")
+        checked = []
+        for entry in entries:
+            try:
+                checked.append(parser(entry))
+            except _BadValue as error:
+                raise ConfigError(f"{key}: {error}, got {_show(entry)}") from None
+        return tuple(checked)
+    try:
+        return parser(value)
+    except _BadValue as error:
+        raise ConfigError(f"{key}: {error}, got {_show(value)}") from None
+
+
+def _make_rule(settings: Mapping[str, Any], base: Mapping[str, Any]) -> Rule:
+    """A Rule from checked ``settings`` over ``base`` (``listen`` and ``connect`` required)."""
+    for key in ("listen", "connect"):
+        if key not in settings:
+            raise ConfigError(f'{key}: missing (expected "host:port")')
+    fields = dict(base)
+    for key, value in settings.items():
+        if key == "listen":
+            fields["local_host"], fields["local_port"] = value
+        elif key == "connect":
+            fields["remote_host"], fields["remote_port"] = value
+        else:
+            fields[key] = value
+    try:
+        return Rule(**fields)
+    except ValueError as error:  # pragma: no cover - every key was checked above
+        raise ConfigError(str(error)) from None
+
+
+# -- -L ---------------------------------------------------------------------
+
+
+def _split_colons(text: str) -> List[str]:
+    """``["::1", "8080", "h", "80"]`` for ``[::1]:8080:h:80``: colons inside brackets are kept."""
+    parts: List[str] = []
+    rest = text
+    while True:
+        if rest.startswith("["):
+            end = rest.find("]")
+            if end < 0 or (end + 1 < len(rest) and rest[end + 1] != ":"):
+                raise _BadValue("")
+            parts.append(rest[1:end])
+            rest = rest[end + 1:]
+            if not rest:
+                return parts
+            rest = rest[1:]
+        else:
+            part, colon, rest = rest.partition(":")
+            parts.append(part)
+            if not colon:
+                return parts
+
+
+def parse_forward_spec(text: str, base: Optional[Mapping[str, Any]] = None) -> Rule:
+    """A Rule from ``[BIND:]PORT:HOST:HOSTPORT[,key=value...]`` (ssh's -L syntax).
+
+    ``BIND`` defaults to 127.0.0.1; IPv6 addresses go in brackets.  The
+    options are the config file's keys; a list key is repeated once per
+    entry.  ``base`` gives the values of keys not set (the built-in defaults
+    if omitted).  Raises ConfigError with a one-line message.
+    """
+    address, _, options = text.partition(",")
+    try:
+        parts = _split_colons(address)
+        if len(parts) == 3:
+            parts.insert(0, DEFAULT_BIND)
+        if len(parts) != 4 or not all(parts):
+            raise _BadValue("")
+    except _BadValue:
+        raise ConfigError(f"expected [BIND:]PORT:HOST:HOSTPORT[,key=value...] with IPv6 addresses in "
+                          f"brackets, got {_show(address)}") from None
+    bind, port, host, host_port = parts
+    settings: Dict[str, Any] = {
+        "listen": _check("listen", f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"),
+        "connect": _check("connect", f"[{host}]:{host_port}" if ":" in host else f"{host}:{host_port}"),
+    }
+    for option in options.split(",") if options else ():
+        key, equals, value = option.partition("=")
+        if not equals:
+            raise ConfigError(f"expected key=value after the address, got {_show(option)}")
+        if key in ("listen", "connect"):
+            raise ConfigError(f"{key}: given by [BIND:]PORT:HOST:HOSTPORT, not as an option")
+        checked = _check(key, value)
+        if key in _LISTS:
+            settings[key] = settings.get(key, ()) + checked
+        elif key in settings:
+            raise ConfigError(f"{key}: given twice, got {_show(value)}")
+        else:
+            settings[key] = checked
+    return _make_rule(settings, rule_defaults() if base is None else base)
+
+
+# -- the config file ----------------------------------------------------------
+
+
+def _rule_place(index: int, table: Mapping[str, Any]) -> str:
+    name = table.get("name")
+    return f"rule {index} ({_show(name)})" if isinstance(name, str) and name else f"rule {index}"
+
+
+def _syntax_error(path: str, error: Exception) -> ConfigError:
+    """``fwd.toml:3: ...`` for a TOML syntax error (its line, where the parser says it)."""
+    message = str(error)
+    line = getattr(error, "lineno", None)
+    if line is None:
+        found = re.search(r"\(at line (\d+), column \d+\)", message)
+        line = int(found.group(1)) if found else None
+    if line is None and "end of document" in message:
+        try:
+            with open(path, "rb") as source:
+                line = source.read().count(b"\n") + 1
+        except OSError:  # pragma: no cover - it was read a moment ago
+            pass
+    message = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)$", "", message)
+    return ConfigError(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+
+
+def load_config(path: str, base: Optional[Mapping[str, Any]] = None) -> List[Rule]:
+    """The rules of a TOML config file, ``[defaults]`` applied over ``base``.
+
+    Raises ConfigError with a one-line message naming the file, the rule
+    (its name or its index from 1), the key and the bad value.
+    """
+    try:
+        with open(path, "rb") as source:
+            document = tomllib.load(source)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:  # tomllib decodes as UTF-8
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise _syntax_error(path, error) from None
+    for table in document:
+        if table not in ("defaults", "rule"):
+            raise ConfigError(f"{path}: [{table}]: unknown table or key (expected [defaults] and [[rule]] tables)")
+    defaults = dict(rule_defaults() if base is None else base)
+    given_defaults = document.get("defaults", {})
+    if not isinstance(given_defaults, dict):
+        raise ConfigError(f"{path}: defaults: expected a [defaults] table, got {_show(given_defaults)}")
+    for key, value in given_defaults.items():
+        if key in _OWN:
+            raise ConfigError(f"{path}: [defaults]: {key}: not allowed in [defaults] (each rule has its own), "
+                              f"got {_show(value)}")
+        try:
+            defaults[key] = _check(key, value)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: [defaults]: {error}") from None
+    tables = document.get("rule", [])
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise ConfigError(f"{path}: rule: expected [[rule]] tables, got {_show(tables)}")
+    if not tables:
+        raise ConfigError(f"{path}: no [[rule]] table: nothing to forward")
+    rules: List[Rule] = []
+    places: List[str] = []
+    for index, table in enumerate(tables, 1):
+        place = f"{path}: {_rule_place(index, table)}"
+        try:
+            settings = {key: _check(key, value) for key, value in table.items()}
+            rules.append(_make_rule(settings, defaults))
+        except ConfigError as error:
+            raise ConfigError(f"{place}: {error}") from None
+        places.append(place)
+    check_unique(rules, places)
+    return rules
+
+
+def check_unique(rules: Sequence[Rule], places: Sequence[str]) -> None:
+    """ConfigError if two rules share a name or a listen address (``places[i]`` names rule i).
+
+    Rules on port 0 may share an address (each gets its own free port), but
+    then they need names: a rule without one is known by where it listens.
+    """
+    names: Dict[str, int] = {}
+    listens: Dict[Tuple[str, int], int] = {}
+    for index, rule in enumerate(rules):
+        if not rule.name and not rule.local_port and rule.label in names:
+            raise ConfigError(f"{places[index]}: name: missing, and {_show(rule.listen)} is already where "
+                              f"{_strip_file(places[names[rule.label]])} listens: give each rule on port 0 a name")
+        if not rule.name and not rule.local_port:
+            names[rule.label] = index
+        if rule.name:
+            if rule.name in names:
+                raise ConfigError(f"{places[index]}: name: {_show(rule.name)} is already the name of "
+                                  f"{_strip_file(places[names[rule.name]])}")
+            names[rule.name] = index
+        where = (rule.local_host, rule.local_port)
+        if rule.local_port:  # port 0: each rule gets its own free port
+            if where in listens:
+                raise ConfigError(f"{places[index]}: listen: {_show(rule.listen)} is already where "
+                                  f"{_strip_file(places[listens[where]])} listens")
+            listens[where] = index
+
+
+def _strip_file(place: str) -> str:
+    return place.rsplit(": ", 1)[-1]
+
+
+# -- showing rules ---------------------------------------------------------------
+
+
+def describe_rule(rule: Rule) -> str:
+    """One line with every key of ``rule`` (as ``--check-config`` prints it)."""
+    def networks(entries: Iterable[object], empty: str) -> str:
+        return ",".join(str(entry) for entry in entries) or empty
+
+    values = {
+        "name": rule.label,
+        "listen": rule.listen,
+        "connect": rule.remote,
+        "allow": networks(rule.allow, "all"),
+        "deny": networks(rule.deny, "none"),
+        "max_connections": rule.max_connections,
+        "max_per_client": rule.max_per_client,
+        "connect_timeout": f"{rule.connect_timeout:g}",
+        "idle_timeout": f"{rule.idle_timeout:g}",
+        "half_closed_timeout": f"{rule.half_closed_timeout:g}",
+        "backlog": rule.backlog,
+        "high_water": format_size(rule.high_water),
+    }
+    return " ".join(f"{key}={values[key]}" for key in KEYS)
+

@@ -1,0 +1,321 @@
+"""Rules from ``-L`` flags and TOML config files: parsing, precedence, and every error in one line.
+
+Everything here runs in-process: ``parse_forward_spec`` and ``load_config``
+directly, and ``cli.main`` for the exit status and the exact stderr line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from asyncore_fwd import cli
+from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size
+
+PROG = "asyncore-fwd"
+KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
+         "half_closed_timeout, backlog, high_water")
+GOOD_RULE = '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = "127.0.0.1:80"\n'
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run in a fresh directory, so that messages name ``fwd.toml`` as given; restore the logger."""
+    monkeypatch.chdir(tmp_path)
+    logger = logging.getLogger("asyncore_fwd")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
+def write(text: str, name: str = "fwd.toml") -> str:
+    Path(name).write_text(text)
+    return name
+
+
+def run(argv: List[str], capsys: pytest.CaptureFixture[str]) -> tuple:
+    """``cli.main(argv)`` as the command runs it: (exit status, stdout, stderr)."""
+    try:
+        status = cli.main(argv)
+    except SystemExit as exited:
+        status = exited.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# -- config file errors: the exact line, exit 2 -----------------------------------
+
+CONFIG_ERRORS = [
+    ("bad-seconds",
+     GOOD_RULE + '[[rule]]\nname = "web"\nlisten = "127.0.0.1:8081"\nconnect = "h:80"\nidle_timeout = "soon"\n',
+     'fwd.toml: rule 2 ("web"): idle_timeout: expected a number of seconds >= 0, got "soon"'),
+    ("negative-seconds", GOOD_RULE + "half_closed_timeout = -1\n",
+     "fwd.toml: rule 1: half_closed_timeout: expected a number of seconds >= 0, got -1"),
+    ("zero-connect-timeout", GOOD_RULE + "connect_timeout = 0\n",
+     "fwd.toml: rule 1: connect_timeout: expected a positive number of seconds, got 0"),
+    ("unknown-key", GOOD_RULE + 'listn = "x"\n',
+     f'fwd.toml: rule 1: listn: unknown key (known: {KNOWN})'),
+    ("unknown-table", '[server]\nport = 1\n' + GOOD_RULE,
+     "fwd.toml: [server]: unknown table or key (expected [defaults] and [[rule]] tables)"),
+    ("unknown-top-level-key", 'port = 1\n' + GOOD_RULE,
+     "fwd.toml: [port]: unknown table or key (expected [defaults] and [[rule]] tables)"),
+    ("rule-as-table", '[rule]\nlisten = "127.0.0.1:1"\n',
+     'fwd.toml: rule: expected [[rule]] tables, got {"listen": "127.0.0.1:1"}'),
+    ("duplicate-name", '[[rule]]\nname = "web"\nlisten = "127.0.0.1:1"\nconnect = "h:80"\n'
+                       '[[rule]]\nname = "web"\nlisten = "127.0.0.1:2"\nconnect = "h:80"\n',
+     'fwd.toml: rule 2 ("web"): name: "web" is already the name of rule 1 ("web")'),
+    ("duplicate-listen", GOOD_RULE + GOOD_RULE,
+     'fwd.toml: rule 2: listen: "127.0.0.1:8080" is already where rule 1 listens'),
+    ("port-0-twice-without-names", '[[rule]]\nlisten = "127.0.0.1:0"\nconnect = "h:1"\n' * 2,
+     'fwd.toml: rule 2: name: missing, and "127.0.0.1:0" is already where rule 1 listens: give each rule on '
+     'port 0 a name'),
+    ("missing-connect", '[[rule]]\nname = "db"\nlisten = "127.0.0.1:1"\n',
+     'fwd.toml: rule 1 ("db"): connect: missing (expected "host:port")'),
+    ("missing-listen", '[[rule]]\nconnect = "h:1"\n',
+     'fwd.toml: rule 1: listen: missing (expected "host:port")'),
+    ("listen-without-port", '[[rule]]\nlisten = "127.0.0.1"\nconnect = "h:1"\n',
+     'fwd.toml: rule 1: listen: expected "host:port", like "127.0.0.1:8080", got "127.0.0.1"'),
+    ("ipv6-without-brackets", '[[rule]]\nlisten = "::1:8080"\nconnect = "h:1"\n',
+     'fwd.toml: rule 1: listen: expected "host:port" with an IPv6 address in brackets, like "[::1]:8080", '
+     'got "::1:8080"'),
+    ("connect-port-0", '[[rule]]\nlisten = "127.0.0.1:1"\nconnect = "h:0"\n',
+     'fwd.toml: rule 1: connect: expected "host:port" with a port from 1 to 65535, got "h:0"'),
+    ("listen-not-a-string", '[[rule]]\nlisten = 8080\nconnect = "h:1"\n',
+     'fwd.toml: rule 1: listen: expected "host:port", got 8080'),
+    ("bad-allow", GOOD_RULE + 'allow = ["10.0.0.0/8", "10.0.0.300"]\n',
+     'fwd.toml: rule 1: allow: expected an address or a network, like 10.0.0.0/8, 192.0.2.7 or ::1, '
+     'got "10.0.0.300"'),
+    ("allow-not-a-list", GOOD_RULE + 'allow = 10\n',
+     "fwd.toml: rule 1: allow: expected a list of addresses or networks, got 10"),
+    ("bool-limit", GOOD_RULE + "max_per_client = true\n",
+     "fwd.toml: rule 1: max_per_client: expected an integer >= 0 (0 = no limit), got true"),
+    ("negative-limit", GOOD_RULE + "max_connections = -1\n",
+     "fwd.toml: rule 1: max_connections: expected an integer >= 0 (0 = no limit), got -1"),
+    ("big-backlog", GOOD_RULE + "backlog = 70000\n",
+     "fwd.toml: rule 1: backlog: expected an integer from 0 to 65535, got 70000"),
+    ("bad-size", GOOD_RULE + 'high_water = "1T"\n',
+     'fwd.toml: rule 1: high_water: expected a positive number of bytes, like 65536, 512K, 1M or 1G, got "1T"'),
+    ("bad-name", GOOD_RULE + 'name = "my web"\n',
+     'fwd.toml: rule 1 ("my web"): name: expected a name of letters, digits, \'_\', \'.\' and \'-\', '
+     'got "my web"'),
+    ("defaults-bad-value", '[defaults]\nmax_connections = "many"\n' + GOOD_RULE,
+     'fwd.toml: [defaults]: max_connections: expected an integer >= 0 (0 = no limit), got "many"'),
+    ("defaults-own-key", '[defaults]\nlisten = "127.0.0.1:1"\n' + GOOD_RULE,
+     'fwd.toml: [defaults]: listen: not allowed in [defaults] (each rule has its own), got "127.0.0.1:1"'),
+    ("defaults-unknown-key", '[defaults]\ntimeout = 1\n' + GOOD_RULE,
+     f"fwd.toml: [defaults]: timeout: unknown key (known: {KNOWN})"),
+    ("no-rules", '[defaults]\nbacklog = 1\n', "fwd.toml: no [[rule]] table: nothing to forward"),
+]
+
+
+@pytest.mark.parametrize("text, line", [case[1:] for case in CONFIG_ERRORS], ids=[case[0] for case in CONFIG_ERRORS])
+@pytest.mark.parametrize("check", [False, True], ids=["run", "check-config"])
+def test_config_error_is_one_line_naming_file_rule_key_and_value_and_exits_2(
+        text: str, line: str, check: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each bad config: exactly one stderr line, exit 2, with or without --check-config."""
+    write(text)
+    status, out, err = run(["-c", "fwd.toml"] + (["--check-config"] if check else []), capsys)
+    assert (status, out, err) == (2, "", f"{PROG}: error: {line}\n")
+
+
+@pytest.mark.parametrize("text, line", [
+    ('[[rule]]\nlisten = "127.0.0.1:1"\nconnect "h:1"\n', 3),
+    (GOOD_RULE + '[[rule]]\nname = "unterminated\n', 5),
+    ('[[rule]]\nlisten = "127.0.0.1:1"\nlisten = "127.0.0.1:2"\n', 3),
+], ids=["missing-equals", "unterminated-string", "duplicate-key"])
+def test_toml_syntax_error_names_file_and_line(text: str, line: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """A TOML syntax error: ``file:line: what``, one line, exit 2."""
+    write(text)
+    status, out, err = run(["-c", "fwd.toml", "--check-config"], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith(f"{PROG}: error: fwd.toml:{line}: ") and err.count("\n") == 1, err
+
+
+def test_missing_config_file_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A config file that does not exist: one line naming it, exit 2."""
+    status, out, err = run(["-c", "nowhere.toml"], capsys)
+    assert (status, err) == (2, f"{PROG}: error: nowhere.toml: cannot read it: No such file or directory\n")
+
+
+# -- flag errors: the exact line, exit 2 ----------------------------------------------
+
+FLAG_ERRORS = [
+    (["-L", "8080:h"], '-L "8080:h": expected [BIND:]PORT:HOST:HOSTPORT[,key=value...] with IPv6 addresses '
+                       'in brackets, got "8080:h"'),
+    (["-L", "::1:8080:h:80"], '-L "::1:8080:h:80": expected [BIND:]PORT:HOST:HOSTPORT[,key=value...] with IPv6 '
+                              'addresses in brackets, got "::1:8080:h:80"'),
+    (["-L", "8080:h:80,idle_timeout=soon"],
+     '-L "8080:h:80,idle_timeout=soon": idle_timeout: expected a number of seconds >= 0, got "soon"'),
+    (["-L", "8080:h:80,idle_timeout=nan"],
+     '-L "8080:h:80,idle_timeout=nan": idle_timeout: expected a number of seconds >= 0, got "nan"'),
+    (["-L", "8080:h:80,colour=red"], f'-L "8080:h:80,colour=red": colour: unknown key (known: {KNOWN})'),
+    (["-L", "8080:h:80,allow"], '-L "8080:h:80,allow": expected key=value after the address, got "allow"'),
+    (["-L", "8080:h:80,name=a,name=b"], '-L "8080:h:80,name=a,name=b": name: given twice, got "b"'),
+    (["-L", "8080:h:80,listen=127.0.0.1:1"],
+     '-L "8080:h:80,listen=127.0.0.1:1": listen: given by [BIND:]PORT:HOST:HOSTPORT, not as an option'),
+    (["-L", "http:h:80"], '-L "http:h:80": listen: expected "host:port" with a port from 0 to 65535, '
+                          'got "127.0.0.1:http"'),
+    (["-L", "8080:h:80,allow=bad"], '-L "8080:h:80,allow=bad": allow: expected an address or a network, '
+                                    'like 10.0.0.0/8, 192.0.2.7 or ::1, got "bad"'),
+    (["-L", "8080:h:80,high_water=1T"], '-L "8080:h:80,high_water=1T": high_water: expected a positive number '
+                                        'of bytes, like 65536, 512K, 1M or 1G, got "1T"'),
+    (["-L", "8080:h:80", "-L", "8080:g:81"],
+     '-L "8080:g:81": listen: "127.0.0.1:8080" is already where -L "8080:h:80" listens'),
+    (["-L", "1:h:80,name=a", "-L", "2:h:80,name=a"],
+     '-L "2:h:80,name=a": name: "a" is already the name of -L "1:h:80,name=a"'),
+    (["-l", "0.0.0.0", "-L", "8080:h:80"],
+     "-l cannot be combined with -L or -c: give every rule with -L or in the config file"),
+    (["-p", "1", "-r", "h", "-P", "2", "-c", "fwd.toml"],
+     "-p/-r/-P cannot be combined with -L or -c: give every rule with -L or in the config file"),
+    (["-l", "2024", "-r", "h", "-P", "80", "-p", "1"], "-l takes an address; did you mean -p 2024?"),
+    (["-r", "80", "-P", "80", "-p", "1"], "-r takes a host; did you mean -P 80?"),
+    ([], "the following arguments are required: -p/--local-port, -r/--remote-ip, -P/--remote-port "
+         "(or give rules with -L or -c)"),
+    (["-L", "1:h:2", "--high-water", "1T"], "argument --high-water: invalid size '1T': expected a positive "
+                                            "number of bytes, like 65536, 512K, 1M or 1G"),
+    (["-L", "1:h:2", "--drain-timeout", "-1"], "argument --drain-timeout: invalid time '-1': expected a number "
+                                               "of seconds >= 0"),
+    (["-L", "1:h:2", "--metrics", "a:b"], "argument --metrics: invalid address 'a:b': expected [HOST:]PORT, "
+                                          "like 9100 or 127.0.0.1:9100 ([::1]:9100 for IPv6)"),
+    (["-L", "1:h:2", "--log-format", "xml"], "argument --log-format: invalid choice: 'xml' (choose from 'text', "
+                                             "'json')"),
+]
+
+
+@pytest.mark.parametrize("argv, line", FLAG_ERRORS, ids=[" ".join(case[0]) or "nothing" for case in FLAG_ERRORS])
+def test_bad_flag_is_one_usage_line_and_exits_2(argv: List[str], line: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Each bad flag value: exactly one stderr line naming it, exit 2, nothing started.
+
+    Rules that collide are a config error (they may come from the file), so
+    their line does not point at --help.
+    """
+    write(GOOD_RULE)
+    status, out, err = run(argv + ["--check-config"], capsys)
+    suffix = "" if "is already" in line else " (see --help)"
+    assert (status, out, err) == (2, "", f"{PROG}: error: {line}{suffix}\n")
+
+
+def test_errors_never_show_resolver_error_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unresolvable name says what failed, without ``[Errno -2]``."""
+    status, out, err = run(["-p", "0", "-r", "no-such-host.invalid", "-P", "80", "--workers", "2"], capsys)
+    assert status == 1
+    assert "no-such-host.invalid" in err and "[Errno" not in err
+    status, out, err = run(["-l", "no-such-host.invalid", "-p", "0", "-r", "127.0.0.1", "-P", "80",
+                            "--workers", "2"], capsys)
+    assert status == 1
+    assert "no-such-host.invalid" in err and "[Errno" not in err
+
+
+# -- -L parsing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, listen, remote", [
+    ("8080:example.org:80", ("127.0.0.1", 8080), ("example.org", 80)),
+    ("0.0.0.0:8080:10.0.0.5:80", ("0.0.0.0", 8080), ("10.0.0.5", 80)),
+    ("[::1]:8080:[2001:db8::1]:80", ("::1", 8080), ("2001:db8::1", 80)),
+    ("8080:[2001:db8::1]:80", ("127.0.0.1", 8080), ("2001:db8::1", 80)),
+    ("[::]:0:host.example:65535", ("::", 0), ("host.example", 65535)),
+    ("localhost:8080:h:1", ("localhost", 8080), ("h", 1)),
+], ids=["default-bind", "ipv4-bind", "ipv6-both", "ipv6-host", "ipv6-any-port-0", "name-bind"])
+def test_forward_spec_reads_ssh_syntax_with_ipv6_in_brackets(spec: str, listen: tuple, remote: tuple) -> None:
+    """[BIND:]PORT:HOST:HOSTPORT, BIND 127.0.0.1 by default, brackets around IPv6 addresses."""
+    rule = parse_forward_spec(spec)
+    assert (rule.local_host, rule.local_port) == listen
+    assert (rule.remote_host, rule.remote_port) == remote
+
+
+def test_forward_spec_options_set_every_key_and_repeat_list_keys() -> None:
+    """Options after commas: every config key; allow/deny repeated once per entry."""
+    rule = parse_forward_spec("8080:h:80,name=web,allow=10.0.0.0/8,allow=::1,deny=10.9.0.0/16,max_connections=5,"
+                              "max_per_client=2,connect_timeout=1.5,idle_timeout=60,half_closed_timeout=5,"
+                              "backlog=128,high_water=1M")
+    assert rule.name == "web"
+    assert rule.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))
+    assert rule.deny == (ipaddress.ip_network("10.9.0.0/16"),)
+    assert (rule.max_connections, rule.max_per_client, rule.backlog, rule.high_water) == (5, 2, 128, 1 << 20)
+    assert (rule.connect_timeout, rule.idle_timeout, rule.half_closed_timeout) == (1.5, 60.0, 5.0)
+
+
+def test_forward_spec_error_is_a_config_error() -> None:
+    """parse_forward_spec raises ConfigError (a ValueError) for a bad spec."""
+    with pytest.raises(ConfigError):
+        parse_forward_spec("8080")
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("text, size", [("65536", 65536), ("512K", 512 << 10), ("2m", 2 << 20), ("1G", 1 << 30),
+                                        (4096, 4096)])
+def test_sizes_accept_k_m_and_g_suffixes(text: object, size: int) -> None:
+    """Sizes are bytes, or K, M, G (binary multiples), upper or lower case."""
+    assert parse_size(text) == size
+
+
+# -- precedence -------------------------------------------------------------------------
+
+
+def test_rule_keys_override_defaults_which_override_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """Built-in < command-line flags < [defaults] < the rule's own keys."""
+    write('[defaults]\nconnect_timeout = 3\nidle_timeout = 30\n'
+          '[[rule]]\nname = "a"\nlisten = "127.0.0.1:1"\nconnect = "h:1"\nidle_timeout = 60\n')
+    status, out, err = run(["-c", "fwd.toml", "--connect-timeout", "7", "--backlog", "99", "--check-config"],
+                           capsys)
+    assert (status, err) == (0, "")
+    assert " connect_timeout=3 idle_timeout=60 " in out
+    assert " backlog=99 " in out
+
+
+def test_rule_allow_replaces_the_defaults_allow() -> None:
+    """A rule's own allow list replaces [defaults]' (it is not added to it); deny the same."""
+    path = write('[defaults]\nallow = ["10.0.0.0/8"]\ndeny = ["10.1.0.0/16"]\n'
+                 '[[rule]]\nlisten = "127.0.0.1:1"\nconnect = "h:1"\nallow = ["192.0.2.0/24"]\n'
+                 '[[rule]]\nlisten = "127.0.0.1:2"\nconnect = "h:1"\ndeny = []\n')
+    first, second = load_config(path)
+    assert first.allow == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert first.deny == (ipaddress.ip_network("10.1.0.0/16"),)
+    assert second.allow == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert second.deny == ()
+
+
+def test_port_0_may_repeat_with_names() -> None:
+    """Two named rules on port 0 of one address do not collide: each gets its own free port."""
+    path = write('[[rule]]\nname = "a"\nlisten = "127.0.0.1:0"\nconnect = "h:1"\n'
+                 '[[rule]]\nname = "b"\nlisten = "127.0.0.1:0"\nconnect = "h:2"\n')
+    assert len(load_config(path)) == 2
+
+
+# -- --check-config ---------------------------------------------------------------------
+
+
+def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """One line per rule (config rules after -L rules), every key, defaults applied; nothing on stderr."""
+    write('[defaults]\nmax_per_client = 4\nallow = ["10.0.0.0/8", "::1"]\n'
+          '[[rule]]\nname = "web"\nlisten = "0.0.0.0:8080"\nconnect = "example.org:80"\nidle_timeout = 300\n'
+          '[[rule]]\nlisten = "[::1]:5433"\nconnect = "[2001:db8::5]:5432"\nallow = []\nhigh_water = "2M"\n')
+    status, out, err = run(["-c", "fwd.toml", "-L", "9000:h:90,deny=192.0.2.1", "--check-config"], capsys)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        "name=127.0.0.1:9000 listen=127.0.0.1:9000 connect=h:90 allow=all deny=192.0.2.1/32 max_connections=0 "
+        "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=512K",
+        "name=web listen=0.0.0.0:8080 connect=example.org:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
+        "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 high_water=512K",
+        "name=[::1]:5433 listen=[::1]:5433 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
+        "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=2M",
+    ]
+
+
+def test_check_config_shows_the_one_rule_form_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """The article's flags make one rule, printed the same way."""
+    status, out, err = run(["-p", "8080", "-r", "h", "-P", "80", "--high-water", "1G", "--check-config"], capsys)
+    assert (status, err) == (0, "")
+    assert out == describe_rule(parse_forward_spec("8080:h:80,high_water=1G")) + "\n"
+
+
+def test_check_config_does_not_resolve_or_bind(capsys: pytest.CaptureFixture[str]) -> None:
+    """--check-config reads the rules only: an unknown host and a privileged port are no error there."""
+    status, out, err = run(["-L", "1:no-such-host.invalid:80", "--check-config"], capsys)
+    assert (status, err) == (0, "")
