@@ -39,6 +39,7 @@ from ._rules import Rule
 from ._stats import COUNTERS
 from ._timers import forget
 from ._wakeup import LoopCalls
+from .toxics import Toxic
 
 __all__ = ["Service"]
 
@@ -63,10 +64,13 @@ class Service:
     is the asyncore map to join (a new one by default).
     """
 
-    def __init__(self, rules: Sequence[Rule], *, map: Optional[SocketMap] = None) -> None:
+    def __init__(self, rules: Sequence[Rule], *, map: Optional[SocketMap] = None,
+                 toxics: Sequence[Tuple[Toxic, str]] = ()) -> None:
         rules = list(rules)
         _check_labels(rules)
         self.map: SocketMap = {} if map is None else map
+        #: (toxic, direction) added to every rule's forwarder, reloaded ones too.
+        self.toxics = list(toxics)
         #: The running forwarders, by ``rule.label``.
         self.forwarders: Dict[str, Forwarder] = {}
         #: Forwarders that stopped accepting, served until their last connection closes.
@@ -87,6 +91,8 @@ class Service:
 
     def _start(self, rule: Rule, **takeover: Any) -> Forwarder:
         fwd = Forwarder.from_rule(rule, self.map, **takeover)
+        for toxic, direction in self.toxics:
+            fwd.add_toxic(toxic, direction)
         details = {"rule": rule.label, "listen": format_address(fwd.address), "target": rule.remote}
         log.info("%s: forwarding %s to %s", rule.label, details["listen"], rule.remote,
                  extra={"event": "start", "details": details})

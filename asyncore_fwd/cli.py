@@ -106,6 +106,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: {error}") from None
 
 
+def _toxic(text: str) -> Tuple[Any, str]:
+    """An argparse type: a toxic spec, as (toxic, direction)."""
+    from .toxics import parse_toxic_spec
+    try:
+        return parse_toxic_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _metrics_address(text: str) -> Tuple[str, int]:
     """``[HOST:]PORT`` for --metrics (HOST defaults to 127.0.0.1)."""
     try:
@@ -190,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "127.0.0.1)")
     process.add_argument("--pidfile", metavar="PATH",
                          help="write the process id there once listening; removed at exit")
+    process.add_argument("--toxic", type=_toxic, action="append", default=[], metavar="SPEC",
+                         help="inject a fault into every connection, for experiments: "
+                              "[DIRECTION:]NAME[=VALUE][,KEY=VALUE...], e.g. downstream:latency=100ms,jitter=10ms "
+                              "(latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close); repeatable")
     process.add_argument("--trace", action="store_true",
                          help="write a line to stderr for every loop round and every handler call "
                               "(slow: for learning and debugging)")
@@ -331,6 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rules = [_one_rule(parser, args)]
     if args.workers > 1 and not _workers.AVAILABLE:
         parser.error("--workers above 1 needs SO_REUSEPORT and fork(), which this platform lacks")
+    if args.toxic and args.splice:
+        parser.error("--toxic needs the copy relay: with --splice the bytes never enter Python")
     if args.workers > 1 and args.metrics:
         parser.error("--metrics cannot be combined with --workers: each worker counts only its own connections")
     if args.check_config:
@@ -451,7 +466,7 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
     written_pidfile = None
     try:
         try:
-            service = Service(rules, map={})
+            service = Service(rules, map={}, toxics=args.toxic)
         except (OSError, ValueError) as error:
             return _fail(error)
         signals.service = service

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
 
@@ -378,3 +379,32 @@ def test_help_runs_with_warnings_as_errors() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.startswith(f"usage: {PROG} ")
+
+
+# -- --toxic ---------------------------------------------------------------------
+
+
+def test_toxic_flag_delays_every_reply(spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
+    """--toxic downstream:latency=200ms: each reply through the forwarder comes about 200 ms late."""
+    proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port),
+                           "--toxic", "downstream:latency=200ms"])
+    with socket.create_connection(("127.0.0.1", proc.start_port()), timeout=WAIT) as client:
+        started = time.monotonic()
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        assert 0.19 <= time.monotonic() - started < 2.0
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--toxic", "latency=soon"], "argument --toxic: bad toxic 'latency=soon': seconds: expected a value like "
+                                  "100ms or 1.5s, not 'soon' (see --help)"),
+    (["--toxic", "upstream:poison"], "argument --toxic: bad toxic 'upstream:poison': unknown toxic 'poison' (one "
+                                     "of latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close) "
+                                     "(see --help)"),
+    (["--toxic", "latency=1", "--splice"], "--toxic needs the copy relay: with --splice the bytes never enter "
+                                           "Python (see --help)"),
+])
+def test_bad_toxic_flags_are_usage_errors(argv: List[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    line = usage_error(["-p", "0", "-r", "127.0.0.1", "-P", "9", *argv], capsys)
+    assert line == f"{cli.PROG}: error: {message}"

@@ -9,11 +9,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from asyncore_fwd import Forwarder
+from asyncore_fwd import Forwarder, Rule, Service
+from asyncore_fwd._wakeup import LoopCalls
 from asyncore_fwd.toxics import (
     Bandwidth,
     Latency,
@@ -305,3 +306,46 @@ def test_bad_toxic_specs_get_one_line_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_toxic_spec(spec)
     assert str(caught.value) == f"bad toxic {spec!r}: {message}"
+
+
+# -- with a Service: toxics per rule ------------------------------------------------
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Service]]:
+    """``serve(rules, **options)``: a Service serving in a thread, stopped at teardown."""
+    running: List[Tuple[Service, threading.Thread]] = []
+
+    def start(rules: List[Rule], **options: object) -> Service:
+        service = Service(rules, map={}, **options)  # type: ignore[arg-type]
+        thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        running.append((service, thread))
+        wait_for(lambda: LoopCalls.of(service.map) is not None, what="the loop to take calls")
+        return service
+
+    yield start
+    for service, thread in running:
+        service.stop()
+        thread.join(WAIT)
+
+
+def named(name: str, port: int) -> Rule:
+    return Rule("127.0.0.1", 0, "127.0.0.1", port, name=name)
+
+
+def test_each_rule_of_a_service_has_its_own_toxics(serve, echo_server: EchoServer) -> None:
+    service = serve([named("slow", echo_server.port), named("fast", echo_server.port)])
+    service.forwarders["slow"].add_toxic(Latency(0.2))
+    with socket.create_connection(service.forwarders["fast"].address, timeout=WAIT) as fast, \
+            socket.create_connection(service.forwarders["slow"].address, timeout=WAIT) as slow:
+        assert echo_time(fast) < 0.15
+        assert echo_time(slow) >= 0.19
+
+
+def test_service_toxics_reach_the_rules_a_reload_adds(serve, echo_server: EchoServer) -> None:
+    service = serve([named("first", echo_server.port)], toxics=[(Latency(0.2), "downstream")])
+    service.reload([named("first", echo_server.port), named("added", echo_server.port)])
+    wait_for(lambda: "added" in service.forwarders, what="the reload")
+    with socket.create_connection(service.forwarders["added"].address, timeout=WAIT) as client:
+        assert echo_time(client) >= 0.19
