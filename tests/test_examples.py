@@ -41,3 +41,16 @@ def test_retry_example_runs_with_the_installed_pytest_plugin() -> None:
                             capture_output=True, text=True, timeout=6 * WAIT, cwd=EXAMPLES)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 passed" in result.stdout
+
+
+def test_example_config_checks_and_the_readme_shows_it_as_it_is() -> None:
+    """examples/fwd.toml passes --check-config; the README shows that file and that output, unchanged."""
+    config = EXAMPLES / "fwd.toml"
+    result = subprocess.run([sys.executable, "-m", "asyncore_fwd", "-c", str(config), "--check-config"],
+                            capture_output=True, text=True, timeout=3 * WAIT)
+    assert result.returncode == 0, result.stderr
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    body = config.read_text(encoding="utf-8").split("\n\n", 1)[1]  # after the comment heading
+    assert f"```toml\n{body}```" in readme
+    for line in result.stdout.splitlines():
+        assert f"    {line}\n" in readme
