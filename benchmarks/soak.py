@@ -46,7 +46,6 @@ import selectors
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import threading
@@ -58,7 +57,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from benchlib import BENCH, HOST, ROOT, raise_fd_limit, status_kib
 
-LINGER_ABORT = struct.pack("ii", 1, 0)
+from asyncore_fwd._net import reset  # close with RST
+
 GREETING = b"GREETING-THEN-RESET\n" * 50  # what a server that resets at once sends first
 KINDS = {  # transfer kind: weight
     "echo": 35, "slow-echo": 15, "urgent-echo": 10, "reply-after-eof": 15, "server-reset": 10,
@@ -72,15 +72,6 @@ def payload(seed: int, size: int) -> bytes:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with RST."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
-    except OSError:
-        pass
-    sock.close()
 
 
 def port_below_ephemeral_range() -> int:

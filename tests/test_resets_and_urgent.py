@@ -17,16 +17,11 @@ import pytest
 
 import asyncore_fwd
 from asyncore_fwd import Forwarder, Receiver, _splice
+from asyncore_fwd._net import reset  # close with RST, as a crashing or aborting peer does
 from conftest import WAIT, open_fds, recv_all, recv_until_reset, wait_for
 
 KiB = 1024
 URGENT = b"\xff"
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with RST, as a crashing or aborting peer does."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def dead_port() -> int:
