@@ -117,8 +117,9 @@ class EpollLoop:
             self._next_sweep = now + self.sweep_interval
         self._refresh()
         always_ready = self._always_ready
-        for fd in [fd for fd in always_ready if self.map.get(fd) is not self._registered[fd]]:
-            self._forget(fd)  # left the map: its "ready" would keep the wait at 0 until a sweep
+        if always_ready:
+            for fd in [fd for fd in always_ready if self.map.get(fd) is not self._registered[fd]]:
+                self._forget(fd)  # left the map: its "ready" would keep the wait at 0 until a sweep
         timers = existing_timers(self.map)
         if timers is not None:
             timeout = timers.wait_limit(timeout)
