@@ -302,6 +302,7 @@ def test_one_ctrl_c_with_two_workers_prints_one_line(spawn: Spawn, echo_server: 
     """SIGINT to the whole process group (what Ctrl-C does): exit 0 and a single line."""
     proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--workers", "2"])
     assert echo_through(rule_port(proc, "echo"), b"hi") == b"hi"
+    proc.wait_line(r"with 2 workers$")  # the supervisor's start line comes after the workers' ones
     before = len(proc.lines)
     os.killpg(proc.process.pid, signal.SIGINT)
     assert proc.process.wait(timeout=WAIT) == 0
