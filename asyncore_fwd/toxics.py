@@ -348,15 +348,21 @@ class _Link:
         self.held = 0
         self.blocked = False
         self._eof_started = self._eof_through = False
-        # Take the place of three methods of these two sides only.
-        writer.forward = self._forward  # type: ignore[method-assign]
-        writer.shutdown_write = self._shutdown_write  # type: ignore[method-assign]
-        reader.readable = self._readable  # type: ignore[method-assign]
+        self.installed = False
+
+    def install(self) -> None:
+        """Take the place of three methods of these two sides only."""
+        self.writer.forward = self._forward  # type: ignore[method-assign]
+        self.writer.shutdown_write = self._shutdown_write  # type: ignore[method-assign]
+        self.reader.readable = self._readable  # type: ignore[method-assign]
+        self.installed = True
 
     def now(self) -> float:
         return time.monotonic()
 
     def add(self, toxic: Toxic) -> None:
+        if not self.installed:
+            self.install()
         self.toxics.append(toxic)
         toxic.attached(self)
 
@@ -372,6 +378,7 @@ class _Link:
         """Give the sides their plain methods back."""
         for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.reader, "readable")):
             side.__dict__.pop(name, None)
+        self.installed = False
         if self._eof_started and not self._eof_through and not self.conn.closed:
             self._eof_through = True
             self._final_eof()

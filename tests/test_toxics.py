@@ -349,3 +349,13 @@ def test_service_toxics_reach_the_rules_a_reload_adds(serve, echo_server: EchoSe
     wait_for(lambda: "added" in service.forwarders, what="the reload")
     with socket.create_connection(service.forwarders["added"].address, timeout=WAIT) as client:
         assert echo_time(client) >= 0.19
+
+
+def test_a_toxic_added_again_after_removal_acts_again(proxy: Forwarder) -> None:
+    """Removing the last toxic gives a connection its plain relay back; a new toxic takes it again."""
+    with socket.create_connection(proxy.address, timeout=WAIT) as client:
+        with proxy.toxic(Latency(0.2)):
+            assert echo_time(client) >= 0.19
+        assert echo_time(client) < 0.15
+        with proxy.toxic(Latency(0.2)):
+            assert echo_time(client) >= 0.19
