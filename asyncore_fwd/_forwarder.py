@@ -249,7 +249,10 @@ class Forwarder(_Dispatcher):
         """Make ``toxic`` act on ``direction`` of open and new connections; returns its handle.
 
         ``direction`` is ``"upstream"`` (client to server), ``"downstream"``
-        or ``"both"``.  Safe from any thread: the toxic acts once this returns.
+        or ``"both"``.  The toxic acts once this returns.  Safe from any
+        thread while ``serve_forever`` (or ``running()``, or a ``Service``)
+        runs the loop; under your own ``asyncore.loop``, call it from the
+        loop's thread.
         """
         if not isinstance(toxic, Toxic):
             raise TypeError(f"add_toxic() takes a Toxic, not {toxic!r}")
