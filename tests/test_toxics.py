@@ -126,7 +126,9 @@ def test_slicer_delivers_small_segments(proxy: Forwarder) -> None:
             client.sendall(b"s" * 300)
             sizes: List[int] = []
             while sum(sizes) < 300:
-                sizes.append(len(client.recv(1000)))
+                chunk = client.recv(1000)  # the socket's timeout bounds each wait
+                assert chunk, f"EOF after {sum(sizes)} of 300 bytes"
+                sizes.append(len(chunk))
             assert max(sizes) <= 24 and len(sizes) >= 10
 
 
