@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import select
 import time
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, FrozenSet, Optional, Set, Tuple
 
 from ._compat import asyncore
 from ._timers import existing_timers
@@ -121,6 +121,8 @@ class EpollLoop:
             for fd in [fd for fd in always_ready if self.map.get(fd) is not self._registered[fd]]:
                 self._forget(fd)  # left the map: its "ready" would keep the wait at 0 until a sweep
         timers = existing_timers(self.map)
+        if timers is not None and not timers._heap:
+            timers = None  # none pending: two calls fewer per round (cancelled ones stay in the heap)
         if timers is not None:
             timeout = timers.wait_limit(timeout)
         try:
@@ -136,14 +138,27 @@ class EpollLoop:
             if timers is not None:
                 timers.run_due()
             return
-        map_, dirty, registered, sockets = self.map, self._dirty, self._registered, self._sockets
+        # Typed Any: an identity test against what they hold says nothing of its type.
+        map_: Any = self.map
+        registered: Any = self._registered
+        dirty, sockets = self._dirty, self._sockets
         for fd, flags in events:
             channel = map_.get(fd)
-            if channel is None or not _holds(registered, fd, channel) or sockets[fd] is not channel.socket:
+            if channel is None or registered.get(fd) is not channel or sockets[fd] is not channel.socket:
                 # Closed earlier in this round, and maybe its descriptor number
                 # already reused: the event was for the old socket.
                 continue
-            asyncore.readwrite(channel, flags)
+            if flags == _READ_ONLY and channel.connected and type(channel).handle_read_event is _PLAIN_READ_EVENT:
+                # The common event: data on a connected socket.  asyncore's
+                # readwrite() and handle_read_event() would end up here, two
+                # calls later; a class with its own handle_read_event (or a
+                # traced one) goes the long way.
+                try:
+                    channel.handle_read()
+                except BaseException as error:
+                    _failed(channel, error)
+            else:
+                asyncore.readwrite(channel, flags)
             dirty.add(channel)
             peer = getattr(channel, "peer", None)
             if getattr(peer, "_map", None) is map_:  # a dispatcher of this map
@@ -163,20 +178,22 @@ class EpollLoop:
 
     def _refresh(self) -> None:
         """Bring the epoll registrations of the dirty dispatchers up to date."""
-        registered, masks, epoll = self._registered, self._masks, self._epoll
+        registered: Any = self._registered
+        masks, epoll = self._masks, self._epoll
         # A predicate may change the map (a connect timing out starts the next
         # attempt): what it adds is asked next round.
         dirty, self._dirty = self._dirty, set()
+        map_: Any = self.map
         for channel in dirty:
             fd = channel._fileno
-            if fd is None or not _holds(self.map, fd, channel):
+            if fd is None or map_.get(fd) is not channel:
                 continue
             mask = 0
             if channel.readable():
                 mask = select.EPOLLIN | select.EPOLLPRI
             if channel.writable() and not channel.accepting:
                 mask |= select.EPOLLOUT
-            if not _holds(registered, fd, channel) or self._sockets[fd] is not channel.socket:
+            if registered.get(fd) is not channel or self._sockets[fd] is not channel.socket:
                 if fd in registered:
                     self._forget(fd)
                 if mask:
@@ -214,6 +231,23 @@ class EpollLoop:
             self._epoll.unregister(fd)
         except OSError:
             pass  # closed already: the kernel dropped it from the epoll set
+
+
+_READ_ONLY = select.EPOLLIN
+_PLAIN_READ_EVENT = asyncore.dispatcher.handle_read_event
+# What asyncore's readwrite() lets through, and the errors it reads as a disconnect.
+_RERAISED: Tuple[type, ...] = asyncore._reraised_exceptions  # type: ignore[attr-defined]
+_DISCONNECTED: FrozenSet[int] = asyncore._DISCONNECTED  # type: ignore[attr-defined]
+
+
+def _failed(channel: Any, error: BaseException) -> None:
+    """A handler raised ``error``: what asyncore's ``readwrite()`` does then."""
+    if isinstance(error, _RERAISED):
+        raise error
+    if isinstance(error, OSError) and error.errno in _DISCONNECTED:
+        channel.handle_close()
+    else:
+        channel.handle_error()
 
 
 def _holds(table: Dict[int, Any], fd: int, channel: Any) -> bool:
