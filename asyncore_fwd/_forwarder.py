@@ -107,19 +107,22 @@ class Forwarder(_Dispatcher):
 
     @classmethod
     def from_rule(cls, rule: Rule, map: Optional[SocketMap] = None, *, stats: Optional[RuleStats] = None,
-                  listener: Optional[socket.socket] = None) -> Forwarder:
+                  listener: Optional[socket.socket] = None, scratch: Optional[memoryview] = None) -> Forwarder:
         """A forwarder for ``rule``, listening now.
 
         ``stats`` continues another forwarder's counters, and ``listener``
         takes over its listening socket (see ``release_listener``): how a
-        reload changes a rule without closing its port.
+        reload changes a rule without closing its port.  ``scratch``, a
+        writable buffer of at least ``rule.read_size`` bytes, is the read
+        buffer to share with the other forwarders of the same map.
         """
         fwd = cls.__new__(cls)
-        fwd._start(rule, map, stats=stats, listener=listener)
+        fwd._start(rule, map, stats=stats, listener=listener, scratch=scratch)
         return fwd
 
     def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
-               stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None) -> None:
+               stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
+               scratch: Optional[memoryview] = None) -> None:
         self.rule = rule
         if self.rule.splice:
             from ._splice import SpliceReceiver, SpliceSender
@@ -129,7 +132,9 @@ class Forwarder(_Dispatcher):
         #: The counters of this rule (``stats.snapshot(self.connections)``).
         self.stats = stats if stats is not None else RuleStats()
         #: One read buffer for every connection: the loop runs one handler at a time.
-        self.scratch = memoryview(bytearray(self.rule.read_size))
+        if scratch is None or len(scratch) < rule.read_size:
+            scratch = memoryview(bytearray(rule.read_size))
+        self.scratch = scratch[:rule.read_size]
         self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
         self._accept_pause: Optional[Timer] = None
         self._stop_requested = False

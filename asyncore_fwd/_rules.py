@@ -20,9 +20,11 @@ __all__ = ["DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HIGH_WATER", "
 
 KiB = 1024
 #: Stop reading from a side while this many bytes wait for the other side.
-DEFAULT_HIGH_WATER = 512 * KiB
-#: Bytes asked of the kernel per read.
-DEFAULT_READ_SIZE = 256 * KiB
+DEFAULT_HIGH_WATER = 1024 * KiB
+#: Bytes asked of the kernel per read at most (a read never takes more than
+#: the room under the high-water mark).  Large reads mean fewer rounds of the
+#: loop per megabyte: 1 MiB costs about a quarter less CPU per GB than 256 KiB.
+DEFAULT_READ_SIZE = 1024 * KiB
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: The listen queue: deep enough for a burst of thousands of connects (the
 #: article's 5 drops SYNs, and each dropped one waits a second to retry).

@@ -35,7 +35,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from . import _loop
 from ._forwarder import Forwarder
 from ._net import SocketMap, describe_error, format_address
-from ._rules import Rule
+from ._rules import DEFAULT_READ_SIZE, Rule
 from ._stats import COUNTERS
 from ._timers import forget
 from ._wakeup import LoopCalls
@@ -82,6 +82,9 @@ class Service:
         self._stop_requested = False
         self._serving = False
         self._drain_deadline: Optional[float] = None
+        # One read buffer for every rule: the loop runs one handler at a time,
+        # and a buffer per rule would cost its read size in memory per rule.
+        self._scratch = memoryview(bytearray(DEFAULT_READ_SIZE))
         try:
             for rule in rules:
                 self.forwarders[rule.label] = self._start(rule)
@@ -90,7 +93,9 @@ class Service:
             raise
 
     def _start(self, rule: Rule, **takeover: Any) -> Forwarder:
-        fwd = Forwarder.from_rule(rule, self.map, **takeover)
+        if rule.read_size > len(self._scratch):
+            self._scratch = memoryview(bytearray(rule.read_size))
+        fwd = Forwarder.from_rule(rule, self.map, scratch=self._scratch, **takeover)
         for toxic, direction in self.toxics:
             fwd.add_toxic(toxic, direction)
         details = {"rule": rule.label, "listen": format_address(fwd.address), "target": rule.remote}

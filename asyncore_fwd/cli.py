@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up connecting to the remote after this long (default: %(default)g)")
     tuning.add_argument("--high-water", type=_size, default=DEFAULT_HIGH_WATER, metavar="BYTES",
                         help="stop reading from a side while this much waits for the other: 65536, 512K, "
-                             "1M, 1G (default: 512K)")
+                             "1M, 1G (default: 1M)")
     process = parser.add_argument_group("the process")
     process.add_argument("--loop", choices=("auto",) + LOOP_KINDS, default="auto",
                          help=f"event loop: epoll's cost follows active connections; poll has no "

@@ -300,9 +300,9 @@ def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.
     assert (status, err) == (0, "")
     assert out.splitlines() == [
         "name=127.0.0.1:9000 listen=127.0.0.1:9000 connect=h:90 allow=all deny=192.0.2.1/32 max_connections=0 "
-        "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=512K",
+        "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=1M",
         "name=web listen=0.0.0.0:8080 connect=example.org:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
-        "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 high_water=512K",
+        "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 high_water=1M",
         "name=[::1]:5433 listen=[::1]:5433 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=2M",
     ]
