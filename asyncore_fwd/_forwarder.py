@@ -218,11 +218,13 @@ class Forwarder(_Dispatcher):
             calls.wake()
 
     @contextlib.contextmanager
-    def running(self, loop: str = "auto") -> Iterator[Forwarder]:
+    def running(self, loop: str = "auto", *, stop_timeout: float = 10.0) -> Iterator[Forwarder]:
         """Serve in a background thread for the ``with`` block; on exit, stop and join.
 
         When the block ends the listening port is closed, every connection
-        is closed and no thread is left.
+        is closed and no thread is left.  The join waits ``stop_timeout``
+        seconds at most: a loop stuck in a handler is logged as a warning
+        and left to finish in its (daemon) thread, rather than hang the caller.
         """
         thread = threading.Thread(target=self.serve_forever, kwargs={"loop": loop},
                                   name=f"asyncore_fwd {format_address(self.address)}", daemon=True)
@@ -234,7 +236,10 @@ class Forwarder(_Dispatcher):
             yield self
         finally:
             self.stop()
-            thread.join()
+            thread.join(stop_timeout)
+            if thread.is_alive():
+                log.warning("%s: the loop did not stop within %g s; its thread %r is left running",
+                            self.label, stop_timeout, thread.name)
 
     def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
         """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""

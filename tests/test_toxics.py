@@ -6,6 +6,7 @@ delay happens and is of the right order, never a speed.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Callable, Iterator, List, Tuple
 import pytest
 
 from asyncore_fwd import Forwarder, Rule, Service, _loop
+from asyncore_fwd._compat import asyncore
 from asyncore_fwd._wakeup import LoopCalls
 from asyncore_fwd.toxics import (
     Bandwidth,
@@ -70,6 +72,42 @@ def test_stop_wakes_a_loop_waiting_on_a_long_timeout(echo_server: EchoServer) ->
     fwd.stop()
     thread.join(WAIT)
     assert not thread.is_alive() and time.monotonic() - started < 2.0
+
+
+def test_running_gives_up_on_a_stuck_loop_after_stop_timeout_with_a_warning(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that blocks keeps the loop from stopping: running() waits stop_timeout, then warns."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(asyncore.dispatcher):
+        def writable(self) -> bool:
+            return False
+
+        def handle_read(self) -> None:
+            self.recv(1)
+            entered.set()
+            release.wait(WAIT)
+
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    inside, outside = socket.socketpair()
+    stuck = Stuck(inside, map=fwd._map)
+    thread_name = f"asyncore_fwd 127.0.0.1:{fwd.address[1]}"
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncore_fwd"):
+            with fwd.running(stop_timeout=0.2):
+                outside.send(b"x")
+                assert entered.wait(WAIT)
+            assert not release.is_set()
+        [thread] = [thread for thread in threading.enumerate() if thread.name == thread_name]
+        assert thread.is_alive()
+        assert f"{fwd.label}: the loop did not stop within 0.2 s" in caplog.text
+    finally:
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name == thread_name:
+                thread.join(WAIT)
+        stuck.close()
+        outside.close()
 
 
 # -- each toxic --------------------------------------------------------------------
