@@ -152,9 +152,13 @@ class Forwarder(_Dispatcher):
             self._listen()
         self._address: Tuple[str, int] = self.socket.getsockname()[:2]
         self.addr = self._address  # asyncore's repr shows it: the real port, not 0
+        # The rule's label, with the port bound after port 0: logs name the port clients use.
+        self._label = self.rule.name or format_address((self.rule.local_host, self._address[1]))
+        if self.access is not None:
+            self.access.refusals.label = self._label  # made before the port was known
         if not self.rule.allow and not is_loopback(self._address[0]):
             log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
-                        self.rule.label, format_address(self._address))
+                        self._label, format_address(self._address))
 
     def _listen(self) -> None:
         family, address = listen_address(self.rule.local_host, self.rule.local_port)
@@ -188,8 +192,8 @@ class Forwarder(_Dispatcher):
 
     @property
     def label(self) -> str:
-        """The rule's name in logs and stats: its name, or where it listens."""
-        return self.rule.label
+        """The name in its log lines: the rule's name, or where it listens (the port bound, after port 0)."""
+        return self._label
 
     def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
         """(family, sockaddr) of the remote to try, in order."""
@@ -223,11 +227,13 @@ class Forwarder(_Dispatcher):
             calls.wake()
 
     @contextlib.contextmanager
-    def running(self, loop: str = "auto") -> Iterator[Forwarder]:
+    def running(self, loop: str = "auto", *, stop_timeout: float = 10.0) -> Iterator[Forwarder]:
         """Serve in a background thread for the ``with`` block; on exit, stop and join.
 
         When the block ends the listening port is closed, every connection
-        is closed and no thread is left.
+        is closed and no thread is left.  The join waits ``stop_timeout``
+        seconds at most: a loop stuck in a handler is logged as a warning
+        and left to finish in its (daemon) thread, rather than hang the caller.
         """
         thread = threading.Thread(target=self.serve_forever, kwargs={"loop": loop},
                                   name=f"asyncore_fwd {format_address(self.address)}", daemon=True)
@@ -239,7 +245,10 @@ class Forwarder(_Dispatcher):
             yield self
         finally:
             self.stop()
-            thread.join()
+            thread.join(stop_timeout)
+            if thread.is_alive():
+                log.warning("%s: the loop did not stop within %g s; its thread %r is left running",
+                            self.label, stop_timeout, thread.name)
 
     def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
         """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""
@@ -437,7 +446,7 @@ class Forwarder(_Dispatcher):
             if error.errno in OUT_OF_RESOURCES:
                 self.pause_accepting(error)
             else:
-                details = {"rule": self.rule.label, "client": format_address(addr), "reason": "resources"}
+                details = {"rule": self._label, "client": format_address(addr), "reason": "resources"}
                 log.warning("dropped client %s: %s", format_address(addr), describe_error(error),
                             extra={"event": "refused", "details": details})
 
@@ -468,7 +477,7 @@ class Forwarder(_Dispatcher):
         if self._accept_pause is not None:
             self._accept_pause.cancel()
         else:
-            details = {"rule": self.rule.label, "paused_s": ACCEPT_PAUSE, "error": describe_error(error)}
+            details = {"rule": self._label, "paused_s": ACCEPT_PAUSE, "error": describe_error(error)}
             log.warning("not accepting on %s for %g s: %s", format_address(self.address),
                         ACCEPT_PAUSE, describe_error(error), extra={"event": "accept_pause", "details": details})
         self._accept_pause = self._timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
@@ -476,7 +485,7 @@ class Forwarder(_Dispatcher):
     def _resume_accepting(self) -> None:
         self._accept_pause = None
         log.info("accepting connections again on %s", format_address(self.address),
-                 extra={"event": "accept_pause", "details": {"rule": self.rule.label, "paused_s": 0}})
+                 extra={"event": "accept_pause", "details": {"rule": self._label, "paused_s": 0}})
         _loop.channel_changed(self)
 
     # -- events: override to log, count or trace differently ---------------
@@ -505,7 +514,7 @@ class Forwarder(_Dispatcher):
             self.access.closed(conn)
         level = logging.DEBUG if not conn.error else logging.INFO if conn.cut else logging.WARNING
         if log.isEnabledFor(level):  # a clean close at the default level costs no formatting
-            details = close_details(conn, self.rule.label)
+            details = close_details(conn, self._label)
             log.log(level, "%s", format_close(details), extra={"event": "close", "details": details})
 
 

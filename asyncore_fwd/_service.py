@@ -98,8 +98,8 @@ class Service:
         fwd = Forwarder.from_rule(rule, self.map, scratch=self._scratch, **takeover)
         for toxic, direction in self.toxics:
             fwd.add_toxic(toxic, direction)
-        details = {"rule": rule.label, "listen": format_address(fwd.address), "target": rule.remote}
-        log.info("%s: forwarding %s to %s", rule.label, details["listen"], rule.remote,
+        details = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
+        log.info("%s: forwarding %s to %s", fwd.label, details["listen"], rule.remote,
                  extra={"event": "start", "details": details})
         return fwd
 
@@ -179,7 +179,7 @@ class Service:
         bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
         groups: Dict[str, List[Forwarder]] = {label: [fwd] for label, fwd in self.forwarders.items()}
         for fwd in list(self.retiring):
-            groups.setdefault(fwd.label, []).append(fwd)
+            groups.setdefault(fwd.rule.label, []).append(fwd)
         return {label: fwds[0].stats.snapshot([conn for fwd in fwds for conn in list(fwd.connections)])
                 for label, fwds in groups.items()}
 
@@ -274,14 +274,14 @@ class Service:
                           extra={"event": "reload", "details": {"rule": rule.label, "error": describe_error(error)}})
                 report["failed"].append(rule.label)
                 if old is not None:
-                    forwarders[old.label] = old  # keep serving the old settings
+                    forwarders[old.rule.label] = old  # keep serving the old settings
         self.forwarders = forwarders
         summary = ", ".join(f"{len(labels)} {kind}" for kind, labels in report.items())
         log.info("reloaded: %s", summary, extra={"event": "reload", "details": report})
 
     def _change(self, old: Forwarder, rule: Rule) -> Forwarder:
         """Serve ``rule`` in place of ``old``; ``old``'s connections drain with its settings."""
-        stats = old.stats if old.label == rule.label else None
+        stats = old.stats if old.rule.label == rule.label else None
         if old.rule.listen == rule.listen and old.rule.reuse_port == rule.reuse_port:
             listener = old.release_listener()
             try:

@@ -450,13 +450,24 @@ class _Link:
     # -- ending the connection ------------------------------------------------------
 
     def close_when_written(self) -> None:
-        """Stop reading; close the pair (cleanly) once the writer has sent what it has."""
+        """Stop reading; close the pair (cleanly) once the writer has sent what it has.
+
+        With bytes still queued, the close waits on the writer's own sends (a
+        fourth method taken, ``handle_write``): a peer that never reads costs
+        no wakeups until the connection ends some other way.
+        """
         self.blocked = True
         if self.conn.closed:
             return
+        _loop.channel_changed(self.reader)  # readable() just turned false
         if self.writer.outgoing:
-            self.timers.call_later(0.005, self.close_when_written)
+            self.writer.handle_write = self._handle_write_then_close  # type: ignore[method-assign]
         else:
+            self.conn.close()
+
+    def _handle_write_then_close(self) -> None:
+        type(self.writer).handle_write(self.writer)
+        if not self.writer.outgoing and not self.conn.closed:
             self.conn.close()
 
     def reset(self) -> None:

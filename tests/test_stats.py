@@ -82,6 +82,31 @@ def test_failed_connect_logs_a_warning_without_connect_time(start_forwarder, cap
     wait_for(lambda: fwd.forwarder.stats.failed_connects == 1, what="the failed connect to be counted")
 
 
+def test_an_unnamed_rule_on_port_0_names_the_bound_port_in_its_close_line(start_forwarder, echo_server,
+                                                                          caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="asyncore_fwd")
+    fwd = start_forwarder(echo_server.port)
+    with fwd.connect() as client:
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b""
+    wait_for(lambda: events(caplog, "close"), what="the close line")
+    (record,) = events(caplog, "close")
+    assert record.details["rule"] == f"127.0.0.1:{fwd.port}" != "127.0.0.1:0"
+    assert record.getMessage().startswith(f"127.0.0.1:{fwd.port} 127.0.0.1:")
+
+
+def test_an_unnamed_rule_on_port_0_names_the_bound_port_in_its_start_line(echo_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port)])
+    try:
+        (fwd,) = service.forwarders.values()
+        port = fwd.address[1]
+        (record,) = events(caplog, "start")
+        assert record.getMessage() == f"127.0.0.1:{port}: forwarding 127.0.0.1:{port} to 127.0.0.1:{echo_server.port}"
+    finally:
+        service.close()
+
+
 # -- counters ------------------------------------------------------------------------
 
 

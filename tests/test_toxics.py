@@ -6,6 +6,7 @@ delay happens and is of the right order, never a speed.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -13,7 +14,8 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from asyncore_fwd import Forwarder, Rule, Service
+from asyncore_fwd import Forwarder, Rule, Service, _loop
+from asyncore_fwd._compat import asyncore
 from asyncore_fwd._wakeup import LoopCalls
 from asyncore_fwd.toxics import (
     Bandwidth,
@@ -26,7 +28,7 @@ from asyncore_fwd.toxics import (
     Toxic,
     parse_toxic_spec,
 )
-from conftest import WAIT, EchoServer, open_fds, recv_all, recv_exactly, recv_until_reset, wait_for
+from conftest import WAIT, EchoServer, open_fds, payload, recv_all, recv_exactly, recv_until_reset, wait_for
 
 
 @pytest.fixture
@@ -70,6 +72,42 @@ def test_stop_wakes_a_loop_waiting_on_a_long_timeout(echo_server: EchoServer) ->
     fwd.stop()
     thread.join(WAIT)
     assert not thread.is_alive() and time.monotonic() - started < 2.0
+
+
+def test_running_gives_up_on_a_stuck_loop_after_stop_timeout_with_a_warning(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that blocks keeps the loop from stopping: running() waits stop_timeout, then warns."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(asyncore.dispatcher):
+        def writable(self) -> bool:
+            return False
+
+        def handle_read(self) -> None:
+            self.recv(1)
+            entered.set()
+            release.wait(WAIT)
+
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    inside, outside = socket.socketpair()
+    stuck = Stuck(inside, map=fwd._map)
+    thread_name = f"asyncore_fwd 127.0.0.1:{fwd.address[1]}"
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncore_fwd"):
+            with fwd.running(stop_timeout=0.2):
+                outside.send(b"x")
+                assert entered.wait(WAIT)
+            assert not release.is_set()
+        [thread] = [thread for thread in threading.enumerate() if thread.name == thread_name]
+        assert thread.is_alive()
+        assert f"{fwd.label}: the loop did not stop within 0.2 s" in caplog.text
+    finally:
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name == thread_name:
+                thread.join(WAIT)
+        stuck.close()
+        outside.close()
 
 
 # -- each toxic --------------------------------------------------------------------
@@ -158,6 +196,60 @@ def test_limit_data_closes_cleanly_after_that_many_bytes(proxy: Forwarder) -> No
         with socket.create_connection(proxy.address, timeout=WAIT) as client:
             client.sendall(b"0123456789")
             assert recv_all(client) == b"01234"
+
+
+def test_limit_data_waits_for_a_client_that_does_not_read_without_waking_the_loop(scripted_server) -> None:
+    """Budget spent, bytes still queued for a client that does not read: no timer polls the queue.
+
+    The loop runs here, round by round, so that its wakeups can be counted;
+    once the client reads, it gets exactly the budget, then a clean EOF.
+    """
+    budget, sent = 256 * 1024, payload(1024 * 1024)
+
+    def send_a_lot(conn: socket.socket) -> None:
+        try:
+            conn.sendall(sent)
+        except OSError:
+            pass  # the forwarder closed the connection after the budget
+
+    server = scripted_server(send_a_lot)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={})
+    backend = _loop.open_loop("auto", fwd._map)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    try:
+        fwd.add_toxic(LimitData(budget), direction="downstream")
+        client.settimeout(WAIT)
+        client.connect(fwd.address)
+
+        def poll_until(predicate: Callable[[], object], what: str) -> None:
+            deadline = time.monotonic() + WAIT
+            while not predicate():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                backend.poll(0.05)
+
+        poll_until(lambda: fwd.connections, "the connection")
+        conn = next(iter(fwd.connections))
+        conn.receiver.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        poll_until(lambda: conn.receiver.bytes_sent + len(conn.receiver.outgoing) >= budget, "the budget")
+        assert conn.receiver.outgoing and not conn.closed
+
+        rounds, until = 0, time.monotonic() + 0.3
+        while time.monotonic() < until and rounds < 1000:
+            backend.poll(0.1)
+            rounds += 1
+        assert rounds <= 10 and not conn.closed  # a 5 ms poll would take about 60
+
+        received: List[bytes] = []
+        reader = threading.Thread(target=lambda: received.append(recv_all(client)))
+        reader.start()
+        poll_until(lambda: conn.closed, "the close")
+        reader.join(WAIT)
+        assert received == [sent[:budget]]
+    finally:
+        client.close()
+        backend.close()
+        fwd.close()
 
 
 def test_reset_peer_resets_the_client(proxy: Forwarder) -> None:
