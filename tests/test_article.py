@@ -285,7 +285,7 @@ def test_buffered_data_is_delivered_before_the_servers_eof(
 # -- 3. backpressure (defect 3) -----------------------------------------------
 
 FLOOD_SIZE = 64 * MiB
-#: 32 times the default high_water (512 KiB): more than any bounded forwarder
+#: 64 times the default high_water (1 MiB): more than any bounded forwarder
 #: holds for one connection.  (The article could be shown holding much more,
 #: but its buffer fills in O(n^2) -- every 4 KiB read copies the whole buffer --
 #: so 32 MiB would take it the better part of a minute.)

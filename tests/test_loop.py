@@ -294,6 +294,76 @@ def test_foreign_dispatchers_run_to_the_same_end_under_every_loop(kind: str, soc
     }
 
 
+class OwnReadEvent(Probe):
+    """A dispatcher with its own ``handle_read_event``, which the loop must call."""
+
+    read_events = 0
+
+    def handle_read_event(self) -> None:
+        self.read_events += 1
+        super().handle_read_event()
+
+
+def test_epoll_loop_calls_a_dispatchers_own_handle_read_event(sock_map: SocketMap, socketpair: MakePair) -> None:
+    """The loop's shortcut to handle_read() is not taken by a class that overrides handle_read_event()."""
+    sock, peer = socketpair()
+    own = OwnReadEvent(sock, sock_map)
+    peer.sendall(b"data")
+    with EpollLoop(sock_map) as loop:
+        pump(loop, lambda: own.received == b"data", "the data")
+    assert own.read_events == own.reads == 1
+
+
+class FailingRead(Probe):
+    """Raises ``error`` from ``handle_read``; records which handler asyncore's rules then call."""
+
+    def __init__(self, sock: socket.socket, map: SocketMap, error: BaseException) -> None:
+        super().__init__(sock, map)
+        self.error = error
+        self.handled: List[str] = []
+
+    def handle_read(self) -> None:
+        raise self.error
+
+    def handle_close(self) -> None:
+        self.handled.append("handle_close")
+        self.close()
+
+    def handle_error(self) -> None:
+        self.handled.append(f"handle_error {type(sys.exc_info()[1]).__name__}")
+        self.close()
+
+
+@pytest.mark.parametrize("kind", ["epoll", "poll"])
+@pytest.mark.parametrize("error, handled", [
+    (ConnectionResetError(errno.ECONNRESET, "reset"), "handle_close"),
+    (OSError(errno.EINVAL, "invalid"), "handle_error OSError"),
+    (ValueError("bug"), "handle_error ValueError"),
+])
+def test_error_in_handle_read_is_handled_as_asyncore_does(kind: str, error: BaseException, handled: str,
+                                                          sock_map: SocketMap, socketpair: MakePair) -> None:
+    """A disconnect error from handle_read() calls handle_close(); any other error, handle_error()."""
+    sock, peer = socketpair()
+    failing = FailingRead(sock, sock_map, error)
+    peer.sendall(b"data")
+    backend = open_loop(kind, sock_map)
+    try:
+        pump(backend, lambda: failing.handled, "a handler")
+    finally:
+        backend.close()
+    assert failing.handled == [handled]
+
+
+def test_keyboard_interrupt_in_handle_read_stops_the_epoll_loop(sock_map: SocketMap, socketpair: MakePair) -> None:
+    """KeyboardInterrupt goes through the loop, as asyncore's readwrite() lets it."""
+    sock, peer = socketpair()
+    failing = FailingRead(sock, sock_map, KeyboardInterrupt())
+    peer.sendall(b"data")
+    with EpollLoop(sock_map) as loop, pytest.raises(KeyboardInterrupt):
+        pump(loop, lambda: failing.handled, "a handler")
+    assert failing.handled == []
+
+
 # -- 2: readable() is obeyed, and its changes are seen by the next sweep ----
 
 
