@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where the forwarder's CPU goes, per request and per GB: ``perf`` samples grouped by what they did.
 
-    python benchmarks/profile.py rr   [--requests N] [FORWARDER FLAGS...]
-    python benchmarks/profile.py bulk [--seconds S] [FORWARDER FLAGS...]
+    python benchmarks/profile.py rr   [--requests N] [-- FORWARDER FLAGS...]
+    python benchmarks/profile.py bulk [--seconds S] [-- FORWARDER FLAGS...]
     python benchmarks/profile.py bulk --seconds 5 -- --splice
     python benchmarks/profile.py rr --peer rinetd
 
@@ -254,8 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         choices=["asyncore_fwd"] + [name for name, kind in PEER_KINDS.items()
                                                     if kind.argv is not None and kind.port_from == "chosen"],
                         help="the forwarder to profile (default asyncore_fwd); others as in run.py")
-    parser.add_argument("flags", nargs="*", help="flags for python -m asyncore_fwd (after --)")
-    args = parser.parse_args(argv)
+    args, flags = parser.parse_known_args(argv)
+    args.flags = [flag for flag in flags if flag != "--"]  # the forwarder's own flags
     with tempfile.TemporaryDirectory(prefix="profile-") as name:
         tmp = Path(name)
         try:
