@@ -6,7 +6,7 @@
     python benchmarks/profile.py bulk --seconds 5 -- --splice
     python benchmarks/profile.py rr --peer rinetd
 
-``rr`` runs ``redis-benchmark -c 1`` (GET) through ``python -m asyncore_fwd``
+``rr`` runs ``redis-benchmark -c 1`` (GET; ``--clients`` for more) through ``python -m asyncore_fwd``
 to a redis server; ``bulk`` runs ``iperf3 -R`` (the server sends) through it.
 Both are C programs, so the only Python on the path is the forwarder.  The
 forwarder runs under ``perf record -g``; each sample is put in one group by
@@ -150,7 +150,7 @@ def profile_rr(args: argparse.Namespace, tmp: Path, servers: Servers) -> None:
     redis = servers.redis()
 
     def bench(port: int, requests: int) -> Dict[str, float]:
-        out = subprocess.run(["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "get", "-c", "1",
+        out = subprocess.run(["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "get", "-c", str(args.clients),
                               "-n", str(requests), "-q", "--precision", "3"],
                              capture_output=True, text=True, timeout=300).stdout
         line = out.strip().splitlines()[-1]
@@ -172,7 +172,7 @@ def profile_rr(args: argparse.Namespace, tmp: Path, servers: Servers) -> None:
         profiled.stop()
     finally:
         fwd.stop()
-    print(f"redis GET, 1 client, {args.requests} requests: direct {direct['rate']:.0f} req/s, "
+    print(f"redis GET, {args.clients} client(s), {args.requests} requests: direct {direct['rate']:.0f} req/s, "
           f"p50 {direct['p50']:.3f} ms; through the forwarder {through['rate']:.0f} req/s, "
           f"p50 {through['p50']:.3f} ms")
     report("rr", perf_groups(profiled.data), cpu, args.requests, "request")
@@ -249,6 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workload", choices=["rr", "bulk"])
     parser.add_argument("--requests", type=int, default=100_000, help="rr: GET requests (default 100000)")
+    parser.add_argument("--clients", type=int, default=1, help="rr: redis-benchmark -c (default 1)")
     parser.add_argument("--seconds", type=int, default=5, help="bulk: iperf3 -t (default 5)")
     parser.add_argument("--peer", default="asyncore_fwd",
                         choices=["asyncore_fwd"] + [name for name, kind in PEER_KINDS.items()
