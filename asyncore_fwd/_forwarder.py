@@ -113,8 +113,9 @@ class Forwarder(_Dispatcher):
         ``stats`` continues another forwarder's counters, and ``listener``
         takes over its listening socket (see ``release_listener``): how a
         reload changes a rule without closing its port.  ``scratch``, a
-        writable buffer of at least ``rule.read_size`` bytes, is the read
-        buffer to share with the other forwarders of the same map.
+        writable byte buffer, is the read buffer to share with the other
+        forwarders run by the same loop thread (one read at a time uses it);
+        one smaller than ``rule.read_size`` is not used.
         """
         fwd = cls.__new__(cls)
         fwd._start(rule, map, stats=stats, listener=listener, scratch=scratch)
@@ -132,6 +133,10 @@ class Forwarder(_Dispatcher):
         #: The counters of this rule (``stats.snapshot(self.connections)``).
         self.stats = stats if stats is not None else RuleStats()
         #: One read buffer for every connection: the loop runs one handler at a time.
+        if scratch is not None:
+            scratch = memoryview(scratch)  # the same memory, whatever buffer was given
+            if scratch.readonly or scratch.itemsize != 1:
+                raise ValueError("scratch must be a writable buffer of bytes")
         if scratch is None or len(scratch) < rule.read_size:
             scratch = memoryview(bytearray(rule.read_size))
         self.scratch = scratch[:rule.read_size]
@@ -231,9 +236,10 @@ class Forwarder(_Dispatcher):
         """Serve in a background thread for the ``with`` block; on exit, stop and join.
 
         When the block ends the listening port is closed, every connection
-        is closed and no thread is left.  The join waits ``stop_timeout``
-        seconds at most: a loop stuck in a handler is logged as a warning
-        and left to finish in its (daemon) thread, rather than hang the caller.
+        is closed and no thread is left, once the loop stops.  The join waits
+        ``stop_timeout`` seconds at most: a loop stuck in a handler is logged
+        as a warning and left to finish in its (daemon) thread, rather than
+        hang the caller; until it does, the port and its connections stay open.
         """
         thread = threading.Thread(target=self.serve_forever, kwargs={"loop": loop},
                                   name=f"asyncore_fwd {format_address(self.address)}", daemon=True)

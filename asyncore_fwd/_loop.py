@@ -17,8 +17,10 @@ rounds and ask its predicates again only when they may have changed:
   whenever a round sees no event at all, which is what keeps foreign
   dispatchers (and their time-based predicates) right.
 
-The handlers are called exactly as asyncore's poll loop calls them (its own
-``readwrite()``), so any dispatcher works under it.
+The handlers are called as asyncore's poll loop calls them (its own
+``readwrite()``), so any dispatcher works under it; the one shortcut, for
+data on a connected socket, calls ``handle_read()`` as ``handle_read_event()``
+would, with ``readwrite()``'s error handling.
 
 Every backend here also serves the map's timers (``_timers``): the wait of a
 round ends when the next timer is due, and due timers run after the round's
@@ -148,11 +150,13 @@ class EpollLoop:
                 # Closed earlier in this round, and maybe its descriptor number
                 # already reused: the event was for the old socket.
                 continue
-            if flags == _READ_ONLY and channel.connected and type(channel).handle_read_event is _PLAIN_READ_EVENT:
+            if (flags == _READ_ONLY and channel.connected and not channel.accepting
+                    and type(channel).handle_read_event is _PLAIN_READ_EVENT
+                    and "handle_read_event" not in channel.__dict__):
                 # The common event: data on a connected socket.  asyncore's
                 # readwrite() and handle_read_event() would end up here, two
-                # calls later; a class with its own handle_read_event (or a
-                # traced one) goes the long way.
+                # calls later; a dispatcher with its own handle_read_event (a
+                # subclass's, a patched or a traced one) goes the long way.
                 try:
                     channel.handle_read()
                 except BaseException as error:

@@ -236,10 +236,12 @@ class _Pipe(_Dispatcher):
             return  # a stale event (the pair closed, or the peer filled up this round)
         # Read no more than the room under the peer's high-water mark: what
         # waits for the peer never exceeds it, however large a read may be.
+        # (No room means a subclass's readable() let the read through: fill
+        # the buffer, as asyncore_fwd did before it bounded reads.)
         room = self.conn.rule.high_water - len(self.peer.outgoing)
         scratch = self.conn.forwarder.scratch
         try:
-            count = self.socket.recv_into(scratch, room if room < len(scratch) else 0)
+            count = self.socket.recv_into(scratch, room if 0 < room < len(scratch) else 0)
         except (BlockingIOError, InterruptedError):
             return  # spurious readiness: nothing to read after all
         except OSError as error:

@@ -511,3 +511,12 @@ def test_urgent_data_on_a_paused_side_does_not_spin_the_select_loop(scripted_ser
     finally:
         release.set()
         client.close()
+
+
+@pytest.mark.parametrize("scratch", [b"read-only bytes" * 100, memoryview(bytearray(64)).cast("I")])
+def test_shared_read_buffer_must_be_writable_bytes(scratch) -> None:
+    """from_rule(scratch=) refuses a buffer recv_into() could not fill byte by byte."""
+    from asyncore_fwd import Rule
+
+    with pytest.raises(ValueError, match="scratch must be a writable buffer of bytes"):
+        Forwarder.from_rule(Rule("127.0.0.1", 0, "127.0.0.1", 9), {}, scratch=scratch)

@@ -314,6 +314,24 @@ def test_epoll_loop_calls_a_dispatchers_own_handle_read_event(sock_map: SocketMa
     assert own.read_events == own.reads == 1
 
 
+def test_epoll_loop_calls_a_handle_read_event_patched_on_the_instance(sock_map: SocketMap,
+                                                                      socketpair: MakePair) -> None:
+    """A handle_read_event set on one dispatcher (as mock.patch.object does) is called, not skipped."""
+    sock, peer = socketpair()
+    probe = Probe(sock, sock_map)
+    calls: List[str] = []
+
+    def handle_read_event() -> None:
+        calls.append("handle_read_event")
+        Probe.handle_read_event(probe)
+
+    probe.handle_read_event = handle_read_event  # type: ignore[method-assign]
+    peer.sendall(b"data")
+    with EpollLoop(sock_map) as loop:
+        pump(loop, lambda: probe.received == b"data", "the data")
+    assert calls == ["handle_read_event"]
+
+
 class FailingRead(Probe):
     """Raises ``error`` from ``handle_read``; records which handler asyncore's rules then call."""
 

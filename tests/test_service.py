@@ -272,3 +272,15 @@ def test_changed_rule_that_cannot_bind_its_new_port_keeps_serving_the_old_one(st
     assert running.service.forwarders["moved"].address == old_address
     with socket.create_connection(old_address, timeout=WAIT) as client:
         round_trip(client)
+
+
+def test_rules_of_a_service_share_one_read_buffer(echo_server, second_echo_server) -> None:
+    """Every forwarder of a Service reads into the same memory: one buffer, not one per rule."""
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="a"),
+                       Rule("127.0.0.1", 0, "127.0.0.1", second_echo_server.port, name="b")])
+    try:
+        first, second = (fwd.scratch for fwd in service.forwarders.values())
+        first[0] = 0x2A
+        assert second[0] == 0x2A
+    finally:
+        service.close()
