@@ -175,13 +175,15 @@ class Service:
     # -- stats ------------------------------------------------------------
 
     def stats(self) -> Dict[str, Dict[str, int]]:
-        """Per rule label: active, accepted, refused_acl, refused_limit, failed_connects,
-        bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
+        """Per rule, by the label of its log lines: active, accepted, refused_acl, refused_limit,
+        failed_connects, bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
         groups: Dict[str, List[Forwarder]] = {label: [fwd] for label, fwd in self.forwarders.items()}
         for fwd in list(self.retiring):
             groups.setdefault(fwd.rule.label, []).append(fwd)
-        return {label: fwds[0].stats.snapshot([conn for fwd in fwds for conn in list(fwd.connections)])
-                for label, fwds in groups.items()}
+        # Grouped by the rule's own label; shown by the forwarder's, which names
+        # the port bound when the rule asked for port 0, as the log lines do.
+        return {fwds[0].label: fwds[0].stats.snapshot([conn for fwd in fwds for conn in list(fwd.connections)])
+                for fwds in groups.values()}
 
     def log_stats(self) -> None:
         """Log one INFO line per rule with its counters (event "stats"): for SIGUSR1."""
