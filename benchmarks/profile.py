@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from benchlib import HOST, ROOT, Proc, cpu_seconds, free_port
 from peers import PEER_KINDS, PY
 from servers import Servers
+from workloads import redis_get_result
 
 # A sample's group: the first rule whose frame is in its call chain (leaf
 # first), within the system call it is in.  Names are the kernel's (6.x).
@@ -151,12 +152,11 @@ def profile_rr(args: argparse.Namespace, tmp: Path, servers: Servers) -> None:
 
     def bench(port: int, requests: int) -> Dict[str, float]:
         out = subprocess.run(["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "get", "-c", str(args.clients),
-                              "-n", str(requests), "-q", "--precision", "3"],
-                             capture_output=True, text=True, timeout=300).stdout
-        line = out.strip().splitlines()[-1]
-        rate = float(line.split("GET:")[1].split()[0])
-        p50 = float(line.split("p50=")[1].split()[0])
-        return {"rate": rate, "p50": p50}
+                              "-n", str(requests), "--csv"], capture_output=True, text=True, timeout=300).stdout
+        result = redis_get_result(out)
+        if result is None:
+            sys.exit(f"profile.py: redis-benchmark gave no GET result on port {port}")
+        return result
 
     bench(redis, 2000)
     direct = bench(redis, args.requests)
@@ -172,14 +172,13 @@ def profile_rr(args: argparse.Namespace, tmp: Path, servers: Servers) -> None:
         profiled.stop()
     finally:
         fwd.stop()
-    print(f"redis GET, {args.clients} client(s), {args.requests} requests: direct {direct['rate']:.0f} req/s, "
-          f"p50 {direct['p50']:.3f} ms; through the forwarder {through['rate']:.0f} req/s, "
-          f"p50 {through['p50']:.3f} ms")
+    print(f"redis GET, {args.clients} client(s), {args.requests} requests: direct {direct['rps']:.0f} req/s, "
+          f"p50 {direct['p50_ms']:.3f} ms; through the forwarder {through['rps']:.0f} req/s, "
+          f"p50 {through['p50_ms']:.3f} ms")
     report("rr", perf_groups(profiled.data), cpu, args.requests, "request")
 
 
-def run_iperf(server_port: int, client_port: int, seconds: int, tmp: Path,
-              server: Proc) -> Tuple[float, float, float]:
+def run_iperf(client_port: int, seconds: int, tmp: Path, server: Proc) -> Tuple[float, float, float]:
     """``iperf3 -c -R`` to ``client_port``: (GB moved, client CPU s, server CPU s)."""
     server_cpu0 = cpu_seconds([server.pid])
     client = Proc(["iperf3", "-c", HOST, "-p", str(client_port), "-t", str(seconds), "-R", "-J"],
@@ -211,7 +210,7 @@ def profile_bulk(args: argparse.Namespace, tmp: Path, servers: Servers) -> None:
                 profiled.start()
         try:
             fwd_cpu0 = cpu_seconds([fwd.pid]) if fwd else 0.0
-            gb, client_cpu, server_cpu = run_iperf(port, target, args.seconds, tmp, server)
+            gb, client_cpu, server_cpu = run_iperf(target, args.seconds, tmp, server)
             fwd_cpu = cpu_seconds([fwd.pid]) - fwd_cpu0 if fwd else 0.0
             if profiled is not None:
                 profiled.stop()

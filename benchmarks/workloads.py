@@ -119,13 +119,19 @@ def bulk_down(ctx: Context, peer: Peer) -> Dict:
     return _bulk(ctx, peer, reverse=True)
 
 
+def redis_get_result(csv_output: str) -> Optional[Dict[str, float]]:
+    """rps and p50_ms of the GET row of ``redis-benchmark --csv`` output (None if it has none)."""
+    rows = [row for row in csv.DictReader(io.StringIO(csv_output)) if row.get("test") == "GET"]
+    return {"rps": float(rows[0]["rps"]), "p50_ms": float(rows[0]["p50_latency_ms"])} if rows else None
+
+
 def _redis_benchmark(ctx: Context, fwd: Forwarding, clients: int, requests: int) -> Dict:
     proc = ctx.client(["redis-benchmark", "-h", HOST, "-p", str(fwd.port), "-t", "get", "-n", str(requests),
                        "-c", str(clients), "--csv"], f"redis-benchmark-c{clients}")
-    rows = [row for row in csv.DictReader(io.StringIO(proc.output())) if row.get("test") == "GET"]
-    if proc.exit_code() or not rows:
+    result = redis_get_result(proc.output())
+    if proc.exit_code() or result is None:
         raise Failed(fwd.why_failed(f"redis-benchmark: {proc.tail() or 'no result'}"))
-    return {"rps": float(rows[0]["rps"]), "p50_ms": float(rows[0]["p50_latency_ms"]), "requests": requests}
+    return {**result, "requests": requests}
 
 
 def _pingpong(ctx: Context, fwd: Forwarding, clients: int, requests: int = 0, seconds: float = 0.0) -> Dict:
