@@ -75,7 +75,7 @@ class LoopCalls(asyncore.file_dispatcher):
         """Make the loop's current wait end now.  Safe from any thread or a signal handler."""
         try:
             os.write(self._write_fd, b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # the pipe is full (it will be read) or closed (no loop to wake)
 
     # -- the dispatcher side, in the loop thread --------------------------------

@@ -88,6 +88,13 @@ class Toxic:
         """Called when the toxic is removed: pass on at once what it still holds."""
 
 
+def _cancel_timer(toxic: Toxic, link: _Link) -> None:
+    """``detached`` of a toxic whose state on a link is one pending timer (or nothing)."""
+    timer: Optional[Timer] = link.state.pop(toxic, None)
+    if timer is not None:
+        timer.cancel()
+
+
 class _Queue(Toxic):
     """A toxic that holds bytes in order and lets them out on its timers."""
 
@@ -186,8 +193,7 @@ class Bandwidth(_Queue):
 
     def _schedule(self, link: _Link, deliver: Deliver) -> None:
         state = link.state[self]
-        if not state["timer"]:
-            state["since"] = max(state["since"], link.now() - self.TICK)
+        state["since"] = max(state["since"], link.now() - self.TICK)  # no credit saved while idle
         state["timer"] = link.timers.call_later(self.TICK, self._tick, link, deliver)
 
     def _tick(self, link: _Link, deliver: Deliver) -> None:
@@ -274,10 +280,7 @@ class Timeout(Toxic):
     def eof(self, link: _Link, deliver_eof: DeliverEof) -> None:
         pass
 
-    def detached(self, link: _Link) -> None:
-        timer: Optional[Timer] = link.state.pop(self, None)
-        if timer is not None:
-            timer.cancel()
+    detached = _cancel_timer
 
 
 class LimitData(Toxic):
@@ -314,10 +317,7 @@ class ResetPeer(Toxic):
     def attached(self, link: _Link) -> None:
         link.state[self] = link.timers.call_later(self.after, link.reset)
 
-    def detached(self, link: _Link) -> None:
-        timer: Optional[Timer] = link.state.pop(self, None)
-        if timer is not None:
-            timer.cancel()
+    detached = _cancel_timer
 
 
 class SlowClose(Toxic):
@@ -328,13 +328,13 @@ class SlowClose(Toxic):
         self.seconds = _number("seconds", seconds)
 
     def eof(self, link: _Link, deliver_eof: DeliverEof) -> None:
-        link.state[self] = link.timers.call_later(self.seconds, deliver_eof)
+        link.state[self] = (link.timers.call_later(self.seconds, deliver_eof), deliver_eof)
 
     def detached(self, link: _Link) -> None:
-        timer: Optional[Timer] = link.state.pop(self, None)
-        if timer is not None and not timer.cancelled:
-            timer.cancel()
-            timer._callback()  # the EOF goes on now
+        held: Optional[Tuple[Timer, DeliverEof]] = link.state.pop(self, None)
+        if held is not None and not held[0].cancelled:
+            held[0].cancel()
+            held[1]()  # the EOF goes on now
 
 
 class _Link:
