@@ -9,7 +9,8 @@ suite the ``asyncore_fwd_proxy`` fixture::
             ...   # point the client at proxy.address
 
 Each forwarder it makes serves in a background thread and is stopped, with
-its port and connections closed, when the test ends.
+its port and connections closed, when the test ends (a loop that does not
+stop within ``Forwarder.running``'s ``stop_timeout`` is logged and left).
 """
 
 from __future__ import annotations
