@@ -114,6 +114,29 @@ def recv_exactly(sock: socket.socket, size: int, timeout: float = WAIT) -> bytes
     return bytes(data)
 
 
+# Sockets that hold the ports handed out by dead_port(), closed when the session ends.
+_dead_port_holders: List[socket.socket] = []
+
+
+def dead_port() -> int:
+    """A loopback port that refuses every connect until the tests end.
+
+    It is bound, never listened on, and stays bound.  A port merely bound and
+    released could be taken again meanwhile, even by the forwarder under test
+    (which would then forward to itself), or be picked as a connect's own
+    local port (a TCP simultaneous open, which succeeds with nobody listening).
+    """
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    _dead_port_holders.append(holder)
+    return holder.getsockname()[1]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _dead_port_holders:
+        _dead_port_holders.pop().close()
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -17,6 +17,7 @@ from conftest import (
     EchoServer,
     RunningForwarder,
     connect_until_reset,
+    dead_port,
     needs_ipv6,
     open_fds,
     payload,
@@ -54,13 +55,6 @@ def _echoes(fwd: RunningForwarder, message: bytes = b"hello over the forwarder")
     with fwd.connect() as client:
         client.sendall(message)
         assert recv_exactly(client, len(message)) == message
-
-
-def _dead_port() -> int:
-    """A loopback port nobody listens on: bound, then closed."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> List[logging.LogRecord]:
@@ -175,7 +169,7 @@ def test_remote_hostname_is_resolved(
 def test_connect_falls_back_to_the_next_address(
         start_forwarder: Callable[..., RunningForwarder], echo_server: EchoServer) -> None:
     """When the remote's first address refuses, the next one is tried and the client is served."""
-    dead = _dead_port()
+    dead = dead_port()
     fwd = start_forwarder(echo_server.port)
     fwd.forwarder._remote._addresses = [(socket.AF_INET, ("127.0.0.1", dead)),
                                         (socket.AF_INET, ("127.0.0.1", echo_server.port))]
@@ -185,10 +179,10 @@ def test_connect_falls_back_to_the_next_address(
 def test_all_addresses_refused_closes_the_client_with_one_warning(
         start_forwarder: Callable[..., RunningForwarder], caplog: pytest.LogCaptureFixture) -> None:
     """No address answers: the client gets a reset and one plain warning names the remote."""
-    dead = _dead_port()
+    dead = dead_port()
     fwd = start_forwarder(dead)
     fwd.forwarder._remote._addresses = [(socket.AF_INET, ("127.0.0.1", dead)),
-                                        (socket.AF_INET, ("127.0.0.1", _dead_port()))]
+                                        (socket.AF_INET, ("127.0.0.1", dead_port()))]
     assert connect_until_reset(fwd.address) == b""
     wait_for(lambda: _warnings(caplog), what="the warning")
     fwd.stop()

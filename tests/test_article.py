@@ -35,6 +35,7 @@ from conftest import (
     RunningForwarder,
     ScriptedServer,
     connect_until_reset,
+    dead_port,
     payload,
     raise_fd_limit,
     recv_all,
@@ -58,13 +59,6 @@ def peak_rss(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * KiB
     raise AssertionError(f"no VmHWM for process {pid}")
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 #: How long the flooding server's sends must make no progress (while the
@@ -446,7 +440,7 @@ def clients_of_a_refusing_server(address: Address, count: int = REFUSED_CLIENTS)
 @pytest.mark.article
 def test_article_prints_a_traceback_for_each_refused_connect(article: StartArticle) -> None:
     """asyncore's default handle_error prints an "uncaptured python exception" line per refused connect."""
-    fwd = article(closed_port())
+    fwd = article(dead_port())
     clients_of_a_refusing_server(fwd.address)
     # SIGINT lets it exit normally, flushing its stdout (a pipe: block-buffered).
     fwd.process.send_signal(signal.SIGINT)
@@ -461,7 +455,7 @@ def test_refused_connect_closes_the_client_with_one_warning(
         start_forwarder: Callable[..., RunningForwarder], caplog: pytest.LogCaptureFixture) -> None:
     """Each refused client gets a reset and one WARNING line, with no traceback; accepting goes on."""
     caplog.set_level(logging.WARNING, logger="asyncore_fwd")
-    fwd = start_forwarder(closed_port())
+    fwd = start_forwarder(dead_port())
     assert clients_of_a_refusing_server(fwd.address) == [b"<reset>"] * REFUSED_CLIENTS
     assert connect_until_reset(fwd.address) == b""  # still accepting
     fwd.stop()  # joins the loop thread: every record has been logged

@@ -13,14 +13,17 @@ import pytest
 from asyncore_fwd import Forwarder, Receiver, Sender
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._forwarder import DEFAULT_READ_SIZE
-from conftest import WAIT, connect_until_reset, open_fds, payload, recv_all, recv_exactly, recv_until_reset, wait_for
-
-
-def dead_port() -> int:
-    """A port nobody listens on (bound, then closed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from conftest import (
+    WAIT,
+    connect_until_reset,
+    dead_port,
+    open_fds,
+    payload,
+    recv_all,
+    recv_exactly,
+    recv_until_reset,
+    wait_for,
+)
 
 
 def pump(channels: dict, until, timeout: float = WAIT, what: str = "condition") -> None:
@@ -404,9 +407,10 @@ def test_no_descriptor_leaks_on_success_refusal_and_reset(echo_server, scripted_
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     resetter = scripted_server(reset_server)
+    refusing = dead_port()
     before = open_fds()
     forwarders = [RunningForwarder("127.0.0.1", 0, "127.0.0.1", port)
-                  for port in (echo_server.port, dead_port(), resetter.port)]
+                  for port in (echo_server.port, refusing, resetter.port)]
     try:
         for fwd in forwarders:
             for _ in range(5):

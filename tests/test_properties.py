@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from conftest import WAIT, open_fds
+from conftest import WAIT, dead_port, open_fds
 
 pytest.importorskip("hypothesis")
 from hypothesis import event as note_event  # noqa: E402
@@ -50,25 +50,6 @@ relays = st.sampled_from(["copy", "splice"] if _splice.AVAILABLE else ["copy"])
 def unread_bytes(sock: socket.socket) -> int:
     """Bytes waiting in ``sock``'s receive queue (closing it now would send a reset)."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-
-
-def dead_port() -> int:
-    """A loopback port nobody listens on, below the ephemeral range.
-
-    A port the kernel may also pick as a connect's local port can, once in
-    a few thousand connects, connect to itself (a TCP simultaneous open):
-    the connect succeeds, with nobody listening.
-    """
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
-        first_ephemeral = int(ports.read().split()[0])
-    for port in random.Random().sample(range(1024, first_ephemeral), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port below the ephemeral range")
 
 
 class Peer:
@@ -548,7 +529,9 @@ def test_running_out_of_descriptors_refuses_new_clients_but_never_cuts_a_relayin
 
 def test_connect_that_reaches_its_own_socket_resets_the_client() -> None:
     """The kernel picks the remote's own port as the connect's local port: no server, so the client is reset."""
-    port = dead_port()
+    with socket.socket() as probe:  # released: the sender binds it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     relay = Relay("epoll", "copy", remote_port=port)
     try:
         sender_class = relay.fwd.sender_class

@@ -18,16 +18,10 @@ import pytest
 import asyncore_fwd
 from asyncore_fwd import Forwarder, Receiver, _splice
 from asyncore_fwd._net import reset  # close with RST, as a crashing or aborting peer does
-from conftest import WAIT, open_fds, recv_all, recv_until_reset, wait_for
+from conftest import WAIT, dead_port, open_fds, recv_all, recv_until_reset, wait_for
 
 KiB = 1024
 URGENT = b"\xff"
-
-
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Relay:

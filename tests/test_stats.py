@@ -12,7 +12,7 @@ import pytest
 
 from asyncore_fwd import Rule, Service
 from asyncore_fwd._metrics import MAX_REQUEST, MetricsServer, render_prometheus
-from conftest import WAIT, connect_until_reset, recv_all, recv_exactly, wait_for
+from conftest import WAIT, connect_until_reset, dead_port, recv_all, recv_exactly, wait_for
 
 CLOSE_KEYS = {"rule", "client", "target", "bytes_to_server", "bytes_to_client", "connect_ms", "duration_s",
               "closed_first", "reason"}
@@ -20,12 +20,6 @@ CLOSE_KEYS = {"rule", "client", "target", "bytes_to_server", "bytes_to_client", 
 
 def events(caplog: pytest.LogCaptureFixture, name: str) -> List[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "event", None) == name]
-
-
-def dead_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
