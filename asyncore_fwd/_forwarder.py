@@ -161,6 +161,14 @@ class Forwarder(_Dispatcher):
         self._label = self.rule.name or format_address((self.rule.local_host, self._address[1]))
         if self.access is not None:
             self.access.refusals.label = self._label  # made before the port was known
+        try:
+            self._refuse_to_forward_to_itself()
+        except OSError:
+            if listener is not None:
+                self.release_listener()  # still the caller's, to serve the old rule
+            else:
+                self.close()
+            raise
         if not self.rule.allow and not is_loopback(self._address[0]):
             log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
                         self._label, format_address(self._address))
@@ -181,6 +189,21 @@ class Forwarder(_Dispatcher):
         except BaseException:
             self.close()
             raise
+
+    def _refuse_to_forward_to_itself(self) -> None:
+        """OSError if the remote is this very listener: each connect would be
+        accepted and forwarded again, until descriptors run out."""
+        host, port = self._address
+        # The families a wildcard listener accepts: [::] takes IPv4 too, unless IPv6-only.
+        wildcard_families = {"0.0.0.0": [socket.AF_INET], "::": [socket.AF_INET6]}.get(host, [])
+        if host == "::" and not self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            wildcard_families.append(socket.AF_INET)
+        for family, sockaddr in self._remote.current():
+            if sockaddr[1] == port and (sockaddr[0] == host
+                                        or (family in wildcard_families and is_loopback(sockaddr[0]))):
+                raise OSError(errno.ELOOP, f"{self._label}: cannot forward to "
+                              f"{format_address((self.rule.remote_host, self.rule.remote_port))}: "
+                              f"that is this forwarder's own listening address")
 
     def _take_over(self, listener: socket.socket) -> None:
         self.set_socket(listener)

@@ -6,6 +6,7 @@ teardown, and everything binds port 0 on 127.0.0.1 or ::1.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import selectors
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import pytest
 
@@ -24,6 +25,7 @@ from asyncore_fwd import Forwarder
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: the bound on any single wait in the tests
+T = TypeVar("T")
 
 
 def has_ipv6() -> bool:
@@ -130,6 +132,27 @@ def dead_port() -> int:
     holder.bind(("127.0.0.1", 0))
     _dead_port_holders.append(holder)
     return holder.getsockname()[1]
+
+
+def free_port() -> int:
+    """A loopback port nothing used a moment ago, for what must name its port before binding it.
+
+    Another socket may take it meanwhile; what binds it may try again with another.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def unless_taken(make: Callable[[], T]) -> T:
+    """``make()``, made again (ten tries at most) while it fails because a free port was taken meanwhile."""
+    for _ in range(10):
+        try:
+            return make()
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+    pytest.fail("ten free ports were each taken before they could be bound")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -16,13 +16,16 @@ from conftest import (
     WAIT,
     EchoServer,
     RunningForwarder,
+    ScriptedServer,
     connect_until_reset,
     dead_port,
+    free_port,
     needs_ipv6,
     open_fds,
     payload,
     recv_all,
     recv_exactly,
+    unless_taken,
     wait_for,
 )
 
@@ -278,6 +281,42 @@ def test_port_in_use_raises_naming_the_address(sock_map: dict) -> None:
         assert open_fds() == before
     assert raised.value.errno == errno.EADDRINUSE
     assert sock_map == {}
+
+
+@pytest.mark.parametrize("local_host, remote_host", [
+    ("127.0.0.1", "127.0.0.1"),
+    ("0.0.0.0", "localhost"),
+    pytest.param("::", "127.0.0.1", marks=needs_ipv6, id="dual-stack-wildcard"),
+    pytest.param("::1", "::1", marks=needs_ipv6, id="ipv6"),
+])
+def test_forwarding_to_its_own_listening_address_is_refused(
+        local_host: str, remote_host: str, sock_map: dict) -> None:
+    """A remote that is the forwarder itself would connect to itself until descriptors run out."""
+    def forwarder_to_itself() -> Forwarder:
+        port = free_port()
+        return Forwarder(local_host, port, remote_host, port, map=sock_map)
+
+    before = open_fds()
+    with pytest.raises(OSError, match="own listening address") as raised:
+        unless_taken(forwarder_to_itself)
+    assert raised.value.errno == errno.ELOOP
+    assert open_fds() == before
+    assert sock_map == {}
+
+
+def test_same_port_on_another_loopback_address_is_not_itself(
+        scripted_server: Callable[..., ScriptedServer]) -> None:
+    """127.0.0.2 is another address: a server there on the same port is forwarded to."""
+    def forwarder_to_the_same_port() -> RunningForwarder:
+        port = scripted_server(lambda conn: conn.sendall(b"hello"), host="127.0.0.2").address[1]
+        return RunningForwarder("127.0.0.1", port, "127.0.0.2", port)
+
+    fwd = unless_taken(forwarder_to_the_same_port)
+    try:
+        with fwd.connect() as client:
+            assert recv_exactly(client, 5) == b"hello"
+    finally:
+        fwd.stop()
 
 
 def test_port_zero_binds_a_free_port(

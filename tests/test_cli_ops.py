@@ -18,17 +18,10 @@ from typing import Callable, List
 import pytest
 
 from asyncore_fwd import _workers
-from conftest import WAIT, EchoServer, ForwarderProcess, ScriptedServer, recv_all, recv_exactly, wait_for
+from conftest import WAIT, EchoServer, ForwarderProcess, ScriptedServer, free_port, recv_all, recv_exactly, wait_for
 
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
 Spawn = Callable[..., ForwarderProcess]
-
-
-def free_port() -> int:
-    """A port nothing listens on now (for configs, which must name their ports to keep them on reload)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rule_port(proc: ForwarderProcess, name: str) -> int:

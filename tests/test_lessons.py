@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from conftest import ROOT, WAIT, EchoServer, needs_ipv6, payload, raise_fd_limit, recv_all, recv_exactly
+from conftest import ROOT, WAIT, EchoServer, free_port, needs_ipv6, payload, raise_fd_limit, recv_all, recv_exactly
 
 LESSONS = ROOT / "examples" / "lessons"
 STEP_FILES: Dict[int, Path] = {int(path.name[4:6]): path for path in sorted(LESSONS.glob("step[0-9][0-9]_*.py"))}
@@ -198,12 +198,6 @@ def half_close_request(step: types.ModuleType, client: socket.socket, server: so
 
 
 # -- defect 1: str vs bytes -------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

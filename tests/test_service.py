@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Tuple
 import pytest
 
 from asyncore_fwd import Rule, Service
-from conftest import WAIT, EchoServer, recv_all, recv_exactly, recv_until_reset, wait_for
+from conftest import WAIT, EchoServer, free_port, recv_all, recv_exactly, recv_until_reset, unless_taken, wait_for
 
 
 class RunningService:
@@ -271,6 +271,22 @@ def test_changed_rule_that_cannot_bind_its_new_port_keeps_serving_the_old_one(st
         wait_for(lambda: [r for r in events(caplog, "reload") if "failed" in r.details], what="the reload")
     assert running.service.forwarders["moved"].address == old_address
     with socket.create_connection(old_address, timeout=WAIT) as client:
+        round_trip(client)
+
+
+def test_changed_rule_that_would_forward_to_itself_keeps_serving_the_old_one(start_service, echo_server,
+                                                                             caplog) -> None:
+    """A reload that points a rule at its own port fails for that rule; its port keeps serving the old target."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = unless_taken(lambda: start_service([Rule("127.0.0.1", free_port(), "127.0.0.1", echo_server.port,
+                                                       name="looped")]))
+    port = running.address("looped")[1]
+    running.service.reload([Rule("127.0.0.1", port, "127.0.0.1", port, name="looped")])
+    wait_for(lambda: [r for r in events(caplog, "reload") if "failed" in r.details], what="the reload")
+    (failure,) = [r for r in events(caplog, "reload") if "error" in r.details]
+    assert "own listening address" in failure.details["error"]
+    assert running.service.forwarders["looped"].rule.remote_port == echo_server.port
+    with running.connect("looped") as client:
         round_trip(client)
 
 
