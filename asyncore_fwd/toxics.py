@@ -36,6 +36,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import _loop
+from ._config import parse_size
 from ._timers import Timer, timers_for
 
 if TYPE_CHECKING:
@@ -544,30 +545,42 @@ _SPECS: Dict[str, Tuple[type, str, Dict[str, str]]] = {
     "reset_peer": (ResetPeer, "after", {"after": "time"}),
     "slow_close": (SlowClose, "seconds", {"seconds": "time"}),
 }
-_UNITS: Dict[str, Dict[str, float]] = {
-    "time": {"ms": 0.001, "s": 1.0, "": 1.0},
-    "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1},
-}
 
 
-def _spec_value(kind: str, text: str) -> float:
-    if kind == "count":
-        if not text.isdigit():
-            raise ValueError(f"expected a whole number, not {text!r}")
-        return int(text)
-    number = text.lower()
-    for unit in sorted(_UNITS[kind], key=len, reverse=True):
-        if unit and number.endswith(unit):
-            number = number[:-len(unit)]
-            break
-    else:
-        unit = ""
+def _seconds(text: str) -> float:
+    number, scale = text.lower(), 1.0
+    if number.endswith("ms"):
+        number, scale = number[:-2], 0.001
+    elif number.endswith("s"):
+        number = number[:-1]
     try:
-        value = float(number) * _UNITS[kind][unit]
+        return float(number) * scale
     except ValueError:
-        example = "100ms or 1.5s" if kind == "time" else "64K or 1M (bytes per second)"
-        raise ValueError(f"expected a value like {example}, not {text!r}") from None
-    return int(value) if kind == "size" else value
+        raise ValueError(f"expected a value like 100ms or 1.5s, not {text!r}") from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)  # the configuration file's sizes: whole bytes, K, M or G
+    except ValueError as error:
+        raise ValueError(f"{error}, not {text!r}") from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"expected a whole number, not {text!r}")
+    return int(text)
+
+
+def _share(text: str) -> float:
+    try:
+        return float(text)  # its range is the toxic's to check
+    except ValueError:
+        raise ValueError(f"expected a number from 0 to 1, like 0.5, not {text!r}") from None
+
+
+#: kind of parameter -> its parser: a value from its text, or ValueError saying what was expected
+_KINDS: Dict[str, Callable[[str], float]] = {"time": _seconds, "size": _size, "count": _count, "share": _share}
 
 
 def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
@@ -589,7 +602,7 @@ def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
     arguments: Dict[str, Any] = {}
     for key, value in [(main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
         if key == "toxicity":
-            kind = "time"  # a plain number
+            kind = "share"
         elif key in kinds:
             kind = kinds[key]
         else:
@@ -598,7 +611,7 @@ def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
         if key in arguments:
             raise ValueError(f"bad toxic {text!r}: {key} given twice")
         try:
-            arguments[key] = _spec_value(kind, value)
+            arguments[key] = _KINDS[kind](value)
         except ValueError as error:
             raise ValueError(f"bad toxic {text!r}: {key}: {error}") from None
     if main not in arguments and name != "reset_peer":
