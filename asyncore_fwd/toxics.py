@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _loop
 from ._config import parse_size
@@ -535,16 +535,27 @@ class ToxicSet:
 
 # -- toxics from the command line: --toxic SPEC --------------------------------------
 
-#: name in a spec -> (class, its main parameter, the kind of each parameter)
-_SPECS: Dict[str, Tuple[type, str, Dict[str, str]]] = {
-    "latency": (Latency, "seconds", {"seconds": "time", "jitter": "time"}),
-    "bandwidth": (Bandwidth, "bytes_per_second", {"bytes_per_second": "size"}),
-    "slicer": (Slicer, "average_size", {"average_size": "count", "size_variation": "count", "delay": "time"}),
-    "timeout": (Timeout, "seconds", {"seconds": "time"}),
-    "limit_data": (LimitData, "bytes", {"bytes": "count"}),
-    "reset_peer": (ResetPeer, "after", {"after": "time"}),
-    "slow_close": (SlowClose, "seconds", {"seconds": "time"}),
+class _Spec(NamedTuple):
+    """How a spec names one toxic: its class and the kind of each parameter (a key of ``_KINDS``)."""
+
+    cls: type
+    main: str  # the parameter that NAME=VALUE sets
+    kinds: Dict[str, str]
+    main_required: bool = True  # False where NAME alone will do: the class has a default for it
+
+
+#: name in a spec -> how it is spelt
+_SPECS: Dict[str, _Spec] = {
+    "latency": _Spec(Latency, "seconds", {"seconds": "time", "jitter": "time"}),
+    "bandwidth": _Spec(Bandwidth, "bytes_per_second", {"bytes_per_second": "size"}),
+    "slicer": _Spec(Slicer, "average_size", {"average_size": "count", "size_variation": "count", "delay": "time"}),
+    "timeout": _Spec(Timeout, "seconds", {"seconds": "time"}),
+    "limit_data": _Spec(LimitData, "bytes", {"bytes": "count"}),
+    "reset_peer": _Spec(ResetPeer, "after", {"after": "time"}, main_required=False),
+    "slow_close": _Spec(SlowClose, "seconds", {"seconds": "time"}),
 }
+#: the parameters every toxic takes (those of ``Toxic``)
+_COMMON_KINDS = {"toxicity": "share"}
 
 
 def _seconds(text: str) -> float:
@@ -598,25 +609,21 @@ def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
     name, _, main_value = first.partition("=")
     if name not in _SPECS:
         raise ValueError(f"bad toxic {text!r}: unknown toxic {name!r} (one of {', '.join(_SPECS)})")
-    cls, main, kinds = _SPECS[name]
+    spec = _SPECS[name]
+    kinds = {**spec.kinds, **_COMMON_KINDS}
     arguments: Dict[str, Any] = {}
-    for key, value in [(main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
-        if key == "toxicity":
-            kind = "share"
-        elif key in kinds:
-            kind = kinds[key]
-        else:
-            raise ValueError(f"bad toxic {text!r}: {name} has no option {key!r} "
-                             f"(it takes {', '.join([*kinds, 'toxicity'])})")
+    for key, value in [(spec.main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
+        if key not in kinds:
+            raise ValueError(f"bad toxic {text!r}: {name} has no option {key!r} (it takes {', '.join(kinds)})")
         if key in arguments:
             raise ValueError(f"bad toxic {text!r}: {key} given twice")
         try:
-            arguments[key] = _KINDS[kind](value)
+            arguments[key] = _KINDS[kinds[key]](value)
         except ValueError as error:
             raise ValueError(f"bad toxic {text!r}: {key}: {error}") from None
-    if main not in arguments and name != "reset_peer":
-        raise ValueError(f"bad toxic {text!r}: give its {main}, as in {name}=VALUE")
+    if spec.main_required and spec.main not in arguments:
+        raise ValueError(f"bad toxic {text!r}: give its {spec.main}, as in {name}=VALUE")
     try:
-        return cls(**arguments), direction
+        return spec.cls(**arguments), direction
     except ValueError as error:
         raise ValueError(f"bad toxic {text!r}: {error}") from None
