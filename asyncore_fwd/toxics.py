@@ -30,6 +30,7 @@ Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
 
 from __future__ import annotations
 
+import collections
 import functools
 import random
 import time
@@ -100,7 +101,7 @@ class _Queue(Toxic):
     """A toxic that holds bytes in order and lets them out on its timers."""
 
     def attached(self, link: _Link) -> None:
-        link.state[self] = {"queue": [], "timer": None, "eof": None}
+        link.state[self] = {"queue": collections.deque(), "timer": None, "eof": None}
 
     def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
         state = link.state[self]
@@ -169,7 +170,7 @@ class Latency(_Queue):
         state["timer"] = None
         now = link.now()
         while state["queue"] and state["queue"][0][0] <= now:
-            self._released(link, state["queue"].pop(0)[1], deliver)
+            self._released(link, state["queue"].popleft()[1], deliver)
         if state["queue"]:
             self._schedule(link, deliver)
         self._drained(link)
@@ -212,7 +213,7 @@ class Bandwidth(_Queue):
             if take < len(data):
                 queue[0] = (0.0, data[take:])
             else:
-                queue.pop(0)
+                queue.popleft()
             allowance -= take
             self._released(link, data[:take], deliver)
         state["allowance"] = allowance if queue else 0.0  # no credit saved while idle
@@ -255,7 +256,7 @@ class Slicer(_Queue):
             if rest:
                 queue[0] = (0.0, rest)
             else:
-                queue.pop(0)
+                queue.popleft()
             self._released(link, segment, deliver)
             if self.delay:
                 break  # one segment per delay
