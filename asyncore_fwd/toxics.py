@@ -30,12 +30,14 @@ Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
 
 from __future__ import annotations
 
+import collections
 import functools
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _loop
+from ._config import parse_size
 from ._timers import Timer, timers_for
 
 if TYPE_CHECKING:
@@ -99,7 +101,7 @@ class _Queue(Toxic):
     """A toxic that holds bytes in order and lets them out on its timers."""
 
     def attached(self, link: _Link) -> None:
-        link.state[self] = {"queue": [], "timer": None, "eof": None}
+        link.state[self] = {"queue": collections.deque(), "timer": None, "eof": None}
 
     def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
         state = link.state[self]
@@ -168,7 +170,7 @@ class Latency(_Queue):
         state["timer"] = None
         now = link.now()
         while state["queue"] and state["queue"][0][0] <= now:
-            self._released(link, state["queue"].pop(0)[1], deliver)
+            self._released(link, state["queue"].popleft()[1], deliver)
         if state["queue"]:
             self._schedule(link, deliver)
         self._drained(link)
@@ -211,7 +213,7 @@ class Bandwidth(_Queue):
             if take < len(data):
                 queue[0] = (0.0, data[take:])
             else:
-                queue.pop(0)
+                queue.popleft()
             allowance -= take
             self._released(link, data[:take], deliver)
         state["allowance"] = allowance if queue else 0.0  # no credit saved while idle
@@ -254,7 +256,7 @@ class Slicer(_Queue):
             if rest:
                 queue[0] = (0.0, rest)
             else:
-                queue.pop(0)
+                queue.popleft()
             self._released(link, segment, deliver)
             if self.delay:
                 break  # one segment per delay
@@ -534,40 +536,63 @@ class ToxicSet:
 
 # -- toxics from the command line: --toxic SPEC --------------------------------------
 
-#: name in a spec -> (class, its main parameter, the kind of each parameter)
-_SPECS: Dict[str, Tuple[type, str, Dict[str, str]]] = {
-    "latency": (Latency, "seconds", {"seconds": "time", "jitter": "time"}),
-    "bandwidth": (Bandwidth, "bytes_per_second", {"bytes_per_second": "size"}),
-    "slicer": (Slicer, "average_size", {"average_size": "count", "size_variation": "count", "delay": "time"}),
-    "timeout": (Timeout, "seconds", {"seconds": "time"}),
-    "limit_data": (LimitData, "bytes", {"bytes": "count"}),
-    "reset_peer": (ResetPeer, "after", {"after": "time"}),
-    "slow_close": (SlowClose, "seconds", {"seconds": "time"}),
-}
-_UNITS: Dict[str, Dict[str, float]] = {
-    "time": {"ms": 0.001, "s": 1.0, "": 1.0},
-    "size": {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "": 1},
-}
+class _Spec(NamedTuple):
+    """How a spec names one toxic: its class and the kind of each parameter (a key of ``_KINDS``)."""
+
+    cls: type
+    main: str  # the parameter that NAME=VALUE sets
+    kinds: Dict[str, str]
+    main_required: bool = True  # False where NAME alone will do: the class has a default for it
 
 
-def _spec_value(kind: str, text: str) -> float:
-    if kind == "count":
-        if not text.isdigit():
-            raise ValueError(f"expected a whole number, not {text!r}")
-        return int(text)
-    number = text.lower()
-    for unit in sorted(_UNITS[kind], key=len, reverse=True):
-        if unit and number.endswith(unit):
-            number = number[:-len(unit)]
-            break
-    else:
-        unit = ""
+#: name in a spec -> how it is spelt
+_SPECS: Dict[str, _Spec] = {
+    "latency": _Spec(Latency, "seconds", {"seconds": "time", "jitter": "time"}),
+    "bandwidth": _Spec(Bandwidth, "bytes_per_second", {"bytes_per_second": "size"}),
+    "slicer": _Spec(Slicer, "average_size", {"average_size": "count", "size_variation": "count", "delay": "time"}),
+    "timeout": _Spec(Timeout, "seconds", {"seconds": "time"}),
+    "limit_data": _Spec(LimitData, "bytes", {"bytes": "count"}),
+    "reset_peer": _Spec(ResetPeer, "after", {"after": "time"}, main_required=False),
+    "slow_close": _Spec(SlowClose, "seconds", {"seconds": "time"}),
+}
+#: the parameters every toxic takes (those of ``Toxic``)
+_COMMON_KINDS = {"toxicity": "share"}
+
+
+def _seconds(text: str) -> float:
+    number, scale = text.lower(), 1.0
+    if number.endswith("ms"):
+        number, scale = number[:-2], 0.001
+    elif number.endswith("s"):
+        number = number[:-1]
     try:
-        value = float(number) * _UNITS[kind][unit]
+        return float(number) * scale
     except ValueError:
-        example = "100ms or 1.5s" if kind == "time" else "64K or 1M (bytes per second)"
-        raise ValueError(f"expected a value like {example}, not {text!r}") from None
-    return int(value) if kind == "size" else value
+        raise ValueError(f"expected a value like 100ms or 1.5s, not {text!r}") from None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)  # the configuration file's sizes: whole bytes, K, M or G
+    except ValueError as error:
+        raise ValueError(f"{error}, not {text!r}") from None
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"expected a whole number, not {text!r}")
+    return int(text)
+
+
+def _share(text: str) -> float:
+    try:
+        return float(text)  # its range is the toxic's to check
+    except ValueError:
+        raise ValueError(f"expected a number from 0 to 1, like 0.5, not {text!r}") from None
+
+
+#: kind of parameter -> its parser: a value from its text, or ValueError saying what was expected
+_KINDS: Dict[str, Callable[[str], float]] = {"time": _seconds, "size": _size, "count": _count, "share": _share}
 
 
 def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
@@ -585,25 +610,21 @@ def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
     name, _, main_value = first.partition("=")
     if name not in _SPECS:
         raise ValueError(f"bad toxic {text!r}: unknown toxic {name!r} (one of {', '.join(_SPECS)})")
-    cls, main, kinds = _SPECS[name]
+    spec = _SPECS[name]
+    kinds = {**spec.kinds, **_COMMON_KINDS}
     arguments: Dict[str, Any] = {}
-    for key, value in [(main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
-        if key == "toxicity":
-            kind = "time"  # a plain number
-        elif key in kinds:
-            kind = kinds[key]
-        else:
-            raise ValueError(f"bad toxic {text!r}: {name} has no option {key!r} "
-                             f"(it takes {', '.join([*kinds, 'toxicity'])})")
+    for key, value in [(spec.main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
+        if key not in kinds:
+            raise ValueError(f"bad toxic {text!r}: {name} has no option {key!r} (it takes {', '.join(kinds)})")
         if key in arguments:
             raise ValueError(f"bad toxic {text!r}: {key} given twice")
         try:
-            arguments[key] = _spec_value(kind, value)
+            arguments[key] = _KINDS[kinds[key]](value)
         except ValueError as error:
             raise ValueError(f"bad toxic {text!r}: {key}: {error}") from None
-    if main not in arguments and name != "reset_peer":
-        raise ValueError(f"bad toxic {text!r}: give its {main}, as in {name}=VALUE")
+    if spec.main_required and spec.main not in arguments:
+        raise ValueError(f"bad toxic {text!r}: give its {spec.main}, as in {name}=VALUE")
     try:
-        return cls(**arguments), direction
+        return spec.cls(**arguments), direction
     except ValueError as error:
         raise ValueError(f"bad toxic {text!r}: {error}") from None

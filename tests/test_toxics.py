@@ -370,6 +370,8 @@ def test_pytest_plugin_fixture_is_installed(asyncore_fwd_proxy, echo_server: Ech
     ("downstream:latency=100ms,jitter=10ms", Latency(0.1, jitter=0.01), "downstream"),
     ("latency=1.5", Latency(1.5), "downstream"),
     ("upstream:bandwidth=64K", Bandwidth(65536), "upstream"),
+    ("bandwidth=1M", Bandwidth(1024 ** 2), "downstream"),
+    ("bandwidth=65536", Bandwidth(65536), "downstream"),
     ("both:slicer=10,size_variation=3,delay=5ms", Slicer(10, 3, 0.005), "both"),
     ("timeout=0", Timeout(0), "downstream"),
     ("limit_data=100", LimitData(100), "downstream"),
@@ -390,7 +392,7 @@ def test_toxic_specs_from_the_command_line(spec: str, toxic: Toxic, direction: s
     ("latency=-1s", "seconds must be a number >= 0, not -1.0"),
     ("latency=1,foo=2", "latency has no option 'foo' (it takes seconds, jitter, toxicity)"),
     ("latency=1,seconds=2", "seconds given twice"),
-    ("bandwidth=1x", "bytes_per_second: expected a value like 64K or 1M (bytes per second), not '1x'"),
+    ("bandwidth=1x", "bytes_per_second: expected a positive number of bytes, like 65536, 512K, 1M or 1G, not '1x'"),
     ("slicer=1.5", "average_size: expected a whole number, not '1.5'"),
     ("poison=1",
      "unknown toxic 'poison' (one of latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close)"),
@@ -399,6 +401,22 @@ def test_bad_toxic_specs_get_one_line_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_toxic_spec(spec)
     assert str(caught.value) == f"bad toxic {spec!r}: {message}"
+
+
+def test_spec_refuses_a_fractional_size() -> None:
+    """Sizes are whole bytes, as in the configuration file: 1.5K is refused, not rounded."""
+    with pytest.raises(ValueError) as caught:
+        parse_toxic_spec("bandwidth=1.5K")
+    assert str(caught.value) == ("bad toxic 'bandwidth=1.5K': bytes_per_second: expected a positive number "
+                                 "of bytes, like 65536, 512K, 1M or 1G, not '1.5K'")
+
+
+def test_spec_refuses_units_on_toxicity() -> None:
+    """toxicity is a share from 0 to 1, not a time: 500ms is not read as 0.5."""
+    with pytest.raises(ValueError) as caught:
+        parse_toxic_spec("latency=1,toxicity=500ms")
+    assert str(caught.value) == ("bad toxic 'latency=1,toxicity=500ms': toxicity: expected a number "
+                                 "from 0 to 1, like 0.5, not '500ms'")
 
 
 # -- with a Service: toxics per rule ------------------------------------------------
