@@ -68,6 +68,8 @@ log = logging.getLogger("asyncore_fwd")
 
 #: How long the listener stops accepting when the process is out of descriptors.
 ACCEPT_PAUSE = 0.5
+#: How long ``Forwarder.running()`` waits for its loop to start.
+START_TIMEOUT = 10.0
 #: Connections taken from the backlog per readiness event of the listener.
 ACCEPTS_PER_EVENT = 128
 
@@ -177,18 +179,22 @@ class Forwarder(_Dispatcher):
         family, address = listen_address(self.rule.local_host, self.rule.local_port)
         self.create_socket(family, socket.SOCK_STREAM)
         try:
+            self._bind_and_listen(address)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind_and_listen(self, address: SockAddr) -> None:
+        """Bind this dispatcher's socket to ``address`` and listen; OSError with a one-line message."""
+        try:
             self.set_reuse_addr()
             if self.rule.reuse_port:
                 self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self.bind(address)
             self.listen(self.rule.backlog)
         except OSError as error:
-            self.close()
-            where = format_address((self.rule.local_host, self.rule.local_port))
+            where = format_address((self.rule.local_host, address[1]))
             raise OSError(error.errno, f"cannot listen on {where}: {describe_error(error)}") from None
-        except BaseException:
-            self.close()
-            raise
 
     def _refuse_to_forward_to_itself(self) -> None:
         """OSError if the remote is this very listener: each connect would be
@@ -263,13 +269,31 @@ class Forwarder(_Dispatcher):
         ``stop_timeout`` seconds at most: a loop stuck in a handler is logged
         as a warning and left to finish in its (daemon) thread, rather than
         hang the caller; until it does, the port and its connections stay open.
+        An error of the loop itself reaches the caller: before the block if
+        the loop cannot start (a ``loop`` this platform lacks), else at its end.
         """
-        thread = threading.Thread(target=self.serve_forever, kwargs={"loop": loop},
-                                  name=f"asyncore_fwd {format_address(self.address)}", daemon=True)
+        failed: List[BaseException] = []
+
+        def serve() -> None:
+            try:
+                self.serve_forever(loop=loop)
+            except BaseException as error:  # raised in the caller's thread
+                failed.append(error)
+
+        thread = threading.Thread(target=serve, name=f"asyncore_fwd {format_address(self.address)}", daemon=True)
         thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + START_TIMEOUT
         while LoopCalls.of(self._map) is None and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.001)  # until the loop can take calls from this thread
+        if LoopCalls.of(self._map) is None:
+            # Calls made now would run in this thread, beside a loop that may
+            # yet start: refuse rather than carry on unsafely.
+            if thread.is_alive():
+                self.stop()
+                thread.join(stop_timeout)
+            if failed:
+                raise failed[0]
+            raise TimeoutError(f"{self.label}: the loop did not start within {START_TIMEOUT:g} s")
         try:
             yield self
         finally:
@@ -278,6 +302,8 @@ class Forwarder(_Dispatcher):
             if thread.is_alive():
                 log.warning("%s: the loop did not stop within %g s; its thread %r is left running",
                             self.label, stop_timeout, thread.name)
+            elif failed:
+                raise failed[0]
 
     def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
         """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""
@@ -339,7 +365,9 @@ class Forwarder(_Dispatcher):
         """As if the server went away: open connections are reset, new connects refused.
 
         The listening port is closed for the block and opened again (same
-        address and port) on exit.  Safe from any thread.
+        address and port) on exit.  Safe from any thread.  If another socket
+        took the port meanwhile, the exit raises OSError and the forwarder
+        stays down; the exit of a later ``down()`` block tries again.
         """
         self._in_loop(self._go_down)
         try:
@@ -372,28 +400,29 @@ class Forwarder(_Dispatcher):
             conn.sender.reset_on_close()
             conn.error = "forwarder down"
             conn.close()
-        # Swap the listening socket for an idle one, so that the dispatcher
+        self._swap_in_idle_socket()
+
+    def _swap_in_idle_socket(self) -> None:
+        # A fresh socket that is neither bound nor listening: the dispatcher
         # keeps its place in the map while the port refuses connects.
-        listener = self.socket
+        old = self.socket
         self.del_channel()
-        idle = socket.socket(listener.family, socket.SOCK_STREAM)
+        idle = socket.socket(old.family, socket.SOCK_STREAM)
         idle.setblocking(False)
         self.set_socket(idle)
         self.accepting = False
-        listener.close()
+        old.close()
 
     def _come_up(self) -> None:
         if not self._down:
             return
         try:
-            self.set_reuse_addr()
-            if self.rule.reuse_port:
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            self.bind(self._address)
-            self.listen(self.rule.backlog)
-        finally:
-            self._down = False
-            _loop.channel_changed(self)
+            self._bind_and_listen(self._address)
+        except OSError:
+            self._swap_in_idle_socket()  # still down; the next down() block tries again
+            raise
+        self._down = False
+        _loop.channel_changed(self)
 
     def close(self) -> None:
         """Stop listening and close every connection this forwarder made."""

@@ -62,6 +62,49 @@ def test_running_leaves_no_thread_port_or_descriptor_behind(echo_server: EchoSer
     wait_for(lambda: open_fds() <= fds, what="descriptors back")
 
 
+def test_running_raises_the_error_of_a_loop_that_cannot_start(echo_server: EchoServer) -> None:
+    """A loop kind that does not exist: running() raises its ValueError before the block, no thread is left."""
+    threads = threading.active_count()
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    with pytest.raises(ValueError, match="no-such-loop"):
+        with fwd.running(loop="no-such-loop"):
+            pytest.fail("the block ran without a loop")
+    assert threading.active_count() == threads
+    with fwd.running():  # the forwarder is still whole: a good loop serves it
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            echo_time(client)
+
+
+def test_running_raises_when_the_loop_does_not_start_in_time(
+        echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that is not ready within START_TIMEOUT: TimeoutError, not a block whose calls would race it."""
+    from asyncore_fwd import _forwarder
+
+    release = threading.Event()
+    open_loop = _loop.open_loop
+
+    def slow_open_loop(*args: object, **kwargs: object) -> object:
+        release.wait(WAIT)
+        return open_loop(*args, **kwargs)
+
+    monkeypatch.setattr(_loop, "open_loop", slow_open_loop)
+    monkeypatch.setattr(_forwarder, "START_TIMEOUT", 0.2)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    thread_name = f"asyncore_fwd 127.0.0.1:{fwd.address[1]}"
+    try:
+        with pytest.raises(TimeoutError, match="did not start within 0.2 s"):
+            with fwd.running(stop_timeout=0.1):
+                pytest.fail("the block ran before the loop could take calls")
+    finally:
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name == thread_name:
+                thread.join(WAIT)
+                assert not thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):  # the loop started late, saw stop() and closed
+        socket.create_connection(fwd.address, timeout=WAIT)
+
+
 def test_stop_wakes_a_loop_waiting_on_a_long_timeout(echo_server: EchoServer) -> None:
     """stop() from another thread ends serve_forever at once, not at the end of its wait."""
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
@@ -310,6 +353,24 @@ def test_down_refuses_connects_resets_open_connections_and_comes_back(proxy: For
             recv_until_reset(client)
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(proxy.address, timeout=WAIT)
+    with socket.create_connection(proxy.address, timeout=WAIT) as again:
+        assert echo_time(again) < 1.0
+
+
+def test_down_whose_port_was_taken_raises_stays_down_and_comes_up_later(proxy: Forwarder) -> None:
+    """Another socket took the port during down(): the exit says so; a later down() block brings it back."""
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{proxy.address[1]}"):
+        with proxy.down():
+            taken = socket.socket()
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its closed connection must not hold the port
+            taken.bind(proxy.address)
+            taken.listen()
+    with taken:
+        with socket.create_connection(proxy.address, timeout=WAIT):
+            taken.settimeout(WAIT)
+            taken.accept()[0].close()  # the port is the other socket's, not the forwarder's
+    with proxy.down():
+        pass
     with socket.create_connection(proxy.address, timeout=WAIT) as again:
         assert echo_time(again) < 1.0
 
