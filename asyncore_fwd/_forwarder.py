@@ -396,10 +396,7 @@ class Forwarder(_Dispatcher):
             return
         self._down = True
         for conn in list(self.connections):
-            conn.receiver.reset_on_close()
-            conn.sender.reset_on_close()
-            conn.error = "forwarder down"
-            conn.close()
+            conn.close_early("forwarder down")
         self._swap_in_idle_socket()
 
     def _swap_in_idle_socket(self) -> None:
@@ -565,7 +562,7 @@ class Forwarder(_Dispatcher):
         """The pair closed: count it, and log one line with what it moved and why it ended.
 
         DEBUG for a clean close, INFO when the forwarder ended it (a timeout,
-        a drain cut short), WARNING for an error.  The line's format is in ``_stats``.
+        a drain cut short, an injected fault), WARNING for an error.  The line's format is in ``_stats``.
         """
         self.stats.closed(conn)
         if self.access is not None:

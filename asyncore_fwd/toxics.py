@@ -474,11 +474,7 @@ class _Link:
 
     def reset(self) -> None:
         """Reset both peers at once."""
-        if not self.conn.closed:
-            self.conn.error = "toxic: reset_peer"
-            self.conn.receiver.reset_on_close()
-            self.conn.sender.reset_on_close()
-            self.conn.close()
+        self.conn.close_early("toxic: reset_peer")
 
 
 class ToxicHandle:

@@ -301,6 +301,24 @@ def test_reset_peer_resets_the_client(proxy: Forwarder) -> None:
             recv_until_reset(client)
 
 
+@pytest.mark.parametrize("fault", ["reset_peer", "down"])
+def test_an_injected_reset_is_logged_as_info_not_as_a_warning(
+        proxy: Forwarder, fault: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The forwarder ended the pair on purpose: its close line is INFO, as for a timeout, not a WARNING."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    with socket.create_connection(proxy.address, timeout=WAIT) as client:
+        echo_time(client)
+        if fault == "reset_peer":
+            with proxy.toxic(ResetPeer(), direction="downstream"):
+                recv_until_reset(client)
+        else:
+            with proxy.down():
+                recv_until_reset(client)
+    wait_for(lambda: [r for r in caplog.records if getattr(r, "event", None) == "close"], what="the close line")
+    [close] = [r for r in caplog.records if getattr(r, "event", None) == "close"]
+    assert close.levelno == logging.INFO, close.getMessage()
+
+
 def test_slow_close_delays_the_eof_not_the_bytes(proxy: Forwarder) -> None:
     with proxy.toxic(SlowClose(0.4), direction="downstream"):
         with socket.create_connection(proxy.address, timeout=WAIT) as client:
