@@ -1,8 +1,8 @@
 """Small network helpers shared by the relay and the listener.
 
 Socket-address formatting, one-line error descriptions, reading a socket's
-pending error, and the remote's addresses (resolved at start, refreshed off
-the loop).
+pending error, the remote's addresses (resolved at start, refreshed off
+the loop), and a registry of one object per socket map.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Generic, List, Optional, Tuple, TypeVar
 
-__all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "RemoteAddresses",
+__all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "PerMap", "RemoteAddresses",
            "SockAddr", "SocketMap",
            "describe_error", "format_address", "listen_address", "os_error", "pending_error", "reset", "strip_brackets",
            "tune"]
@@ -32,6 +32,32 @@ LINGER_ABORT = struct.pack("ii", 1, 0)
 
 SockAddr = Tuple[Any, ...]
 SocketMap = Dict[int, Any]
+T = TypeVar("T")
+
+
+class PerMap(Generic[T]):
+    """One object per asyncore socket map (the map's timers, its wake-up pipe), found by the map's identity."""
+
+    def __init__(self) -> None:
+        # The map is kept in its entry, so that its id() cannot be reused by
+        # another dict while the entry exists.
+        self._entries: Dict[int, Tuple[SocketMap, T]] = {}
+
+    def get(self, map: SocketMap) -> Optional[T]:
+        """The object of ``map``, or None."""
+        entry = self._entries.get(id(map))
+        return entry[1] if entry is not None and entry[0] is map else None
+
+    def set(self, map: SocketMap, value: T) -> T:
+        """Make ``value`` the object of ``map``; returns it."""
+        self._entries[id(map)] = (map, value)
+        return value
+
+    def forget(self, map: SocketMap, value: Optional[T] = None) -> None:
+        """Drop the object of ``map`` (only if it is ``value``, when given)."""
+        current = self.get(map)
+        if current is not None and (value is None or current is value):
+            del self._entries[id(map)]
 
 
 def format_address(address: SockAddr) -> str:

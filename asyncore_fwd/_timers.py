@@ -26,6 +26,8 @@ import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._net import PerMap
+
 __all__ = ["Timer", "Timers", "timers_for"]
 
 log = logging.getLogger("asyncore_fwd")
@@ -131,28 +133,21 @@ class Timers:
             self._cancelled = 0
 
 
-# The timers of each map, by the map's identity.  The map itself is kept in
-# the entry, so that its id() cannot be reused by another dict while the
-# entry exists.
-_registry: Dict[int, Tuple[Dict[int, Any], Timers]] = {}
+# The timers of each map.
+_registry: PerMap[Timers] = PerMap()
 
 
 def timers_for(map: Dict[int, Any]) -> Timers:
     """The timers of ``map`` (an asyncore socket map), made on first use."""
-    entry = _registry.get(id(map))
-    if entry is None or entry[0] is not map:
-        entry = _registry[id(map)] = (map, Timers())
-    return entry[1]
+    timers = _registry.get(map)
+    return timers if timers is not None else _registry.set(map, Timers())
 
 
 def existing_timers(map: Dict[int, Any]) -> Optional[Timers]:
     """The timers of ``map`` if any were ever set, else None (no entry is made)."""
-    entry = _registry.get(id(map))
-    return entry[1] if entry is not None and entry[0] is map else None
+    return _registry.get(map)
 
 
 def forget(map: Dict[int, Any]) -> None:
     """Drop the timers of ``map`` (its last dispatcher closed)."""
-    entry = _registry.get(id(map))
-    if entry is not None and entry[0] is map:
-        del _registry[id(map)]
+    _registry.forget(map)

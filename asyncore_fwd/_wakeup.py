@@ -19,6 +19,7 @@ import threading
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from ._compat import asyncore
+from ._net import PerMap
 
 __all__ = ["LoopCalls"]
 
@@ -29,9 +30,8 @@ class LoopCalls(asyncore.file_dispatcher):
     _map: Dict[int, Any]
     _fileno: Optional[int]
 
-    # The LoopCalls of each map, by the map's identity (the map is kept in the
-    # entry, so that its id() cannot be reused meanwhile).
-    _by_map: Dict[int, Tuple[Dict[int, Any], "LoopCalls"]] = {}
+    # The LoopCalls of each map.
+    _by_map: PerMap[LoopCalls] = PerMap()
 
     def __init__(self, map: Dict[int, Any]) -> None:
         read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -45,17 +45,17 @@ class LoopCalls(asyncore.file_dispatcher):
     @classmethod
     def open(cls, map: Dict[int, Any]) -> LoopCalls:
         """The calls of ``map``, made now if needed; the calling thread runs the loop."""
-        entry = cls._by_map.get(id(map))
-        if entry is None or entry[0] is not map or entry[1]._fileno is None:
-            entry = cls._by_map[id(map)] = (map, cls(map))
-        entry[1]._loop_thread = threading.get_ident()
-        return entry[1]
+        calls = cls.of(map)
+        if calls is None:
+            calls = cls._by_map.set(map, cls(map))
+        calls._loop_thread = threading.get_ident()
+        return calls
 
     @classmethod
     def of(cls, map: Dict[int, Any]) -> Optional[LoopCalls]:
         """The calls of ``map`` if a loop runs it with them, else None."""
-        entry = cls._by_map.get(id(map))
-        return entry[1] if entry is not None and entry[0] is map and entry[1]._fileno is not None else None
+        calls = cls._by_map.get(map)
+        return calls if calls is not None and calls._fileno is not None else None
 
     def call(self, function: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``function()`` in the loop's thread and return its result (or raise its error)."""
@@ -105,9 +105,7 @@ class LoopCalls(asyncore.file_dispatcher):
         self.close()
 
     def close(self) -> None:
-        entry = self._by_map.get(id(self._map))
-        if entry is not None and entry[1] is self:
-            del self._by_map[id(self._map)]
+        self._by_map.forget(self._map, self)
         super().close()
         if self._write_fd >= 0:
             os.close(self._write_fd)
