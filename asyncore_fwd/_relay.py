@@ -221,8 +221,17 @@ class _Pipe(_Dispatcher):
 
     def readable(self) -> bool:
         """Read while the pair relays, until EOF, and while the peer keeps up."""
+        # read_room() > 0, written out: the loop asks this of every side each round.
         return (self.conn.established and not self.eof_received
                 and len(self.peer.outgoing) < self.conn.rule.high_water)
+
+    def read_room(self) -> int:
+        """How many bytes a read may take now: the room under the peer's high-water
+        mark, 0 or less when this side must not read.  Override it, not just
+        ``readable()``, to hold reads back: ``handle_read`` reads up to it."""
+        if not self.conn.established or self.eof_received:
+            return 0
+        return self.conn.rule.high_water - len(self.peer.outgoing)
 
     def writable(self) -> bool:
         """Ask for write events only when there is something to send."""
@@ -232,13 +241,13 @@ class _Pipe(_Dispatcher):
 
     def handle_read(self) -> None:
         """Called when the socket has data or EOF: hand the bytes to the peer."""
-        if not self.readable():
-            return  # a stale event (the pair closed, or the peer filled up this round)
         # Read no more than the room under the peer's high-water mark: what
         # waits for the peer never exceeds it, however large a read may be.
-        # (No room means a subclass's readable() let the read through: fill
-        # the buffer, as asyncore_fwd did before it bounded reads.)
-        room = self.conn.rule.high_water - len(self.peer.outgoing)
+        room = self.read_room()
+        if room <= 0 and not self.readable():
+            return  # a stale event (the pair closed, or the peer filled up this round)
+        # (No room, yet readable: a subclass's readable() lets the read
+        # through.  Fill the buffer, as asyncore_fwd did before it bounded reads.)
         scratch = self.conn.forwarder.scratch
         try:
             count = self.socket.recv_into(scratch, room if 0 < room < len(scratch) else 0)

@@ -98,13 +98,18 @@ class _Splicing(_Pipe):
 
     def readable(self) -> bool:
         """Read while the peer's pipe has room (its capacity is the high-water mark)."""
+        return self.read_room() > 0
+
+    def read_room(self) -> int:
+        """The room in the peer's pipe; 0 or less while it must not be filled."""
         pipe = self.peer.outgoing
-        return (self.conn.established and not self.eof_received
-                and len(pipe) < pipe.capacity and not pipe.blocked)
+        if not self.conn.established or self.eof_received or pipe.blocked:
+            return 0
+        return pipe.capacity - len(pipe)
 
     def handle_read(self) -> None:
         """Called when the socket has data or EOF: splice it into the peer's pipe."""
-        if not self.readable():
+        if self.read_room() <= 0 and not self.readable():
             return
         pipe = self.peer.outgoing
         try:

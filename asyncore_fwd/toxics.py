@@ -20,9 +20,10 @@ so that a failing test can be replayed.  It acts on open connections and new
 ones from the moment ``add_toxic`` returns, until it is removed.
 
 How it works: a connection with toxics gets a ``_Link`` per direction, which
-takes the place of three methods *of that connection's sides only*
-(``forward`` and ``shutdown_write`` of the side that writes, ``readable`` of
-the side that reads), passing bytes and EOF through the toxics in order.
+takes the place of four methods *of that connection's sides only*
+(``forward`` and ``shutdown_write`` of the side that writes, ``readable``
+and ``read_room`` of the side that reads), passing bytes and EOF through
+the toxics in order.
 Connections without toxics run the plain relay: nothing is checked per byte.
 Bytes a toxic holds count towards backpressure, so memory stays bounded.
 Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
@@ -353,10 +354,11 @@ class _Link:
         self.installed = False
 
     def install(self) -> None:
-        """Take the place of three methods of these two sides only."""
+        """Take the place of four methods of these two sides only."""
         self.writer.forward = self._forward  # type: ignore[method-assign]
         self.writer.shutdown_write = self._shutdown_write  # type: ignore[method-assign]
         self.reader.readable = self._readable  # type: ignore[method-assign]
+        self.reader.read_room = self._read_room  # type: ignore[method-assign]
         self.installed = True
 
     def now(self) -> float:
@@ -378,7 +380,8 @@ class _Link:
 
     def uninstall(self) -> None:
         """Give the sides their plain methods back."""
-        for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.reader, "readable")):
+        for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.reader, "readable"),
+                           (self.reader, "read_room")):
             side.__dict__.pop(name, None)
         self.installed = False
         if self._eof_started and not self._eof_through and not self.conn.closed:
@@ -391,14 +394,19 @@ class _Link:
             toxic.detached(self)
         self.toxics.clear()
 
-    # -- the three methods --------------------------------------------------------
+    # -- the four methods --------------------------------------------------------
 
     def _forward(self, data: bytes | memoryview) -> None:
         self.pass_on(None, bytes(data))  # a copy: the read buffer is reused
 
     def _readable(self) -> bool:
-        return (type(self.reader).readable(self.reader) and not self.blocked
-                and self.held < self.conn.rule.high_water)
+        return self._read_room() > 0
+
+    def _read_room(self) -> int:
+        # The toxic's own high-water mark: what it holds, like what waits to be written.
+        if self.blocked:
+            return 0
+        return min(type(self.reader).read_room(self.reader), self.conn.rule.high_water - self.held)
 
     def _shutdown_write(self) -> None:
         if self._eof_through:
