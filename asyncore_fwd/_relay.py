@@ -227,8 +227,8 @@ class _Pipe(_Dispatcher):
 
     def read_room(self) -> int:
         """How many bytes a read may take now: the room under the peer's high-water
-        mark, 0 or less when this side must not read.  Override it, not just
-        ``readable()``, to hold reads back: ``handle_read`` reads up to it."""
+        mark, 0 or less when this side must not read.  ``handle_read`` reads up
+        to it: a subclass that holds reads back overrides it and ``readable()``."""
         if not self.conn.established or self.eof_received:
             return 0
         return self.conn.rule.high_water - len(self.peer.outgoing)
