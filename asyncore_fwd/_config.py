@@ -68,6 +68,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_decimal(text: str) -> bool:
+    """True for ASCII digits only: ``str.isdigit()`` also takes ``²`` (which int() refuses) and ``١٢``."""
+    return text.isascii() and text.isdigit()
+
+
 # -- one value per key ---------------------------------------------------
 
 
@@ -79,7 +84,7 @@ def parse_size(value: object) -> int:
         number = value.rstrip("kKmMgG")
         unit = value[len(number):].lower()
         try:
-            size = int(number, 10) * _SIZE_UNITS[unit] if number.isdigit() else 0
+            size = int(number, 10) * _SIZE_UNITS[unit] if is_decimal(number) else 0
         except KeyError:  # two suffixes, like 1KM
             size = 0
     else:
@@ -130,7 +135,7 @@ def _positive_seconds(value: object) -> float:
 
 def _integer(lowest: int, highest: Optional[int], what: str) -> Callable[[object], int]:
     def parse(value: object) -> int:
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and is_decimal(value):
             value = int(value, 10)
         if (not isinstance(value, int) or isinstance(value, bool) or value < lowest
                 or (highest is not None and value > highest)):
@@ -176,7 +181,7 @@ def _endpoint(lowest_port: int) -> Callable[[object], Tuple[str, int]]:
         host, port = split_host_port(value)
         if not host:
             raise _BadValue('expected "host:port" with a host before the colon')
-        if not port.isdigit() or not lowest_port <= int(port) <= 65535:
+        if not is_decimal(port) or not lowest_port <= int(port) <= 65535:
             raise _BadValue(f'expected "host:port" with a port from {lowest_port} to 65535')
         return host, int(port)
     return parse

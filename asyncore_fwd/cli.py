@@ -25,6 +25,7 @@ from ._config import (
     ConfigError,
     check_unique,
     describe_rule,
+    is_decimal,
     load_config,
     parse_forward_spec,
     parse_size,
@@ -121,7 +122,7 @@ def _metrics_address(text: str) -> Tuple[str, int]:
         host, port = split_host_port(text) if ":" in text else ("127.0.0.1", text)
     except ValueError:
         host, port = "", ""
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not is_decimal(port) or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected [HOST:]PORT, like 9100 or "
                                          f"127.0.0.1:9100 ([::1]:9100 for IPv6)")
     return host, int(port)
@@ -313,9 +314,9 @@ def _one_rule(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Rule
                                         ("-P/--remote-port", args.remote_port)) if value is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or give rules with -L or -c)")
-    if args.local_ip.isdigit():
+    if is_decimal(args.local_ip):
         parser.error(f"-l takes an address; did you mean -p {args.local_ip}?")
-    if args.remote_ip.isdigit():
+    if is_decimal(args.remote_ip):
         parser.error(f"-r takes a host; did you mean -P {args.remote_ip}?")
     return Rule(args.local_ip, args.local_port, args.remote_ip, args.remote_port, **_base(args))
 

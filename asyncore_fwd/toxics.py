@@ -38,7 +38,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _loop
-from ._config import parse_size
+from ._config import is_decimal, parse_size
 from ._timers import Timer, timers_for
 
 if TYPE_CHECKING:
@@ -583,7 +583,7 @@ def _size(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise ValueError(f"expected a whole number, not {text!r}")
     return int(text)
 

@@ -13,7 +13,7 @@ from typing import Iterator, List
 
 import pytest
 
-from asyncore_fwd import cli
+from asyncore_fwd import Service, cli
 from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size
 
 PROG = "asyncore-fwd"
@@ -24,8 +24,17 @@ GOOD_RULE = '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = "127.0.0.1:80"\n'
 
 @pytest.fixture(autouse=True)
 def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Run in a fresh directory, so that messages name ``fwd.toml`` as given; restore the logger."""
+    """Run in a fresh directory, so that messages name ``fwd.toml`` as given; restore the logger.
+
+    A config accepted by mistake would be served until killed: fail instead.
+    """
     monkeypatch.chdir(tmp_path)
+
+    def serve_forever(self: Service, *args: object, **kwargs: object) -> None:
+        self.close()
+        pytest.fail("main() started serving instead of reporting an error")
+
+    monkeypatch.setattr(Service, "serve_forever", serve_forever)
     logger = logging.getLogger("asyncore_fwd")
     saved = (logger.handlers[:], logger.propagate, logger.level)
     yield
@@ -109,6 +118,13 @@ CONFIG_ERRORS = [
     ("defaults-unknown-key", '[defaults]\ntimeout = 1\n' + GOOD_RULE,
      f"fwd.toml: [defaults]: timeout: unknown key (known: {KNOWN})"),
     ("no-rules", '[defaults]\nbacklog = 1\n', "fwd.toml: no [[rule]] table: nothing to forward"),
+    # str.isdigit() takes these, and int() refuses the first (it was a traceback) and reads the second as 12.
+    ("superscript-size", GOOD_RULE + 'high_water = "1\u00b2"\n',
+     'fwd.toml: rule 1: high_water: expected a positive number of bytes, like 65536, 512K, 1M or 1G, got "1\u00b2"'),
+    ("arabic-indic-backlog", GOOD_RULE + 'backlog = "\u0661\u0662"\n',
+     'fwd.toml: rule 1: backlog: expected an integer from 0 to 65535, got "\u0661\u0662"'),
+    ("superscript-port", '[[rule]]\nlisten = "127.0.0.1:8\u00b2"\nconnect = "127.0.0.1:80"\n',
+     'fwd.toml: rule 1: listen: expected "host:port" with a port from 0 to 65535, got "127.0.0.1:8\u00b2"'),
 ]
 
 

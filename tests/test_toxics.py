@@ -490,6 +490,13 @@ def test_spec_refuses_a_fractional_size() -> None:
                                  "of bytes, like 65536, 512K, 1M or 1G, not '1.5K'")
 
 
+@pytest.mark.parametrize("spec", ["limit_data=1\u00b2", "limit_data=\u0661\u0662", "bandwidth=1\u00b2K"])
+def test_spec_refuses_digits_that_are_not_ascii(spec: str) -> None:
+    """str.isdigit() takes a superscript two (which int() refuses) and Arabic-Indic digits: one-line errors."""
+    with pytest.raises(ValueError, match=f"^bad toxic '{spec}': "):
+        parse_toxic_spec(spec)
+
+
 def test_spec_refuses_units_on_toxicity() -> None:
     """toxicity is a share from 0 to 1, not a time: 500ms is not read as 0.5."""
     with pytest.raises(ValueError) as caught:
