@@ -204,7 +204,7 @@ class Forwarder(_Dispatcher):
         wildcard_families = {"0.0.0.0": [socket.AF_INET], "::": [socket.AF_INET6]}.get(host, [])
         if host == "::" and not self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
             wildcard_families.append(socket.AF_INET)
-        for family, sockaddr in self._remote.current():
+        for family, sockaddr in self._remote.last_answer:
             if sockaddr[1] == port and (sockaddr[0] == host
                                         or (family in wildcard_families and is_loopback(sockaddr[0]))):
                 raise OSError(errno.ELOOP, f"{self._label}: cannot forward to "

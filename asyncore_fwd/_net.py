@@ -170,6 +170,11 @@ class RemoteAddresses:
                 addresses.append((family, sockaddr))
         return addresses
 
+    @property
+    def last_answer(self) -> List[Tuple[int, SockAddr]]:
+        """The addresses as last resolved, without starting a refresh."""
+        return self._addresses
+
     def current(self) -> List[Tuple[int, SockAddr]]:
         """The addresses to try, in order; starts a refresh if they are stale."""
         if (not self._numeric and not self._refreshing
