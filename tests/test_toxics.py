@@ -188,8 +188,29 @@ def test_latency_holds_bytes_within_the_high_water_mark(echo_server: EchoServer)
                     time.sleep(0.005)
             (conn,) = fwd.connections
             link = fwd._toxics._links[conn]["upstream"]  # type: ignore[union-attr]
-            assert link.held < 64 * 1024 + fwd.rule.read_size
+            assert link.held <= 64 * 1024  # a read takes no more than the room under it
             assert sent > link.held  # the rest waits in the kernel's buffers, not in ours
+
+
+def test_a_read_never_takes_a_toxic_past_the_high_water_mark(echo_server: EchoServer) -> None:
+    """Small reads first fill the toxic to just under the mark; the flood after them tops it up, no more."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, high_water=64 * 1024)
+    with fwd.running(), fwd.toxic(Latency(5.0), direction="upstream"):  # holds everything for the test
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            wait_for(lambda: fwd.connections, what="the connection")
+            (conn,) = fwd.connections
+            link = fwd._toxics._links[conn]["upstream"]  # type: ignore[union-attr]
+            for piece in range(1, 7):  # 60 KiB in reads of 10 KiB
+                client.sendall(b"x" * 10240)
+                wait_for(lambda piece=piece: link.held >= piece * 10240, what="the piece to be read")
+            client.setblocking(False)
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:  # then a flood: the next read could take a whole 64 KiB
+                try:
+                    client.send(b"y" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.005)
+            assert 60 * 1024 < link.held <= 64 * 1024
 
 
 def test_bandwidth_limits_the_rate(proxy: Forwarder) -> None:
