@@ -6,25 +6,37 @@ on the service's own map, so scraping needs no thread and sees the
 counters between two rounds of the loop.  It is deliberately small: one
 request per connection, a bounded request, a deadline for slow clients,
 and any error closes that one connection, never the loop.
+
+With ``--workers`` the counters live in the worker processes.  Each worker
+runs a ``StatsReporter``: every ``REPORT_INTERVAL`` seconds (and once more
+when its service closes) it sends its ``stats()`` to the supervisor as one
+datagram on an AF_UNIX socketpair made before the fork -- a datagram
+arrives whole or not at all, so no framing is needed, and a full queue
+only skips one report.  The supervisor's ``WorkerStats`` keeps each
+worker's latest report and, when a worker exits, moves its counters into
+retired totals, so a counter never goes backwards; its ``stats()`` (the sums
+per rule) is what the supervisor's ``MetricsServer`` serves, at most about
+one report interval old.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
 from . import _loop
 from ._compat import asyncore
-from ._net import OUT_OF_RESOURCES, SockAddr, describe_error, format_address, listen_address, tune
+from ._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, listen_address, tune
 from ._relay import _Dispatcher
+from ._stats import COUNTERS
 from ._timers import Timer, timers_for
 
-if TYPE_CHECKING:
-    from ._service import Service
-
-__all__ = ["MetricsServer", "render_prometheus"]
+__all__ = ["MetricsServer", "StatsReporter", "StatsSource", "WorkerStats", "render_prometheus"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -33,6 +45,23 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8 * 1024
 #: A client has this long to send its request and read the answer.
 REQUEST_TIMEOUT = 10.0
+#: Seconds between two reports of a worker's counters to the supervisor.
+REPORT_INTERVAL = 1.0
+#: The largest report read (a datagram is read whole or cut).
+MAX_REPORT = 1 << 20
+
+
+class StatsSource(Protocol):
+    """What ``MetricsServer`` serves: a ``Service``, or the supervisor's ``WorkerStats``."""
+
+    #: The asyncore map the server joins.
+    map: SocketMap
+    #: Dispatchers closed with the source: the server adds itself.
+    attachments: List[Any]
+
+    def stats(self) -> Dict[str, Dict[str, int]]:
+        """Per rule label, the counters named in ``_stats.COUNTERS``."""
+        ...
 
 # (stats key, metric name, type, help text)
 _METRICS: List[Tuple[str, str, str, str]] = [
@@ -53,7 +82,7 @@ def escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_prometheus(service: Service) -> str:
+def render_prometheus(service: StatsSource) -> str:
     """The service's per-rule counters in the Prometheus text format 0.0.4."""
     stats: Dict[str, Dict[str, int]] = service.stats()
     lines = []
@@ -68,12 +97,15 @@ def render_prometheus(service: Service) -> str:
 class MetricsServer(_Dispatcher):
     """Answers ``GET /metrics`` with ``render_prometheus(service)``, on the service's map.
 
+    ``service`` is a ``Service`` or anything else with ``map``, ``stats()``
+    and ``attachments`` (``StatsSource``).
+
     HTTP/1.0 or 1.1, one response per connection, then close; 404 for any
     other path, 405 for another method, 400 for what is not HTTP.
     ``address`` is where it listens (``port=0`` picks a free one).
     """
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, service: StatsSource, host: str = "127.0.0.1", port: int = 0) -> None:
         self.service = service
         #: The scrapers being served, closed with the server.
         self.requests: Set[_MetricsRequest] = set()
@@ -223,3 +255,138 @@ class _MetricsRequest(_Dispatcher):
             self._deadline = None
         self.server.requests.discard(self)
         asyncore.dispatcher.close(self)
+
+
+# -- the counters of several worker processes ---------------------------------
+
+
+class WorkerStats:
+    """The supervisor's view of its workers' counters: sums per rule, for its ``MetricsServer``.
+
+    Holds both ends of the socketpair the workers report on: ``worker_end()``
+    is for a forked worker, the other end is read on ``map``.
+    """
+
+    def __init__(self, map: Optional[SocketMap] = None) -> None:
+        self.map: SocketMap = {} if map is None else map
+        #: The MetricsServer, closed with the rest.
+        self.attachments: List[Any] = []
+        #: The latest report of each live worker, by process id.
+        self.latest: Dict[int, Dict[str, Dict[str, int]]] = {}
+        #: The counters (all but "active") of the workers that exited, per rule.
+        self.retired: Dict[str, Dict[str, int]] = {}
+        parent_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        worker_end.setblocking(False)  # a worker never waits to report: it skips one
+        self._worker_end: Optional[socket.socket] = worker_end
+        self._reader = _ReportReader(self, parent_end)
+
+    def worker_end(self) -> socket.socket:
+        """In a forked worker: its end of the socketpair; everything else of the supervisor's is closed."""
+        worker_end, self._worker_end = self._worker_end, None
+        assert worker_end is not None, "worker_end() is called once, in the worker"
+        self.close()
+        return worker_end
+
+    def receive(self, data: bytes) -> None:
+        """A worker's report: keep it as that worker's latest."""
+        try:
+            report = json.loads(data)
+            pid = int(report["pid"])
+            stats = {str(label): {key: int(counters.get(key, 0)) for key in COUNTERS}
+                     for label, counters in report["stats"].items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            log.warning("metrics: bad report from a worker (%s): %s", describe_error(error), data[:80])
+            return
+        self.latest[pid] = stats
+
+    def worker_exited(self, pid: int) -> None:
+        """The worker ``pid`` exited: its counters become retired totals (its last report may still be queued)."""
+        if self._reader.connected:
+            self._reader.handle_read()
+        for label, counters in self.latest.pop(pid, {}).items():
+            retired = self.retired.setdefault(label, dict.fromkeys(COUNTERS, 0))
+            for key in COUNTERS:
+                if key != "active":
+                    retired[key] += counters[key]
+
+    def stats(self) -> Dict[str, Dict[str, int]]:
+        """Per rule label: the retired totals plus every live worker's latest report."""
+        totals = {label: dict(counters) for label, counters in self.retired.items()}
+        for report in list(self.latest.values()):
+            for label, counters in report.items():
+                total = totals.setdefault(label, dict.fromkeys(COUNTERS, 0))
+                for key in COUNTERS:
+                    total[key] += counters[key]
+        return totals
+
+    def close(self) -> None:
+        self._reader.close()
+        for attachment in self.attachments:
+            attachment.close()
+        if self._worker_end is not None:
+            self._worker_end.close()
+            self._worker_end = None
+
+
+class _ReportReader(_Dispatcher):
+    """The supervisor's end of the socketpair: one report per datagram."""
+
+    def __init__(self, totals: WorkerStats, sock: socket.socket) -> None:
+        self.totals = totals
+        super().__init__(sock, map=totals.map)
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        """Called when reports are queued: read every one (a bounded number per round)."""
+        for _ in range(1024):
+            try:
+                data = self.socket.recv(MAX_REPORT)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.totals.receive(data)
+
+    def handle_error(self) -> None:
+        log.warning("metrics: %s", describe_error(sys.exc_info()[1] or RuntimeError("unknown error")))
+
+
+class StatsReporter:
+    """In a worker: sends its service's counters to the supervisor every ``interval`` s, and at close."""
+
+    def __init__(self, service: StatsSource, sock: socket.socket, worker: int,
+                 interval: float = REPORT_INTERVAL) -> None:
+        self.service = service
+        self.socket = sock
+        self.worker = worker
+        self.interval = interval
+        self._warned = False
+        self._timer: Optional[Timer] = None
+        service.attachments.append(self)  # closed with the service: the last report
+        self._tick()
+
+    def _tick(self) -> None:
+        self.send()
+        self._timer = timers_for(self.service.map).call_later(self.interval, self._tick)
+
+    def send(self) -> None:
+        """Send one report now; skipped when the supervisor's queue is full."""
+        report = {"worker": self.worker, "pid": os.getpid(), "stats": self.service.stats()}
+        try:
+            self.socket.send(json.dumps(report, separators=(",", ":")).encode("utf-8"))
+        except (BlockingIOError, InterruptedError):
+            pass  # the next report carries the same counters, and more
+        except OSError as error:
+            if error.errno == errno.ENOBUFS:
+                return
+            if not self._warned:  # e.g. the supervisor is gone, or too many rules for one datagram
+                self._warned = True
+                log.warning("metrics: cannot report the counters to the supervisor: %s", describe_error(error))
+
+    def close(self) -> None:
+        """Send the last report (after the drain, the final counters) and stop."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self.send()
+        self.socket.close()

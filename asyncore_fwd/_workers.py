@@ -117,7 +117,9 @@ class Reservations:
 
 def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
               on_ready: Callable[[], None], drain_timeout: float = 10.0,
-              on_hangup: Optional[Callable[[], bool]] = None) -> int:
+              on_hangup: Optional[Callable[[], bool]] = None,
+              idle: Callable[[float], None] = time.sleep,
+              on_exit: Optional[Callable[[int], None]] = None) -> int:
     """Fork ``count`` workers running ``run_worker(index, ready)``; keep them running
     until SIGINT/SIGTERM.  Each worker calls ``ready()`` once it listens; when all
     have (or after START_WAIT s), ``on_ready()`` runs.  SIGHUP runs ``on_hangup()``
@@ -125,7 +127,11 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
     A stop passes SIGTERM on and gives the workers ``drain_timeout`` seconds
     (and a margin) before killing them; a second stop signal is passed on too
     (the workers then stop at once).  Returns 0 after a requested stop, 1 if a
-    worker kept dying."""
+    worker kept dying.
+
+    Between two checks the parent calls ``idle(seconds)`` (a short wait: one
+    round of its own loop, for instance); ``on_exit(pid)`` runs for each
+    worker that exited, once it is reaped."""
     workers: Dict[int, int] = {}  # pid -> index
     deaths: Dict[int, List[float]] = {}
     received: List[int] = []  # signals not handled yet, in order
@@ -146,7 +152,7 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
             if not any(signum in (signal.SIGINT, signal.SIGTERM) for signum in received):
                 on_ready()
         except BaseException:
-            _stop_all(workers, 0.0)
+            _stop_all(workers, 0.0, on_exit=on_exit)
             raise
         while workers:
             stop_signal = _pass_on(received, workers, on_hangup)
@@ -154,9 +160,11 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
                 break
             pid, status = _reap()
             if not pid:
-                time.sleep(0.05)
+                idle(0.05)
                 continue
             index = workers.pop(pid)
+            if on_exit is not None:
+                on_exit(pid)
             recent = [t for t in deaths.get(index, []) if time.monotonic() - t < RESTART_WINDOW]
             deaths[index] = recent + [time.monotonic()]
             if len(deaths[index]) > RESTART_LIMIT:
@@ -169,7 +177,7 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
             name = signal.Signals(stop_signal).name
             log.info("%s: stopping %d workers; open connections get %g s to finish (%s again: at once)",
                      name, len(workers), drain_timeout, name)
-        _stop_all(workers, drain_timeout, received)
+        _stop_all(workers, drain_timeout, received, idle, on_exit)
     finally:
         os.close(ready_reader)
         os.close(ready_writer)
@@ -239,9 +247,11 @@ def _reap() -> Tuple[int, int]:
         return 0, 0
 
 
-def _stop_all(workers: Dict[int, int], drain_timeout: float, received: Optional[List[int]] = None) -> None:
+def _stop_all(workers: Dict[int, int], drain_timeout: float, received: Optional[List[int]] = None,
+              idle: Callable[[float], None] = time.sleep, on_exit: Optional[Callable[[int], None]] = None) -> None:
     """SIGTERM every worker and wait for their drain (``drain_timeout`` s and a
-    margin); a stop signal meanwhile is passed on; then SIGKILL what is left."""
+    margin), calling ``idle`` meanwhile; a stop signal meanwhile is passed on;
+    then SIGKILL what is left.  ``on_exit(pid)`` for each one reaped."""
     for pid in workers:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + drain_timeout + STOP_MARGIN
@@ -252,9 +262,10 @@ def _stop_all(workers: Dict[int, int], drain_timeout: float, received: Optional[
                 _signal(pid, signal.SIGTERM)
         pid, _ = _reap()
         if pid:
-            workers.pop(pid, None)
+            if workers.pop(pid, None) is not None and on_exit is not None:
+                on_exit(pid)
         else:
-            time.sleep(0.05)
+            idle(0.05)
     for pid in list(workers):
         log.warning("worker %d (pid %d) did not stop in %g s: killing it", workers[pid], pid,
                     drain_timeout + STOP_MARGIN)
@@ -264,6 +275,8 @@ def _stop_all(workers: Dict[int, int], drain_timeout: float, received: Optional[
         except ChildProcessError:
             pass
         del workers[pid]
+        if on_exit is not None:
+            on_exit(pid)
 
 
 def _signal(pid: int, signum: int) -> None:

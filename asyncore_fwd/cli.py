@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__, _workers
@@ -32,7 +33,7 @@ from ._config import (
     rule_defaults,
     split_host_port,
 )
-from ._loop import LOOP_KINDS, best_loop_kind
+from ._loop import LOOP_KINDS, best_loop_kind, open_loop
 from ._net import describe_error, format_address
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
 
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "(0: at once; default: %(default)g)")
     process.add_argument("--metrics", type=_metrics_address, metavar="[HOST:]PORT",
                          help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to "
-                              "127.0.0.1)")
+                              "127.0.0.1; with --workers, the sums over the workers, up to 1 s old)")
     process.add_argument("--pidfile", metavar="PATH",
                          help="write the process id there once listening; removed at exit")
     process.add_argument("--toxic", type=_toxic, action="append", default=[], metavar="SPEC",
@@ -347,8 +348,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--workers above 1 needs SO_REUSEPORT and fork(), which this platform lacks")
     if args.toxic and args.splice:
         parser.error("--toxic needs the copy relay: with --splice the bytes never enter Python")
-    if args.workers > 1 and args.metrics:
-        parser.error("--metrics cannot be combined with --workers: each worker counts only its own connections")
     if args.check_config:
         for rule in rules:
             print(describe_rule(rule))
@@ -457,8 +456,10 @@ class _Signals:
 
 def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Callable[[], List[Rule]]],
            pidfile: Optional[str] = None, worker: bool = False,
-           ready: Optional[Callable[[], None]] = None) -> int:
-    """Serve ``rules`` until SIGINT/SIGTERM and the drain; return the exit status."""
+           ready: Optional[Callable[[], None]] = None,
+           attach: Optional[Callable[[Any], None]] = None) -> int:
+    """Serve ``rules`` until SIGINT/SIGTERM and the drain; return the exit status.
+    ``attach(service)`` runs once the service is made (a worker's ``StatsReporter``)."""
     from ._service import Service
 
     signals = _Signals(args, reread, worker)
@@ -471,8 +472,10 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
         except (OSError, ValueError) as error:
             return _fail(error)
         signals.service = service
+        if attach is not None:
+            attach(service)
         try:
-            if args.metrics:
+            if args.metrics and not worker:
                 from ._metrics import MetricsServer
 
                 metrics = MetricsServer(service, *args.metrics)  # closed with the service
@@ -495,17 +498,23 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
 
 
 def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: List[Rule]) -> int:
-    """Check the settings once here, then fork the workers and watch them."""
+    """Check the settings once here, then fork the workers and watch them; with
+    --metrics, serve the sums of the workers' counters from here."""
+    from ._metrics import REPORT_INTERVAL, MetricsServer, StatsReporter, WorkerStats
     from ._service import Service
 
     reserves = _workers.Reservations()
     written_pidfile: List[str] = []
+    totals: Optional[WorkerStats] = None
     try:
         try:
             rules = reserves.hold(rules)
             # Resolve the remotes and bind once here, so that errors show before any fork.
             with _quiet():
                 Service(rules, map={}).close()
+            if args.metrics:
+                totals = WorkerStats()
+                metrics = MetricsServer(totals, *args.metrics)  # closed with totals
         except (OSError, ValueError) as error:
             return _fail(error)
         current = {"rules": rules}
@@ -513,10 +522,16 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
         def run_worker(index: int, ready: Callable[[], None]) -> int:
             reserves.close()
             _configure_logging(args, worker=index)
+            attach = None
+            if totals is not None:
+                report_to = totals.worker_end()  # and the supervisor's sockets closed here
+
+                def attach(service: Any) -> None:
+                    StatsReporter(service, report_to, index)  # closed with the service
             # The worker re-reads on SIGHUP after the parent checked the file:
             # with the ports the parent holds (known at the fork).
             return _serve(args, current["rules"], lambda: reserves.apply(load_rules(args, forward_rules)),
-                          worker=True, ready=ready)
+                          worker=True, ready=ready, attach=attach)
 
         def hangup() -> bool:
             """SIGHUP: check the config here (one error line, not one per worker); True to pass it on."""
@@ -536,16 +551,26 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
             for rule in rules:
                 log.info("%s: forwarding %s to %s with %d workers", rule.label, rule.listen, rule.remote,
                          args.workers)
+            if totals is not None:
+                log.info("metrics at http://%s/metrics (the workers' sums, up to %g s old)",
+                         format_address(metrics.address), REPORT_INTERVAL)
             if args.pidfile:
                 _write_pidfile(args.pidfile)
                 written_pidfile.append(args.pidfile)
 
+        idle, on_exit = time.sleep, None
+        if totals is not None:
+            # poll(), not epoll: a worker forked from here closes these sockets, and
+            # epoll registrations would be shared with it, through the inherited epoll.
+            idle, on_exit = open_loop("poll", totals.map).poll, totals.worker_exited
         try:
             return _workers.supervise(args.workers, run_worker, announce, drain_timeout=args.drain_timeout,
-                                      on_hangup=hangup)
+                                      on_hangup=hangup, idle=idle, on_exit=on_exit)
         except OSError as error:  # the pid file
             return _fail(error)
     finally:
+        if totals is not None:
+            totals.close()
         reserves.close()
         for path in written_pidfile:
             _remove_pidfile(path)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
-from typing import Callable, List
+import time
+import urllib.request
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 
@@ -18,8 +21,10 @@ pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT 
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
 
 
-def start_workers(spawn: Callable[..., ForwarderProcess], remote_port: int, count: int = 2) -> ForwarderProcess:
-    proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", str(remote_port), "--workers", str(count), "-v"])
+def start_workers(spawn: Callable[..., ForwarderProcess], remote_port: int, count: int = 2,
+                  extra: Sequence[str] = ()) -> ForwarderProcess:
+    proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", str(remote_port), "--workers", str(count), "-v",
+                           *extra])
     for index in range(count):
         proc.wait_line(rf"worker {index} started \(pid \d+\)")
     return proc
@@ -44,15 +49,37 @@ def echo_through(port: int, message: bytes) -> bytes:
         return recv_all(client)
 
 
+def both_workers_accepted(proc: ForwarderProcess) -> bool:
+    return {w for w in ("w0", "w1") if any(f" {w} #" in line and "accepted" in line
+                                           for line in proc.lines)} == {"w0", "w1"}
+
+
+def scrape(url: str) -> Dict[str, int]:
+    """The samples of the (one rule's) metrics, by metric name."""
+    with urllib.request.urlopen(url, timeout=WAIT) as response:
+        body = response.read().decode()
+    return {name: int(value) for name, value in re.findall(r'^(\w+)\{rule="[^"]*"\} (\d+)$', body, re.MULTILINE)}
+
+
+def wait_for_counters(url: str, expected: Dict[str, int]) -> None:
+    """Scrape until the counters are ``expected`` (the workers report them about once a second)."""
+    last: List[Dict[str, int]] = [{}]
+
+    def reached() -> bool:
+        last[0] = scrape(url)
+        time.sleep(0.05)
+        return all(last[0].get(name) == value for name, value in expected.items())
+
+    wait_for(reached, what=f"the counters {expected} (last scrape: {last[0]})")
+
+
 def test_workers_share_the_port_and_each_serves_connections(spawn, echo_server) -> None:
     """With two workers, connections are spread over both and all are relayed."""
     proc = start_workers(spawn, echo_server.port)
     port = proc.start_port()
     for index in range(40):
         assert echo_through(port, b"message %d" % index) == b"message %d" % index
-    wait_for(lambda: {w for w in ("w0", "w1") if any(f" {w} #" in line and "accepted" in line
-                                                     for line in proc.lines)} == {"w0", "w1"},
-             what="both workers to accept connections")
+    wait_for(lambda: both_workers_accepted(proc), what="both workers to accept connections")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -109,3 +136,59 @@ def test_bad_worker_count_is_a_usage_error(spawn, count) -> None:
     assert proc.process.wait(timeout=WAIT) == 2
     proc.kill()
     assert len(proc.lines) == 1 and "--workers" in proc.lines[0]
+
+
+# -- --metrics with --workers ---------------------------------------------------------------
+
+ACCEPTED = "asyncore_fwd_connections_accepted_total"
+
+
+def start_workers_with_metrics(spawn: Callable[..., ForwarderProcess], remote_port: int) -> tuple:
+    """Two workers and --metrics 0: (process, forwarding port, metrics URL)."""
+    proc = start_workers(spawn, remote_port, extra=["--metrics", "0"])
+    port = proc.start_port()
+    url = proc.wait_line(r"metrics at (http://127\.0\.0\.1:\d+/metrics)").group(1)
+    return proc, port, url
+
+
+def test_metrics_with_workers_count_every_workers_connections(spawn, echo_server) -> None:
+    """One endpoint in the parent: its counters are the sums over both workers."""
+    proc, port, url = start_workers_with_metrics(spawn, echo_server.port)
+    for index in range(20):
+        assert echo_through(port, b"message %02d" % index) == b"message %02d" % index
+    wait_for(lambda: both_workers_accepted(proc), what="both workers to accept connections")
+    wait_for_counters(url, {ACCEPTED: 20, "asyncore_fwd_bytes_to_server_total": 200,
+                            "asyncore_fwd_bytes_to_client_total": 200, "asyncore_fwd_connections_active": 0})
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+
+
+def test_metrics_with_workers_keep_the_counts_of_a_worker_that_died(spawn, echo_server) -> None:
+    """A worker killed (and started again): the accepted counter does not go down."""
+    proc, port, url = start_workers_with_metrics(spawn, echo_server.port)
+    for _ in range(20):
+        assert echo_through(port, b"x") == b"x"
+    wait_for(lambda: both_workers_accepted(proc), what="both workers to accept connections")
+    wait_for_counters(url, {ACCEPTED: 20})
+    victim = worker_pids(proc)[0]
+    os.kill(victim, signal.SIGKILL)
+    proc.wait_line(rf"worker 0 \(pid {victim}\) exited \(killed by SIGKILL\); starting it again")
+    # Past the new worker's first reports (one at start, then one a second).
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert scrape(url)[ACCEPTED] == 20
+        time.sleep(0.05)
+    assert echo_through(port, b"y") == b"y"
+    wait_for_counters(url, {ACCEPTED: 21})
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+
+
+def test_metrics_port_in_use_with_workers_fails_before_forking(spawn) -> None:
+    """--metrics on a port in use with --workers: one line, exit 1, no worker started."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = spawn(MODULE + ["-p", "0", "-r", "127.0.0.1", "-P", "80", "--workers", "2", "--metrics", str(port)])
+        assert proc.process.wait(timeout=WAIT) == 1
+    proc.kill()
+    assert len(proc.lines) == 1 and "metrics" in proc.lines[0] and "in use" in proc.lines[0].lower(), proc.stderr
