@@ -49,6 +49,7 @@ from ._net import (
     SockAddr,
     SocketMap,
     describe_error,
+    end_key,
     format_address,
     listen_address,
     os_error,
@@ -144,6 +145,8 @@ class Forwarder(_Dispatcher):
         self.scratch = scratch[:rule.read_size]
         self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
         self._accept_pause: Optional[Timer] = None
+        #: Our own senders that connect to this forwarder's port, by their (host, port).
+        self.own_ends: dict[Tuple[str, int], Sender] = {}
         self._stop_requested = False
         #: Toxics (fault injection), made on first use; see ``add_toxic``.
         self._toxics: Optional[ToxicSet] = None
@@ -197,19 +200,28 @@ class Forwarder(_Dispatcher):
             raise OSError(error.errno, f"cannot listen on {where}: {describe_error(error)}") from None
 
     def _refuse_to_forward_to_itself(self) -> None:
-        """OSError if the remote is this very listener: each connect would be
-        accepted and forwarded again, until descriptors run out."""
-        host, port = self._address
+        """OSError if every address of the remote is this very listener, which
+        would accept each connect and forward it again.  (When only some are,
+        ``handle_accepted`` catches each connect that comes back.)"""
+        if self.rule.reuse_port:
+            return  # another process's more specific listener may take these connects
+        host, port = end_key(self._address)
         # The families a wildcard listener accepts: [::] takes IPv4 too, unless IPv6-only.
         wildcard_families = {"0.0.0.0": [socket.AF_INET], "::": [socket.AF_INET6]}.get(host, [])
         if host == "::" and not self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
             wildcard_families.append(socket.AF_INET)
-        for family, sockaddr in self._remote.last_answer:
-            if sockaddr[1] == port and (sockaddr[0] == host
-                                        or (family in wildcard_families and is_loopback(sockaddr[0]))):
-                raise OSError(errno.ELOOP, f"{self._label}: cannot forward to "
-                              f"{format_address((self.rule.remote_host, self.rule.remote_port))}: "
-                              f"that is this forwarder's own listening address")
+
+        def is_this_listener(family: int, sockaddr: SockAddr) -> bool:
+            remote_host, remote_port = end_key(sockaddr)
+            family = socket.AF_INET if ":" not in remote_host else family  # IPv4-mapped: IPv4
+            return remote_port == port and (remote_host == host or (
+                family in wildcard_families and (is_loopback(remote_host) or remote_host in ("0.0.0.0", "::"))))
+
+        addresses = self._remote.last_answer
+        if addresses and all(is_this_listener(*address) for address in addresses):
+            raise OSError(errno.ELOOP, f"{self._label}: cannot forward to "
+                          f"{format_address((self.rule.remote_host, self.rule.remote_port))}: "
+                          f"that is this forwarder's own listening address")
 
     def _take_over(self, listener: socket.socket) -> None:
         self.set_socket(listener)
@@ -487,6 +499,12 @@ class Forwarder(_Dispatcher):
 
     def handle_accepted(self, sock: socket.socket, addr: SockAddr) -> None:
         """Called with each new client socket: pair it with a connection to the remote."""
+        if self.own_ends:
+            sender = self.own_ends.get(end_key(addr))
+            if sender is not None:  # the remote led back here: do not forward it again
+                reset(sock)
+                sender.reached_its_own_forwarder()
+                return
         if self.access is not None:
             reason = self.access.refusal(addr, len(self.connections))
             if reason is not None:

@@ -17,9 +17,8 @@ import time
 from typing import Any, Dict, Generic, List, Optional, Tuple, TypeVar
 
 __all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "PerMap", "RemoteAddresses",
-           "SockAddr", "SocketMap",
-           "describe_error", "format_address", "listen_address", "os_error", "pending_error", "reset", "strip_brackets",
-           "tune"]
+           "SockAddr", "SocketMap", "describe_error", "end_key", "format_address", "listen_address", "os_error",
+           "pending_error", "reset", "strip_brackets", "tune"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -71,6 +70,15 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
+
+
+def end_key(address: SockAddr) -> Tuple[str, int]:
+    """(host, port) of one end of a connection, an IPv4-mapped IPv6 host as
+    plain IPv4: the same end, seen by an IPv4 socket or a dual-stack one."""
+    host = address[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, address[1]
 
 
 def os_error(code: int, message: Optional[str] = None) -> OSError:

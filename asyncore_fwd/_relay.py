@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from . import _loop
 from ._compat import asyncore
@@ -27,6 +27,7 @@ from ._net import (
     SocketMap,
     acknowledge_urgent,
     describe_error,
+    end_key,
     format_address,
     os_error,
     pending_error,
@@ -409,6 +410,9 @@ class Sender(_Pipe):
         self._candidates = list(conn.forwarder.remote_addresses())
         self._connect_timer: Optional[Timer] = None
         self._last_error: Optional[OSError] = None
+        #: This socket's (host, port) while it connects to the forwarder's own
+        #: port: a client arriving from there is the forwarder itself.
+        self.own_end: Optional[Tuple[str, int]] = None
 
     # -- select() predicates --------------------------------------------
 
@@ -478,6 +482,7 @@ class Sender(_Pipe):
         if error is not None:
             self._last_error = error
         self._cancel_connect_timer()
+        self._forget_own_end()
         asyncore.dispatcher.close(self)  # the failed attempt's socket, if any
         while self._candidates and not self.conn.closed:
             family, address = self._candidates.pop(0)
@@ -487,6 +492,9 @@ class Sender(_Pipe):
                 self._connect_timer = timers_for(self._map).call_later(
                     self.conn.rule.connect_timeout, self._connect_timed_out)
                 self.connect(address)
+                if address[1] == self.conn.forwarder.address[1]:  # the same port: it may be this forwarder
+                    self.own_end = end_key(self.socket.getsockname())
+                    self.conn.forwarder.own_ends[self.own_end] = self
                 return
             except OSError as failure:
                 self._cancel_connect_timer()
@@ -503,7 +511,21 @@ class Sender(_Pipe):
 
     def close_socket(self) -> None:
         self._cancel_connect_timer()
+        self._forget_own_end()
         super().close_socket()
+
+    def reached_its_own_forwarder(self) -> None:
+        """The connect arrived at this forwarder's own listener: try the next address,
+        or reset the client.  (Relaying to itself, it would connect again and again.)"""
+        if not self.connecting:  # it already relays: no other address to try
+            self._candidates.clear()
+        self.connect_next(os_error(errno.ELOOP, "it leads back to this forwarder"))
+
+    def _forget_own_end(self) -> None:
+        if self.own_end is not None:
+            if self.conn.forwarder.own_ends.get(self.own_end) is self:
+                del self.conn.forwarder.own_ends[self.own_end]
+            self.own_end = None
 
     def _connect_timed_out(self) -> None:
         self._connect_timer = None

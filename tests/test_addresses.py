@@ -285,9 +285,10 @@ def test_port_in_use_raises_naming_the_address(sock_map: dict) -> None:
 
 @pytest.mark.parametrize("local_host, remote_host", [
     ("127.0.0.1", "127.0.0.1"),
-    ("0.0.0.0", "localhost"),
+    ("0.0.0.0", "127.0.0.1"),
     pytest.param("::", "127.0.0.1", marks=needs_ipv6, id="dual-stack-wildcard"),
     pytest.param("::1", "::1", marks=needs_ipv6, id="ipv6"),
+    pytest.param("127.0.0.1", "::ffff:127.0.0.1", marks=needs_ipv6, id="ipv4-mapped"),
 ])
 def test_forwarding_to_its_own_listening_address_is_refused(
         local_host: str, remote_host: str, sock_map: dict) -> None:
@@ -302,6 +303,34 @@ def test_forwarding_to_its_own_listening_address_is_refused(
     assert raised.value.errno == errno.ELOOP
     assert open_fds() == before
     assert sock_map == {}
+
+
+def test_an_address_of_the_remote_that_leads_back_is_skipped_for_the_next(
+        start_forwarder: Callable[..., RunningForwarder], echo_server: EchoServer) -> None:
+    """A name may resolve to this forwarder and to a server: the connect that comes back is turned away."""
+    fwd = start_forwarder(echo_server.port)
+    fwd.forwarder._remote._addresses = [(socket.AF_INET, ("127.0.0.1", fwd.port)),
+                                        (socket.AF_INET, ("127.0.0.1", echo_server.port))]
+    _echoes(fwd)
+    assert len(fwd.forwarder.connections) == 1
+    assert fwd.forwarder.own_ends == {}
+
+
+@pytest.mark.parametrize("remote_host", ["127.0.0.1", "0.0.0.0"])
+def test_a_remote_that_only_leads_back_resets_the_client_once(
+        start_forwarder: Callable[..., RunningForwarder], echo_server: EchoServer, remote_host: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every address leads back (0.0.0.0 is this host too): the client is reset, with no chain of connects."""
+    caplog.set_level(logging.WARNING, logger="asyncore_fwd")
+    fwd = start_forwarder(echo_server.port)
+    fwd.forwarder._remote._addresses = [(socket.AF_INET, (remote_host, fwd.port))]
+    assert connect_until_reset(fwd.address) == b""
+    wait_for(lambda: _warnings(caplog), what="the close line")
+    wait_for(lambda: not fwd.forwarder.connections, what="the pair to close")
+    fwd.stop()
+    [line] = [r.getMessage() for r in _warnings(caplog)]
+    assert "it leads back to this forwarder" in line
+    assert fwd.forwarder.stats.accepted == 1  # the connect that came back was not forwarded again
 
 
 def test_same_port_on_another_loopback_address_is_not_itself(
