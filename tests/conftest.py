@@ -118,6 +118,7 @@ def recv_exactly(sock: socket.socket, size: int, timeout: float = WAIT) -> bytes
 
 # Sockets that hold the ports handed out by dead_port(), closed when the session ends.
 _dead_port_holders: List[socket.socket] = []
+DEAD_PORTS = 4  # how many distinct ports dead_port() hands out, in turn
 
 
 def dead_port() -> int:
@@ -127,11 +128,16 @@ def dead_port() -> int:
     released could be taken again meanwhile, even by the forwarder under test
     (which would then forward to itself), or be picked as a connect's own
     local port (a TCP simultaneous open, which succeeds with nobody listening).
+    A few such ports serve the whole session in turn: a test gets a different
+    one from each of its first ``DEAD_PORTS`` calls.
     """
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    _dead_port_holders.append(holder)
-    return holder.getsockname()[1]
+    if len(_dead_port_holders) < DEAD_PORTS:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        _dead_port_holders.append(holder)
+    else:
+        _dead_port_holders.append(_dead_port_holders.pop(0))
+    return _dead_port_holders[-1].getsockname()[1]
 
 
 def free_port() -> int:
