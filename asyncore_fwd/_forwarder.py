@@ -160,7 +160,8 @@ class Forwarder(_Dispatcher):
             self._take_over(listener)
         else:
             self._listen()
-        self._address: Tuple[str, int] = self.socket.getsockname()[:2]
+        self._sockaddr: SockAddr = self.socket.getsockname()  # whole: an IPv6 scope id too, to bind again
+        self._address: Tuple[str, int] = self._sockaddr[:2]
         self.addr = self._address  # asyncore's repr shows it: the real port, not 0
         # The rule's label, with the port bound after port 0: logs name the port clients use.
         self._label = self.rule.name or format_address((self.rule.local_host, self._address[1]))
@@ -282,8 +283,12 @@ class Forwarder(_Dispatcher):
         as a warning and left to finish in its (daemon) thread, rather than
         hang the caller; until it does, the port and its connections stay open.
         An error of the loop itself reaches the caller: before the block if
-        the loop cannot start (a ``loop`` this platform lacks), else at its end.
+        the loop cannot start (a ``loop`` this platform lacks), else at its end
+        (unless the block raised).  A forwarder runs once: after the block it
+        is closed, and ``running()`` again raises RuntimeError.
         """
+        if self._fileno is None or self._stop_requested:
+            raise RuntimeError(f"{self.label}: this forwarder was stopped and closed; make a new one")
         failed: List[BaseException] = []
 
         def serve() -> None:
@@ -306,15 +311,19 @@ class Forwarder(_Dispatcher):
             if failed:
                 raise failed[0]
             raise TimeoutError(f"{self.label}: the loop did not start within {START_TIMEOUT:g} s")
+        block_failed = False
         try:
             yield self
+        except BaseException:
+            block_failed = True  # its own error goes on, not the loop's
+            raise
         finally:
             self.stop()
             thread.join(stop_timeout)
             if thread.is_alive():
                 log.warning("%s: the loop did not stop within %g s; its thread %r is left running",
                             self.label, stop_timeout, thread.name)
-            elif failed:
+            elif failed and not block_failed:
                 raise failed[0]
 
     def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
@@ -426,7 +435,7 @@ class Forwarder(_Dispatcher):
         if not self._down:
             return
         try:
-            self._bind_and_listen(self._address)
+            self._bind_and_listen(self._sockaddr)
         except OSError:
             self._swap_in_idle_socket()  # still down; the next down() block tries again
             raise

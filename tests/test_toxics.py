@@ -105,6 +105,47 @@ def test_running_raises_when_the_loop_does_not_start_in_time(
         socket.create_connection(fwd.address, timeout=WAIT)
 
 
+def test_running_a_forwarder_a_second_time_raises(echo_server: EchoServer) -> None:
+    """After its block the forwarder is closed: running() again says so at once."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    with fwd.running():
+        pass
+    with pytest.raises(RuntimeError, match="stopped and closed"):
+        with fwd.running():
+            pytest.fail("the block ran on a closed forwarder")
+
+
+@pytest.mark.parametrize("block_raises", [False, True], ids=["loop-error-at-exit", "block-error-kept"])
+def test_an_error_of_the_loop_is_raised_at_the_end_of_the_block_unless_the_block_raised(
+        echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch, block_raises: bool) -> None:
+    """The loop's own error reaches the caller when the block ends, but never hides the block's error."""
+    broken = threading.Event()
+    open_loop = _loop.open_loop
+
+    def breakable_open_loop(*args: object, **kwargs: object) -> object:
+        backend = open_loop(*args, **kwargs)
+        poll = backend.poll
+
+        def breakable_poll(timeout: float) -> None:
+            if broken.is_set():
+                raise RuntimeError("the loop broke")
+            poll(timeout)
+
+        backend.poll = breakable_poll
+        return backend
+
+    monkeypatch.setattr(_loop, "open_loop", breakable_open_loop)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    expected = (ZeroDivisionError, "the block's own") if block_raises else (RuntimeError, "the loop broke")
+    with pytest.raises(expected[0], match=expected[1]):
+        with fwd.running(stop_timeout=WAIT):
+            broken.set()
+            LoopCalls.of(fwd._map).wake()  # type: ignore[union-attr]
+            wait_for(lambda: LoopCalls.of(fwd._map) is None, what="the loop to fail and close")
+            if block_raises:
+                raise ZeroDivisionError("the block's own")
+
+
 def test_stop_wakes_a_loop_waiting_on_a_long_timeout(echo_server: EchoServer) -> None:
     """stop() from another thread ends serve_forever at once, not at the end of its wait."""
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
