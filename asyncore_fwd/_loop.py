@@ -34,15 +34,16 @@ import time
 from typing import Any, Dict, FrozenSet, Optional, Set, Tuple
 
 from ._compat import asyncore
+from ._net import PerMap
 from ._timers import existing_timers
 
 __all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "best_loop_kind", "loop", "open_loop"]
 
 LOOP_KINDS = ("select", "poll", "epoll")
 
-# Which open EpollLoop watches which map (by identity): lets our dispatchers
-# announce themselves as they join or leave a map, with no scan.
-_watchers: Dict[int, "EpollLoop"] = {}
+# Which open EpollLoop watches which map: lets our dispatchers announce
+# themselves as they join or leave a map, with no scan.
+_watchers: PerMap[EpollLoop] = PerMap()
 
 
 def best_loop_kind() -> str:
@@ -58,15 +59,15 @@ def channel_changed(channel: Any) -> None:
     Called by asyncore_fwd's dispatchers when they join a map, and when
     something other than their own events (a timer) changed what they wait for.
     """
-    watcher = _watchers.get(id(channel._map))
-    if watcher is not None and watcher.map is channel._map:
+    watcher = _watchers.get(channel._map)
+    if watcher is not None:
         watcher.added(channel)
 
 
 def channel_removed(channel: Any, fd: Optional[int]) -> None:
     """Called by asyncore_fwd's dispatchers when they leave a map."""
-    watcher = _watchers.get(id(channel._map))
-    if watcher is not None and watcher.map is channel._map and fd is not None:
+    watcher = _watchers.get(channel._map)
+    if watcher is not None and fd is not None:
         watcher.removed(fd, channel)
 
 
@@ -86,11 +87,10 @@ class EpollLoop:
         self._dirty: Set[Any] = set()          # dispatchers whose predicates to ask again
         self._always_ready: Set[int] = set()   # registered fds epoll refuses (regular files), served each round
         self._next_sweep = 0.0
-        _watchers[id(self.map)] = self
+        _watchers.set(self.map, self)
 
     def close(self) -> None:
-        if _watchers.get(id(self.map)) is self:
-            del _watchers[id(self.map)]
+        _watchers.forget(self.map, self)
         self._epoll.close()
 
     def __enter__(self) -> EpollLoop:
