@@ -23,7 +23,7 @@ import pytest
 
 import asyncore_fwd
 from asyncore_fwd import cli
-from conftest import WAIT, EchoServer, ForwarderProcess, recv_all, recv_exactly, wait_for
+from conftest import WAIT, EchoServer, ForwarderProcess, free_port, recv_all, recv_exactly, wait_for
 
 PROG = "asyncore-fwd"
 CONSOLE_SCRIPT = Path(sys.executable).parent / PROG
@@ -353,9 +353,7 @@ def test_sigterm_with_an_open_connection_exits_0_and_ends_the_client(
 def test_quiet_logs_nothing_for_a_clean_run(spawn: Callable[..., ForwarderProcess],
                                             echo_server: EchoServer) -> None:
     """-q: a connection and a SIGTERM leave stderr empty."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     proc = spawn(MODULE + ["-p", str(port), "-r", "127.0.0.1", "-P", str(echo_server.port), "-q"])
 
     def relayed() -> bool:

@@ -229,10 +229,8 @@ def test_connection_of_a_removed_rule_drains(start_service, echo_server) -> None
 
 
 def test_rule_matched_by_listen_when_unnamed(echo_server, second_echo_server) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    service = Service([Rule("127.0.0.1", port, "127.0.0.1", echo_server.port)])
+    service = unless_taken(lambda: Service([Rule("127.0.0.1", free_port(), "127.0.0.1", echo_server.port)]))
+    port = next(iter(service.forwarders.values())).address[1]
     try:
         service.reload([Rule("127.0.0.1", port, "127.0.0.1", second_echo_server.port, name="named now")])
         assert list(service.forwarders) == ["named now"]
