@@ -73,6 +73,20 @@ def is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+_PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
+
+
+def parse_decimal(text: str) -> float:
+    """A number written plainly, like ``2``, ``0.5``, ``.25`` or ``-1`` (its range is the
+    caller's to check): ValueError for anything else.
+
+    ``float()`` would also take ``1_0``, ``1e3``, ``nan``, spaces and non-ASCII digits.
+    """
+    if not _PLAIN_NUMBER.match(text):
+        raise ValueError(f"not a plain number: {text!r}")
+    return float(text)
+
+
 # -- one value per key ---------------------------------------------------
 
 
@@ -105,7 +119,7 @@ def format_size(size: int) -> str:
 def _number(value: object) -> float:
     if isinstance(value, str):
         try:
-            value = float(value)
+            value = parse_decimal(value)
         except ValueError:
             raise _BadValue("") from None
     if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _loop
-from ._config import is_decimal, parse_size
+from ._config import is_decimal, parse_decimal, parse_size
 from ._timers import Timer, timers_for
 
 if TYPE_CHECKING:
@@ -570,7 +570,7 @@ def _seconds(text: str) -> float:
     elif number.endswith("s"):
         number = number[:-1]
     try:
-        return float(number) * scale
+        return parse_decimal(number) * scale
     except ValueError:
         raise ValueError(f"expected a value like 100ms or 1.5s, not {text!r}") from None
 
@@ -590,7 +590,7 @@ def _count(text: str) -> int:
 
 def _share(text: str) -> float:
     try:
-        return float(text)  # its range is the toxic's to check
+        return parse_decimal(text)  # its range is the toxic's to check
     except ValueError:
         raise ValueError(f"expected a number from 0 to 1, like 0.5, not {text!r}") from None
 

@@ -123,6 +123,10 @@ CONFIG_ERRORS = [
      'fwd.toml: rule 1: high_water: expected a positive number of bytes, like 65536, 512K, 1M or 1G, got "1\u00b2"'),
     ("arabic-indic-backlog", GOOD_RULE + 'backlog = "\u0661\u0662"\n',
      'fwd.toml: rule 1: backlog: expected an integer from 0 to 65535, got "\u0661\u0662"'),
+    ("arabic-indic-seconds", GOOD_RULE + 'idle_timeout = "\u0661\u0662"\n',
+     'fwd.toml: rule 1: idle_timeout: expected a number of seconds >= 0, got "\u0661\u0662"'),
+    ("underscored-seconds", GOOD_RULE + 'connect_timeout = "1_0"\n',
+     'fwd.toml: rule 1: connect_timeout: expected a positive number of seconds, got "1_0"'),
     ("superscript-port", '[[rule]]\nlisten = "127.0.0.1:8\u00b2"\nconnect = "127.0.0.1:80"\n',
      'fwd.toml: rule 1: listen: expected "host:port" with a port from 0 to 65535, got "127.0.0.1:8\u00b2"'),
 ]

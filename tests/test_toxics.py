@@ -553,7 +553,8 @@ def test_spec_refuses_a_fractional_size() -> None:
                                  "of bytes, like 65536, 512K, 1M or 1G, not '1.5K'")
 
 
-@pytest.mark.parametrize("spec", ["limit_data=1\u00b2", "limit_data=\u0661\u0662", "bandwidth=1\u00b2K"])
+@pytest.mark.parametrize("spec", ["limit_data=1\u00b2", "limit_data=\u0661\u0662", "bandwidth=1\u00b2K",
+                                  "latency=\uff11s", "latency=1_0ms", "timeout=\u0661", "reset_peer,toxicity=\uff11"])
 def test_spec_refuses_digits_that_are_not_ascii(spec: str) -> None:
     """str.isdigit() takes a superscript two (which int() refuses) and Arabic-Indic digits: one-line errors."""
     with pytest.raises(ValueError, match=f"^bad toxic '{spec}': "):
