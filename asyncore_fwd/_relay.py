@@ -167,7 +167,8 @@ class Connection:
         self.close_early(reason, reset=bool(len(self.receiver.outgoing) or len(self.sender.outgoing)))
 
     def close_early(self, reason: str, reset: bool = True) -> None:
-        """The forwarder ends the pair (a timeout, a drain cut short): reset both sides if ``reset``."""
+        """The forwarder ends the pair (a timeout, a drain cut short, an injected fault):
+        reset both sides if ``reset``."""
         if self.closed:
             return
         self.error, self.cut = reason, True
