@@ -69,6 +69,8 @@ log = logging.getLogger("asyncore_fwd")
 
 #: How long the listener stops accepting when the process is out of descriptors.
 ACCEPT_PAUSE = 0.5
+#: How long a connect of ours that led back here may take to come out of the backlog.
+TURNED_BACK_WAIT = 5.0
 #: How long ``Forwarder.running()`` waits for its loop to start.
 START_TIMEOUT = 10.0
 #: Connections taken from the backlog per readiness event of the listener.
@@ -147,6 +149,9 @@ class Forwarder(_Dispatcher):
         self._accept_pause: Optional[Timer] = None
         #: Our own senders that connect to this forwarder's port, by their (host, port).
         self.own_ends: dict[Tuple[str, int], Sender] = {}
+        #: Connects of ours that led back here and were given up, by (their end, ours),
+        #: with the time: reset when they come out of the backlog.
+        self._turned_back: dict[Tuple[Tuple[str, int], Tuple[str, int]], float] = {}
         self._stop_requested = False
         #: Toxics (fault injection), made on first use; see ``add_toxic``.
         self._toxics: Optional[ToxicSet] = None
@@ -203,26 +208,59 @@ class Forwarder(_Dispatcher):
     def _refuse_to_forward_to_itself(self) -> None:
         """OSError if every address of the remote is this very listener, which
         would accept each connect and forward it again.  (When only some are,
-        ``handle_accepted`` catches each connect that comes back.)"""
-        if self.rule.reuse_port:
-            return  # another process's more specific listener may take these connects
-        host, port = end_key(self._address)
-        # The families a wildcard listener accepts: [::] takes IPv4 too, unless IPv6-only.
-        wildcard_families = {"0.0.0.0": [socket.AF_INET], "::": [socket.AF_INET6]}.get(host, [])
-        if host == "::" and not self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-            wildcard_families.append(socket.AF_INET)
-
-        def is_this_listener(family: int, sockaddr: SockAddr) -> bool:
-            remote_host, remote_port = end_key(sockaddr)
-            family = socket.AF_INET if ":" not in remote_host else family  # IPv4-mapped: IPv4
-            return remote_port == port and (remote_host == host or (
-                family in wildcard_families and (is_loopback(remote_host) or remote_host in ("0.0.0.0", "::"))))
-
+        the connects that lead back are caught as they complete.)"""
         addresses = self._remote.last_answer
-        if addresses and all(is_this_listener(*address) for address in addresses):
+        if addresses and all(self.leads_back_here(sockaddr) for _, sockaddr in addresses):
             raise OSError(errno.ELOOP, f"{self._label}: cannot forward to "
                           f"{format_address((self.rule.remote_host, self.rule.remote_port))}: "
                           f"that is this forwarder's own listening address")
+
+    def leads_back_here(self, peer: SockAddr, local: Optional[SockAddr] = None) -> bool:
+        """Whether a connect to ``peer`` (from ``local``, once known) reaches this listener."""
+        host, port = end_key(self._address)
+        peer_host, peer_port = end_key(peer)
+        if peer_port != port:
+            return False
+        if peer_host == host:
+            return True
+        if host not in ("0.0.0.0", "::") or self.rule.reuse_port:
+            return False  # (with reuse_port, another process's more specific listener may own it)
+        # A wildcard listener takes every local address of its family, and [::]
+        # IPv4 too unless it is IPv6-only.  A connection to a local address has
+        # that same address at its own end.
+        if ":" in peer_host and host != "::":
+            return False
+        if ":" not in peer_host and host == "::" and self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            return False
+        return (is_loopback(peer_host) or peer_host in ("0.0.0.0", "::")
+                or (local is not None and end_key(local)[0] == peer_host))
+
+    def turn_back(self, local: SockAddr, peer: SockAddr) -> None:
+        """A connect of ours from ``local`` led back to ``peer`` here: reset it when it is accepted."""
+        now = time.monotonic()
+        for key in [key for key, when in self._turned_back.items() if now - when > TURNED_BACK_WAIT]:
+            del self._turned_back[key]  # never accepted (the backlog dropped it)
+        self._turned_back[(end_key(local), end_key(peer))] = now
+
+    def _came_back(self, sock: socket.socket, addr: SockAddr) -> bool:
+        """Whether the client ``sock`` is a connect of ours that led back here (then reset it)."""
+        client = end_key(addr)
+        sender = self.own_ends.get(client)
+        if sender is None and not self._turned_back:
+            return False
+        try:
+            ours = end_key(sock.getsockname())
+        except OSError:
+            return False
+        if self._turned_back.pop((client, ours), None) is None:
+            try:  # the whole four-tuple: a client may share a port number with a sender
+                if sender is None or end_key(sender.socket.getpeername()) != ours:
+                    return False
+            except OSError:
+                return False
+            sender.reached_its_own_forwarder()
+        reset(sock)
+        return True
 
     def _take_over(self, listener: socket.socket) -> None:
         self.set_socket(listener)
@@ -508,12 +546,8 @@ class Forwarder(_Dispatcher):
 
     def handle_accepted(self, sock: socket.socket, addr: SockAddr) -> None:
         """Called with each new client socket: pair it with a connection to the remote."""
-        if self.own_ends:
-            sender = self.own_ends.get(end_key(addr))
-            if sender is not None:  # the remote led back here: do not forward it again
-                reset(sock)
-                sender.reached_its_own_forwarder()
-                return
+        if (self.own_ends or self._turned_back) and self._came_back(sock, addr):
+            return  # the remote led back here: do not forward it again
         if self.access is not None:
             reason = self.access.refusal(addr, len(self.connections))
             if reason is not None:

@@ -397,6 +397,10 @@ class Receiver(_Pipe):
     role = "client"
 
 
+#: Why a connect is given up when it reached the forwarder's own listener.
+LEADS_BACK = "it leads back to this forwarder"
+
+
 class Sender(_Pipe):
     """The server's side of a connection (the article's ``sender``).
 
@@ -441,11 +445,18 @@ class Sender(_Pipe):
                 # Not connected yet: a stale event meant for a closed socket whose
                 # descriptor number we reuse (python/cpython#75114).  Keep waiting.
                 return
-            if peer == self.socket.getsockname():
+            local = self.socket.getsockname()
+            if peer == local:
                 # Connected to itself: a connect to a local port that nothing
                 # listens on, which the kernel happened to pick as this socket's
                 # own port, is a TCP "simultaneous open".  Nobody is there.
                 self.connect_next(os_error(errno.ECONNREFUSED))
+                return
+            if self.own_end is not None and self.conn.forwarder.leads_back_here(peer, local):
+                # Our own listener took it: relayed, it would be forwarded again
+                # and again.  It waits in the backlog, to be reset there.
+                self.conn.forwarder.turn_back(local, peer)
+                self.connect_next(os_error(errno.ELOOP, LEADS_BACK))
                 return
         # asyncore's handle_connect_event() would read SO_ERROR again: a reset
         # arriving just now would then be consumed there, unseen by us.
@@ -516,11 +527,11 @@ class Sender(_Pipe):
         super().close_socket()
 
     def reached_its_own_forwarder(self) -> None:
-        """The connect arrived at this forwarder's own listener: try the next address,
-        or reset the client.  (Relaying to itself, it would connect again and again.)"""
-        if not self.connecting:  # it already relays: no other address to try
+        """The forwarder accepted this very connect: try the next address, or reset
+        the client.  (Relaying to itself, it would connect again and again.)"""
+        if not self.connecting:  # it already relays (a case the connect could not tell): give up
             self._candidates.clear()
-        self.connect_next(os_error(errno.ELOOP, "it leads back to this forwarder"))
+        self.connect_next(os_error(errno.ELOOP, LEADS_BACK))
 
     def _forget_own_end(self) -> None:
         if self.own_end is not None:

@@ -314,6 +314,27 @@ def test_an_address_of_the_remote_that_leads_back_is_skipped_for_the_next(
     _echoes(fwd)
     assert len(fwd.forwarder.connections) == 1
     assert fwd.forwarder.own_ends == {}
+    wait_for(lambda: not fwd.forwarder._turned_back, what="the connect that led back to be reset")
+    assert fwd.forwarder.stats.accepted == 1
+
+
+def test_a_burst_of_clients_skips_the_address_that_leads_back(
+        start_forwarder: Callable[..., RunningForwarder], echo_server: EchoServer, loop_kind: str) -> None:
+    """More clients wait than one accept round takes: each still falls through to the next address."""
+    if loop_kind == "select":
+        pytest.skip("select() cannot watch the 1000-odd descriptors of 300 such clients")
+    fwd = start_forwarder(echo_server.port)
+    fwd.forwarder._remote._addresses = [(socket.AF_INET, ("127.0.0.1", fwd.port)),
+                                        (socket.AF_INET, ("127.0.0.1", echo_server.port))]
+    clients = [socket.create_connection(fwd.address, timeout=WAIT) for _ in range(300)]
+    try:
+        for number, client in enumerate(clients):
+            client.sendall(bytes([number % 256]))
+        assert [recv_exactly(client, 1) for client in clients] == [bytes([n % 256]) for n in range(300)]
+        assert fwd.forwarder.stats.accepted == 300
+    finally:
+        for client in clients:
+            client.close()
 
 
 @pytest.mark.parametrize("remote_host", ["127.0.0.1", "0.0.0.0"])

@@ -267,6 +267,15 @@ def test_port_in_use_returns_1_with_one_line(capsys: pytest.CaptureFixture[str],
     assert str(port) in line
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "workers"])
+def test_forwarding_to_its_own_port_returns_1_with_one_line(
+        workers: List[str], capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
+    """-r/-P naming the forwarder's own address: exit 1 before serving (or forking), one line."""
+    port = str(free_port())
+    line = runtime_error(["-p", port, "-r", "127.0.0.1", "-P", port, *workers], capsys)
+    assert line.endswith(f"cannot forward to 127.0.0.1:{port}: that is this forwarder's own listening address")
+
+
 def test_unknown_remote_host_returns_1_naming_it(capsys: pytest.CaptureFixture[str], no_serving: None) -> None:
     """A remote name that does not resolve: exit 1, the line names the host."""
     line = runtime_error(["-p", "0", "-r", "no-such-host.invalid", "-P", "80"], capsys)
