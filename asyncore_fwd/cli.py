@@ -28,6 +28,7 @@ from ._config import (
     describe_rule,
     is_decimal,
     load_config,
+    parse_decimal,
     parse_forward_spec,
     parse_size,
     rule_defaults,
@@ -69,10 +70,7 @@ exit status:
 def _integer(what: str, lowest: int, highest: int) -> Callable[[str], int]:
     """An argparse type: a decimal integer from ``lowest`` to ``highest``."""
     def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            value = lowest - 1
+        value = int(text, 10) if is_decimal(text) else lowest - 1  # int() also takes " 2", "1_0", "١"
         if not lowest <= value <= highest:
             raise argparse.ArgumentTypeError(
                 f"invalid {what} {text!r}: expected an integer from {lowest} to {highest}")
@@ -88,7 +86,7 @@ def _host(text: str) -> str:
 
 def _seconds(text: str, lowest_ok: bool = False) -> float:
     try:
-        value = float(text)
+        value = parse_decimal(text)  # float() also takes "1_0", "nan", "١"
     except ValueError:
         value = float("nan")
     if not (0 <= value if lowest_ok else 0 < value) or value == float("inf"):

@@ -197,6 +197,13 @@ FLAG_ERRORS = [
          "(or give rules with -L or -c)"),
     (["-L", "1:h:2", "--high-water", "1T"], "argument --high-water: invalid size '1T': expected a positive "
                                             "number of bytes, like 65536, 512K, 1M or 1G"),
+    # int() and float() also take these: the flags, like the config file, take plain ASCII numbers.
+    (["-L", "1:h:2", "--connect-timeout", "1_0"], "argument --connect-timeout: invalid time '1_0': expected a "
+                                                  "positive number of seconds"),
+    (["-L", "1:h:2", "--workers", "\u0662"], "argument --workers: invalid worker count '\u0662': expected an "
+                                             "integer from 1 to 256"),
+    (["-L", "1:h:2", "--backlog", " 2"], "argument --backlog: invalid backlog ' 2': expected an integer "
+                                         "from 0 to 65535"),
     (["-L", "1:h:2", "--drain-timeout", "-1"], "argument --drain-timeout: invalid time '-1': expected a number "
                                                "of seconds >= 0"),
     (["-L", "1:h:2", "--metrics", "a:b"], "argument --metrics: invalid address 'a:b': expected [HOST:]PORT, "
