@@ -326,7 +326,8 @@ class Forwarder(_Dispatcher):
         is closed, and ``running()`` again raises RuntimeError.
         """
         if self._fileno is None or self._stop_requested:
-            raise RuntimeError(f"{self.label}: this forwarder was stopped and closed; make a new one")
+            raise RuntimeError(f"{self.label}: this forwarder was stopped (stop(), or the end of a "
+                               f"running() block); make a new one")
         failed: List[BaseException] = []
 
         def serve() -> None:
@@ -363,6 +364,8 @@ class Forwarder(_Dispatcher):
                             self.label, stop_timeout, thread.name)
             elif failed and not block_failed:
                 raise failed[0]
+            elif failed:  # the block's own error goes on: say what the loop had
+                log.error("%s: the loop failed during the block", self.label, exc_info=failed[0])
 
     def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
         """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""

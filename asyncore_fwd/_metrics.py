@@ -47,6 +47,8 @@ MAX_REQUEST = 8 * 1024
 REQUEST_TIMEOUT = 10.0
 #: Seconds between two reports of a worker's counters to the supervisor.
 REPORT_INTERVAL = 1.0
+#: How long a worker's last report may wait for room in the supervisor's queue.
+FINAL_REPORT_WAIT = 2.0
 #: The largest report read (a datagram is read whole or cut).
 MAX_REPORT = 1 << 20
 
@@ -388,5 +390,8 @@ class StatsReporter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            # The last one must not be skipped: wait (a little) for room in the
+            # supervisor's queue, which other workers may be filling just now.
+            self.socket.settimeout(FINAL_REPORT_WAIT)
             self.send()
         self.socket.close()

@@ -110,15 +110,16 @@ def test_running_a_forwarder_a_second_time_raises(echo_server: EchoServer) -> No
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
     with fwd.running():
         pass
-    with pytest.raises(RuntimeError, match="stopped and closed"):
+    with pytest.raises(RuntimeError, match="was stopped"):
         with fwd.running():
             pytest.fail("the block ran on a closed forwarder")
 
 
 @pytest.mark.parametrize("block_raises", [False, True], ids=["loop-error-at-exit", "block-error-kept"])
 def test_an_error_of_the_loop_is_raised_at_the_end_of_the_block_unless_the_block_raised(
-        echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch, block_raises: bool) -> None:
-    """The loop's own error reaches the caller when the block ends, but never hides the block's error."""
+        echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch, block_raises: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The loop's own error reaches the caller when the block ends, or the log if the block raised."""
     broken = threading.Event()
     open_loop = _loop.open_loop
 
@@ -144,6 +145,12 @@ def test_an_error_of_the_loop_is_raised_at_the_end_of_the_block_unless_the_block
             wait_for(lambda: LoopCalls.of(fwd._map) is None, what="the loop to fail and close")
             if block_raises:
                 raise ZeroDivisionError("the block's own")
+    logged = [r for r in caplog.records if "the loop failed during the block" in r.getMessage()]
+    if block_raises:
+        [record] = logged
+        assert record.levelno == logging.ERROR and record.exc_info and "the loop broke" in str(record.exc_info[1])
+    else:
+        assert logged == []
 
 
 def test_stop_wakes_a_loop_waiting_on_a_long_timeout(echo_server: EchoServer) -> None:
