@@ -211,8 +211,7 @@ class Forwarder(_Dispatcher):
         the connects that lead back are caught as they complete.)"""
         addresses = self._remote.last_answer
         if addresses and all(self.leads_back_here(sockaddr) for _, sockaddr in addresses):
-            raise OSError(errno.ELOOP, f"{self._label}: cannot forward to "
-                          f"{format_address((self.rule.remote_host, self.rule.remote_port))}: "
+            raise OSError(errno.ELOOP, f"{self._label}: cannot forward to {self.rule.remote}: "
                           f"that is this forwarder's own listening address")
 
     def leads_back_here(self, peer: SockAddr, local: Optional[SockAddr] = None) -> bool:

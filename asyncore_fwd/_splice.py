@@ -109,7 +109,7 @@ class _Splicing(_Pipe):
 
     def handle_read(self) -> None:
         """Called when the socket has data or EOF: splice it into the peer's pipe."""
-        if self.read_room() <= 0 and not self.readable():
+        if not self.readable():
             return
         pipe = self.peer.outgoing
         try:
