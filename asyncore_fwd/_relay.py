@@ -504,7 +504,7 @@ class Sender(_Pipe):
                 self._connect_timer = timers_for(self._map).call_later(
                     self.conn.rule.connect_timeout, self._connect_timed_out)
                 self.connect(address)
-                if address[1] == self.conn.forwarder.address[1]:  # the same port: it may be this forwarder
+                if address[1] == self.conn.forwarder.address[1]:  # maybe this very forwarder
                     self.own_end = end_key(self.socket.getsockname())
                     self.conn.forwarder.own_ends[self.own_end] = self
                 return
