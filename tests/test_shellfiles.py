@@ -52,7 +52,8 @@ def test_man_page_has_every_usage_form_and_the_epilog_sections() -> None:
     """The synopsis has one line per usage form; examples, signals and exit status are sections."""
     page = shellfiles.man_page()
     synopsis = page[page.index(".SH SYNOPSIS"):page.index(".SH DESCRIPTION")]
-    assert synopsis.count(f".B {PROG}".replace("-", "\\-")) == 3  # -p -r -P; -L/-c; -h/--version
+    forms = cli.build_parser().format_usage().count(PROG)
+    assert synopsis.count(f".B {PROG}".replace("-", "\\-")) == forms + 1  # and -h | --help | --version
     for section in ("EXAMPLES", "SIGNALS", "EXIT STATUS"):
         assert f".SH {section}\n" in page, section
     assert "SIGHUP" in page[page.index(".SH SIGNALS"):]
