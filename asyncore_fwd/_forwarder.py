@@ -56,7 +56,7 @@ from ._net import (
     pending_error,
     reset,
 )
-from ._relay import Connection, Receiver, Sender, _Dispatcher
+from ._relay import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ._stats import RuleStats, close_details, format_close
 from ._timers import Timer, forget, timers_for
@@ -295,16 +295,19 @@ class Forwarder(_Dispatcher):
         """
         backend = _loop.open_loop(loop, self._map)
         calls = LoopCalls.open(self._map)  # other threads' requests wake the loop at once
+        reason = STOPPED_BY_ERROR  # unless the loop returns
         try:
             while not self._stop_requested and self._map:
                 backend.poll(poll_interval)
+            reason = STOPPED
         finally:
-            self.close()
+            self.close(reason)
             calls.close()
             backend.close()
 
     def stop(self) -> None:
-        """Ask ``serve_forever`` to return, at once.  Safe from another thread or a signal handler."""
+        """Ask ``serve_forever`` to return, at once, closing everything (see ``close()``).
+        Safe from another thread or a signal handler."""
         self._stop_requested = True
         calls = LoopCalls.of(self._map)
         if calls is not None:
@@ -456,8 +459,7 @@ class Forwarder(_Dispatcher):
         if self._down:
             return
         self._down = True
-        for conn in list(self.connections):
-            conn.close_early("forwarder down")
+        cut(self.connections, "forwarder down")
         self._swap_in_idle_socket()
 
     def _swap_in_idle_socket(self) -> None:
@@ -482,11 +484,15 @@ class Forwarder(_Dispatcher):
         self._down = False
         _loop.channel_changed(self)
 
-    def close(self) -> None:
-        """Stop listening and close every connection this forwarder made."""
+    def close(self, reason: str = STOPPED) -> None:
+        """Stop listening and close every connection this forwarder made.
+
+        A connection still open has not finished both ways: it is cut with
+        resets (``reason`` in its close line), so that no peer takes the
+        end of a cut-short stream for a complete one.
+        """
         self.stop_accepting()
-        for conn in list(self.connections):
-            conn.close()
+        cut(self.connections, reason)
         if self.access is not None:
             self.access.refusals.close()
         if not self._map:

@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple
 
 from . import _loop
 from ._compat import asyncore
@@ -39,9 +39,13 @@ from ._timers import Timer, timers_for
 if TYPE_CHECKING:
     from ._forwarder import Forwarder
 
-__all__ = ["Connection", "Receiver", "Sender"]
+__all__ = ["Connection", "Receiver", "Sender", "cut"]
 
 log = logging.getLogger("asyncore_fwd")
+
+#: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
+STOPPED = "stopped"
+STOPPED_BY_ERROR = "stopped by an error"
 
 
 class _Dispatcher(asyncore.dispatcher):
@@ -173,9 +177,13 @@ class Connection:
             return
         self.error, self.cut = reason, True
         if reset:
-            self.receiver.reset_on_close()
-            self.sender.reset_on_close()
+            self.reset_on_close()
         self.close()
+
+    def reset_on_close(self) -> None:
+        """Make the coming close reset both sides instead of sending them a FIN."""
+        self.receiver.reset_on_close()
+        self.sender.reset_on_close()
 
     def close(self) -> None:
         """Close both sockets (once) and tell the forwarder."""
@@ -192,6 +200,23 @@ class Connection:
         if self.forwarder._toxics is not None:
             self.forwarder._toxics.connection_closed(self)
         self.forwarder.connection_closed(self)
+
+
+def cut(connections: Iterable[Connection], reason: str) -> int:
+    """End ``connections`` now, each with a reset on both sides; return how many.
+
+    The one way the forwarder ends connections that have not finished both
+    ways (a drain's timeout, a stop, an error that ends the loop): a FIN
+    would tell a peer that a cut-short stream is complete.  Every socket is
+    set to reset before any is closed, so that should a close raise, the
+    rest still end with resets when the process exits.
+    """
+    conns = list(connections)
+    for conn in conns:
+        conn.reset_on_close()
+    for conn in conns:
+        conn.close_early(reason)
+    return len(conns)
 
 
 class _Pipe(_Dispatcher):
@@ -387,8 +412,8 @@ class _Pipe(_Dispatcher):
         asyncore.dispatcher.close(self)
 
     def close(self) -> None:
-        """Closing either side closes the whole pair (e.g. ``asyncore.close_all``)."""
-        self.conn.close()
+        """Closing either side from outside (e.g. ``asyncore.close_all``) cuts the whole pair."""
+        cut([self.conn], STOPPED)
 
 
 class Receiver(_Pipe):

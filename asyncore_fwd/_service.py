@@ -35,6 +35,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from . import _loop
 from ._forwarder import Forwarder
 from ._net import SocketMap, describe_error, format_address
+from ._relay import STOPPED, STOPPED_BY_ERROR, cut
 from ._rules import DEFAULT_READ_SIZE, Rule
 from ._stats import COUNTERS
 from ._timers import forget
@@ -115,6 +116,7 @@ class Service:
         backend = _loop.open_loop(loop, self.map)
         calls = LoopCalls.open(self.map)  # lets stop(), drain() and reload() wake the loop
         self._serving = True
+        reason = STOPPED_BY_ERROR  # unless the loop returns
         try:
             while not self._stop_requested:
                 self._carry_out_requests()
@@ -126,14 +128,16 @@ class Service:
                     time.sleep(self._wait(poll_interval))  # nothing to wait for but requests
                 if self.retiring:
                     self._forget_retired()
+            reason = STOPPED
         finally:
             self._serving = False
             calls.close()
             backend.close()
-            self.close()
+            self.close(reason)
 
     def stop(self) -> None:
-        """Ask ``serve_forever`` to return now, closing everything.  Safe from a signal handler or thread."""
+        """Ask ``serve_forever`` to return now, closing everything: the open connections
+        are cut with resets, as at the drain timeout.  Safe from a signal handler or thread."""
         self._stop_requested = True
         self._wake()
 
@@ -162,10 +166,11 @@ class Service:
         else:
             self._carry_out_requests()
 
-    def close(self) -> None:
-        """Close every listener and connection of the service."""
+    def close(self, reason: str = STOPPED) -> None:
+        """Close every listener; cut every open connection with resets (``reason`` says why)."""
+        self._cut(reason)  # all of them first: a forwarder's close that raises leaves none to a FIN
         for fwd in list(self.forwarders.values()) + self.retiring:
-            fwd.close()
+            fwd.close(reason)
         self.retiring = []
         for attachment in self.attachments:
             attachment.close()
@@ -231,17 +236,18 @@ class Service:
     def _drained(self) -> bool:
         """True when the drain is over: no connection left, or the time is up (cut the rest)."""
         assert self._drain_deadline is not None
-        left = [conn for fwd in self._all_forwarders() for conn in list(fwd.connections)]
-        if left and time.monotonic() < self._drain_deadline:
+        if time.monotonic() < self._drain_deadline and any(fwd.connections for fwd in self._all_forwarders()):
             return False
-        for conn in left:
-            conn.close_early("drain timeout")
-        if left:
-            log.warning("drain timeout: cut %d connections", len(left),
-                        extra={"event": "drain", "details": {"cut": len(left)}})
-        else:
+        if not self._cut("drain timeout"):
             log.info("drained: no connection left", extra={"event": "drain", "details": {"cut": 0}})
         return True
+
+    def _cut(self, reason: str) -> int:
+        """Cut every open connection with resets (the drain timeout, a stop, an error); log how many."""
+        count = cut([conn for fwd in self._all_forwarders() for conn in fwd.connections], reason)
+        if count:
+            log.warning("%s: cut %d connections", reason, count, extra={"event": "drain", "details": {"cut": count}})
+        return count
 
     def _apply(self, rules: List[Rule]) -> None:
         """Carry out a reload: match the new rules with the running ones, then change what differs."""

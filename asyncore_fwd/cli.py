@@ -55,7 +55,8 @@ examples:
 
 signals:
   SIGTERM, SIGINT  stop accepting; open connections get --drain-timeout seconds
-                   to finish, then are cut; a second signal stops at once
+                   to finish, then are reset; a second signal stops at once,
+                   resetting every connection still open
   SIGHUP           re-read the config file (-c) and apply it; a config with an
                    error is logged and the running rules stay
   SIGUSR1          log one line of counters per rule

@@ -90,6 +90,21 @@ def recv_until_reset(sock: socket.socket, timeout: float = WAIT) -> bytes:
     pytest.fail(f"no reset within {timeout} s")
 
 
+def stream_end(sock: socket.socket, timeout: float = WAIT) -> str:
+    """Read (and drop) until the stream ends: "EOF", "reset", or "open" if it goes on past ``timeout``."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(1 << 20):
+                return "EOF"
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        pass
+    return "open"
+
+
 def connect_until_reset(address: Tuple[str, int], timeout: float = WAIT) -> bytes:
     """Connect and read until the connection is reset; returns what came before.
 
@@ -374,6 +389,53 @@ def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
     for server in servers:
         if server.errors:
             raise server.errors[0]
+
+
+class WatchingServer(ScriptedServer):
+    """Echoes the first message of each connection, then reads until the stream ends;
+    ``ends`` says how each one ended, as ``stream_end()`` tells it ("EOF" or "reset")."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.ends: List[str] = []
+        super().__init__(self._watch, host)
+
+    def _watch(self, conn: socket.socket) -> None:
+        conn.sendall(conn.recv(1024))
+        self.ends.append(stream_end(conn))
+
+
+class LoopBreaker:
+    """A socket in a loop's map whose read raises KeyboardInterrupt, which the loop lets
+    through: ``fire()`` sets off an error that ends the loop."""
+
+    def __init__(self, channels: dict) -> None:
+        from asyncore_fwd._compat import asyncore
+
+        class Breaking(asyncore.dispatcher):
+            def writable(self) -> bool:
+                return False
+
+            def handle_read(self) -> None:
+                raise KeyboardInterrupt("an error that ends the loop")
+
+        self._trigger, end = socket.socketpair()
+        self._dispatcher = Breaking(end, map=channels)
+
+    def fire(self) -> None:
+        self._trigger.send(b"!")
+
+    def close(self) -> None:
+        self._dispatcher.close()
+        self._trigger.close()
+
+
+@pytest.fixture
+def watching_server() -> Iterator[WatchingServer]:
+    server = WatchingServer()
+    yield server
+    server.close()
+    if server.errors:
+        raise server.errors[0]
 
 
 @pytest.fixture(params=["epoll", "poll", "select"])

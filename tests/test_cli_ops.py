@@ -18,7 +18,18 @@ from typing import Callable, List
 import pytest
 
 from asyncore_fwd import _workers
-from conftest import WAIT, EchoServer, ForwarderProcess, ScriptedServer, free_port, recv_all, recv_exactly, wait_for
+from conftest import (
+    WAIT,
+    EchoServer,
+    ForwarderProcess,
+    ScriptedServer,
+    WatchingServer,
+    free_port,
+    recv_all,
+    recv_exactly,
+    recv_until_reset,
+    wait_for,
+)
 
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
 Spawn = Callable[..., ForwarderProcess]
@@ -140,6 +151,28 @@ def test_second_signal_stops_at_once(spawn: Spawn, echo_server: EchoServer) -> N
         proc.wait_line(r"draining: not accepting; 1 connections open, cut in 60 s")
         assert proc.stop(signal.SIGINT) == 0, proc.stderr  # within WAIT, far below the 60 s
     proc.wait_line(r"SIGINT again: stopping at once")
+
+
+def test_second_signal_resets_every_open_connection_on_both_sides(spawn: Spawn, watching_server: WatchingServer,
+                                                                   splice: bool) -> None:
+    """A second SIGTERM stops at once: each connection still open is reset, on the client's side
+    and on the server's, as the drain timeout does; none ends with an EOF."""
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{watching_server.port},name=w", "--drain-timeout", "60",
+                           *(["--splice"] if splice else [])])
+    port = rule_port(proc, "w")
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(3)]
+    for client in clients:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+    proc.process.send_signal(signal.SIGTERM)
+    proc.wait_line(r"draining: not accepting; 3 connections open")
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    proc.wait_line(r"stopped: cut 3 connections")
+    for client in clients:
+        with client:
+            recv_until_reset(client)
+    wait_for(lambda: len(watching_server.ends) == 3, what="the server to see every end")
+    assert watching_server.ends == ["reset"] * 3
 
 
 # -- reload -----------------------------------------------------------------------------

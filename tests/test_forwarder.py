@@ -15,6 +15,7 @@ from asyncore_fwd._compat import asyncore
 from asyncore_fwd._forwarder import DEFAULT_READ_SIZE
 from conftest import (
     WAIT,
+    LoopBreaker,
     connect_until_reset,
     dead_port,
     open_fds,
@@ -460,25 +461,100 @@ def test_stop_from_another_thread_closes_every_socket(echo_server) -> None:
         fwd.stop()
         assert fwd.forwarder.connections == set()
         assert fwd.forwarder.socket.fileno() == -1
-        client.settimeout(WAIT)
-        assert client.recv(10) == b""
+        recv_until_reset(client)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(fwd.address, timeout=WAIT).close()
     finally:
         client.close()
 
 
-def test_closing_one_side_through_asyncore_closes_the_pair(echo_server, sock_map) -> None:
-    """asyncore.close_all() on the map closes pairs through Connection.close()."""
-    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
+def test_stop_resets_open_connections_on_both_sides(watching_server, start_forwarder) -> None:
+    """stop() with a connection that has not finished: its client and its server both see a reset."""
+    fwd = start_forwarder(watching_server.port)
+    with fwd.connect() as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        fwd.stop()
+        recv_until_reset(client)
+    wait_for(lambda: watching_server.ends, what="the server to see the end")
+    assert watching_server.ends == ["reset"]
+
+
+def test_close_resets_open_connections_on_both_sides(watching_server, sock_map) -> None:
+    """close() with a connection that has not finished: its client and its server both see a reset."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", watching_server.port, map=sock_map)
+    with socket.create_connection(fwd.address, timeout=WAIT) as client:
+        client.sendall(b"ping")
+        pump(sock_map, lambda: any(c.bytes_to_client for c in fwd.connections), what="the echo")
+        (conn,) = fwd.connections
+        fwd.close()
+        assert conn.closed and conn.error == "stopped" and sock_map == {}
+        recv_until_reset(client)
+    wait_for(lambda: watching_server.ends, what="the server to see the end")
+    assert watching_server.ends == ["reset"]
+
+
+def test_an_error_that_ends_the_loop_resets_open_connections_on_both_sides(watching_server) -> None:
+    """An exception out of serve_forever: first every open connection is reset on both sides."""
+    channels: dict = {}
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", watching_server.port, map=channels)
+    breaker = LoopBreaker(channels)
+    failed = []
+
+    def serve() -> None:
+        try:
+            fwd.serve_forever(poll_interval=0.05)
+        except BaseException as error:
+            failed.append(error)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            client.sendall(b"ping")
+            assert recv_exactly(client, 4) == b"ping"
+            breaker.fire()
+            recv_until_reset(client)
+        thread.join(WAIT)
+        assert not thread.is_alive() and isinstance(failed[0], KeyboardInterrupt)
+        wait_for(lambda: watching_server.ends, what="the server to see the end")
+        assert watching_server.ends == ["reset"]
+    finally:
+        if thread.is_alive():
+            fwd.stop()
+            thread.join(WAIT)
+        breaker.close()
+
+
+def test_closing_one_side_through_asyncore_resets_the_pair(watching_server, sock_map) -> None:
+    """asyncore.close_all() on the map closes the listener and cuts the pairs: their peers see a reset."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", watching_server.port, map=sock_map)
     client = socket.create_connection(fwd.address, timeout=WAIT)
     try:
-        conn = established(fwd, sock_map)
+        client.sendall(b"ping")
+        pump(sock_map, lambda: any(c.bytes_to_client for c in fwd.connections), what="the echo")
+        (conn,) = fwd.connections
         asyncore.close_all(sock_map)
         assert conn.closed and not fwd.connections and sock_map == {}
-        assert client.recv(10) == b""
+        recv_until_reset(client)
     finally:
         client.close()
+    wait_for(lambda: watching_server.ends, what="the server to see the end")
+    assert watching_server.ends == ["reset"]
+
+
+def test_closing_one_side_from_outside_resets_the_pair(watching_server, sock_map) -> None:
+    """A side's close() (what asyncore.close_all() calls) cuts its pair: both peers see a reset."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", watching_server.port, map=sock_map)
+    with socket.create_connection(fwd.address, timeout=WAIT) as client:
+        client.sendall(b"ping")
+        pump(sock_map, lambda: any(c.bytes_to_client for c in fwd.connections), what="the echo")
+        (conn,) = fwd.connections
+        conn.receiver.close()
+        assert conn.closed and not fwd.connections
+        recv_until_reset(client)
+    wait_for(lambda: watching_server.ends, what="the server to see the end")
+    assert watching_server.ends == ["reset"]
 
 
 def test_urgent_data_on_a_paused_side_does_not_spin_the_select_loop(scripted_server, sock_map, monkeypatch) -> None:

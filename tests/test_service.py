@@ -11,7 +11,17 @@ from typing import Callable, Iterator, List, Tuple
 import pytest
 
 from asyncore_fwd import Rule, Service
-from conftest import WAIT, EchoServer, free_port, recv_all, recv_exactly, recv_until_reset, unless_taken, wait_for
+from conftest import (
+    WAIT,
+    EchoServer,
+    LoopBreaker,
+    free_port,
+    recv_all,
+    recv_exactly,
+    recv_until_reset,
+    unless_taken,
+    wait_for,
+)
 
 
 class RunningService:
@@ -114,16 +124,59 @@ def test_two_rules_with_one_name_are_refused(echo_server) -> None:
         Service([rule("same", echo_server.port), rule("same", echo_server.port)])
 
 
-def test_stop_closes_listeners_and_connections(start_service, echo_server) -> None:
-    running = start_service([rule("one", echo_server.port)])
+def test_stop_closes_listeners_and_resets_open_connections_on_both_sides(start_service, watching_server,
+                                                                          caplog) -> None:
+    """stop() with a connection open: both its peers see a reset, as at the drain timeout, never an EOF."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = start_service([rule("one", watching_server.port)])
     address = running.address("one")
     client = running.connect("one")
     round_trip(client)
     running.stop()
     assert running.service.map == {}
     with client:
-        recv_all(client)  # closed by the forwarder
+        recv_until_reset(client)
+    wait_for(lambda: watching_server.ends, what="the server to see the end")
+    assert watching_server.ends == ["reset"]
     assert refuses(address)
+    (cut,) = [r for r in events(caplog, "drain") if "cut" in r.details]
+    assert cut.getMessage() == "stopped: cut 1 connections"
+    (closed,) = events(caplog, "close")
+    assert closed.details["reason"] == "stopped" and closed.details["closed_first"] == "forwarder"
+
+
+def test_an_error_that_ends_the_loop_resets_open_connections_on_both_sides(loop_kind, watching_server,
+                                                                           caplog) -> None:
+    """An exception out of serve_forever: first every open connection is reset on both sides."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = Service([rule("one", watching_server.port)])
+    breaker = LoopBreaker(service.map)
+    failed: List[BaseException] = []
+
+    def serve() -> None:
+        try:
+            service.serve_forever(poll_interval=0.05, loop=loop_kind)
+        except BaseException as error:
+            failed.append(error)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(service.forwarders["one"].address, timeout=WAIT) as client:
+            round_trip(client)
+            breaker.fire()
+            recv_until_reset(client)
+        thread.join(WAIT)
+        assert not thread.is_alive() and isinstance(failed[0], KeyboardInterrupt)
+        wait_for(lambda: watching_server.ends, what="the server to see the end")
+        assert watching_server.ends == ["reset"]
+        (closed,) = events(caplog, "close")
+        assert closed.details["reason"] == "stopped by an error"
+    finally:
+        if thread.is_alive():
+            service.stop()
+            thread.join(WAIT)
+        breaker.close()
 
 
 # -- drain ------------------------------------------------------------------------

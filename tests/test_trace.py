@@ -92,7 +92,7 @@ def test_a_forwarded_session_is_traced_in_order(
              r"^r\d+ +fd\d+ Receiver#1 close\(\)$",
              r"^r\d+ +fd\d+ Sender#1 close\(\)$",
              r"^r\d+ +fd\d+ Sender#1 handle_read\(\) -> EOF, EOF passed on, pair closed$",
-             r"^r- fd\d+ Forwarder#1 close\(\)$")
+             r"^r- fd\d+ Forwarder#1 close\('stopped'\)$")
 
 
 def test_a_side_held_back_by_its_peer_says_why(

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Sequence
 import pytest
 
 from asyncore_fwd import _workers
-from conftest import WAIT, ForwarderProcess, recv_all, wait_for
+from conftest import WAIT, ForwarderProcess, recv_all, recv_exactly, recv_until_reset, wait_for
 
 pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here")
 
@@ -93,6 +93,31 @@ def test_a_signal_to_the_parent_stops_every_worker(spawn, echo_server, signum) -
     assert proc.stop(signum) == 0
     assert not any(alive(pid) for pid in pids)
     assert "Traceback" not in proc.stderr
+
+
+def test_second_signal_resets_every_open_connection_of_every_worker(spawn, watching_server, splice) -> None:
+    """A second SIGTERM to the parent: every worker stops at once and resets each connection still
+    open, on the client's side and on the server's; none ends with an EOF."""
+    proc = start_workers(spawn, watching_server.port, extra=["--drain-timeout", "60",
+                                                             *(["--splice"] if splice else [])])
+    port = proc.start_port()
+    clients = []
+    while not both_workers_accepted(proc) and len(clients) < 40:
+        client = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        clients.append(client)
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        time.sleep(0.01)  # for the accept line
+    assert both_workers_accepted(proc)
+    proc.process.send_signal(signal.SIGTERM)
+    proc.wait_line(r"w0 draining: not accepting")
+    proc.wait_line(r"w1 draining: not accepting")
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    for client in clients:
+        with client:
+            recv_until_reset(client)
+    wait_for(lambda: len(watching_server.ends) == len(clients), what="the server to see every end")
+    assert watching_server.ends == ["reset"] * len(clients)
 
 
 def test_a_worker_that_dies_is_started_again(spawn, echo_server) -> None:
