@@ -124,9 +124,13 @@ class _Queue(Toxic):
             return  # detached already (closing the connection while flushing)
         if state["timer"] is not None:
             state["timer"].cancel()
-        for entry in state["queue"]:
-            link.release(len(entry[1]))
-            link.pass_on(self, entry[1])
+        # Emptied first: this may run inside one of our own timers (a send
+        # failed and closed the connection), whose loop then finds nothing left.
+        entries = list(state["queue"])
+        state["queue"].clear()
+        for _, data in entries:
+            link.release(len(data))
+            link.pass_on(self, data)
         if state["eof"] is not None:
             state["eof"]()
 
@@ -172,6 +176,8 @@ class Latency(_Queue):
         now = link.now()
         while state["queue"] and state["queue"][0][0] <= now:
             self._released(link, state["queue"].popleft()[1], deliver)
+        if self not in link.state:
+            return  # a send failed and closed the connection, which detached this toxic
         if state["queue"]:
             self._schedule(link, deliver)
         self._drained(link)
@@ -217,6 +223,8 @@ class Bandwidth(_Queue):
                 queue.popleft()
             allowance -= take
             self._released(link, data[:take], deliver)
+        if self not in link.state:
+            return  # a send failed and closed the connection, which detached this toxic
         state["allowance"] = allowance if queue else 0.0  # no credit saved while idle
         if queue:
             self._schedule(link, deliver)
@@ -261,6 +269,8 @@ class Slicer(_Queue):
             self._released(link, segment, deliver)
             if self.delay:
                 break  # one segment per delay
+        if self not in link.state:
+            return  # a send failed and closed the connection, which detached this toxic
         if queue:
             self._schedule(link, deliver)
         self._drained(link)

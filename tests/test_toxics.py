@@ -283,6 +283,42 @@ def test_slicer_delivers_small_segments(proxy: Forwarder) -> None:
             assert max(sizes) <= 24 and len(sizes) >= 10
 
 
+#: What a flooding server sends, made once: its threads allocate nothing while memory is traced.
+FLOOD = payload(64 * 1024)
+
+
+def send_until_closed(conn: socket.socket) -> None:
+    """Server: send as fast as the forwarder takes it, until the forwarder closes."""
+    try:
+        while True:
+            conn.sendall(FLOOD)
+    except OSError:
+        pass  # the forwarder closed the connection
+
+
+def client_that_does_not_read(address: Tuple[str, int]) -> socket.socket:
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    client.settimeout(WAIT)
+    client.connect(address)
+    return client
+
+
+def test_a_client_closing_while_a_slicer_holds_bytes_logs_no_error(
+        scripted_server, caplog: pytest.LogCaptureFixture) -> None:
+    """The client goes away; the slicer's next segment fails to send and closes the pair from
+    inside the slicer's timer, which must then stop quietly."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    server = scripted_server(send_until_closed)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=64 * 1024)
+    with fwd.running(), fwd.toxic(Slicer(100, delay=0.001)):
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            recv_exactly(client, 1000)
+        wait_for(lambda: [r for r in caplog.records if getattr(r, "event", None) == "close"], what="the close")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors
+
+
 def test_timeout_drops_bytes_then_closes_the_connection(proxy: Forwarder) -> None:
     with proxy.toxic(Timeout(0.3), direction="downstream"):
         with socket.create_connection(proxy.address, timeout=WAIT) as client:
