@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import functools
 import random
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -91,6 +92,16 @@ class Toxic:
         """Called when the toxic is removed: pass on at once what it still holds."""
 
 
+#: What an entry of a toxic's queue costs besides its bytes: the bytes object's
+#: header, the (due, data) tuple, a float, the deque's slot.  Counted as held:
+#: else a stream of tiny segments would hold many times high_water.
+_ENTRY_COST = sys.getsizeof(b"") + sys.getsizeof((0.0, b"")) + sys.getsizeof(0.0) + 8
+
+
+def _cost(data: bytes) -> int:
+    return len(data) + _ENTRY_COST
+
+
 def _cancel_timer(toxic: Toxic, link: _Link) -> None:
     """``detached`` of a toxic whose state on a link is one pending timer (or nothing)."""
     timer: Optional[Timer] = link.state.pop(toxic, None)
@@ -99,15 +110,20 @@ def _cancel_timer(toxic: Toxic, link: _Link) -> None:
 
 
 class _Queue(Toxic):
-    """A toxic that holds bytes in order and lets them out on its timers."""
+    """A toxic that holds bytes in order and lets them out on its timers.
+
+    Its state on a link: ``queue`` of (due, bytes) entries, the first one
+    let out from ``offset`` on; ``timer``, the ``Timer`` that lets the next
+    bytes out; ``eof``, the EOF held until the queue is empty.
+    """
 
     def attached(self, link: _Link) -> None:
-        link.state[self] = {"queue": collections.deque(), "timer": None, "eof": None}
+        link.state[self] = {"queue": collections.deque(), "offset": 0, "timer": None, "eof": None}
 
     def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
         state = link.state[self]
         state["queue"].append(self._enqueue(link, data))
-        link.hold(len(data))
+        link.hold(_cost(data))
         if state["timer"] is None:
             self._schedule(link, deliver)
 
@@ -126,11 +142,12 @@ class _Queue(Toxic):
             state["timer"].cancel()
         # Emptied first: this may run inside one of our own timers (a send
         # failed and closed the connection), whose loop then finds nothing left.
-        entries = list(state["queue"])
+        entries, offset = list(state["queue"]), state["offset"]
         state["queue"].clear()
         for _, data in entries:
-            link.release(len(data))
-            link.pass_on(self, data)
+            link.release(_cost(data))
+            link.pass_on(self, data[offset:])
+            offset = 0
         if state["eof"] is not None:
             state["eof"]()
 
@@ -138,11 +155,42 @@ class _Queue(Toxic):
         raise NotImplementedError
 
     def _schedule(self, link: _Link, deliver: Deliver) -> None:
+        """Set the timer that calls ``_due`` when the next bytes may go."""
         raise NotImplementedError
 
-    def _released(self, link: _Link, data: bytes, deliver: Deliver) -> None:
-        link.release(len(data))
-        deliver(data)
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
+        """Pass on what may go now, with ``_take`` and ``deliver``."""
+        raise NotImplementedError
+
+    def _due(self, link: _Link, deliver: Deliver) -> None:
+        """The timer: let out what may go, and set the next one."""
+        state = link.state.get(self)
+        if state is None:
+            return
+        state["timer"] = None
+        self._let_out(link, state, deliver)
+        if self not in link.state:
+            return  # a send failed and closed the connection, which detached this toxic
+        if state["queue"]:
+            self._schedule(link, deliver)
+        self._drained(link)
+
+    def _take(self, link: _Link, state: Dict[str, Any], size: int) -> bytes:
+        """Up to ``size`` bytes from the front of the queue.
+
+        The rest of an entry stays in place, from ``offset``: cutting it off
+        would copy it again for every segment.  So the entry is held, and
+        counted, until its last byte goes.
+        """
+        queue = state["queue"]
+        data, start = queue[0][1], state["offset"]
+        if start + size < len(data):
+            state["offset"] = start + size
+            return data[start:start + size]
+        queue.popleft()
+        state["offset"] = 0
+        link.release(_cost(data))
+        return data[start:]  # the entry itself if it goes whole
 
     def _drained(self, link: _Link) -> None:
         state = link.state.get(self)
@@ -168,19 +216,10 @@ class Latency(_Queue):
         state = link.state[self]
         state["timer"] = link.timers.call_at(state["queue"][0][0], self._due, link, deliver)
 
-    def _due(self, link: _Link, deliver: Deliver) -> None:
-        state = link.state.get(self)
-        if state is None:
-            return
-        state["timer"] = None
-        now = link.now()
-        while state["queue"] and state["queue"][0][0] <= now:
-            self._released(link, state["queue"].popleft()[1], deliver)
-        if self not in link.state:
-            return  # a send failed and closed the connection, which detached this toxic
-        if state["queue"]:
-            self._schedule(link, deliver)
-        self._drained(link)
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
+        queue, now = state["queue"], link.now()
+        while queue and queue[0][0] <= now:
+            deliver(self._take(link, state, len(queue[0][1])))
 
 
 class Bandwidth(_Queue):
@@ -203,32 +242,18 @@ class Bandwidth(_Queue):
     def _schedule(self, link: _Link, deliver: Deliver) -> None:
         state = link.state[self]
         state["since"] = max(state["since"], link.now() - self.TICK)  # no credit saved while idle
-        state["timer"] = link.timers.call_later(self.TICK, self._tick, link, deliver)
+        state["timer"] = link.timers.call_later(self.TICK, self._due, link, deliver)
 
-    def _tick(self, link: _Link, deliver: Deliver) -> None:
-        state = link.state.get(self)
-        if state is None:
-            return
-        state["timer"] = None
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
         now = link.now()
         allowance = state["allowance"] + (now - state["since"]) * self.bytes_per_second
         state["since"] = now
         queue = state["queue"]
         while queue and allowance >= 1:
-            data = queue[0][1]
-            take = min(len(data), int(allowance))
-            if take < len(data):
-                queue[0] = (0.0, data[take:])
-            else:
-                queue.popleft()
-            allowance -= take
-            self._released(link, data[:take], deliver)
-        if self not in link.state:
-            return  # a send failed and closed the connection, which detached this toxic
+            data = self._take(link, state, int(allowance))
+            allowance -= len(data)
+            deliver(data)
         state["allowance"] = allowance if queue else 0.0  # no credit saved while idle
-        if queue:
-            self._schedule(link, deliver)
-        self._drained(link)
 
 
 class Slicer(_Queue):
@@ -250,30 +275,15 @@ class Slicer(_Queue):
 
     def _schedule(self, link: _Link, deliver: Deliver) -> None:
         state = link.state[self]
-        state["timer"] = link.timers.call_later(self.delay, self._next, link, deliver)
+        state["timer"] = link.timers.call_later(self.delay, self._due, link, deliver)
 
-    def _next(self, link: _Link, deliver: Deliver) -> None:
-        state = link.state.get(self)
-        if state is None:
-            return
-        state["timer"] = None
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
         queue = state["queue"]
         while queue:
-            data = queue[0][1]
             size = self.average_size + link.rng.randint(-self.size_variation, self.size_variation)
-            segment, rest = data[:size], data[size:]
-            if rest:
-                queue[0] = (0.0, rest)
-            else:
-                queue.popleft()
-            self._released(link, segment, deliver)
+            deliver(self._take(link, state, size))
             if self.delay:
                 break  # one segment per delay
-        if self not in link.state:
-            return  # a send failed and closed the connection, which detached this toxic
-        if queue:
-            self._schedule(link, deliver)
-        self._drained(link)
 
 
 class Timeout(Toxic):
@@ -358,7 +368,9 @@ class _Link:
         self.timers = timers_for(conn.forwarder._map)
         self.toxics: List[Toxic] = []
         self.state: Dict[Toxic, Any] = {}
+        #: What the toxics hold, in bytes of memory (``_cost``): at most high_water.
         self.held = 0
+        #: Set by ``close_when_written``: read no more; close once the writer is done.
         self.blocked = False
         self._eof_started = self._eof_through = False
         self.installed = False
@@ -414,9 +426,10 @@ class _Link:
 
     def _read_room(self) -> int:
         # The toxic's own high-water mark: what it holds, like what waits to be written.
+        # A read is one more entry in a toxic's queue: its cost is part of the room.
         if self.blocked:
             return 0
-        return min(type(self.reader).read_room(self.reader), self.conn.rule.high_water - self.held)
+        return min(type(self.reader).read_room(self.reader), self.conn.rule.high_water - self.held - _ENTRY_COST)
 
     def _shutdown_write(self) -> None:
         if self._eof_through:

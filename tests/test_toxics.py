@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 import time
+import tracemalloc
 from typing import Callable, Iterator, List, Tuple
 
 import pytest
@@ -317,6 +318,30 @@ def test_a_client_closing_while_a_slicer_holds_bytes_logs_no_error(
         wait_for(lambda: [r for r in caplog.records if getattr(r, "event", None) == "close"], what="the close")
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors
+
+
+def test_a_slicer_holds_at_most_twice_high_water_for_clients_that_do_not_read(scripted_server) -> None:
+    """What a toxic holds counts toward high_water as the memory it takes, a small segment's
+    bookkeeping included: every allocation made for a connection stays under 2 x high_water,
+    plus the connection's own objects."""
+    high_water, count = 16 * 1024, 10
+    server = scripted_server(send_until_closed)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=high_water)
+    clients: List[socket.socket] = []
+    with fwd.running(), fwd.toxic(Slicer(10, delay=0.001)):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            clients += [client_that_does_not_read(fwd.address) for _ in range(count)]
+            wait_for(lambda: len(fwd.connections) == count, what="the connections")
+            time.sleep(2.0)  # segment after segment, while the clients read nothing
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            for client in clients:
+                client.close()
+    per_connection = (peak - before) // count
+    assert per_connection <= 2 * high_water + 16 * 1024
 
 
 def test_timeout_drops_bytes_then_closes_the_connection(proxy: Forwarder) -> None:
