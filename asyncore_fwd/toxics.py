@@ -20,12 +20,14 @@ so that a failing test can be replayed.  It acts on open connections and new
 ones from the moment ``add_toxic`` returns, until it is removed.
 
 How it works: a connection with toxics gets a ``_Link`` per direction, which
-takes the place of four methods *of that connection's sides only*
-(``forward`` and ``shutdown_write`` of the side that writes, ``readable``
-and ``read_room`` of the side that reads), passing bytes and EOF through
-the toxics in order.
+takes the place of five methods *of that connection's sides only*
+(``forward``, ``shutdown_write`` and ``handle_write`` of the side that
+writes, ``readable`` and ``read_room`` of the side that reads), passing
+bytes and EOF through the toxics in order.
 Connections without toxics run the plain relay: nothing is checked per byte.
-Bytes a toxic holds count towards backpressure, so memory stays bounded.
+Bytes a toxic holds count towards backpressure, so memory stays bounded;
+a toxic lets bytes out only while the writing side has room, so a peer
+that does not read costs no wakeups.
 Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import collections
 import functools
 import random
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -113,8 +116,9 @@ class _Queue(Toxic):
     """A toxic that holds bytes in order and lets them out on its timers.
 
     Its state on a link: ``queue`` of (due, bytes) entries, the first one
-    let out from ``offset`` on; ``timer``, the ``Timer`` that lets the next
-    bytes out; ``eof``, the EOF held until the queue is empty.
+    let out from ``offset`` on; ``timer``, what lets the next bytes out (a
+    ``Timer``, or a wait for the writer to have room); ``eof``, the EOF held
+    until the queue is empty.
     """
 
     def attached(self, link: _Link) -> None:
@@ -159,7 +163,7 @@ class _Queue(Toxic):
         raise NotImplementedError
 
     def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
-        """Pass on what may go now, with ``_take`` and ``deliver``."""
+        """Pass on what may go now (while the writer has room), with ``_take`` and ``deliver``."""
         raise NotImplementedError
 
     def _due(self, link: _Link, deliver: Deliver) -> None:
@@ -168,6 +172,11 @@ class _Queue(Toxic):
         if state is None:
             return
         state["timer"] = None
+        if link.writer_full():
+            # The peer is not reading: firing on time would find no room, again
+            # and again.  Start again once the writer has sent what it holds.
+            state["timer"] = link.when_written(self._schedule, link, deliver)
+            return
         self._let_out(link, state, deliver)
         if self not in link.state:
             return  # a send failed and closed the connection, which detached this toxic
@@ -218,7 +227,7 @@ class Latency(_Queue):
 
     def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
         queue, now = state["queue"], link.now()
-        while queue and queue[0][0] <= now:
+        while queue and queue[0][0] <= now and not link.writer_full():
             deliver(self._take(link, state, len(queue[0][1])))
 
 
@@ -249,7 +258,7 @@ class Bandwidth(_Queue):
         allowance = state["allowance"] + (now - state["since"]) * self.bytes_per_second
         state["since"] = now
         queue = state["queue"]
-        while queue and allowance >= 1:
+        while queue and allowance >= 1 and not link.writer_full():
             data = self._take(link, state, int(allowance))
             allowance -= len(data)
             deliver(data)
@@ -279,7 +288,7 @@ class Slicer(_Queue):
 
     def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
         queue = state["queue"]
-        while queue:
+        while queue and not link.writer_full():
             size = self.average_size + link.rng.randint(-self.size_variation, self.size_variation)
             deliver(self._take(link, state, size))
             if self.delay:
@@ -360,6 +369,28 @@ class SlowClose(Toxic):
             held[1]()  # the EOF goes on now
 
 
+class _Wait:
+    """A call to make once the writer has sent all it holds; ``cancel()`` drops it, as a Timer's does."""
+
+    __slots__ = ("callback", "args", "cancelled")
+
+    def __init__(self, callback: Callable[..., Any], args: Tuple[Any, ...]) -> None:
+        self.callback, self.args, self.cancelled = callback, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+#: How many bytes the kernel may keep unsent for the writer of a link
+#: (TCP_NOTSENT_LOWAT): beyond that, a send takes no more and the writer's
+#: own queue fills, which is how a link sees a peer that does not read.
+#: Without it, the kernel's send buffer (up to 4 MiB on Linux) would take a
+#: slow toxic's output for minutes, every segment waking the loop.
+UNSENT_LIMIT = 64 * 1024
+
+_NOTSENT_LOWAT: Optional[int] = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+
+
 class _Link:
     """One direction of one connection with toxics: from ``reader`` to ``writer``."""
 
@@ -374,11 +405,14 @@ class _Link:
         self.blocked = False
         self._eof_started = self._eof_through = False
         self.installed = False
+        self._waits: List[_Wait] = []
+        self._unsent_limited = False
 
     def install(self) -> None:
-        """Take the place of four methods of these two sides only."""
+        """Take the place of five methods of these two sides only."""
         self.writer.forward = self._forward  # type: ignore[method-assign]
         self.writer.shutdown_write = self._shutdown_write  # type: ignore[method-assign]
+        self.writer.handle_write = self._handle_write  # type: ignore[method-assign]
         self.reader.readable = self._readable  # type: ignore[method-assign]
         self.reader.read_room = self._read_room  # type: ignore[method-assign]
         self.installed = True
@@ -397,15 +431,17 @@ class _Link:
         if toxic in self.toxics:
             self.toxics.remove(toxic)
         self.state.pop(toxic, None)
-        if not self.toxics and not self.conn.closed and not self.held:
+        if not self.toxics and not self.conn.closed and not self.held and not self.blocked:
             self.uninstall()
 
     def uninstall(self) -> None:
         """Give the sides their plain methods back."""
-        for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.reader, "readable"),
-                           (self.reader, "read_room")):
+        for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.writer, "handle_write"),
+                           (self.reader, "readable"), (self.reader, "read_room")):
             side.__dict__.pop(name, None)
         self.installed = False
+        if self._unsent_limited:
+            self._limit_unsent(0)  # the system's default again
         if self._eof_started and not self._eof_through and not self.conn.closed:
             self._eof_through = True
             self._final_eof()
@@ -420,6 +456,19 @@ class _Link:
 
     def _forward(self, data: bytes | memoryview) -> None:
         self.pass_on(None, bytes(data))  # a copy: the read buffer is reused
+
+    def _handle_write(self) -> None:
+        type(self.writer).handle_write(self.writer)
+        if self.writer.outgoing or self.conn.closed:
+            return
+        if self.blocked:
+            self.conn.close()  # close_when_written: all of it is written now
+            return
+        waits, self._waits = self._waits, []
+        for wait in waits:
+            if not wait.cancelled:
+                wait.cancelled = True
+                wait.callback(*wait.args)
 
     def _readable(self) -> bool:
         return self._read_room() > 0
@@ -449,6 +498,8 @@ class _Link:
             toxic = self.toxics[index]
             toxic.data(self, data, functools.partial(self.pass_on, toxic))
             return
+        if not self._unsent_limited:
+            self._limit_unsent(UNSENT_LIMIT)  # once connected: the first bytes come only then
         type(self.writer).forward(self.writer, data)
         _loop.channel_changed(self.writer)
         _loop.channel_changed(self.reader)
@@ -480,27 +531,41 @@ class _Link:
         self.held -= count
         _loop.channel_changed(self.reader)
 
+    # -- waiting for the writer ----------------------------------------------------
+
+    def writer_full(self) -> bool:
+        """True while the writer holds bytes its socket would not take: the peer is not reading."""
+        return bool(self.writer.outgoing)
+
+    def when_written(self, callback: Callable[..., Any], *args: Any) -> _Wait:
+        """Call ``callback(*args)`` once the writer has sent all it holds (its own write
+        events tell: nothing polls)."""
+        wait = _Wait(callback, args)
+        self._waits.append(wait)
+        return wait
+
+    def _limit_unsent(self, limit: int) -> None:
+        self._unsent_limited = bool(limit)
+        if _NOTSENT_LOWAT is not None:
+            try:
+                self.writer.socket.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, limit)
+            except OSError:
+                pass  # not TCP (a test's socketpair), or an old kernel: the send buffer bounds it
+
     # -- ending the connection ------------------------------------------------------
 
     def close_when_written(self) -> None:
         """Stop reading; close the pair (cleanly) once the writer has sent what it has.
 
-        With bytes still queued, the close waits on the writer's own sends (a
-        fourth method taken, ``handle_write``): a peer that never reads costs
-        no wakeups until the connection ends some other way.
+        With bytes still queued, the close waits on the writer's own sends
+        (``_handle_write``): a peer that never reads costs no wakeups until
+        the connection ends some other way.
         """
         self.blocked = True
         if self.conn.closed:
             return
         _loop.channel_changed(self.reader)  # readable() just turned false
-        if self.writer.outgoing:
-            self.writer.handle_write = self._handle_write_then_close  # type: ignore[method-assign]
-        else:
-            self.conn.close()
-
-    def _handle_write_then_close(self) -> None:
-        type(self.writer).handle_write(self.writer)
-        if not self.writer.outgoing and not self.conn.closed:
+        if not self.writer.outgoing:
             self.conn.close()
 
     def reset(self) -> None:

@@ -344,6 +344,49 @@ def test_a_slicer_holds_at_most_twice_high_water_for_clients_that_do_not_read(sc
     assert per_connection <= 2 * high_water + 16 * 1024
 
 
+def test_slicers_whose_clients_do_not_read_leave_the_loop_idle(scripted_server) -> None:
+    """Once a client's socket is full, its slicer waits for room to write instead of
+    waking the loop every millisecond.  A bound on CPU time, far above idle: not a speed."""
+    count = 20
+    server = scripted_server(send_until_closed)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=64 * 1024)
+    clients: List[socket.socket] = []
+    with fwd.running(), fwd.toxic(Slicer(100, delay=0.001)):
+        try:
+            clients += [client_that_does_not_read(fwd.address) for _ in range(count)]
+            wait_for(lambda: len(fwd.connections) == count, what="the connections")
+            # The slicers fill what the kernel takes for each client, 100 bytes a time, until
+            # each writer holds bytes the kernel refused.
+            settled = time.monotonic() + 5.0
+            while time.monotonic() < settled and not all(conn.receiver.outgoing for conn in list(fwd.connections)):
+                time.sleep(0.05)
+            started = time.process_time()
+            time.sleep(3.0)
+            used = time.process_time() - started
+        finally:
+            for client in clients:
+                client.close()
+    # Idle, this is about 0.005 CPU-s; timers firing every millisecond took 0.4 to 0.6.
+    assert used < 0.1, f"{used:.2f} CPU-s in 3 s with every client stalled"
+
+
+@pytest.mark.parametrize("toxic", [Latency(0.01), Bandwidth(4_000_000), Slicer(4096, delay=0.001)],
+                         ids=["latency", "bandwidth", "slicer"])
+def test_a_toxic_waiting_for_a_client_that_does_not_read_resumes_when_it_reads(
+        scripted_server, toxic: Toxic) -> None:
+    """Stalled by a full socket, the toxic waits for room; once the client reads, every byte
+    comes through in order, then the EOF."""
+    sent = payload(1024 * 1024)
+    server = scripted_server(lambda conn: conn.sendall(sent))
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=64 * 1024)
+    with fwd.running(), fwd.toxic(toxic):
+        with client_that_does_not_read(fwd.address) as client:
+            wait_for(lambda: fwd.connections, what="the connection")
+            (conn,) = fwd.connections
+            wait_for(lambda: conn.receiver.outgoing, what="the client's socket to fill")
+            assert recv_all(client) == sent
+
+
 def test_timeout_drops_bytes_then_closes_the_connection(proxy: Forwarder) -> None:
     with proxy.toxic(Timeout(0.3), direction="downstream"):
         with socket.create_connection(proxy.address, timeout=WAIT) as client:
