@@ -20,12 +20,14 @@ so that a failing test can be replayed.  It acts on open connections and new
 ones from the moment ``add_toxic`` returns, until it is removed.
 
 How it works: a connection with toxics gets a ``_Link`` per direction, which
-takes the place of four methods *of that connection's sides only*
-(``forward`` and ``shutdown_write`` of the side that writes, ``readable``
-and ``read_room`` of the side that reads), passing bytes and EOF through
-the toxics in order.
+takes the place of five methods *of that connection's sides only*
+(``forward``, ``shutdown_write`` and ``handle_write`` of the side that
+writes, ``readable`` and ``read_room`` of the side that reads), passing
+bytes and EOF through the toxics in order.
 Connections without toxics run the plain relay: nothing is checked per byte.
-Bytes a toxic holds count towards backpressure, so memory stays bounded.
+Bytes a toxic holds count towards backpressure, so memory stays bounded;
+a toxic lets bytes out only while the writing side has room, so a peer
+that does not read costs no wakeups.
 Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
 """
 
@@ -34,6 +36,8 @@ from __future__ import annotations
 import collections
 import functools
 import random
+import socket
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -91,6 +95,16 @@ class Toxic:
         """Called when the toxic is removed: pass on at once what it still holds."""
 
 
+#: What an entry of a toxic's queue costs besides its bytes: the bytes object's
+#: header, the (due, data) tuple, a float, the deque's slot.  Counted as held:
+#: else a stream of tiny segments would hold many times high_water.
+_ENTRY_COST = sys.getsizeof(b"") + sys.getsizeof((0.0, b"")) + sys.getsizeof(0.0) + 8
+
+
+def _cost(data: bytes) -> int:
+    return len(data) + _ENTRY_COST
+
+
 def _cancel_timer(toxic: Toxic, link: _Link) -> None:
     """``detached`` of a toxic whose state on a link is one pending timer (or nothing)."""
     timer: Optional[Timer] = link.state.pop(toxic, None)
@@ -99,15 +113,21 @@ def _cancel_timer(toxic: Toxic, link: _Link) -> None:
 
 
 class _Queue(Toxic):
-    """A toxic that holds bytes in order and lets them out on its timers."""
+    """A toxic that holds bytes in order and lets them out on its timers.
+
+    Its state on a link: ``queue`` of (due, bytes) entries, the first one
+    let out from ``offset`` on; ``timer``, what lets the next bytes out (a
+    ``Timer``, or a wait for the writer to have room); ``eof``, the EOF held
+    until the queue is empty.
+    """
 
     def attached(self, link: _Link) -> None:
-        link.state[self] = {"queue": collections.deque(), "timer": None, "eof": None}
+        link.state[self] = {"queue": collections.deque(), "offset": 0, "timer": None, "eof": None}
 
     def data(self, link: _Link, data: bytes, deliver: Deliver) -> None:
         state = link.state[self]
         state["queue"].append(self._enqueue(link, data))
-        link.hold(len(data))
+        link.hold(_cost(data))
         if state["timer"] is None:
             self._schedule(link, deliver)
 
@@ -124,9 +144,14 @@ class _Queue(Toxic):
             return  # detached already (closing the connection while flushing)
         if state["timer"] is not None:
             state["timer"].cancel()
-        for entry in state["queue"]:
-            link.release(len(entry[1]))
-            link.pass_on(self, entry[1])
+        # Emptied first: this may run inside one of our own timers (a send
+        # failed and closed the connection), whose loop then finds nothing left.
+        entries, offset = list(state["queue"]), state["offset"]
+        state["queue"].clear()
+        for _, data in entries:
+            link.release(_cost(data))
+            link.pass_on(self, data[offset:])
+            offset = 0
         if state["eof"] is not None:
             state["eof"]()
 
@@ -134,11 +159,47 @@ class _Queue(Toxic):
         raise NotImplementedError
 
     def _schedule(self, link: _Link, deliver: Deliver) -> None:
+        """Set the timer that calls ``_due`` when the next bytes may go."""
         raise NotImplementedError
 
-    def _released(self, link: _Link, data: bytes, deliver: Deliver) -> None:
-        link.release(len(data))
-        deliver(data)
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
+        """Pass on what may go now (while the writer has room), with ``_take`` and ``deliver``."""
+        raise NotImplementedError
+
+    def _due(self, link: _Link, deliver: Deliver) -> None:
+        """The timer: let out what may go, and set the next one."""
+        state = link.state.get(self)
+        if state is None:
+            return
+        state["timer"] = None
+        if link.writer_full():
+            # The peer is not reading: firing on time would find no room, again
+            # and again.  Start again once the writer has sent what it holds.
+            state["timer"] = link.when_written(self._schedule, link, deliver)
+            return
+        self._let_out(link, state, deliver)
+        if self not in link.state:
+            return  # a send failed and closed the connection, which detached this toxic
+        if state["queue"]:
+            self._schedule(link, deliver)
+        self._drained(link)
+
+    def _take(self, link: _Link, state: Dict[str, Any], size: int) -> bytes:
+        """Up to ``size`` bytes from the front of the queue.
+
+        The rest of an entry stays in place, from ``offset``: cutting it off
+        would copy it again for every segment.  So the entry is held, and
+        counted, until its last byte goes.
+        """
+        queue = state["queue"]
+        data, start = queue[0][1], state["offset"]
+        if start + size < len(data):
+            state["offset"] = start + size
+            return data[start:start + size]
+        queue.popleft()
+        state["offset"] = 0
+        link.release(_cost(data))
+        return data[start:]  # the entry itself if it goes whole
 
     def _drained(self, link: _Link) -> None:
         state = link.state.get(self)
@@ -164,17 +225,10 @@ class Latency(_Queue):
         state = link.state[self]
         state["timer"] = link.timers.call_at(state["queue"][0][0], self._due, link, deliver)
 
-    def _due(self, link: _Link, deliver: Deliver) -> None:
-        state = link.state.get(self)
-        if state is None:
-            return
-        state["timer"] = None
-        now = link.now()
-        while state["queue"] and state["queue"][0][0] <= now:
-            self._released(link, state["queue"].popleft()[1], deliver)
-        if state["queue"]:
-            self._schedule(link, deliver)
-        self._drained(link)
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
+        queue, now = state["queue"], link.now()
+        while queue and queue[0][0] <= now and not link.writer_full():
+            deliver(self._take(link, state, len(queue[0][1])))
 
 
 class Bandwidth(_Queue):
@@ -197,30 +251,18 @@ class Bandwidth(_Queue):
     def _schedule(self, link: _Link, deliver: Deliver) -> None:
         state = link.state[self]
         state["since"] = max(state["since"], link.now() - self.TICK)  # no credit saved while idle
-        state["timer"] = link.timers.call_later(self.TICK, self._tick, link, deliver)
+        state["timer"] = link.timers.call_later(self.TICK, self._due, link, deliver)
 
-    def _tick(self, link: _Link, deliver: Deliver) -> None:
-        state = link.state.get(self)
-        if state is None:
-            return
-        state["timer"] = None
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
         now = link.now()
         allowance = state["allowance"] + (now - state["since"]) * self.bytes_per_second
         state["since"] = now
         queue = state["queue"]
-        while queue and allowance >= 1:
-            data = queue[0][1]
-            take = min(len(data), int(allowance))
-            if take < len(data):
-                queue[0] = (0.0, data[take:])
-            else:
-                queue.popleft()
-            allowance -= take
-            self._released(link, data[:take], deliver)
+        while queue and allowance >= 1 and not link.writer_full():
+            data = self._take(link, state, int(allowance))
+            allowance -= len(data)
+            deliver(data)
         state["allowance"] = allowance if queue else 0.0  # no credit saved while idle
-        if queue:
-            self._schedule(link, deliver)
-        self._drained(link)
 
 
 class Slicer(_Queue):
@@ -242,28 +284,15 @@ class Slicer(_Queue):
 
     def _schedule(self, link: _Link, deliver: Deliver) -> None:
         state = link.state[self]
-        state["timer"] = link.timers.call_later(self.delay, self._next, link, deliver)
+        state["timer"] = link.timers.call_later(self.delay, self._due, link, deliver)
 
-    def _next(self, link: _Link, deliver: Deliver) -> None:
-        state = link.state.get(self)
-        if state is None:
-            return
-        state["timer"] = None
+    def _let_out(self, link: _Link, state: Dict[str, Any], deliver: Deliver) -> None:
         queue = state["queue"]
-        while queue:
-            data = queue[0][1]
+        while queue and not link.writer_full():
             size = self.average_size + link.rng.randint(-self.size_variation, self.size_variation)
-            segment, rest = data[:size], data[size:]
-            if rest:
-                queue[0] = (0.0, rest)
-            else:
-                queue.popleft()
-            self._released(link, segment, deliver)
+            deliver(self._take(link, state, size))
             if self.delay:
                 break  # one segment per delay
-        if queue:
-            self._schedule(link, deliver)
-        self._drained(link)
 
 
 class Timeout(Toxic):
@@ -340,6 +369,28 @@ class SlowClose(Toxic):
             held[1]()  # the EOF goes on now
 
 
+class _Wait:
+    """A call to make once the writer has sent all it holds; ``cancel()`` drops it, as a Timer's does."""
+
+    __slots__ = ("callback", "args", "cancelled")
+
+    def __init__(self, callback: Callable[..., Any], args: Tuple[Any, ...]) -> None:
+        self.callback, self.args, self.cancelled = callback, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+#: How many bytes the kernel may keep unsent for the writer of a link
+#: (TCP_NOTSENT_LOWAT): beyond that, a send takes no more and the writer's
+#: own queue fills, which is how a link sees a peer that does not read.
+#: Without it, the kernel's send buffer (up to 4 MiB on Linux) would take a
+#: slow toxic's output for minutes, every segment waking the loop.
+UNSENT_LIMIT = 64 * 1024
+
+_NOTSENT_LOWAT: Optional[int] = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+
+
 class _Link:
     """One direction of one connection with toxics: from ``reader`` to ``writer``."""
 
@@ -348,15 +399,20 @@ class _Link:
         self.timers = timers_for(conn.forwarder._map)
         self.toxics: List[Toxic] = []
         self.state: Dict[Toxic, Any] = {}
+        #: What the toxics hold, in bytes of memory (``_cost``): at most high_water.
         self.held = 0
+        #: Set by ``close_when_written``: read no more; close once the writer is done.
         self.blocked = False
         self._eof_started = self._eof_through = False
         self.installed = False
+        self._waits: List[_Wait] = []
+        self._unsent_limited = False
 
     def install(self) -> None:
-        """Take the place of four methods of these two sides only."""
+        """Take the place of five methods of these two sides only."""
         self.writer.forward = self._forward  # type: ignore[method-assign]
         self.writer.shutdown_write = self._shutdown_write  # type: ignore[method-assign]
+        self.writer.handle_write = self._handle_write  # type: ignore[method-assign]
         self.reader.readable = self._readable  # type: ignore[method-assign]
         self.reader.read_room = self._read_room  # type: ignore[method-assign]
         self.installed = True
@@ -375,15 +431,17 @@ class _Link:
         if toxic in self.toxics:
             self.toxics.remove(toxic)
         self.state.pop(toxic, None)
-        if not self.toxics and not self.conn.closed and not self.held:
+        if not self.toxics and not self.conn.closed and not self.held and not self.blocked:
             self.uninstall()
 
     def uninstall(self) -> None:
         """Give the sides their plain methods back."""
-        for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.reader, "readable"),
-                           (self.reader, "read_room")):
+        for side, name in ((self.writer, "forward"), (self.writer, "shutdown_write"), (self.writer, "handle_write"),
+                           (self.reader, "readable"), (self.reader, "read_room")):
             side.__dict__.pop(name, None)
         self.installed = False
+        if self._unsent_limited:
+            self._limit_unsent(0)  # the system's default again
         if self._eof_started and not self._eof_through and not self.conn.closed:
             self._eof_through = True
             self._final_eof()
@@ -399,14 +457,28 @@ class _Link:
     def _forward(self, data: bytes | memoryview) -> None:
         self.pass_on(None, bytes(data))  # a copy: the read buffer is reused
 
+    def _handle_write(self) -> None:
+        type(self.writer).handle_write(self.writer)
+        if self.writer.outgoing or self.conn.closed:
+            return
+        if self.blocked:
+            self.conn.close()  # close_when_written: all of it is written now
+            return
+        waits, self._waits = self._waits, []
+        for wait in waits:
+            if not wait.cancelled:
+                wait.cancelled = True
+                wait.callback(*wait.args)
+
     def _readable(self) -> bool:
         return self._read_room() > 0
 
     def _read_room(self) -> int:
         # The toxic's own high-water mark: what it holds, like what waits to be written.
+        # A read is one more entry in a toxic's queue: its cost is part of the room.
         if self.blocked:
             return 0
-        return min(type(self.reader).read_room(self.reader), self.conn.rule.high_water - self.held)
+        return min(type(self.reader).read_room(self.reader), self.conn.rule.high_water - self.held - _ENTRY_COST)
 
     def _shutdown_write(self) -> None:
         if self._eof_through:
@@ -426,6 +498,8 @@ class _Link:
             toxic = self.toxics[index]
             toxic.data(self, data, functools.partial(self.pass_on, toxic))
             return
+        if not self._unsent_limited:
+            self._limit_unsent(UNSENT_LIMIT)  # once connected: the first bytes come only then
         type(self.writer).forward(self.writer, data)
         _loop.channel_changed(self.writer)
         _loop.channel_changed(self.reader)
@@ -457,27 +531,41 @@ class _Link:
         self.held -= count
         _loop.channel_changed(self.reader)
 
+    # -- waiting for the writer ----------------------------------------------------
+
+    def writer_full(self) -> bool:
+        """True while the writer holds bytes its socket would not take: the peer is not reading."""
+        return bool(self.writer.outgoing)
+
+    def when_written(self, callback: Callable[..., Any], *args: Any) -> _Wait:
+        """Call ``callback(*args)`` once the writer has sent all it holds (its own write
+        events tell: nothing polls)."""
+        wait = _Wait(callback, args)
+        self._waits.append(wait)
+        return wait
+
+    def _limit_unsent(self, limit: int) -> None:
+        self._unsent_limited = bool(limit)
+        if _NOTSENT_LOWAT is not None:
+            try:
+                self.writer.socket.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, limit)
+            except OSError:
+                pass  # not TCP (a test's socketpair), or an old kernel: the send buffer bounds it
+
     # -- ending the connection ------------------------------------------------------
 
     def close_when_written(self) -> None:
         """Stop reading; close the pair (cleanly) once the writer has sent what it has.
 
-        With bytes still queued, the close waits on the writer's own sends (a
-        fourth method taken, ``handle_write``): a peer that never reads costs
-        no wakeups until the connection ends some other way.
+        With bytes still queued, the close waits on the writer's own sends
+        (``_handle_write``): a peer that never reads costs no wakeups until
+        the connection ends some other way.
         """
         self.blocked = True
         if self.conn.closed:
             return
         _loop.channel_changed(self.reader)  # readable() just turned false
-        if self.writer.outgoing:
-            self.writer.handle_write = self._handle_write_then_close  # type: ignore[method-assign]
-        else:
-            self.conn.close()
-
-    def _handle_write_then_close(self) -> None:
-        type(self.writer).handle_write(self.writer)
-        if not self.writer.outgoing and not self.conn.closed:
+        if not self.writer.outgoing:
             self.conn.close()
 
     def reset(self) -> None:

@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 import time
+import tracemalloc
 from typing import Callable, Iterator, List, Tuple
 
 import pytest
@@ -281,6 +282,109 @@ def test_slicer_delivers_small_segments(proxy: Forwarder) -> None:
                 assert chunk, f"EOF after {sum(sizes)} of 300 bytes"
                 sizes.append(len(chunk))
             assert max(sizes) <= 24 and len(sizes) >= 10
+
+
+#: What a flooding server sends, made once: its threads allocate nothing while memory is traced.
+FLOOD = payload(64 * 1024)
+
+
+def send_until_closed(conn: socket.socket) -> None:
+    """Server: send as fast as the forwarder takes it, until the forwarder closes."""
+    try:
+        while True:
+            conn.sendall(FLOOD)
+    except OSError:
+        pass  # the forwarder closed the connection
+
+
+def client_that_does_not_read(address: Tuple[str, int]) -> socket.socket:
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    client.settimeout(WAIT)
+    client.connect(address)
+    return client
+
+
+def test_a_client_closing_while_a_slicer_holds_bytes_logs_no_error(
+        scripted_server, caplog: pytest.LogCaptureFixture) -> None:
+    """The client goes away; the slicer's next segment fails to send and closes the pair from
+    inside the slicer's timer, which must then stop quietly."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    server = scripted_server(send_until_closed)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=64 * 1024)
+    with fwd.running(), fwd.toxic(Slicer(100, delay=0.001)):
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            recv_exactly(client, 1000)
+        wait_for(lambda: [r for r in caplog.records if getattr(r, "event", None) == "close"], what="the close")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors
+
+
+def test_a_slicer_holds_at_most_twice_high_water_for_clients_that_do_not_read(scripted_server) -> None:
+    """What a toxic holds counts toward high_water as the memory it takes, a small segment's
+    bookkeeping included: every allocation made for a connection stays under 2 x high_water,
+    plus the connection's own objects."""
+    high_water, count = 16 * 1024, 10
+    server = scripted_server(send_until_closed)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=high_water)
+    clients: List[socket.socket] = []
+    with fwd.running(), fwd.toxic(Slicer(10, delay=0.001)):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            clients += [client_that_does_not_read(fwd.address) for _ in range(count)]
+            wait_for(lambda: len(fwd.connections) == count, what="the connections")
+            time.sleep(2.0)  # segment after segment, while the clients read nothing
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            for client in clients:
+                client.close()
+    per_connection = (peak - before) // count
+    assert per_connection <= 2 * high_water + 16 * 1024
+
+
+def test_slicers_whose_clients_do_not_read_leave_the_loop_idle(scripted_server) -> None:
+    """Once a client's socket is full, its slicer waits for room to write instead of
+    waking the loop every millisecond.  A bound on CPU time, far above idle: not a speed."""
+    count = 20
+    server = scripted_server(send_until_closed)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=64 * 1024)
+    clients: List[socket.socket] = []
+    with fwd.running(), fwd.toxic(Slicer(100, delay=0.001)):
+        try:
+            clients += [client_that_does_not_read(fwd.address) for _ in range(count)]
+            wait_for(lambda: len(fwd.connections) == count, what="the connections")
+            # The slicers fill what the kernel takes for each client, 100 bytes a time, until
+            # each writer holds bytes the kernel refused.
+            settled = time.monotonic() + 5.0
+            while time.monotonic() < settled and not all(conn.receiver.outgoing for conn in list(fwd.connections)):
+                time.sleep(0.05)
+            started = time.process_time()
+            time.sleep(3.0)
+            used = time.process_time() - started
+        finally:
+            for client in clients:
+                client.close()
+    # Idle, this is about 0.005 CPU-s; timers firing every millisecond took 0.4 to 0.6.
+    assert used < 0.1, f"{used:.2f} CPU-s in 3 s with every client stalled"
+
+
+@pytest.mark.parametrize("toxic", [Latency(0.01), Bandwidth(4_000_000), Slicer(4096, delay=0.001)],
+                         ids=["latency", "bandwidth", "slicer"])
+def test_a_toxic_waiting_for_a_client_that_does_not_read_resumes_when_it_reads(
+        scripted_server, toxic: Toxic) -> None:
+    """Stalled by a full socket, the toxic waits for room; once the client reads, every byte
+    comes through in order, then the EOF."""
+    sent = payload(1024 * 1024)
+    server = scripted_server(lambda conn: conn.sendall(sent))
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, high_water=64 * 1024)
+    with fwd.running(), fwd.toxic(toxic):
+        with client_that_does_not_read(fwd.address) as client:
+            wait_for(lambda: fwd.connections, what="the connection")
+            (conn,) = fwd.connections
+            wait_for(lambda: conn.receiver.outgoing, what="the client's socket to fill")
+            assert recv_all(client) == sent
 
 
 def test_timeout_drops_bytes_then_closes_the_connection(proxy: Forwarder) -> None:
