@@ -167,8 +167,14 @@ class Connection:
         self.close()
 
     def time_out(self, reason: str) -> None:
-        """A timeout expired: close with FINs if no data is lost, else with resets."""
-        self.close_early(reason, reset=bool(len(self.receiver.outgoing) or len(self.sender.outgoing)))
+        """A timeout expired: close with FINs if no data is lost, else with resets.
+
+        Bytes a toxic still holds (a latency longer than the timeout) are lost too.
+        """
+        toxics = self.forwarder._toxics
+        lost = (len(self.receiver.outgoing) or len(self.sender.outgoing)
+                or (toxics is not None and toxics.holds(self)))
+        self.close_early(reason, reset=bool(lost))
 
     def close_early(self, reason: str, reset: bool = True) -> None:
         """The forwarder ends the pair (a timeout, a drain cut short, an injected fault):

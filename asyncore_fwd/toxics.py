@@ -611,6 +611,10 @@ class ToxicSet:
         for link in self._links.pop(conn, {}).values():
             link.drop()
 
+    def holds(self, conn: Connection) -> bool:
+        """True while the toxics of ``conn`` hold bytes back that were not yet sent on."""
+        return any(link.held for link in self._links.get(conn, {}).values())
+
     def _apply(self, handle: ToxicHandle, conn: Connection) -> None:
         if conn.closed or self.rng.random() >= handle.toxic.toxicity:
             return

@@ -223,6 +223,15 @@ def test_latency_with_jitter_keeps_the_bytes_in_order(proxy: Forwarder) -> None:
             assert recv_all(client) == b"".join(messages)
 
 
+def test_an_idle_timeout_while_a_latency_holds_the_reply_resets_the_client(echo_server: EchoServer) -> None:
+    """The reply waits in the toxic past the idle timeout: it is lost, so the client sees a reset, not an EOF."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, idle_timeout=0.3)
+    with fwd.running(), fwd.toxic(Latency(3.0), direction="downstream"):
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            client.sendall(b"ping")
+            assert recv_until_reset(client) == b""
+
+
 def test_latency_holds_bytes_within_the_high_water_mark(echo_server: EchoServer) -> None:
     """Bytes held back by a toxic count as buffered: reading pauses, memory stays bounded."""
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, high_water=64 * 1024)
