@@ -13,8 +13,8 @@ It must never starve the forwarding it reports on.  At most
 while fewer than ``DESCRIPTOR_RESERVE`` descriptors are free or while a
 forwarder pauses for lack of them, is closed as soon as it is accepted;
 when accept() itself runs out of descriptors the server pauses like a
-forwarder does.  Listening on anything but
-loopback logs a warning: the counters are then anyone's to read.
+forwarder does.  Listening on anything but loopback logs a warning: the
+counters are then anyone's to read.
 
 With ``--workers`` the counters live in the worker processes.  Each worker
 runs a ``StatsReporter``: every ``REPORT_INTERVAL`` seconds (and once more
@@ -40,7 +40,7 @@ import sys
 from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
 from . import _loop
-from ._access import RefusalLog
+from ._access import RefusalLog, is_loopback
 from ._compat import asyncore
 from ._forwarder import ACCEPT_PAUSE
 from ._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, listen_address, tune
@@ -159,6 +159,9 @@ class MetricsServer(_Dispatcher):
         self.address: Tuple[str, int] = self.socket.getsockname()[:2]
         self.addr = self.address
         service.attachments.append(self)
+        if not is_loopback(self.address[0]):
+            log.warning("metrics on %s, not a loopback address: the counters are readable by anyone who can "
+                        "reach it", format_address(self.address))
 
     # -- select() predicates --------------------------------------------
 

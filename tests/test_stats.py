@@ -22,6 +22,7 @@ from conftest import (
     connect_until_reset,
     dead_port,
     descriptors_exhausted,
+    needs_ipv6,
     recv_all,
     recv_exactly,
     wait_for,
@@ -319,3 +320,27 @@ def test_metrics_out_of_descriptors_pause_with_one_warning_then_serve(start_serv
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1 and "Too many open files" in warnings[0], warnings
         assert recv_all(scraper).startswith(b"HTTP/1.0 200")
+
+
+def metrics_warnings(host: str, caplog: pytest.LogCaptureFixture) -> List[str]:
+    """The warnings logged while a MetricsServer starts on ``host`` (and at once stops)."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", dead_port())])
+    try:
+        caplog.clear()
+        MetricsServer(service, host)  # closed with the service
+    finally:
+        service.close()
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", pytest.param("::", marks=needs_ipv6)])
+def test_metrics_on_a_wildcard_address_log_one_warning(host, caplog) -> None:
+    (warning,) = metrics_warnings(host, caplog)
+    assert "metrics" in warning and "not a loopback address" in warning
+    assert "readable by anyone who can reach it" in warning
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", pytest.param("::1", marks=needs_ipv6)])
+def test_metrics_on_loopback_log_no_warning(host, caplog) -> None:
+    assert metrics_warnings(host, caplog) == []
