@@ -517,6 +517,11 @@ class Forwarder(_Dispatcher):
             self._accept_pause.cancel()
             self._accept_pause = None
 
+    @property
+    def accept_paused(self) -> bool:
+        """True during a pause of accepting: out of descriptors (or after an accept error)."""
+        return self._accept_pause is not None
+
     # -- select() predicates --------------------------------------------
 
     def readable(self) -> bool:

@@ -7,6 +7,15 @@ counters between two rounds of the loop.  It is deliberately small: one
 request per connection, a bounded request, a deadline for slow clients,
 and any error closes that one connection, never the loop.
 
+It must never starve the forwarding it reports on.  At most
+``MAX_REQUESTS`` scrapers are served at once, each for at most
+``REQUEST_TIMEOUT`` seconds.  A scraper beyond that, or one that arrives
+while fewer than ``DESCRIPTOR_RESERVE`` descriptors are free or while a
+forwarder pauses for lack of them, is closed as soon as it is accepted;
+when accept() itself runs out of descriptors the server pauses like a
+forwarder does.  Listening on anything but loopback logs a warning: the
+counters are then anyone's to read.
+
 With ``--workers`` the counters live in the worker processes.  Each worker
 runs a ``StatsReporter``: every ``REPORT_INTERVAL`` seconds (and once more
 when its service closes) it sends its ``stats()`` to the supervisor as one
@@ -25,12 +34,15 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
 from . import _loop
+from ._access import RefusalLog, is_loopback
 from ._compat import asyncore
+from ._forwarder import ACCEPT_PAUSE
 from ._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, listen_address, tune
 from ._relay import _Dispatcher
 from ._stats import COUNTERS
@@ -44,7 +56,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: A request larger than this (line and headers) is refused.
 MAX_REQUEST = 8 * 1024
 #: A client has this long to send its request and read the answer.
-REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 5.0
+#: At most this many scrapers are served at once; one more is closed as soon as it is accepted.
+MAX_REQUESTS = 16
+#: A scraper is closed at once while fewer descriptors than this are free: they are forwarding's.
+DESCRIPTOR_RESERVE = 32
 #: Seconds between two reports of a worker's counters to the supervisor.
 REPORT_INTERVAL = 1.0
 #: How long a worker's last report may wait for room in the supervisor's queue.
@@ -96,6 +112,17 @@ def render_prometheus(service: StatsSource) -> str:
     return "\n".join(lines) + "\n"
 
 
+def descriptors_left(sock: socket.socket) -> float:
+    """At most how many more descriptors this process can open, judged by ``sock``, just opened.
+
+    The kernel hands out the lowest free number, so every number below a new
+    descriptor's is in use: one syscall, where counting /proc/self/fd would
+    cost as much as there are connections.
+    """
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return float("inf") if soft == resource.RLIM_INFINITY else soft - sock.fileno() - 1
+
+
 class MetricsServer(_Dispatcher):
     """Answers ``GET /metrics`` with ``render_prometheus(service)``, on the service's map.
 
@@ -103,7 +130,8 @@ class MetricsServer(_Dispatcher):
     and ``attachments`` (``StatsSource``).
 
     HTTP/1.0 or 1.1, one response per connection, then close; 404 for any
-    other path, 405 for another method, 400 for what is not HTTP.
+    other path, 405 for another method, 400 for what is not HTTP.  At most
+    ``MAX_REQUESTS`` at once, each closed after ``REQUEST_TIMEOUT`` s.
     ``address`` is where it listens (``port=0`` picks a free one).
     """
 
@@ -112,6 +140,11 @@ class MetricsServer(_Dispatcher):
         #: The scrapers being served, closed with the server.
         self.requests: Set[_MetricsRequest] = set()
         self._paused: Optional[Timer] = None
+        #: Set by an accept() that ran out of descriptors, cleared by one that did not.
+        self._out_of_descriptors = False
+        #: Scrapers closed at once (too many, too few descriptors): logged at most once per interval.
+        #: (The label has a space, so no rule's label can be the same.)
+        self.refusals = RefusalLog("metrics endpoint", timers_for(service.map))
         super().__init__(map=service.map)
         family, address = listen_address(host, port)
         self.create_socket(family, socket.SOCK_STREAM)
@@ -126,6 +159,9 @@ class MetricsServer(_Dispatcher):
         self.address: Tuple[str, int] = self.socket.getsockname()[:2]
         self.addr = self.address
         service.attachments.append(self)
+        if not is_loopback(self.address[0]):
+            log.warning("metrics on %s, not a loopback address: the counters are readable by anyone who can "
+                        "reach it", format_address(self.address))
 
     # -- select() predicates --------------------------------------------
 
@@ -139,8 +175,19 @@ class MetricsServer(_Dispatcher):
     # -- event handlers ---------------------------------------------------
 
     def handle_accepted(self, sock: socket.socket, addr: SockAddr) -> None:
-        """Called with each scraper's socket: serve it one response."""
-        self.requests.add(_MetricsRequest(self, sock))
+        """Called with each scraper's socket: serve it one response, unless that would take
+        what forwarding needs."""
+        if len(self.requests) >= MAX_REQUESTS:
+            reason = f"{MAX_REQUESTS} requests being served"
+        elif descriptors_left(sock) < DESCRIPTOR_RESERVE:
+            reason = f"fewer than {DESCRIPTOR_RESERVE} descriptors free"
+        elif self.forwarding_paused():
+            reason = "forwarding is out of descriptors"
+        else:
+            self.requests.add(_MetricsRequest(self, sock))
+            return
+        sock.close()
+        self.refusals.refused(addr, reason)
 
     def handle_accept(self) -> None:
         try:
@@ -148,12 +195,28 @@ class MetricsServer(_Dispatcher):
         except OSError as error:
             if error.errno not in OUT_OF_RESOURCES:
                 raise
-            log.warning("metrics: cannot accept now: %s", describe_error(error))
-            self._paused = timers_for(self._map).call_later(0.5, self._resume)
+            # The pending scraper stays in the backlog, so the listener stays
+            # ready: pause, as a forwarder does, or the loop would spin.
+            if not self._out_of_descriptors:  # one line per shortage, not one per pause
+                log.warning("metrics: not accepting while out of descriptors: %s", describe_error(error))
+            self._out_of_descriptors = True
+            self._paused = timers_for(self._map).call_later(ACCEPT_PAUSE, self._resume)
+        else:
+            self._out_of_descriptors = False
 
     def _resume(self) -> None:
         self._paused = None
         _loop.channel_changed(self)
+
+    def forwarding_paused(self) -> bool:
+        """True while a forwarder of the service pauses accepting (out of descriptors, mostly).
+
+        Free descriptors are judged by number in ``descriptors_left``, which
+        cannot see the gaps closed connections leave: this sees the shortage
+        once forwarding runs into it.
+        """
+        forwarders = getattr(self.service, "forwarders", {})  # a Service's; WorkerStats forwards nothing
+        return any(fwd.accept_paused for fwd in forwarders.values())
 
     def close(self) -> None:
         """Stop listening, and drop the scrapers being served."""
@@ -161,6 +224,7 @@ class MetricsServer(_Dispatcher):
             self._paused.cancel()
             self._paused = None
         asyncore.dispatcher.close(self)
+        self.refusals.close()
         for request in list(self.requests):
             request.close()
 

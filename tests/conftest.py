@@ -6,9 +6,11 @@ teardown, and everything binds port 0 on 127.0.0.1 or ::1.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -602,6 +604,37 @@ def article() -> Iterator[Callable[[int], ArticleProcess]]:
     yield start
     for proc in started:
         proc.finish()
+
+
+@contextlib.contextmanager
+def descriptors_exhausted(spare: int) -> Iterator[None]:
+    """Leave this process exactly ``spare`` free descriptors until exit, the highest numbers.
+
+    The gaps below the highest descriptor in use are filled with /dev/null,
+    and the soft RLIMIT_NOFILE is lowered to leave ``spare`` numbers above
+    it, as in a table filled in order.  Everything is undone on exit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    fillers: List[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + spare, hard))
+    try:
+        for _ in range(highest + 1):  # bounded: there are at most this many gaps
+            try:
+                fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError as error:
+                if error.errno != errno.EMFILE:
+                    raise
+                break
+            if fd > highest:  # every gap is filled: this is one of the spare ones
+                os.close(fd)
+                break
+            fillers.append(fd)
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def raise_fd_limit(wanted: int) -> Optional[int]:

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import logging
 import os
-import resource
 import socket
 import time
 from typing import Callable, Dict, Iterator, List
@@ -21,7 +20,16 @@ import pytest
 
 from asyncore_fwd import Forwarder, _forwarder
 from asyncore_fwd._compat import asyncore
-from conftest import WAIT, EchoServer, RunningForwarder, open_fds, recv_exactly, recv_until_reset, wait_for
+from conftest import (
+    WAIT,
+    EchoServer,
+    RunningForwarder,
+    descriptors_exhausted,
+    open_fds,
+    recv_exactly,
+    recv_until_reset,
+    wait_for,
+)
 
 
 def _echoes(fwd: RunningForwarder, message: bytes = b"ping through the forwarder") -> None:
@@ -93,35 +101,6 @@ def _connected_clients(address: tuple, count: int) -> Iterator[List[socket.socke
     finally:
         for client in clients:
             client.close()
-
-
-@contextlib.contextmanager
-def _descriptors_exhausted(spare: int) -> Iterator[None]:
-    """Leave this process exactly ``spare`` free descriptors until exit.
-
-    The soft RLIMIT_NOFILE is lowered to just above the highest descriptor in
-    use, then the gaps below it are filled with /dev/null, and ``spare`` of
-    those are given back.  Everything is undone on exit.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-    fillers: List[int] = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
-    try:
-        for _ in range(highest + 1):  # bounded: there are at most this many gaps
-            try:
-                fillers.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError as error:
-                if error.errno != errno.EMFILE:
-                    raise
-                break
-        for _ in range(spare):
-            os.close(fillers.pop())
-        yield
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _accept_queue_length(port: int) -> int:
@@ -210,7 +189,7 @@ def test_out_of_descriptors_pauses_accepting_instead_of_spinning(
     calls = _count_calls(fwd, "handle_accept")
     rounds = 100
     with _connected_clients(fwd.address, 4):
-        with _descriptors_exhausted(spare=0):
+        with descriptors_exhausted(spare=0):
             started = time.monotonic()
             _pump(sock_map, rounds)
             elapsed = time.monotonic() - started
@@ -233,7 +212,7 @@ def test_accepting_resumes_by_itself_when_descriptors_free_up(
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
     calls = _count_calls(fwd, "handle_accept")
     with _connected_clients(fwd.address, 4) as clients:
-        with _descriptors_exhausted(spare=0):
+        with descriptors_exhausted(spare=0):
             _pump_until(sock_map, lambda: calls[0], "an accept attempt")
         assert any("not accepting" in r.getMessage() for r in caplog.records)
         assert not fwd.connections
@@ -251,7 +230,7 @@ def test_out_of_descriptors_for_the_server_socket_closes_that_client_without_lea
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
     calls = _count_calls(fwd, "handle_accept")
     with _connected_clients(fwd.address, 3) as clients:
-        with _descriptors_exhausted(spare=1):  # room for the accepted client, not for its server
+        with descriptors_exhausted(spare=1):  # room for the accepted client, not for its server
             _pump_until(sock_map, lambda: calls[0], "an accept attempt")
         assert list(sock_map.values()) == [fwd]  # the half-made pair left the map
         assert not fwd.connections

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import socket
 import threading
-from typing import Callable, Iterator, List
+import time
+from typing import Callable, Iterator, List, Optional
 
 import pytest
 
-from asyncore_fwd import Rule, Service
-from asyncore_fwd._metrics import MAX_REQUEST, MetricsServer, render_prometheus
-from conftest import WAIT, connect_until_reset, dead_port, recv_all, recv_exactly, wait_for
+from asyncore_fwd import Rule, Service, _forwarder
+from asyncore_fwd._forwarder import ACCEPT_PAUSE
+from asyncore_fwd._metrics import MAX_REQUEST, REQUEST_TIMEOUT, MetricsServer, render_prometheus
+from asyncore_fwd._wakeup import LoopCalls
+from conftest import (
+    WAIT,
+    connect_until_reset,
+    dead_port,
+    descriptors_exhausted,
+    needs_ipv6,
+    recv_all,
+    recv_exactly,
+    wait_for,
+)
 
 CLOSE_KEYS = {"rule", "client", "target", "bytes_to_server", "bytes_to_client", "connect_ms", "duration_s",
               "closed_first", "reason"}
@@ -33,6 +47,8 @@ def start_service(loop_kind: str) -> Iterator[Callable[..., Service]]:
                                   daemon=True)
         thread.start()
         running.append((service, thread))
+        # Its loop holds its descriptors (epoll, the wake-up pipe) from here on.
+        wait_for(lambda: LoopCalls.of(service.map) is not None, what="the loop to take calls")
         return service
 
     yield start
@@ -215,3 +231,116 @@ def test_bad_metrics_request_gets_an_error_and_the_server_goes_on(start_service,
     metrics = MetricsServer(service)
     assert http_get(metrics.address, request_bytes).startswith(b"HTTP/1.0 " + status)
     assert http_get(metrics.address, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+
+
+def assert_closed_unanswered(client: socket.socket, timeout: float) -> None:
+    """The server closed ``client`` (EOF or reset) within ``timeout`` s without a byte of answer."""
+    client.settimeout(timeout)
+    try:
+        data: Optional[bytes] = client.recv(1024)
+    except ConnectionResetError:
+        return
+    except socket.timeout:
+        data = None
+    if data is None:
+        pytest.fail(f"still open after {timeout} s")
+    assert data == b""
+
+
+def test_metrics_close_a_request_beyond_16_at_once_and_serve_the_16_held(start_service, echo_server) -> None:
+    """16 unfinished requests are held; the 17th is closed as soon as accepted, not at the deadline."""
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)
+    held: List[socket.socket] = []
+    try:
+        for _ in range(16):
+            held.append(socket.create_connection(metrics.address, timeout=WAIT))
+            held[-1].sendall(b"GET /metrics HTTP/1.1\r\n")  # and not the end of the headers yet
+        wait_for(lambda: len(metrics.requests) == 16, what="16 requests held")
+        with socket.create_connection(metrics.address, timeout=WAIT) as extra:
+            assert_closed_unanswered(extra, timeout=REQUEST_TIMEOUT / 2)
+        held[0].sendall(b"\r\n")
+        assert recv_all(held[0]).startswith(b"HTTP/1.0 200")
+    finally:
+        for client in held:
+            client.close()
+
+
+def test_metrics_close_a_request_still_unfinished_at_the_deadline(start_service, echo_server) -> None:
+    """A scraper that never ends its request is closed about 5 s after it connected."""
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)
+    with socket.create_connection(metrics.address, timeout=WAIT) as client:
+        started = time.monotonic()
+        client.sendall(b"GET /metrics HTTP/1.1\r\n")
+        assert_closed_unanswered(client, timeout=WAIT)
+        waited = time.monotonic() - started
+    assert 4.0 < waited < 8.0, f"closed after {waited:.1f} s"  # generous bounds around the 5 s deadline
+
+
+def test_metrics_leave_the_last_descriptors_to_forwarding(start_service, echo_server) -> None:
+    """With few descriptors free, a scraper is closed at once, and forwarding gets the descriptors."""
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)
+    with descriptors_exhausted(spare=8):  # enough for a forwarded connection and its echo
+        with socket.create_connection(metrics.address, timeout=WAIT) as scraper:
+            scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert_closed_unanswered(scraper, timeout=WAIT)
+        with socket.create_connection(service.forwarders["web"].address, timeout=WAIT) as client:
+            client.sendall(b"ping")
+            assert recv_exactly(client, 4) == b"ping"
+    assert http_get(metrics.address, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+
+
+def test_metrics_yield_while_forwarding_is_out_of_descriptors(start_service, echo_server, monkeypatch) -> None:
+    """While a forwarder pauses accepting for lack of descriptors, a scraper is closed at once."""
+    monkeypatch.setattr(_forwarder, "ACCEPT_PAUSE", WAIT)  # the pause outlasts the test's steps
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)
+    fwd = service.forwarders["web"]
+    LoopCalls.of(service.map).call(lambda: fwd.pause_accepting(OSError(errno.EMFILE, os.strerror(errno.EMFILE))))
+    with socket.create_connection(metrics.address, timeout=WAIT) as scraper:
+        scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert_closed_unanswered(scraper, timeout=WAIT)
+    assert fwd.accept_paused
+
+
+def test_metrics_out_of_descriptors_pause_with_one_warning_then_serve(start_service, echo_server, caplog) -> None:
+    """accept() failing with EMFILE pauses the endpoint (no spin) and logs one line however long it lasts."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)
+    scraper = socket.socket()  # made now: connecting takes no new descriptor
+    with scraper:
+        with descriptors_exhausted(spare=0):
+            scraper.settimeout(WAIT)
+            scraper.connect(metrics.address)  # the kernel completes it; accept() fails
+            scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            time.sleep(4 * ACCEPT_PAUSE)  # several pauses
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "Too many open files" in warnings[0], warnings
+        assert recv_all(scraper).startswith(b"HTTP/1.0 200")
+
+
+def metrics_warnings(host: str, caplog: pytest.LogCaptureFixture) -> List[str]:
+    """The warnings logged while a MetricsServer starts on ``host`` (and at once stops)."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", dead_port())])
+    try:
+        caplog.clear()
+        MetricsServer(service, host)  # closed with the service
+    finally:
+        service.close()
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", pytest.param("::", marks=needs_ipv6)])
+def test_metrics_on_a_wildcard_address_log_one_warning(host, caplog) -> None:
+    (warning,) = metrics_warnings(host, caplog)
+    assert "metrics" in warning and "not a loopback address" in warning
+    assert "readable by anyone who can reach it" in warning
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", pytest.param("::1", marks=needs_ipv6)])
+def test_metrics_on_loopback_log_no_warning(host, caplog) -> None:
+    assert metrics_warnings(host, caplog) == []

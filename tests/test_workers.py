@@ -207,6 +207,15 @@ def test_metrics_with_workers_keep_the_counts_of_a_worker_that_died(spawn, echo_
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
 
 
+def test_metrics_with_workers_on_a_wildcard_address_log_one_warning(spawn) -> None:
+    """--metrics 0.0.0.0:0 with --workers: the parent warns once that anyone can read the counters."""
+    proc = start_workers(spawn, 80, extra=["--metrics", "0.0.0.0:0"])
+    proc.wait_line(r"metrics at http://0\.0\.0\.0:\d+/metrics")
+    warnings = [line for line in proc.lines if "readable by anyone who can reach it" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], proc.stderr
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+
+
 def test_metrics_port_in_use_with_workers_fails_before_forking(spawn) -> None:
     """--metrics on a port in use with --workers: one line, exit 1, no worker started."""
     with socket.socket() as holder:
