@@ -14,7 +14,7 @@ from typing import Iterator, List
 import pytest
 
 from asyncore_fwd import Service, cli
-from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size
+from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size, shorten
 
 PROG = "asyncore-fwd"
 KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
@@ -129,6 +129,29 @@ CONFIG_ERRORS = [
      'fwd.toml: rule 1: connect_timeout: expected a positive number of seconds, got "1_0"'),
     ("superscript-port", '[[rule]]\nlisten = "127.0.0.1:8\u00b2"\nconnect = "127.0.0.1:80"\n',
      'fwd.toml: rule 1: listen: expected "host:port" with a port from 0 to 65535, got "127.0.0.1:8\u00b2"'),
+    # Values that made Python raise (float() overflows, int() refuses 4300 digits, the parser recurses):
+    # the same line as any other bad value, cut short.
+    ("400-digit-seconds", GOOD_RULE + "idle_timeout = " + "9" * 400 + "\n",
+     "fwd.toml: rule 1: idle_timeout: expected a number of seconds >= 0, got " + "9" * 40 + "... (400 characters)"),
+    ("400-digit-connect-timeout", GOOD_RULE + "connect_timeout = " + "9" * 400 + "\n",
+     "fwd.toml: rule 1: connect_timeout: expected a positive number of seconds, got " + "9" * 40
+     + "... (400 characters)"),
+    ("400-digit-limit", GOOD_RULE + "max_connections = " + "9" * 400 + "\n",
+     "fwd.toml: rule 1: max_connections: expected an integer >= 0 (0 = no limit), got " + "9" * 40
+     + "... (400 characters)"),
+    ("5000-digit-size-string", GOOD_RULE + 'high_water = "' + "9" * 5000 + '"\n',
+     'fwd.toml: rule 1: high_water: expected a positive number of bytes, like 65536, 512K, 1M or 1G, got "'
+     + "9" * 39 + '..." (5000 characters)'),
+    ("size-past-8-exbibytes", GOOD_RULE + 'high_water = "8589934592G"\n',
+     'fwd.toml: rule 1: high_water: expected a positive number of bytes, like 65536, 512K, 1M or 1G, '
+     'got "8589934592G"'),
+    ("5000-digit-literal", GOOD_RULE + "max_connections = " + "9" * 5000 + "\n",
+     "fwd.toml: a value cannot be read: Exceeds the limit (4300 digits) for integer string conversion: "
+     "value has 5000 digits"),
+    ("nested-arrays", GOOD_RULE + "allow = " + "[" * 50000 + "]" * 50000 + "\n",
+     "fwd.toml: arrays or tables nested too deeply to read"),
+    ("nested-inline-tables", GOOD_RULE + "x = " + "{a=" * 5000 + "1" + "}" * 5000 + "\n",
+     "fwd.toml: arrays or tables nested too deeply to read"),
 ]
 
 
@@ -183,6 +206,12 @@ FLAG_ERRORS = [
                                     'like 10.0.0.0/8, 192.0.2.7 or ::1, got "bad"'),
     (["-L", "8080:h:80,high_water=1T"], '-L "8080:h:80,high_water=1T": high_water: expected a positive number '
                                         'of bytes, like 65536, 512K, 1M or 1G, got "1T"'),
+    (["-L", "8080:h:80,max_connections=" + "9" * 5000],
+     '-L "8080:h:80,max_connections=' + "9" * 13 + '..." (5026 characters): max_connections: expected an '
+     'integer >= 0 (0 = no limit), got "' + "9" * 39 + '..." (5000 characters)'),
+    (["-L", "8080:h:" + "9" * 5000], '-L "8080:h:' + "9" * 32 + '..." (5007 characters): connect: expected '
+                                     '"host:port" with a port from 1 to 65535, got "h:' + "9" * 37
+                                     + '..." (5002 characters)'),
     (["-L", "8080:h:80", "-L", "8080:g:81"],
      '-L "8080:g:81": listen: "127.0.0.1:8080" is already where -L "8080:h:80" listens'),
     (["-L", "1:h:80,name=a", "-L", "2:h:80,name=a"],
@@ -213,7 +242,8 @@ FLAG_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("argv, line", FLAG_ERRORS, ids=[" ".join(case[0]) or "nothing" for case in FLAG_ERRORS])
+@pytest.mark.parametrize("argv, line", FLAG_ERRORS,
+                         ids=[shorten(" ".join(case[0])) or "nothing" for case in FLAG_ERRORS])
 def test_bad_flag_is_one_usage_line_and_exits_2(argv: List[str], line: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Each bad flag value: exactly one stderr line naming it, exit 2, nothing started.
@@ -346,3 +376,30 @@ def test_check_config_does_not_resolve_or_bind(capsys: pytest.CaptureFixture[str
     """--check-config reads the rules only: an unknown host and a privileged port are no error there."""
     status, out, err = run(["-L", "1:no-such-host.invalid:80", "--check-config"], capsys)
     assert (status, err) == (0, "")
+
+
+def test_negative_zero_seconds_are_shown_as_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """-0.0 is 0: --check-config prints idle_timeout=0, not -0, from the file and from -L."""
+    write('[[rule]]\nlisten = "127.0.0.1:0"\nconnect = "127.0.0.1:80"\nname = "f"\nidle_timeout = -0.0\n')
+    status, out, err = run(["-c", "fwd.toml", "-L", "0:127.0.0.1:80,name=l,half_closed_timeout=-0.0",
+                            "--check-config"], capsys)
+    assert (status, err) == (0, "")
+    assert [line.split()[8:10] for line in out.splitlines()] == [["idle_timeout=0", "half_closed_timeout=0"]] * 2
+
+
+@pytest.mark.parametrize("argv, patched, line", [
+    (["-c", "fwd.toml"], "load_config", "fwd.toml: cannot be read: unforeseen"),
+    (["-L", "0:127.0.0.1:80"], "parse_forward_spec", '-L "0:127.0.0.1:80": cannot be read: unforeseen (see --help)'),
+], ids=["config-file", "forward-flag"])
+@pytest.mark.parametrize("check", [False, True], ids=["run", "check-config"])
+def test_whatever_loading_the_rules_raises_is_a_config_error(argv: List[str], patched: str, line: str, check: bool,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only the errors the checks foresee: anything a parser raises is one error line and exit 2."""
+    def parser(*args: object) -> None:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(cli, patched, parser)
+    write(GOOD_RULE)
+    status, out, err = run(argv + (["--check-config"] if check else []), capsys)
+    assert (status, out, err) == (2, "", f"{PROG}: error: {line}\n")
