@@ -54,7 +54,8 @@ examples:
   %(prog)s -L 8080:example.org:80 -L '[::1]:5433:db.internal:5432,max_connections=50'
       two rules in one process (ssh's -L syntax, options after commas)
   %(prog)s -c /etc/asyncore-fwd.toml --check-config
-      print the rules of a config file, defaults applied, and exit
+      check a config file as a start would (names resolved, addresses bound),
+      print its rules, defaults applied, and exit
 
 signals:
   SIGTERM, SIGINT  stop accepting; open connections get --drain-timeout seconds
@@ -66,6 +67,7 @@ signals:
 exit status:
   0  stopped by SIGTERM or SIGINT, or --check-config found no error
   1  a run-time error: address in use, permission denied, unknown host...
+     (at start, or found by --check-config)
   2  bad usage or a bad config file (one line saying where and what)
 """
 
@@ -174,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="read rules from a TOML file: an optional [defaults] table and one [[rule]] "
                            "table per rule (SIGHUP re-reads it)")
     many.add_argument("--check-config", action="store_true",
-                      help="print the rules, one line each with every setting, and exit (2 on an error)")
+                      help="check the rules as a start would (resolving names, binding addresses), print "
+                           "them, one line each with every setting, and exit (1 where a start would fail, "
+                           "2 on a config error)")
     tuning = parser.add_argument_group("settings (defaults for every rule)")
     tuning.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=DEFAULT_BACKLOG, metavar="N",
                         help="length of the listen queue, capped by net.core.somaxconn (default: %(default)s)")
@@ -364,6 +368,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.toxic and args.splice:
         parser.error("--toxic needs the copy relay: with --splice the bytes never enter Python")
     if args.check_config:
+        try:
+            _try_start(args, rules)
+        except (OSError, ValueError) as error:
+            return _fail(error)
         for rule in rules:
             print(describe_rule(rule))
         return 0
@@ -374,6 +382,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.workers > 1:
         return _run_workers(args, rules, forward_rules)
     return _serve(args, rules, lambda: load_rules(args, forward_rules), pidfile=args.pidfile)
+
+
+def _try_start(args: argparse.Namespace, rules: Sequence[Rule]) -> None:
+    """Resolve and bind what a start would, then let go: --check-config fails where a start
+    would (an unknown host, an address in use or not local), with the same line."""
+    from ._service import Service
+
+    with _quiet():  # no start lines, no warnings: they are the start's to log
+        service = Service(rules, map={})
+        try:
+            if args.metrics:
+                from ._metrics import MetricsServer
+
+                MetricsServer(service, *args.metrics)  # closed with the service
+        finally:
+            service.close()
 
 
 def _config_error(error: ConfigError) -> int:

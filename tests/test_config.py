@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import Iterator, List
 
@@ -15,6 +16,7 @@ import pytest
 
 from asyncore_fwd import Service, cli
 from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size, shorten
+from conftest import needs_ipv6
 
 PROG = "asyncore-fwd"
 KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
@@ -318,7 +320,7 @@ def test_sizes_accept_k_m_and_g_suffixes(text: object, size: int) -> None:
 def test_rule_keys_override_defaults_which_override_flags(capsys: pytest.CaptureFixture[str]) -> None:
     """Built-in < command-line flags < [defaults] < the rule's own keys."""
     write('[defaults]\nconnect_timeout = 3\nidle_timeout = 30\n'
-          '[[rule]]\nname = "a"\nlisten = "127.0.0.1:1"\nconnect = "h:1"\nidle_timeout = 60\n')
+          '[[rule]]\nname = "a"\nlisten = "127.0.0.1:0"\nconnect = "127.0.0.1:1"\nidle_timeout = 60\n')
     status, out, err = run(["-c", "fwd.toml", "--connect-timeout", "7", "--backlog", "99", "--check-config"],
                            capsys)
     assert (status, err) == (0, "")
@@ -348,34 +350,54 @@ def test_port_0_may_repeat_with_names() -> None:
 # -- --check-config ---------------------------------------------------------------------
 
 
+@needs_ipv6
 def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     """One line per rule (config rules after -L rules), every key, defaults applied; nothing on stderr."""
     write('[defaults]\nmax_per_client = 4\nallow = ["10.0.0.0/8", "::1"]\n'
-          '[[rule]]\nname = "web"\nlisten = "0.0.0.0:8080"\nconnect = "example.org:80"\nidle_timeout = 300\n'
-          '[[rule]]\nlisten = "[::1]:5433"\nconnect = "[2001:db8::5]:5432"\nallow = []\nhigh_water = "2M"\n')
-    status, out, err = run(["-c", "fwd.toml", "-L", "9000:h:90,deny=192.0.2.1", "--check-config"], capsys)
+          '[[rule]]\nname = "web"\nlisten = "0.0.0.0:0"\nconnect = "localhost:80"\nidle_timeout = 300\n'
+          '[[rule]]\nlisten = "[::1]:0"\nconnect = "[2001:db8::5]:5432"\nallow = []\nhigh_water = "2M"\n')
+    status, out, err = run(["-c", "fwd.toml", "-L", "0:127.0.0.1:90,deny=192.0.2.1", "--check-config"], capsys)
     assert (status, err) == (0, "")
     assert out.splitlines() == [
-        "name=127.0.0.1:9000 listen=127.0.0.1:9000 connect=h:90 allow=all deny=192.0.2.1/32 max_connections=0 "
+        "name=127.0.0.1:0 listen=127.0.0.1:0 connect=127.0.0.1:90 allow=all deny=192.0.2.1/32 max_connections=0 "
         "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=1M",
-        "name=web listen=0.0.0.0:8080 connect=example.org:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
+        "name=web listen=0.0.0.0:0 connect=localhost:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 high_water=1M",
-        "name=[::1]:5433 listen=[::1]:5433 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
+        "name=[::1]:0 listen=[::1]:0 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=2M",
     ]
 
 
 def test_check_config_shows_the_one_rule_form_too(capsys: pytest.CaptureFixture[str]) -> None:
     """The article's flags make one rule, printed the same way."""
-    status, out, err = run(["-p", "8080", "-r", "h", "-P", "80", "--high-water", "1G", "--check-config"], capsys)
+    status, out, err = run(["-p", "0", "-r", "127.0.0.1", "-P", "80", "--high-water", "1G", "--check-config"],
+                           capsys)
     assert (status, err) == (0, "")
-    assert out == describe_rule(parse_forward_spec("8080:h:80,high_water=1G")) + "\n"
+    assert out == describe_rule(parse_forward_spec("0:127.0.0.1:80,high_water=1G")) + "\n"
 
 
-def test_check_config_does_not_resolve_or_bind(capsys: pytest.CaptureFixture[str]) -> None:
-    """--check-config reads the rules only: an unknown host and a privileged port are no error there."""
-    status, out, err = run(["-L", "1:no-such-host.invalid:80", "--check-config"], capsys)
-    assert (status, err) == (0, "")
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A loopback port another socket listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["-L", "0:no-such-host.invalid:80"], "cannot resolve remote host 'no-such-host.invalid': "),
+    (["-L", "{port}:127.0.0.1:80"], "cannot listen on 127.0.0.1:{port}: Address already in use"),
+    (["-L", "192.0.2.1:0:127.0.0.1:80"], "cannot listen on 192.0.2.1:0: Cannot assign requested address"),
+    (["-L", "0:localhost:80", "--metrics", "{port}"], "cannot listen on 127.0.0.1:{port} for metrics: "),
+], ids=["unknown-host", "port-in-use", "not-a-local-address", "metrics-port-in-use"])
+def test_check_config_fails_where_start_fails_with_the_same_line(
+        argv: List[str], line: str, port_in_use: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check-config resolves and binds what a start would: the same one line, exit 1, nothing on stdout."""
+    argv = [arg.format(port=port_in_use) for arg in argv]
+    checked = run(argv + ["--check-config"], capsys)
+    assert checked[:2] == (1, "") and checked[2].startswith(f"{PROG}: {line.format(port=port_in_use)}"), checked
+    assert checked[2].count("\n") == 1
+    started = run(argv, capsys)  # (which may log its start lines first)
+    assert started[:2] == (1, "") and started[2].endswith(checked[2]), started
 
 
 def test_negative_zero_seconds_are_shown_as_0(capsys: pytest.CaptureFixture[str]) -> None:
