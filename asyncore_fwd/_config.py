@@ -39,12 +39,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["ConfigError", "KEYS", "check_unique", "describe_rule", "format_size", "load_config", "parse_forward_spec",
-           "parse_size", "rule_defaults", "split_host_port"]
+__all__ = ["ConfigError", "KEYS", "MAX_INTEGER", "check_unique", "decimal_integer", "describe_rule", "format_size",
+           "load_config", "parse_forward_spec", "parse_size", "rule_defaults", "shorten", "show_value",
+           "split_host_port"]
 
 #: Where ``-L`` listens when it names no address (as ssh does).
 DEFAULT_BIND = "127.0.0.1"
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+#: The largest count or size taken anywhere (what a C ``ssize_t`` holds): more is never meant,
+#: and could overflow where it reaches the system (a float, a pipe's size).
+MAX_INTEGER = 2 ** 63 - 1
+#: How much of a value an error line shows.
+_SHOWN = 40
+#: What JSON leaves as it is, yet ``str.splitlines()`` breaks a line at: escaped in error lines.
+_LINE_BREAKS = {ord(char): f"\\u{ord(char):04x}" for char in "\x1c\x1d\x1e\x85\u2028\u2029"}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
@@ -56,12 +64,27 @@ class _BadValue(ValueError):
     """A value a key does not accept: the message says what was expected."""
 
 
-def _show(value: object) -> str:
-    """A value as the user wrote it: strings in double quotes, TOML's true/false."""
+def show_value(value: object) -> str:
+    """A value as the user wrote it: strings in double quotes, TOML's true/false; a long one cut
+    short, so that the error stays one readable line."""
     try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):  # pragma: no cover - json.dumps with default=str accepts anything
-        return repr(value)
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):  # an int past 4300 digits; arrays nested past the recursion limit
+        text = f"<{type(value).__name__}>"
+    return shorten(text.translate(_LINE_BREAKS))
+
+
+def shorten(text: str) -> str:
+    """``text``, cut short if it is long: an error line stays readable.  A quoted text keeps its quotes."""
+    if len(text) <= _SHOWN + 20:
+        return text
+    quote = text[0] if text[0] in "'\"" and text[-1] == text[0] else ""
+    return f"{text[:_SHOWN]}...{quote} ({len(text) - 2 * len(quote)} characters)"
+
+
+def _show_key(key: str) -> str:
+    """A key as written: bare if it can be, else quoted (a quoted TOML key may hold a line break)."""
+    return shorten(key) if _NAME.match(key) else show_value(key)
 
 
 def _is_number(value: object) -> bool:
@@ -78,32 +101,40 @@ _PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 
 def parse_decimal(text: str) -> float:
     """A number written plainly, like ``2``, ``0.5``, ``.25`` or ``-1`` (its range is the
-    caller's to check): ValueError for anything else.
+    caller's to check; too many digits give ``inf``): ValueError for anything else.
 
     ``float()`` would also take ``1_0``, ``1e3``, ``nan``, spaces and non-ASCII digits.
     """
     if not _PLAIN_NUMBER.match(text):
         raise ValueError(f"not a plain number: {text!r}")
-    return float(text)
+    return float(text) + 0.0  # -0.0 is 0.0: shown as "0", not "-0"
+
+
+def decimal_integer(text: str) -> Optional[int]:
+    """The integer ``text`` spells in ASCII digits, or None: for anything else, and above
+    MAX_INTEGER (so that the caller's range check rejects it as it rejects any bad number;
+    ``int()`` itself raises ValueError past 4300 digits)."""
+    if not is_decimal(text) or len(text.lstrip("0")) > len(str(MAX_INTEGER)):
+        return None
+    value = int(text, 10)
+    return value if value <= MAX_INTEGER else None
 
 
 # -- one value per key ---------------------------------------------------
 
 
 def parse_size(value: object) -> int:
-    """A positive byte count: an integer, or text like ``65536``, ``512K``, ``1M``, ``2G``."""
+    """A positive byte count: an integer, or text like ``65536``, ``512K``, ``1M``, ``2G``
+    (at most MAX_INTEGER bytes)."""
+    size = 0
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif isinstance(value, str):
         number = value.rstrip("kKmMgG")
         unit = value[len(number):].lower()
-        try:
-            size = int(number, 10) * _SIZE_UNITS[unit] if is_decimal(number) else 0
-        except KeyError:  # two suffixes, like 1KM
-            size = 0
-    else:
-        size = 0
-    if size <= 0:
+        if unit in _SIZE_UNITS:  # not two suffixes, like 1KM
+            size = (decimal_integer(number) or 0) * _SIZE_UNITS[unit]
+    if not 0 < size <= MAX_INTEGER:
         raise _BadValue("expected a positive number of bytes, like 65536, 512K, 1M or 1G")
     return size
 
@@ -122,9 +153,15 @@ def _number(value: object) -> float:
             value = parse_decimal(value)
         except ValueError:
             raise _BadValue("") from None
-    if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]
+    if not _is_number(value):
         raise _BadValue("")
-    return float(value)  # type: ignore[arg-type]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an integer of 309 digits or more
+        raise _BadValue("") from None
+    if not math.isfinite(number):
+        raise _BadValue("")
+    return number + 0.0  # -0.0 is 0.0
 
 
 def _seconds_at_least_zero(value: object) -> float:
@@ -149,9 +186,9 @@ def _positive_seconds(value: object) -> float:
 
 def _integer(lowest: int, highest: Optional[int], what: str) -> Callable[[object], int]:
     def parse(value: object) -> int:
-        if isinstance(value, str) and is_decimal(value):
-            value = int(value, 10)
-        if (not isinstance(value, int) or isinstance(value, bool) or value < lowest
+        if isinstance(value, str):
+            value = decimal_integer(value)
+        if (not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= MAX_INTEGER
                 or (highest is not None and value > highest)):
             raise _BadValue(what)
         return value
@@ -195,9 +232,10 @@ def _endpoint(lowest_port: int) -> Callable[[object], Tuple[str, int]]:
         host, port = split_host_port(value)
         if not host:
             raise _BadValue('expected "host:port" with a host before the colon')
-        if not is_decimal(port) or not lowest_port <= int(port) <= 65535:
+        number = decimal_integer(port)
+        if number is None or not lowest_port <= number <= 65535:
             raise _BadValue(f'expected "host:port" with a port from {lowest_port} to 65535')
-        return host, int(port)
+        return host, number
     return parse
 
 
@@ -232,22 +270,22 @@ def _check(key: str, value: object) -> Any:
     """``value`` checked and converted for ``key``; raises ConfigError naming both."""
     parser = _PARSERS.get(key)
     if parser is None:
-        raise ConfigError(f"{key}: unknown key (known: {', '.join(KEYS)})")
+        raise ConfigError(f"{_show_key(key)}: unknown key (known: {', '.join(KEYS)})")
     if key in _LISTS:
         entries = [value] if isinstance(value, str) else value
         if not isinstance(entries, list):
-            raise ConfigError(f"{key}: expected a list of addresses or networks, got {_show(value)}")
+            raise ConfigError(f"{key}: expected a list of addresses or networks, got {show_value(value)}")
         checked = []
         for entry in entries:
             try:
                 checked.append(parser(entry))
             except _BadValue as error:
-                raise ConfigError(f"{key}: {error}, got {_show(entry)}") from None
+                raise ConfigError(f"{key}: {error}, got {show_value(entry)}") from None
         return tuple(checked)
     try:
         return parser(value)
     except _BadValue as error:
-        raise ConfigError(f"{key}: {error}, got {_show(value)}") from None
+        raise ConfigError(f"{key}: {error}, got {show_value(value)}") from None
 
 
 def _make_rule(settings: Mapping[str, Any], base: Mapping[str, Any]) -> Rule:
@@ -310,7 +348,7 @@ def parse_forward_spec(text: str, base: Optional[Mapping[str, Any]] = None) -> R
             raise _BadValue("")
     except _BadValue:
         raise ConfigError(f"expected [BIND:]PORT:HOST:HOSTPORT[,key=value...] with IPv6 addresses in "
-                          f"brackets, got {_show(address)}") from None
+                          f"brackets, got {show_value(address)}") from None
     bind, port, host, host_port = parts
     settings: Dict[str, Any] = {
         "listen": _check("listen", f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"),
@@ -319,14 +357,14 @@ def parse_forward_spec(text: str, base: Optional[Mapping[str, Any]] = None) -> R
     for option in options.split(",") if options else ():
         key, equals, value = option.partition("=")
         if not equals:
-            raise ConfigError(f"expected key=value after the address, got {_show(option)}")
+            raise ConfigError(f"expected key=value after the address, got {show_value(option)}")
         if key in ("listen", "connect"):
             raise ConfigError(f"{key}: given by [BIND:]PORT:HOST:HOSTPORT, not as an option")
         checked = _check(key, value)
         if key in _LISTS:
             settings[key] = settings.get(key, ()) + checked
         elif key in settings:
-            raise ConfigError(f"{key}: given twice, got {_show(value)}")
+            raise ConfigError(f"{key}: given twice, got {show_value(value)}")
         else:
             settings[key] = checked
     return _make_rule(settings, rule_defaults() if base is None else base)
@@ -337,7 +375,7 @@ def parse_forward_spec(text: str, base: Optional[Mapping[str, Any]] = None) -> R
 
 def _rule_place(index: int, table: Mapping[str, Any]) -> str:
     name = table.get("name")
-    return f"rule {index} ({_show(name)})" if isinstance(name, str) and name else f"rule {index}"
+    return f"rule {index} ({show_value(name)})" if isinstance(name, str) and name else f"rule {index}"
 
 
 def _syntax_error(path: str, error: Exception) -> ConfigError:
@@ -372,24 +410,29 @@ def load_config(path: str, base: Optional[Mapping[str, Any]] = None) -> List[Rul
         raise ConfigError(f"{path}: not UTF-8 text ({error.reason})") from None
     except tomllib.TOMLDecodeError as error:
         raise _syntax_error(path, error) from None
+    except ValueError as error:  # an integer of more than 4300 digits, which int() refuses
+        raise ConfigError(f"{path}: a value cannot be read: {str(error).split(';')[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested too deeply to read") from None
     for table in document:
         if table not in ("defaults", "rule"):
-            raise ConfigError(f"{path}: [{table}]: unknown table or key (expected [defaults] and [[rule]] tables)")
+            raise ConfigError(f"{path}: [{_show_key(table)}]: unknown table or key (expected [defaults] and [[rule]] "
+                              f"tables)")
     defaults = dict(rule_defaults() if base is None else base)
     given_defaults = document.get("defaults", {})
     if not isinstance(given_defaults, dict):
-        raise ConfigError(f"{path}: defaults: expected a [defaults] table, got {_show(given_defaults)}")
+        raise ConfigError(f"{path}: defaults: expected a [defaults] table, got {show_value(given_defaults)}")
     for key, value in given_defaults.items():
         if key in _OWN:
             raise ConfigError(f"{path}: [defaults]: {key}: not allowed in [defaults] (each rule has its own), "
-                              f"got {_show(value)}")
+                              f"got {show_value(value)}")
         try:
             defaults[key] = _check(key, value)
         except ConfigError as error:
             raise ConfigError(f"{path}: [defaults]: {error}") from None
     tables = document.get("rule", [])
     if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
-        raise ConfigError(f"{path}: rule: expected [[rule]] tables, got {_show(tables)}")
+        raise ConfigError(f"{path}: rule: expected [[rule]] tables, got {show_value(tables)}")
     if not tables:
         raise ConfigError(f"{path}: no [[rule]] table: nothing to forward")
     rules: List[Rule] = []
@@ -416,19 +459,19 @@ def check_unique(rules: Sequence[Rule], places: Sequence[str]) -> None:
     listens: Dict[Tuple[str, int], int] = {}
     for index, rule in enumerate(rules):
         if not rule.name and not rule.local_port and rule.label in names:
-            raise ConfigError(f"{places[index]}: name: missing, and {_show(rule.listen)} is already where "
+            raise ConfigError(f"{places[index]}: name: missing, and {show_value(rule.listen)} is already where "
                               f"{_strip_file(places[names[rule.label]])} listens: give each rule on port 0 a name")
         if not rule.name and not rule.local_port:
             names[rule.label] = index
         if rule.name:
             if rule.name in names:
-                raise ConfigError(f"{places[index]}: name: {_show(rule.name)} is already the name of "
+                raise ConfigError(f"{places[index]}: name: {show_value(rule.name)} is already the name of "
                                   f"{_strip_file(places[names[rule.name]])}")
             names[rule.name] = index
         where = (rule.local_host, rule.local_port)
         if rule.local_port:  # port 0: each rule gets its own free port
             if where in listens:
-                raise ConfigError(f"{places[index]}: listen: {_show(rule.listen)} is already where "
+                raise ConfigError(f"{places[index]}: listen: {show_value(rule.listen)} is already where "
                                   f"{_strip_file(places[listens[where]])} listens")
             listens[where] = index
 

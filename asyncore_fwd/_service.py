@@ -209,7 +209,10 @@ class Service:
             if kind == "drain":
                 self._start_drain(argument)
             elif self._drain_deadline is None:
-                self._apply(argument)
+                try:
+                    self._apply(argument)
+                except Exception:  # a bug: it must not unwind serve_forever
+                    log.exception("reload failed; still serving", extra={"event": "reload"})
             else:  # applying it would start listening again
                 log.warning("reload ignored: draining", extra={"event": "reload", "details": {"ignored": True}})
 
@@ -277,8 +280,9 @@ class Service:
                 else:
                     forwarders[rule.label] = self._change(old, rule)
                     report["changed"].append(rule.label)
-            except OSError as error:
+            except Exception as error:  # OSError: the port, the remote; anything else is a bug
                 log.error("%s: cannot start: %s", rule.label, describe_error(error),
+                          exc_info=not isinstance(error, OSError),
                           extra={"event": "reload", "details": {"rule": rule.label, "error": describe_error(error)}})
                 report["failed"].append(rule.label)
                 if old is not None:

@@ -25,6 +25,7 @@ from . import __version__, _workers
 from ._config import (
     ConfigError,
     check_unique,
+    decimal_integer,
     describe_rule,
     is_decimal,
     load_config,
@@ -32,6 +33,8 @@ from ._config import (
     parse_forward_spec,
     parse_size,
     rule_defaults,
+    shorten,
+    show_value,
     split_host_port,
 )
 from ._loop import LOOP_KINDS, best_loop_kind, open_loop
@@ -51,19 +54,21 @@ examples:
   %(prog)s -L 8080:example.org:80 -L '[::1]:5433:db.internal:5432,max_connections=50'
       two rules in one process (ssh's -L syntax, options after commas)
   %(prog)s -c /etc/asyncore-fwd.toml --check-config
-      print the rules of a config file, defaults applied, and exit
+      check a config file as a start would (names resolved, addresses bound),
+      print its rules, defaults applied, and exit
 
 signals:
   SIGTERM, SIGINT  stop accepting; open connections get --drain-timeout seconds
                    to finish, then are reset; a second signal stops at once,
                    resetting every connection still open
   SIGHUP           re-read the config file (-c) and apply it; a config with an
-                   error is logged and the running rules stay
+                   error, whatever it is, is logged and the running rules stay
   SIGUSR1          log one line of counters per rule
 
 exit status:
   0  stopped by SIGTERM or SIGINT, or --check-config found no error
   1  a run-time error: address in use, permission denied, unknown host...
+     (at start, or found by --check-config)
   2  bad usage or a bad config file (one line saying where and what)
 """
 
@@ -71,10 +76,10 @@ exit status:
 def _integer(what: str, lowest: int, highest: int) -> Callable[[str], int]:
     """An argparse type: a decimal integer from ``lowest`` to ``highest``."""
     def parse(text: str) -> int:
-        value = int(text, 10) if is_decimal(text) else lowest - 1  # int() also takes " 2", "1_0", "١"
-        if not lowest <= value <= highest:
+        value = decimal_integer(text)  # int() also takes " 2", "1_0", "١", and raises past 4300 digits
+        if value is None or not lowest <= value <= highest:
             raise argparse.ArgumentTypeError(
-                f"invalid {what} {text!r}: expected an integer from {lowest} to {highest}")
+                f"invalid {what} {shorten(repr(text))}: expected an integer from {lowest} to {highest}")
         return value
     return parse
 
@@ -92,7 +97,7 @@ def _seconds(text: str, lowest_ok: bool = False) -> float:
         value = float("nan")
     if not (0 <= value if lowest_ok else 0 < value) or value == float("inf"):
         expected = "a number of seconds >= 0" if lowest_ok else "a positive number of seconds"
-        raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected {expected}")
+        raise argparse.ArgumentTypeError(f"invalid time {shorten(repr(text))}: expected {expected}")
     return value
 
 
@@ -104,7 +109,7 @@ def _size(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: {error}") from None
+        raise argparse.ArgumentTypeError(f"invalid size {shorten(repr(text))}: {error}") from None
 
 
 def _toxic(text: str) -> Tuple[Any, str]:
@@ -122,10 +127,11 @@ def _metrics_address(text: str) -> Tuple[str, int]:
         host, port = split_host_port(text) if ":" in text else ("127.0.0.1", text)
     except ValueError:
         host, port = "", ""
-    if not host or not is_decimal(port) or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected [HOST:]PORT, like 9100 or "
+    number = decimal_integer(port)
+    if not host or number is None or not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {shorten(repr(text))}: expected [HOST:]PORT, like 9100 or "
                                          f"127.0.0.1:9100 ([::1]:9100 for IPv6)")
-    return host, int(port)
+    return host, number
 
 
 class _Given(argparse.Action):
@@ -171,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="read rules from a TOML file: an optional [defaults] table and one [[rule]] "
                            "table per rule (SIGHUP re-reads it)")
     many.add_argument("--check-config", action="store_true",
-                      help="print the rules, one line each with every setting, and exit (2 on an error)")
+                      help="check the rules as a start would (resolving names, binding addresses), print "
+                           "them, one line each with every setting, and exit (1 where a start would fail, "
+                           "2 on a config error)")
     tuning = parser.add_argument_group("settings (defaults for every rule)")
     tuning.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=DEFAULT_BACKLOG, metavar="N",
                         help="length of the listen queue, capped by net.core.somaxconn (default: %(default)s)")
@@ -285,27 +293,41 @@ def _base(args: argparse.Namespace) -> Dict[str, Any]:
                          splice=args.splice)
 
 
-def _forward_rules(args: argparse.Namespace) -> List[Rule]:
-    """The -L rules; ConfigError naming the flag."""
-    rules = []
-    for spec in args.forward:
-        try:
-            rules.append(parse_forward_spec(spec, _base(args)))
-        except ConfigError as error:
-            raise ConfigError(f"-L {json.dumps(spec)}: {error}") from None
-    return rules
+class _FlagError(ConfigError):
+    """A ``-L`` flag that cannot be used: bad usage, so its line points at --help."""
 
 
-def load_rules(args: argparse.Namespace, forward_rules: Sequence[Rule]) -> List[Rule]:
-    """The rules of -c (read now) and of -L; ConfigError if any is wrong or two collide."""
-    rules = list(forward_rules)
-    places = [f"-L {json.dumps(spec)}" for spec in args.forward]
-    if args.config:
-        from_file = load_config(args.config, _base(args))
-        rules += from_file
-        places += [f"{args.config}: rule {index}" + (f" ({json.dumps(rule.name)})" if rule.name else "")
-                   for index, rule in enumerate(from_file, 1)]
-    check_unique(rules, places)
+def load_rules(args: argparse.Namespace, forward_rules: Optional[Sequence[Rule]] = None) -> List[Rule]:
+    """The rules of -L (parsed now unless given) and of -c (read now); ConfigError if any is
+    wrong or two collide (_FlagError for a -L flag).
+
+    The one place rules are loaded -- at start, for --check-config, and on each SIGHUP in the
+    supervisor and in every worker -- so the one place that makes whatever a config raises a
+    ConfigError: a value no check foresaw is one error line, never the end of a running forwarder.
+    """
+    places = [f"-L {show_value(spec)}" for spec in args.forward]
+    place = "-L"
+    try:
+        if forward_rules is None:
+            forward_rules = []
+            for place, spec in zip(places, args.forward):
+                try:
+                    forward_rules.append(parse_forward_spec(spec, _base(args)))
+                except ConfigError as error:
+                    raise _FlagError(f"{place}: {error}") from None
+        rules = list(forward_rules)
+        if args.config:
+            place = args.config
+            from_file = load_config(args.config, _base(args))
+            rules += from_file
+            places += [f"{args.config}: rule {index}" + (f" ({show_value(rule.name)})" if rule.name else "")
+                       for index, rule in enumerate(from_file, 1)]
+        check_unique(rules, places)
+    except ConfigError:
+        raise
+    except Exception as error:
+        kind = ConfigError if place == args.config else _FlagError
+        raise kind(f"{place}: cannot be read: {describe_error(error)}") from error
     return rules
 
 
@@ -333,13 +355,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"{'/'.join(sorted(set(args.one_rule_flags), key=args.one_rule_flags.index))} "
                          f"cannot be combined with -L or -c: give every rule with -L or in the config file")
         try:
-            forward_rules = _forward_rules(args)
-        except ConfigError as error:
+            rules = load_rules(args)
+        except _FlagError as error:
             parser.error(str(error))
-        try:
-            rules = load_rules(args, forward_rules)
         except ConfigError as error:
             return _config_error(error)
+        forward_rules = rules[:len(args.forward)]  # they come first; a reload reads only the file again
     else:
         forward_rules = []
         rules = [_one_rule(parser, args)]
@@ -348,6 +369,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.toxic and args.splice:
         parser.error("--toxic needs the copy relay: with --splice the bytes never enter Python")
     if args.check_config:
+        try:
+            _try_start(args, rules)
+        except (OSError, ValueError) as error:
+            return _fail(error)
         for rule in rules:
             print(describe_rule(rule))
         return 0
@@ -358,6 +383,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.workers > 1:
         return _run_workers(args, rules, forward_rules)
     return _serve(args, rules, lambda: load_rules(args, forward_rules), pidfile=args.pidfile)
+
+
+def _try_start(args: argparse.Namespace, rules: Sequence[Rule]) -> None:
+    """Resolve and bind what a start would, then let go: --check-config fails where a start
+    would (an unknown host, an address in use or not local), with the same line."""
+    from ._service import Service
+
+    with _quiet():  # no start lines, no warnings: they are the start's to log
+        service = Service(rules, map={})
+        try:
+            if args.metrics:
+                from ._metrics import MetricsServer
+
+                MetricsServer(service, *args.metrics)  # closed with the service
+        finally:
+            service.close()
 
 
 def _config_error(error: ConfigError) -> int:
@@ -386,6 +427,21 @@ def _remove_pidfile(path: Optional[str]) -> None:
             pass
 
 
+def _logging_errors(handler: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
+    """``handler``, logging what it raises instead of raising it.
+
+    A signal handler runs wherever the main thread happens to be: an exception
+    from it would unwind ``serve_forever``, or end the connection whose handler
+    it interrupted.  What it raises is a bug; the service goes on.
+    """
+    def run(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except Exception:
+            log.exception("%s: internal error; still serving", signal.Signals(signum).name)
+    return run
+
+
 class _Signals:
     """The process's signal handlers while it serves (main thread only).
 
@@ -408,9 +464,9 @@ class _Signals:
         # process group, and the supervisor passes it on as SIGTERM.
         stops = (signal.SIGTERM,) if self.worker else (signal.SIGINT, signal.SIGTERM)
         for signum in stops:
-            self.previous[signum] = signal.signal(signum, self.stop)
-        self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.hangup)
-        self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self.stats)
+            self.previous[signum] = signal.signal(signum, _logging_errors(self.stop))
+        self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _logging_errors(self.hangup))
+        self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _logging_errors(self.stats))
         if self.worker:
             self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -541,6 +597,9 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
                 current["rules"] = reserves.hold(load_rules(args, forward_rules))  # for workers started later
             except (ConfigError, OSError) as error:
                 log.error("SIGHUP: %s; the running rules stay", describe_error(error))
+                return False
+            except Exception:  # a bug: the workers keep their rules, and the supervisor goes on
+                log.exception("SIGHUP: internal error; the running rules stay")
                 return False
             log.info("SIGHUP: re-read %s: %d rules; reloading %d workers", args.config, len(current["rules"]),
                      args.workers)

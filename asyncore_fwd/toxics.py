@@ -42,7 +42,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _loop
-from ._config import is_decimal, parse_decimal, parse_size
+from ._config import decimal_integer, parse_decimal, parse_size, shorten
 from ._timers import Timer, timers_for
 
 if TYPE_CHECKING:
@@ -645,9 +645,9 @@ class _Spec(NamedTuple):
 _SPECS: Dict[str, _Spec] = {
     "latency": _Spec(Latency, "seconds", {"seconds": "time", "jitter": "time"}),
     "bandwidth": _Spec(Bandwidth, "bytes_per_second", {"bytes_per_second": "size"}),
-    "slicer": _Spec(Slicer, "average_size", {"average_size": "count", "size_variation": "count", "delay": "time"}),
+    "slicer": _Spec(Slicer, "average_size", {"average_size": "size", "size_variation": "bytes", "delay": "time"}),
     "timeout": _Spec(Timeout, "seconds", {"seconds": "time"}),
-    "limit_data": _Spec(LimitData, "bytes", {"bytes": "count"}),
+    "limit_data": _Spec(LimitData, "bytes", {"bytes": "bytes"}),
     "reset_peer": _Spec(ResetPeer, "after", {"after": "time"}, main_required=False),
     "slow_close": _Spec(SlowClose, "seconds", {"seconds": "time"}),
 }
@@ -664,31 +664,35 @@ def _seconds(text: str) -> float:
     try:
         return parse_decimal(number) * scale
     except ValueError:
-        raise ValueError(f"expected a value like 100ms or 1.5s, not {text!r}") from None
+        raise ValueError(f"expected a value like 100ms or 1.5s, not {shorten(repr(text))}") from None
 
 
 def _size(text: str) -> int:
     try:
         return parse_size(text)  # the configuration file's sizes: whole bytes, K, M or G
     except ValueError as error:
-        raise ValueError(f"{error}, not {text!r}") from None
+        raise ValueError(f"{error}, not {shorten(repr(text))}") from None
 
 
-def _count(text: str) -> int:
-    if not is_decimal(text):
-        raise ValueError(f"expected a whole number, not {text!r}")
-    return int(text)
+def _bytes(text: str) -> int:
+    """A size, or 0."""
+    if decimal_integer(text) == 0:
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"expected a number of bytes, like 0, 1500, 64K or 1M, not {shorten(repr(text))}") from None
 
 
 def _share(text: str) -> float:
     try:
         return parse_decimal(text)  # its range is the toxic's to check
     except ValueError:
-        raise ValueError(f"expected a number from 0 to 1, like 0.5, not {text!r}") from None
+        raise ValueError(f"expected a number from 0 to 1, like 0.5, not {shorten(repr(text))}") from None
 
 
 #: kind of parameter -> its parser: a value from its text, or ValueError saying what was expected
-_KINDS: Dict[str, Callable[[str], float]] = {"time": _seconds, "size": _size, "count": _count, "share": _share}
+_KINDS: Dict[str, Callable[[str], float]] = {"time": _seconds, "size": _size, "bytes": _bytes, "share": _share}
 
 
 def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
@@ -698,29 +702,32 @@ def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
     ``both:reset_peer=2s,toxicity=0.5``.  The direction defaults to
     downstream; ValueError with a one-line message if the spec is bad.
     """
+    shown = shorten(repr(text))
     direction, _, body = text.rpartition(":")
     direction = direction or "downstream"
     if direction not in DIRECTIONS:
-        raise ValueError(f"bad toxic {text!r}: direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
+        raise ValueError(f"bad toxic {shown}: direction must be one of {', '.join(DIRECTIONS)}, "
+                         f"not {shorten(repr(direction))}")
     first, *options = body.split(",")
     name, _, main_value = first.partition("=")
     if name not in _SPECS:
-        raise ValueError(f"bad toxic {text!r}: unknown toxic {name!r} (one of {', '.join(_SPECS)})")
+        raise ValueError(f"bad toxic {shown}: unknown toxic {shorten(repr(name))} (one of {', '.join(_SPECS)})")
     spec = _SPECS[name]
     kinds = {**spec.kinds, **_COMMON_KINDS}
     arguments: Dict[str, Any] = {}
     for key, value in [(spec.main, main_value)] * bool(main_value) + [option.partition("=")[::2] for option in options]:
         if key not in kinds:
-            raise ValueError(f"bad toxic {text!r}: {name} has no option {key!r} (it takes {', '.join(kinds)})")
+            raise ValueError(f"bad toxic {shown}: {name} has no option {shorten(repr(key))} "
+                             f"(it takes {', '.join(kinds)})")
         if key in arguments:
-            raise ValueError(f"bad toxic {text!r}: {key} given twice")
+            raise ValueError(f"bad toxic {shown}: {key} given twice")
         try:
             arguments[key] = _KINDS[kinds[key]](value)
         except ValueError as error:
-            raise ValueError(f"bad toxic {text!r}: {key}: {error}") from None
+            raise ValueError(f"bad toxic {shown}: {key}: {error}") from None
     if spec.main_required and spec.main not in arguments:
-        raise ValueError(f"bad toxic {text!r}: give its {spec.main}, as in {name}=VALUE")
+        raise ValueError(f"bad toxic {shown}: give its {spec.main}, as in {name}=VALUE")
     try:
         return spec.cls(**arguments), direction
     except ValueError as error:
-        raise ValueError(f"bad toxic {text!r}: {error}") from None
+        raise ValueError(f"bad toxic {shown}: {error}") from None

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
@@ -22,7 +23,7 @@ from typing import Callable, Iterator, List, Sequence
 import pytest
 
 import asyncore_fwd
-from asyncore_fwd import cli
+from asyncore_fwd import Rule, Service, cli
 from conftest import WAIT, EchoServer, ForwarderProcess, free_port, recv_all, recv_exactly, wait_for
 
 PROG = "asyncore-fwd"
@@ -121,6 +122,28 @@ def test_out_of_range_port_is_a_usage_error_naming_the_flag(argv: List[str], fla
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Ports outside 0-65535 (1-65535 for the remote) are rejected, naming the flag."""
     assert flag in usage_error(argv, capsys)
+
+
+HUGE = "9" * 5000  # int() raises ValueError past 4300 digits; float() makes it inf
+SHOWN = "'" + "9" * 39 + "...' (5000 characters)"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("-p", f"argument -p/--local-port: invalid port {SHOWN}: expected an integer from 0 to 65535"),
+    ("-P", f"argument -P/--remote-port: invalid port {SHOWN}: expected an integer from 1 to 65535"),
+    ("--backlog", f"argument --backlog: invalid backlog {SHOWN}: expected an integer from 0 to 65535"),
+    ("--workers", f"argument --workers: invalid worker count {SHOWN}: expected an integer from 1 to 256"),
+    ("--high-water", f"argument --high-water: invalid size {SHOWN}: expected a positive number of bytes, "
+                     f"like 65536, 512K, 1M or 1G"),
+    ("--connect-timeout", f"argument --connect-timeout: invalid time {SHOWN}: expected a positive number of "
+                          f"seconds"),
+    ("--metrics", f"argument --metrics: invalid address {SHOWN}: expected [HOST:]PORT, like 9100 or "
+                  f"127.0.0.1:9100 ([::1]:9100 for IPv6)"),
+])
+def test_number_too_long_to_convert_is_a_bad_value_naming_the_flag(flag: str, message: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """5000 digits get the line any other bad number gets (not "invalid parse value"), cut short."""
+    assert usage_error(VALID + [flag, HUGE], capsys) == f"{PROG}: error: {message} (see --help)"
 
 
 def test_port_range_limits_are_accepted() -> None:
@@ -314,6 +337,44 @@ def test_privileged_port_returns_1_permission_denied(capsys: pytest.CaptureFixtu
         pytest.skip("this system lets unprivileged processes bind port 1")
     line = runtime_error(["-p", "1", "-r", "127.0.0.1", "-P", "80"], capsys)
     assert "permission denied" in line.lower()
+
+
+def test_an_error_in_a_signal_handler_is_logged_and_serving_goes_on(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """A signal handler runs wherever the loop is: what it raises is logged, never raised into the loop.
+
+    Here re-reading the rules on SIGHUP raises something no check foresaw; the
+    service (served in this, the main thread) goes on forwarding.
+    """
+    args = cli.build_parser().parse_args(["-c", str(tmp_path / "fwd.toml")])
+    rule = Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="echo")
+    services: List[Service] = []
+    seen: List[object] = []
+
+    def reread() -> List[Rule]:
+        raise RuntimeError("unforeseen")
+
+    def signal_then_stop() -> None:
+        try:
+            wait_for(lambda: services, what="the service")
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for(lambda: [r for r in caplog.records if "internal error" in r.getMessage()], what="the log line")
+            with socket.create_connection(services[0].forwarders["echo"].address, timeout=WAIT) as client:
+                client.sendall(b"ping")
+                seen.append(recv_exactly(client, 4))
+        except BaseException as error:  # reported by the main thread
+            seen.append(error)
+        finally:
+            if services:
+                services[0].stop()
+
+    thread = threading.Thread(target=signal_then_stop, daemon=True)
+    thread.start()
+    assert cli._serve(args, [rule], reread, attach=services.append) == 0
+    thread.join(WAIT)
+    assert seen == [b"ping"]
+    (record,) = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert record.getMessage() == "SIGHUP: internal error; still serving" and record.exc_info is not None
 
 
 # -- the running command (child processes) ----------------------------------------

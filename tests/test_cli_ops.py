@@ -227,6 +227,33 @@ def test_sighup_with_a_bad_config_keeps_the_running_rules(spawn: Spawn, tagged_s
     assert not any("reloaded" in line for line in proc.lines)
 
 
+@pytest.mark.parametrize("workers", [[], pytest.param(["--workers", "2"], marks=pytest.mark.skipif(
+    not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here"))], ids=["one-process", "workers"])
+@pytest.mark.parametrize("bad, error", [
+    ("idle_timeout = " + "9" * 400, 'rule 1 ("web"): idle_timeout: expected a number of seconds >= 0, got 999'),
+    ("allow = " + "[" * 50000 + "]" * 50000, "arrays or tables nested too deeply to read"),
+    ("max_connections = " + "9" * 5000, "a value cannot be read: "),
+], ids=["float-overflow", "deep-nesting", "5000-digits"])
+def test_sighup_with_a_value_python_cannot_convert_keeps_the_running_rules(
+        spawn: Spawn, tagged_server, tmp_path: Path, workers: List[str], bad: str, error: str) -> None:
+    """Values that made Python raise (OverflowError, RecursionError, ValueError) are one error line on
+    SIGHUP, as any bad value is: the process (with --workers, the supervisor) serves on."""
+    server = tagged_server(b"old")
+    port = free_port()
+    config = tmp_path / "fwd.toml"
+    write_rules(config, [("web", port, server.port)])
+    proc = spawn(MODULE + ["-c", str(config), *workers])
+    rule_port(proc, "web")
+    config.write_text(config.read_text() + bad + "\n")
+    proc.process.send_signal(signal.SIGHUP)
+    line = proc.wait_line(r"ERROR SIGHUP: .*").group(0)
+    assert f"SIGHUP: {config}: {error}" in line and line.endswith("; the running rules stay"), line
+    assert greeting(port, 3) == b"old"
+    assert proc.process.poll() is None
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_sighup_without_a_config_file_says_there_is_nothing_to_re_read(spawn: Spawn,
                                                                        echo_server: EchoServer) -> None:
     """Rules from -L only: SIGHUP logs that there is nothing to re-read and changes nothing."""

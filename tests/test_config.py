@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import Iterator, List
 
 import pytest
 
 from asyncore_fwd import Service, cli
-from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size
+from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size, shorten
+from conftest import needs_ipv6
 
 PROG = "asyncore-fwd"
 KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
@@ -129,6 +131,29 @@ CONFIG_ERRORS = [
      'fwd.toml: rule 1: connect_timeout: expected a positive number of seconds, got "1_0"'),
     ("superscript-port", '[[rule]]\nlisten = "127.0.0.1:8\u00b2"\nconnect = "127.0.0.1:80"\n',
      'fwd.toml: rule 1: listen: expected "host:port" with a port from 0 to 65535, got "127.0.0.1:8\u00b2"'),
+    # Values that made Python raise (float() overflows, int() refuses 4300 digits, the parser recurses):
+    # the same line as any other bad value, cut short.
+    ("400-digit-seconds", GOOD_RULE + "idle_timeout = " + "9" * 400 + "\n",
+     "fwd.toml: rule 1: idle_timeout: expected a number of seconds >= 0, got " + "9" * 40 + "... (400 characters)"),
+    ("400-digit-connect-timeout", GOOD_RULE + "connect_timeout = " + "9" * 400 + "\n",
+     "fwd.toml: rule 1: connect_timeout: expected a positive number of seconds, got " + "9" * 40
+     + "... (400 characters)"),
+    ("400-digit-limit", GOOD_RULE + "max_connections = " + "9" * 400 + "\n",
+     "fwd.toml: rule 1: max_connections: expected an integer >= 0 (0 = no limit), got " + "9" * 40
+     + "... (400 characters)"),
+    ("5000-digit-size-string", GOOD_RULE + 'high_water = "' + "9" * 5000 + '"\n',
+     'fwd.toml: rule 1: high_water: expected a positive number of bytes, like 65536, 512K, 1M or 1G, got "'
+     + "9" * 39 + '..." (5000 characters)'),
+    ("size-past-8-exbibytes", GOOD_RULE + 'high_water = "8589934592G"\n',
+     'fwd.toml: rule 1: high_water: expected a positive number of bytes, like 65536, 512K, 1M or 1G, '
+     'got "8589934592G"'),
+    ("5000-digit-literal", GOOD_RULE + "max_connections = " + "9" * 5000 + "\n",
+     "fwd.toml: a value cannot be read: Exceeds the limit (4300 digits) for integer string conversion: "
+     "value has 5000 digits"),
+    ("nested-arrays", GOOD_RULE + "allow = " + "[" * 50000 + "]" * 50000 + "\n",
+     "fwd.toml: arrays or tables nested too deeply to read"),
+    ("nested-inline-tables", GOOD_RULE + "x = " + "{a=" * 5000 + "1" + "}" * 5000 + "\n",
+     "fwd.toml: arrays or tables nested too deeply to read"),
 ]
 
 
@@ -183,6 +208,12 @@ FLAG_ERRORS = [
                                     'like 10.0.0.0/8, 192.0.2.7 or ::1, got "bad"'),
     (["-L", "8080:h:80,high_water=1T"], '-L "8080:h:80,high_water=1T": high_water: expected a positive number '
                                         'of bytes, like 65536, 512K, 1M or 1G, got "1T"'),
+    (["-L", "8080:h:80,max_connections=" + "9" * 5000],
+     '-L "8080:h:80,max_connections=' + "9" * 13 + '..." (5026 characters): max_connections: expected an '
+     'integer >= 0 (0 = no limit), got "' + "9" * 39 + '..." (5000 characters)'),
+    (["-L", "8080:h:" + "9" * 5000], '-L "8080:h:' + "9" * 32 + '..." (5007 characters): connect: expected '
+                                     '"host:port" with a port from 1 to 65535, got "h:' + "9" * 37
+                                     + '..." (5002 characters)'),
     (["-L", "8080:h:80", "-L", "8080:g:81"],
      '-L "8080:g:81": listen: "127.0.0.1:8080" is already where -L "8080:h:80" listens'),
     (["-L", "1:h:80,name=a", "-L", "2:h:80,name=a"],
@@ -213,7 +244,8 @@ FLAG_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("argv, line", FLAG_ERRORS, ids=[" ".join(case[0]) or "nothing" for case in FLAG_ERRORS])
+@pytest.mark.parametrize("argv, line", FLAG_ERRORS,
+                         ids=[shorten(" ".join(case[0])) or "nothing" for case in FLAG_ERRORS])
 def test_bad_flag_is_one_usage_line_and_exits_2(argv: List[str], line: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Each bad flag value: exactly one stderr line naming it, exit 2, nothing started.
@@ -288,7 +320,7 @@ def test_sizes_accept_k_m_and_g_suffixes(text: object, size: int) -> None:
 def test_rule_keys_override_defaults_which_override_flags(capsys: pytest.CaptureFixture[str]) -> None:
     """Built-in < command-line flags < [defaults] < the rule's own keys."""
     write('[defaults]\nconnect_timeout = 3\nidle_timeout = 30\n'
-          '[[rule]]\nname = "a"\nlisten = "127.0.0.1:1"\nconnect = "h:1"\nidle_timeout = 60\n')
+          '[[rule]]\nname = "a"\nlisten = "127.0.0.1:0"\nconnect = "127.0.0.1:1"\nidle_timeout = 60\n')
     status, out, err = run(["-c", "fwd.toml", "--connect-timeout", "7", "--backlog", "99", "--check-config"],
                            capsys)
     assert (status, err) == (0, "")
@@ -318,31 +350,78 @@ def test_port_0_may_repeat_with_names() -> None:
 # -- --check-config ---------------------------------------------------------------------
 
 
+@needs_ipv6
 def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     """One line per rule (config rules after -L rules), every key, defaults applied; nothing on stderr."""
     write('[defaults]\nmax_per_client = 4\nallow = ["10.0.0.0/8", "::1"]\n'
-          '[[rule]]\nname = "web"\nlisten = "0.0.0.0:8080"\nconnect = "example.org:80"\nidle_timeout = 300\n'
-          '[[rule]]\nlisten = "[::1]:5433"\nconnect = "[2001:db8::5]:5432"\nallow = []\nhigh_water = "2M"\n')
-    status, out, err = run(["-c", "fwd.toml", "-L", "9000:h:90,deny=192.0.2.1", "--check-config"], capsys)
+          '[[rule]]\nname = "web"\nlisten = "0.0.0.0:0"\nconnect = "localhost:80"\nidle_timeout = 300\n'
+          '[[rule]]\nlisten = "[::1]:0"\nconnect = "[2001:db8::5]:5432"\nallow = []\nhigh_water = "2M"\n')
+    status, out, err = run(["-c", "fwd.toml", "-L", "0:127.0.0.1:90,deny=192.0.2.1", "--check-config"], capsys)
     assert (status, err) == (0, "")
     assert out.splitlines() == [
-        "name=127.0.0.1:9000 listen=127.0.0.1:9000 connect=h:90 allow=all deny=192.0.2.1/32 max_connections=0 "
+        "name=127.0.0.1:0 listen=127.0.0.1:0 connect=127.0.0.1:90 allow=all deny=192.0.2.1/32 max_connections=0 "
         "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=1M",
-        "name=web listen=0.0.0.0:8080 connect=example.org:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
+        "name=web listen=0.0.0.0:0 connect=localhost:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 high_water=1M",
-        "name=[::1]:5433 listen=[::1]:5433 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
+        "name=[::1]:0 listen=[::1]:0 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 high_water=2M",
     ]
 
 
 def test_check_config_shows_the_one_rule_form_too(capsys: pytest.CaptureFixture[str]) -> None:
     """The article's flags make one rule, printed the same way."""
-    status, out, err = run(["-p", "8080", "-r", "h", "-P", "80", "--high-water", "1G", "--check-config"], capsys)
+    status, out, err = run(["-p", "0", "-r", "127.0.0.1", "-P", "80", "--high-water", "1G", "--check-config"],
+                           capsys)
     assert (status, err) == (0, "")
-    assert out == describe_rule(parse_forward_spec("8080:h:80,high_water=1G")) + "\n"
+    assert out == describe_rule(parse_forward_spec("0:127.0.0.1:80,high_water=1G")) + "\n"
 
 
-def test_check_config_does_not_resolve_or_bind(capsys: pytest.CaptureFixture[str]) -> None:
-    """--check-config reads the rules only: an unknown host and a privileged port are no error there."""
-    status, out, err = run(["-L", "1:no-such-host.invalid:80", "--check-config"], capsys)
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A loopback port another socket listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["-L", "0:no-such-host.invalid:80"], "cannot resolve remote host 'no-such-host.invalid': "),
+    (["-L", "{port}:127.0.0.1:80"], "cannot listen on 127.0.0.1:{port}: Address already in use"),
+    (["-L", "192.0.2.1:0:127.0.0.1:80"], "cannot listen on 192.0.2.1:0: Cannot assign requested address"),
+    (["-L", "0:localhost:80", "--metrics", "{port}"], "cannot listen on 127.0.0.1:{port} for metrics: "),
+], ids=["unknown-host", "port-in-use", "not-a-local-address", "metrics-port-in-use"])
+def test_check_config_fails_where_start_fails_with_the_same_line(
+        argv: List[str], line: str, port_in_use: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check-config resolves and binds what a start would: the same one line, exit 1, nothing on stdout."""
+    argv = [arg.format(port=port_in_use) for arg in argv]
+    checked = run(argv + ["--check-config"], capsys)
+    assert checked[:2] == (1, "") and checked[2].startswith(f"{PROG}: {line.format(port=port_in_use)}"), checked
+    assert checked[2].count("\n") == 1
+    started = run(argv, capsys)  # (which may log its start lines first)
+    assert started[:2] == (1, "") and started[2].endswith(checked[2]), started
+
+
+def test_negative_zero_seconds_are_shown_as_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """-0.0 is 0: --check-config prints idle_timeout=0, not -0, from the file and from -L."""
+    write('[[rule]]\nlisten = "127.0.0.1:0"\nconnect = "127.0.0.1:80"\nname = "f"\nidle_timeout = -0.0\n')
+    status, out, err = run(["-c", "fwd.toml", "-L", "0:127.0.0.1:80,name=l,half_closed_timeout=-0.0",
+                            "--check-config"], capsys)
     assert (status, err) == (0, "")
+    assert [line.split()[8:10] for line in out.splitlines()] == [["idle_timeout=0", "half_closed_timeout=0"]] * 2
+
+
+@pytest.mark.parametrize("argv, patched, line", [
+    (["-c", "fwd.toml"], "load_config", "fwd.toml: cannot be read: unforeseen"),
+    (["-L", "0:127.0.0.1:80"], "parse_forward_spec", '-L "0:127.0.0.1:80": cannot be read: unforeseen (see --help)'),
+], ids=["config-file", "forward-flag"])
+@pytest.mark.parametrize("check", [False, True], ids=["run", "check-config"])
+def test_whatever_loading_the_rules_raises_is_a_config_error(argv: List[str], patched: str, line: str, check: bool,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only the errors the checks foresee: anything a parser raises is one error line and exit 2."""
+    def parser(*args: object) -> None:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(cli, patched, parser)
+    write(GOOD_RULE)
+    status, out, err = run(argv + (["--check-config"] if check else []), capsys)
+    assert (status, out, err) == (2, "", f"{PROG}: error: {line}\n")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 
-from conftest import ROOT, WAIT
+from conftest import ROOT, WAIT, ForwarderProcess
 
 EXAMPLES = ROOT / "examples"
 
@@ -43,8 +46,25 @@ def test_retry_example_runs_with_the_installed_pytest_plugin() -> None:
     assert "4 passed" in result.stdout
 
 
-def test_example_config_checks_and_the_readme_shows_it_as_it_is() -> None:
-    """examples/fwd.toml passes --check-config; the README shows that file and that output, unchanged."""
+#: Where examples/fwd.toml listens.
+EXAMPLE_LISTENS = [(socket.AF_INET, "0.0.0.0", 8080), (socket.AF_INET6, "::1", 5433)]
+
+
+@pytest.fixture
+def example_ports_free() -> None:
+    """Skip if something here holds a port examples/fwd.toml listens on (it would fail, rightly)."""
+    for family, host, port in EXAMPLE_LISTENS:
+        try:
+            with socket.socket(family) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as error:
+            pytest.skip(f"cannot bind [{host}]:{port} here: {error.strerror}")
+
+
+def test_example_config_checks_and_the_readme_shows_it_as_it_is(example_ports_free: None) -> None:
+    """examples/fwd.toml passes --check-config (which resolves and binds as a start does); the README
+    shows that file and that output, unchanged."""
     config = EXAMPLES / "fwd.toml"
     result = subprocess.run([sys.executable, "-m", "asyncore_fwd", "-c", str(config), "--check-config"],
                             capture_output=True, text=True, timeout=3 * WAIT)
@@ -54,3 +74,12 @@ def test_example_config_checks_and_the_readme_shows_it_as_it_is() -> None:
     assert f"```toml\n{body}```" in readme
     for line in result.stdout.splitlines():
         assert f"    {line}\n" in readme
+
+
+def test_example_config_runs_as_shipped(example_ports_free: None, spawn: Callable[..., ForwarderProcess]) -> None:
+    """A newcomer's first run: examples/fwd.toml starts both rules as it is, and stops with status 0."""
+    proc = spawn([sys.executable, "-m", "asyncore_fwd", "-c", str(EXAMPLES / "fwd.toml")])
+    proc.wait_line(r"INFO web: forwarding 0\.0\.0\.0:8080 to localhost:80$")
+    proc.wait_line(r"INFO db: forwarding \[::1\]:5433 to \[2001:db8::5\]:5432$")
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    assert " ERROR " not in proc.stderr

@@ -9,33 +9,50 @@ in this thread one loop round at a time, so a failing example replays the
 same way.  After each example every pair is closed, no descriptor is left
 behind, and the forwarder still accepts and relays.
 
+At the end, a fuzz of the configuration: random and mutated TOML files,
+``-L`` specs and ``--toxic`` specs either give rules that run or one error
+line (exit 2) -- never a traceback, never another exception.
+
 The profile "ci" (the default, set in conftest.py) is short and
-reproducible; ``HYPOTHESIS_PROFILE=long`` searches much further.
+reproducible; ``HYPOTHESIS_PROFILE=long`` searches much further (ten times
+the examples, a fresh random seed each run).  The fuzz's examples are parsed
+in this process, a few milliseconds each, with a deadline of 2 s each in
+every profile.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
+import math
+import os
 import random
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import termios
 import time
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from conftest import WAIT, dead_port, open_fds
+from conftest import ROOT, WAIT, dead_port, open_fds
 
 pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import event as note_event  # noqa: E402
-from hypothesis import example, given
 from hypothesis import strategies as st  # noqa: E402
 
 import asyncore_fwd._forwarder as forwarder_module  # noqa: E402
-from asyncore_fwd import Forwarder, Sender, _splice  # noqa: E402
+from asyncore_fwd import Forwarder, Rule, Sender, _splice, cli  # noqa: E402
+from asyncore_fwd._config import KEYS, ConfigError, describe_rule  # noqa: E402
 from asyncore_fwd._loop import open_loop  # noqa: E402
+from asyncore_fwd.toxics import DIRECTIONS, Toxic, parse_toxic_spec  # noqa: E402
 
 KiB = 1024
 #: Random bytes: a byte lost, doubled or moved anywhere changes what arrives.
@@ -550,3 +567,209 @@ def test_connect_that_reaches_its_own_socket_resets_the_client() -> None:
         assert client.reset and not client.received, client
     finally:
         relay.close()
+
+
+# -- no config can crash the forwarder: random and mutated TOML, -L and --toxic specs -----------------
+#
+# The only outcomes are rules that run (each described in one line) or one error line (exit 2).
+# The examples are parsed in this process, through the functions the command uses
+# (``cli.load_rules`` for -c and -L, ``parse_toxic_spec`` for --toxic): milliseconds each.
+# A few fixed examples go through the command itself, below.
+
+#: In-process parsing is quick: the profile's examples, each well within a deadline.
+fuzz_settings = settings(deadline=timedelta(seconds=2),
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                HealthCheck.large_base_example])
+
+HUGE_DIGITS = st.integers(300, 5000).map(lambda n: "9" * n)
+ADDRESSES = st.sampled_from(["127.0.0.1:0", "[::1]:0", "0.0.0.0:0", "localhost:80", "127.0.0.1:8080", "h:1",
+                             "127.0.0.1", "::1:80", "[::1]", ":80", "h:0", "h:65536", "h:http", "h:8\u00b2"])
+NUMBER_TEXTS = st.sampled_from(["0", "1", "-1", "-0", "-0.0", "0.5", ".25", "1e3", "1_0", "nan", "inf",
+                                "1K", "512k", "1M", "2G", "1T", "1KM", "K", "1.5K", "65536", "\u0661\u0662",
+                                "100ms", "1.5s", "0s", "8589934592G", "9223372036854775807",
+                                "9223372036854775808"])
+TEXTS = st.one_of(NUMBER_TEXTS, ADDRESSES, HUGE_DIGITS, st.text(max_size=20),
+                  st.sampled_from(["10.0.0.0/8", "::1", "192.0.2.7", "10.0.0.300", "web", "my web", ""]))
+KEY_NAMES = st.one_of(st.sampled_from(list(KEYS) * 3 + ["listn", "rule", "defaults", "x"]),
+                      st.text(min_size=1, max_size=8))
+
+
+def toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def toml_float(number: float) -> str:
+    return "nan" if math.isnan(number) else repr(number)  # repr() writes inf, -inf and 1e+300 as TOML does
+
+
+toml_scalars = st.one_of(
+    st.integers(-10 ** 6, 10 ** 6).map(str), st.integers().map(str), HUGE_DIGITS,
+    st.floats().map(toml_float), TEXTS.map(json.dumps), st.sampled_from(["true", "false", "1979-05-27"]))
+toml_values = st.one_of(
+    toml_scalars,
+    st.recursive(toml_scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda items: "[" + ", ".join(items) + "]"),
+        st.lists(st.tuples(KEY_NAMES.map(toml_key), inner), max_size=3).map(
+            lambda pairs: "{" + ", ".join(f"{key} = {value}" for key, value in pairs) + "}")), max_leaves=8),
+    st.integers(1, 60000).map(lambda n: "[" * n + "]" * n),
+    st.integers(1, 6000).map(lambda n: "{a = " * n + "1" + "}" * n))
+
+
+@st.composite
+def toml_documents(draw: st.DrawFn) -> str:
+    """A config file, mostly well-formed: [defaults], rules with listen and connect, random keys and values."""
+    def pairs(keys: st.SearchStrategy[str]) -> str:
+        return "".join(f"{toml_key(key)} = {value}\n" for key, value in draw(
+            st.dictionaries(keys, toml_values, max_size=4)).items())
+
+    text = pairs(KEY_NAMES) if draw(st.integers(0, 9)) == 0 else ""  # top-level keys: an error
+    if draw(st.booleans()):
+        text += "[defaults]\n" + pairs(KEY_NAMES)
+    for index in range(draw(st.integers(0, 3))):
+        text += "[[rule]]\n"
+        if draw(st.integers(0, 4)):
+            text += f'name = "r{index}"\nlisten = {json.dumps(draw(ADDRESSES))}\n' \
+                    f'connect = {json.dumps(draw(ADDRESSES))}\n'
+        text += pairs(KEY_NAMES.filter(lambda key: key not in ("name", "listen", "connect")))
+    if draw(st.integers(0, 9)) == 0:
+        text += f"[{toml_key(draw(KEY_NAMES))}]\n" + pairs(KEY_NAMES)
+    return text
+
+
+BASE_DOCUMENT = (ROOT / "examples" / "fwd.toml").read_text(encoding="utf-8")
+FRAGMENTS = st.one_of(st.sampled_from(["[", "]", "{", "}", "=", '"', "'", "\n", ",", "#", "[[rule]]\n", "\x00",
+                                       "\u00e9", "\\", "-", ".", "0x", "1e999", "nan", "\t"]),
+                      HUGE_DIGITS, st.integers(1, 50000).map(lambda n: "[" * n), st.text(max_size=10))
+
+
+@st.composite
+def mutated_documents(draw: st.DrawFn) -> str:
+    """The example config with a few spans deleted, replaced, repeated or inserted."""
+    text = BASE_DOCUMENT
+    for _ in range(draw(st.integers(1, 5))):
+        start = draw(st.integers(0, len(text)))
+        end = min(len(text), start + draw(st.integers(0, 12)))
+        operation = draw(st.sampled_from(["delete", "replace", "insert", "repeat"]))
+        piece = text[start:end] * draw(st.integers(2, 4)) if operation == "repeat" else \
+            "" if operation == "delete" else draw(FRAGMENTS)
+        text = text[:start] + piece + text[start if operation == "insert" else end:]
+    return text
+
+
+@st.composite
+def forward_specs(draw: st.DrawFn) -> str:
+    """-L specs: [BIND:]PORT:HOST:HOSTPORT and options, from plausible and absurd parts (or any text)."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.text(max_size=40))
+    ports = st.one_of(st.sampled_from(["0", "1", "8080", "65535", "65536", "-1", "", "http", "8\u00b2"]),
+                      HUGE_DIGITS)
+    hosts = st.sampled_from(["127.0.0.1", "[::1]", "::1", "localhost", "h", "", "[::1", "0.0.0.0"])
+    parts = ([draw(hosts)] if draw(st.booleans()) else []) + [draw(ports), draw(hosts), draw(ports)]
+    options = [f"{draw(KEY_NAMES)}={draw(TEXTS)}" for _ in range(draw(st.integers(0, 4)))]
+    return ",".join([":".join(parts)] + options)
+
+
+@st.composite
+def toxic_specs(draw: st.DrawFn) -> str:
+    """--toxic specs: [DIRECTION:]NAME[=VALUE][,KEY=VALUE...] from plausible and absurd parts (or any text)."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.text(max_size=40))
+    names = ["latency", "bandwidth", "slicer", "timeout", "limit_data", "reset_peer", "slow_close", "poison"]
+    options = ["seconds", "jitter", "bytes_per_second", "average_size", "size_variation", "delay", "bytes",
+               "after", "toxicity", "x"]
+    values = st.one_of(NUMBER_TEXTS, HUGE_DIGITS, HUGE_DIGITS.map(lambda digits: digits + "ms"),
+                       st.text(max_size=6))
+    spec = draw(st.sampled_from(["", "upstream:", "downstream:", "both:", "sideways:", "::"]))
+    spec += draw(st.sampled_from(names))
+    if draw(st.booleans()):
+        spec += "=" + draw(values)
+    for _ in range(draw(st.integers(0, 3))):
+        spec += f",{draw(st.sampled_from(options))}={draw(values)}"
+    return spec
+
+
+def check_one_line(text: str, error: bool = True) -> None:
+    """One line; for an error message (``asyncore-fwd: error: MESSAGE``), a readable one: long values cut short."""
+    assert text and not (error and len(text) > 600), text
+    assert not any(char in text for char in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), repr(text)
+
+
+def load_or_error(argv: List[str]) -> Optional[List[Rule]]:
+    """``cli.load_rules`` for the rules of ``argv``: the rules, each described in one line, or None after
+    checking its error is one line.  Anything else it raises fails the example."""
+    args = cli.build_parser().parse_args(argv)
+    try:
+        rules = cli.load_rules(args)
+    except ConfigError as error:
+        check_one_line(str(error))
+        return None
+    for rule in rules:
+        check_one_line(describe_rule(rule), error=False)  # the rule as it will run: every value in full
+    return rules
+
+
+@fuzz_settings
+@given(text=st.one_of(toml_documents(), mutated_documents()))
+@example(text=BASE_DOCUMENT)
+@example(text=BASE_DOCUMENT + "idle_timeout = " + "9" * 400 + "\n")
+@example(text=BASE_DOCUMENT + "allow = " + "[" * 50000 + "]" * 50000 + "\n")
+@example(text=BASE_DOCUMENT + "x = " + "{a=" * 5000 + "1" + "}" * 5000 + "\n")
+@example(text=BASE_DOCUMENT + "max_connections = " + "9" * 5000 + "\n")
+@example(text=BASE_DOCUMENT + 'high_water = "' + "9" * 5000 + '"\n')
+@example(text='"a\\nb" = 1\n')
+def test_any_config_file_gives_rules_or_one_error_line(text: str) -> None:
+    """Random and mutated TOML: rules, or a ConfigError of one line; never another exception."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "fwd.toml")
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as config:
+            config.write(text)
+        outcome = load_or_error(["-c", path])
+    note_event("rules" if outcome else "error")
+
+
+@fuzz_settings
+@given(specs=st.lists(forward_specs(), min_size=1, max_size=3))
+@example(specs=["8080:127.0.0.1:80,max_connections=" + "9" * 5000])
+@example(specs=["8080:127.0.0.1:" + "9" * 5000])
+def test_any_forward_spec_gives_rules_or_one_error_line(specs: List[str]) -> None:
+    """Random -L specs: rules, or a ConfigError of one line; never another exception."""
+    outcome = load_or_error([f"--forward={spec}" for spec in specs])
+    note_event("rules" if outcome else "error")
+
+
+@fuzz_settings
+@given(spec=toxic_specs())
+@example(spec="limit_data=1M")
+@example(spec="slicer=1K,size_variation=512")
+@example(spec="bandwidth=" + "9" * 5000)
+@example(spec="latency=" + "9" * 5000 + "ms")
+def test_any_toxic_spec_gives_a_toxic_or_one_error_line(spec: str) -> None:
+    """Random --toxic specs: a toxic, or a ValueError of one line (argparse's usage line); never another exception."""
+    try:
+        toxic, direction = parse_toxic_spec(spec)
+    except ValueError as error:
+        check_one_line(str(error))
+        note_event("error")
+    else:
+        assert isinstance(toxic, Toxic) and direction in DIRECTIONS
+        check_one_line(repr(toxic), error=False)
+        note_event("toxic")
+
+
+@pytest.mark.parametrize("argv", [
+    ["-c", "{config}"],
+    ["-c", "{config}", "--check-config"],
+    ["-L", "0:127.0.0.1:" + "9" * 5000],
+    ["-L", "0:127.0.0.1:80,idle_timeout=" + "9" * 5000, "--check-config"],
+    ["-p", "9" * 5000, "-r", "127.0.0.1", "-P", "80"],
+    ["-p", "0", "-r", "127.0.0.1", "-P", "80", "--toxic", "slicer=" + "9" * 5000],
+    ["-p", "0", "-r", "127.0.0.1", "-P", "80", "--toxic", "latency=" + "9" * 5000 + "ms"],
+], ids=["config", "config-check", "forward-port", "forward-option", "port", "toxic-size", "toxic-time"])
+def test_the_command_reports_absurd_values_in_one_line_and_exits_2(argv: List[str], tmp_path: Path) -> None:
+    """Through the command itself (a child process): exit 2, one line ``asyncore-fwd: error: ...``."""
+    config = tmp_path / "fwd.toml"
+    config.write_text(BASE_DOCUMENT + "idle_timeout = " + "9" * 400 + "\nallow = " + "[" * 50000 + "]" * 50000)
+    result = subprocess.run([sys.executable, "-m", "asyncore_fwd", *(arg.format(config=config) for arg in argv)],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.startswith("asyncore-fwd: error: ") and result.stderr.count("\n") == 1, result.stderr

@@ -351,3 +351,45 @@ def test_rules_of_a_service_share_one_read_buffer(echo_server, second_echo_serve
         assert second[0] == 0x2A
     finally:
         service.close()
+
+
+def test_rule_whose_start_raises_anything_fails_alone_and_serving_goes_on(start_service, echo_server, caplog,
+                                                                          monkeypatch) -> None:
+    """Not only OSError: whatever starting a reloaded rule raises is logged for that rule; the loop goes on."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = start_service([rule("kept", echo_server.port)])
+    start = Service._start
+
+    def failing_start(self: Service, new: Rule, **takeover) -> object:
+        if new.name == "bad":
+            raise RuntimeError("unforeseen")
+        return start(self, new, **takeover)
+
+    monkeypatch.setattr(Service, "_start", failing_start)
+    running.service.reload([rule("kept", echo_server.port), rule("bad", echo_server.port),
+                            rule("added", echo_server.port)])
+    wait_for(lambda: [r for r in events(caplog, "reload") if "failed" in r.details], what="the reload")
+    (failure,) = [r for r in events(caplog, "reload") if "error" in r.details]
+    assert failure.details == {"rule": "bad", "error": "unforeseen"}
+    assert running.thread.is_alive()
+    assert sorted(running.service.forwarders) == ["added", "kept"]
+    with running.connect("added") as client:
+        round_trip(client)
+
+
+def test_reload_that_raises_is_logged_and_the_running_rules_stay(start_service, echo_server, caplog,
+                                                                 monkeypatch) -> None:
+    """A reload that fails as a whole cannot unwind serve_forever: logged, the old rules serve on."""
+    running = start_service([rule("kept", echo_server.port)])
+
+    def failing_apply(self: Service, rules: List[Rule]) -> None:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(Service, "_apply", failing_apply)
+    running.service.reload([rule("other", echo_server.port)])
+    wait_for(lambda: events(caplog, "reload"), what="the reload")
+    (failure,) = events(caplog, "reload")
+    assert failure.levelno == logging.ERROR and failure.exc_info is not None
+    assert running.thread.is_alive()
+    with running.connect("kept") as client:
+        round_trip(client)

@@ -17,6 +17,7 @@ import pytest
 
 from asyncore_fwd import Forwarder, Rule, Service, _loop
 from asyncore_fwd._compat import asyncore
+from asyncore_fwd._config import shorten
 from asyncore_fwd._wakeup import LoopCalls
 from asyncore_fwd.toxics import (
     Bandwidth,
@@ -655,14 +656,32 @@ def test_toxic_specs_from_the_command_line(spec: str, toxic: Toxic, direction: s
     ("latency=1,foo=2", "latency has no option 'foo' (it takes seconds, jitter, toxicity)"),
     ("latency=1,seconds=2", "seconds given twice"),
     ("bandwidth=1x", "bytes_per_second: expected a positive number of bytes, like 65536, 512K, 1M or 1G, not '1x'"),
-    ("slicer=1.5", "average_size: expected a whole number, not '1.5'"),
+    ("slicer=1.5", "average_size: expected a positive number of bytes, like 65536, 512K, 1M or 1G, not '1.5'"),
+    ("limit_data=-1", "bytes: expected a number of bytes, like 0, 1500, 64K or 1M, not '-1'"),
+    ("slicer=10,size_variation=1T", "size_variation: expected a number of bytes, like 0, 1500, 64K or 1M, not '1T'"),
+    # Past what any size can be, a number is as wrong as any other (int() would raise past 4300 digits).
+    ("bandwidth=" + "9" * 5000, "bytes_per_second: expected a positive number of bytes, like 65536, 512K, 1M or "
+                                "1G, not '" + "9" * 39 + "...' (5000 characters)"),
+    ("limit_data=" + "9" * 20, "bytes: expected a number of bytes, like 0, 1500, 64K or 1M, not '" + "9" * 20 + "'"),
     ("poison=1",
      "unknown toxic 'poison' (one of latency, bandwidth, slicer, timeout, limit_data, reset_peer, slow_close)"),
 ])
 def test_bad_toxic_specs_get_one_line_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_toxic_spec(spec)
-    assert str(caught.value) == f"bad toxic {spec!r}: {message}"
+    assert str(caught.value) == f"bad toxic {shorten(repr(spec))}: {message}"
+
+
+@pytest.mark.parametrize("spec, toxic", [
+    ("limit_data=1M", LimitData(1 << 20)),
+    ("limit_data=0", LimitData(0)),
+    ("slicer=1K", Slicer(1024)),
+    ("slicer=2k,size_variation=1K", Slicer(2048, 1024)),
+    ("slicer=1G,size_variation=0", Slicer(1 << 30, 0)),
+])
+def test_every_size_in_a_spec_takes_k_m_and_g_suffixes(spec: str, toxic: Toxic) -> None:
+    """limit_data and slicer's sizes read like bandwidth's and the config file's: bytes, K, M or G."""
+    assert repr(parse_toxic_spec(spec)[0]) == repr(toxic)
 
 
 def test_spec_refuses_a_fractional_size() -> None:
