@@ -11,7 +11,9 @@ for bad usage or a bad config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import errno
 import json
 import logging
 import os
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--check-config", action="store_true",
                       help="check the rules as a start would (resolving names, binding addresses), print "
                            "them, one line each with every setting, and exit (1 where a start would fail, "
-                           "2 on a config error)")
+                           "2 on a config error; an address in use is only a note)")
     tuning = parser.add_argument_group("settings (defaults for every rule)")
     tuning.add_argument("--backlog", type=_integer("backlog", 0, 65535), default=DEFAULT_BACKLOG, metavar="N",
                         help="length of the listen queue, capped by net.core.somaxconn (default: %(default)s)")
@@ -386,19 +388,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _try_start(args: argparse.Namespace, rules: Sequence[Rule]) -> None:
-    """Resolve and bind what a start would, then let go: --check-config fails where a start
-    would (an unknown host, an address in use or not local), with the same line."""
+    """Resolve and bind what a start would, rule by rule, then let go: --check-config fails
+    where a start would (an unknown host, an address not local), with the same line.
+
+    An address in use is only noted: on the host of a running forwarder its own ports
+    are, and the check before its reload must pass there.
+    """
+    from ._metrics import MetricsServer
     from ._service import Service
 
-    with _quiet():  # no start lines, no warnings: they are the start's to log
-        service = Service(rules, map={})
+    def starts(start: Callable[[], Service], elsewhere: Optional[Callable[[], Service]] = None) -> None:
         try:
-            if args.metrics:
-                from ._metrics import MetricsServer
+            with _quiet():  # no start lines, no warnings: they are the start's to log
+                start().close()
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            print(f"{PROG}: note: {describe_error(error)} (a start now would fail there)", file=sys.stderr)
+            if elsewhere is not None:  # the rest of the rule (its remote's name) is checked all the same
+                with _quiet():
+                    elsewhere().close()
 
-                MetricsServer(service, *args.metrics)  # closed with the service
-        finally:
-            service.close()
+    def metrics() -> Service:
+        service = Service([], map={})
+        MetricsServer(service, *args.metrics)  # closed with the service
+        return service
+
+    for rule in rules:
+        starts(lambda: Service([rule], map={}),  # noqa: B023 (called at once, not later)
+               lambda: Service([dataclasses.replace(rule, local_port=0)], map={}))  # noqa: B023
+    if args.metrics:
+        starts(metrics)
 
 
 def _config_error(error: ConfigError) -> int:
