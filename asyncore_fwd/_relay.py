@@ -100,6 +100,8 @@ class Connection:
         self.error: Optional[str] = None
         #: True if the server could not be reached.
         self.connect_failed = False
+        #: True if that was for lack of descriptors (or memory): the accept pause's line tells it.
+        self.out_of_resources = False
         #: True if the forwarder closed the pair on purpose (a timeout, a drain).
         self.cut = False
         #: The idle and half-closed timeouts, if the rule sets any.
@@ -518,6 +520,7 @@ class Sender(_Pipe):
             last = self._last_error or os_error(errno.EHOSTUNREACH)
             self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(last)}"
             self.conn.connect_failed = True
+            self.conn.out_of_resources = last.errno in OUT_OF_RESOURCES
             self.conn.receiver.reset_on_close()
             self.conn.close()
 
