@@ -296,8 +296,9 @@ class Forwarder(_Dispatcher):
         """Run the loop on this forwarder's map until ``stop()``, then ``close()``.
 
         ``loop`` is ``"epoll"``, ``"poll"``, ``"select"`` or ``"auto"`` (the
-        best the platform has).  select() fails past descriptor 1023; epoll's
-        cost follows the active connections, not the open ones.  ``stop()``
+        best the platform has).  select() cannot watch descriptors past 1023:
+        a client that would need one is reset, as when descriptors run out;
+        epoll's cost follows the active connections, not the open ones.  ``stop()``
         takes effect within ``poll_interval`` seconds.
         """
         backend = _loop.open_loop(loop, self._map)
@@ -564,6 +565,7 @@ class Forwarder(_Dispatcher):
                 self.refuse(sock, addr, reason)
                 return
         try:
+            _loop.check_watchable(self._map, sock)
             conn = Connection(self, sock, addr)
             if self._toxics is not None:
                 self._toxics.connection_opened(conn)

@@ -502,6 +502,7 @@ class Sender(_Pipe):
             family, address = self._candidates.pop(0)
             try:
                 self.create_socket(family, socket.SOCK_STREAM)
+                _loop.check_watchable(self._map, self.socket)
                 tune(self.socket)
                 self._connect_timer = timers_for(self._map).call_later(
                     self.conn.rule.connect_timeout, self._connect_timed_out)
@@ -514,7 +515,9 @@ class Sender(_Pipe):
                 self._cancel_connect_timer()
                 if failure.errno in OUT_OF_RESOURCES:
                     self.conn.forwarder.pause_accepting(failure)
-                self._last_error = os_error(failure.errno) if failure.errno else failure
+                    self._last_error = failure  # in its own words: select()'s limit has some
+                else:
+                    self._last_error = os_error(failure.errno) if failure.errno else failure
                 asyncore.dispatcher.close(self)
         if not self.conn.closed:
             last = self._last_error or os_error(errno.EHOSTUNREACH)

@@ -203,9 +203,12 @@ def _wait_ready(ready_reader: int, count: int) -> None:
     """Wait until ``count`` workers have said they listen (one byte each), within START_WAIT s."""
     deadline = time.monotonic() + START_WAIT
     received = 0
+    # poll(), not select(): with a reserving socket per rule, the pipe may be past descriptor 1023.
+    poller = select.poll()
+    poller.register(ready_reader, select.POLLIN)
     while received < count:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([ready_reader], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             log.warning("only %d of %d workers are listening after %g s", received, count, START_WAIT)
             return
         received += len(os.read(ready_reader, count - received))

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     process = parser.add_argument_group("the process")
     process.add_argument("--loop", choices=("auto",) + LOOP_KINDS, default="auto",
                          help=f"event loop: epoll's cost follows active connections; poll has no "
-                              f"descriptor limit; select stops at descriptor 1023 "
+                              f"descriptor limit; select refuses clients past descriptor 1023 "
                               f"(default: auto, here {best_loop_kind()})")
     process.add_argument("--splice", action="store_true",
                          help="relay with splice() through kernel pipes instead of copying "

@@ -21,11 +21,13 @@ import pytest
 
 from asyncore_fwd import Forwarder, _forwarder
 from asyncore_fwd._compat import asyncore
+from asyncore_fwd._loop import SELECT_LIMIT
 from conftest import (
     WAIT,
     EchoServer,
     RunningForwarder,
     open_fds,
+    raise_fd_limit,
     recv_exactly,
     recv_until_reset,
     wait_for,
@@ -130,6 +132,38 @@ def _descriptors_exhausted(spare: int) -> Iterator[None]:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.contextmanager
+def _select_limit_reached(spare: int) -> Iterator[None]:
+    """Take every free descriptor below select()'s limit but ``spare`` until exit,
+    so that the sockets made after those land past it."""
+    if raise_fd_limit(SELECT_LIMIT + 64) < SELECT_LIMIT + 64:
+        pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")
+    fillers: List[int] = []
+    try:
+        for _ in range(SELECT_LIMIT):  # bounded: at most this many free below the limit
+            fd = os.open(os.devnull, os.O_RDONLY)
+            if fd >= SELECT_LIMIT:
+                os.close(fd)
+                break
+            fillers.append(fd)
+        for _ in range(spare):
+            os.close(fillers.pop())
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+
+
+def _connect_until_reset(client: socket.socket, address: tuple) -> bytes:
+    """``conftest.connect_until_reset`` with a socket made beforehand."""
+    client.settimeout(WAIT)
+    try:
+        client.connect(address)
+    except ConnectionResetError:  # on loopback the reset may come before connect() returns
+        return b""
+    return recv_until_reset(client)
 
 
 def _accept_queue_length(port: int) -> int:
@@ -312,3 +346,43 @@ def test_one_readiness_event_accepts_several_waiting_clients(
         assert len(fwd.connections) == 10
         assert _accept_queue_length(fwd.address[1]) == 0
 
+
+def test_select_loop_resets_a_client_past_its_descriptor_limit_and_keeps_serving(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Under select(), a client whose socket lands past descriptor 1023 is reset and accepting
+    pauses, as when descriptors run out; the loop goes on, and so do the open connections."""
+    fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, loop="select")
+    try:
+        with fwd.connect() as first:
+            first.sendall(b"one")
+            assert recv_exactly(first, 3) == b"one"
+            with socket.socket() as late, _select_limit_reached(spare=0):  # made first: its fd is low
+                assert _connect_until_reset(late, fwd.address) == b""
+                first.sendall(b"two")
+                assert recv_exactly(first, 3) == b"two"
+            assert fwd.thread.is_alive()
+        assert echo_server.accepted == 1  # the late client's server was never connected
+    finally:
+        fwd.stop()
+    (pause,) = [r.getMessage() for r in caplog.records if "not accepting on" in r.getMessage()]
+    assert "select() cannot watch descriptor" in pause, pause
+
+
+def test_select_loop_resets_a_client_whose_server_socket_lands_past_its_descriptor_limit(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Under select(), a server socket past descriptor 1023 is given up before it connects:
+    the client is reset and accepting pauses, as when descriptors run out."""
+    caplog.set_level(logging.DEBUG, logger="asyncore_fwd")
+    fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, loop="select")
+    try:
+        with socket.socket() as client, _select_limit_reached(spare=1):  # the spare is the accepted client's
+            assert _connect_until_reset(client, fwd.address) == b""
+        assert fwd.thread.is_alive()
+        assert echo_server.accepted == 0
+        wait_for(lambda: not fwd.forwarder.connections, what="the connection to close")
+    finally:
+        fwd.stop()
+    (pause,) = [r.getMessage() for r in caplog.records if "not accepting on" in r.getMessage()]
+    assert "select() cannot watch descriptor" in pause, pause
+    (closed,) = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "close"]
+    assert "cannot connect" in closed and "select() cannot watch descriptor" in closed, closed

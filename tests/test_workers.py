@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Sequence
 import pytest
 
 from asyncore_fwd import _workers
-from conftest import WAIT, ForwarderProcess, recv_all, wait_for
+from conftest import WAIT, ForwarderProcess, raise_fd_limit, recv_all, wait_for
 
 pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here")
 
@@ -127,6 +127,24 @@ def test_port_in_use_with_workers_is_a_runtime_error(spawn) -> None:
         assert proc.process.wait(timeout=WAIT) == 1
     proc.kill()
     assert len(proc.lines) == 1 and "in use" in proc.lines[0].lower()
+
+
+def test_readiness_wait_takes_a_pipe_past_descriptor_1023(caplog: pytest.LogCaptureFixture) -> None:
+    """The supervisor waits for its workers with poll(): a ready pipe past select()'s limit
+    (with a reserving socket per rule, 1100 rules put it there) is read, not a ValueError."""
+    if raise_fd_limit(1200) < 1200:
+        pytest.skip("cannot open 1200 descriptors here")
+    reader, writer = os.pipe()
+    try:
+        os.dup2(reader, 1100)
+        os.write(writer, b"..")
+        started = time.monotonic()
+        _workers._wait_ready(1100, 2)
+        assert time.monotonic() - started < _workers.START_WAIT
+    finally:
+        for fd in (reader, writer, 1100):
+            os.close(fd)
+    assert "workers are listening" not in caplog.text
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "abc", "257"])
