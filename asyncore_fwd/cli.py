@@ -517,15 +517,24 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
             return _fail(error)
         current = {"rules": rules}
 
-        def run_worker(index: int, ready: Callable[[], None]) -> int:
+        def run_worker(index: int, ready: Callable[[], None], lifeline: int) -> int:
             reserves.close()
             _configure_logging(args, worker=index)
-            attach = None
-            if totals is not None:
-                report_to = totals.worker_end()  # and the supervisor's sockets closed here
+            # (and the supervisor's sockets closed here)
+            report_to = totals.worker_end() if totals is not None else None
 
-                def attach(service: Any) -> None:
+            def attach(service: Any) -> None:
+                if report_to is not None:
                     StatsReporter(service, report_to, index)  # closed with the service
+                service.attachments.append(
+                    _workers.SupervisorWatch(lifeline, service.map, lambda: supervisor_gone(service)))
+
+            def supervisor_gone(service: Any) -> None:
+                """Killed (a SIGKILL leaves it no time to stop us): drain, then exit, freeing the port."""
+                log.warning("the supervisor is gone: stopping; open connections get %g s to finish",
+                            args.drain_timeout, extra={"event": "drain", "details": {
+                                "reason": "supervisor gone", "timeout_s": args.drain_timeout}})
+                service.drain(args.drain_timeout)
             # The worker re-reads on SIGHUP after the parent checked the file:
             # with the ports the parent holds (known at the fork).
             return _serve(args, current["rules"], lambda: reserves.apply(load_rules(args, forward_rules)),

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Sequence
 import pytest
 
 from asyncore_fwd import _workers
-from conftest import WAIT, ForwarderProcess, raise_fd_limit, recv_all, wait_for
+from conftest import WAIT, ForwarderProcess, raise_fd_limit, recv_all, recv_exactly, wait_for
 
 pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here")
 
@@ -127,6 +127,45 @@ def test_port_in_use_with_workers_is_a_runtime_error(spawn) -> None:
         assert proc.process.wait(timeout=WAIT) == 1
     proc.kill()
     assert len(proc.lines) == 1 and "in use" in proc.lines[0].lower()
+
+
+def gone_lines(proc: ForwarderProcess) -> int:
+    return sum("the supervisor is gone" in line for line in proc.lines)
+
+
+def test_workers_exit_when_their_supervisor_is_killed(spawn, echo_server) -> None:
+    """kill -9 of the supervisor: each worker notices, drains and exits, so the port is free again."""
+    proc = start_workers(spawn, echo_server.port, extra=["--drain-timeout", "2"])
+    port = proc.start_port()
+    pids = worker_pids(proc)
+    proc.process.kill()  # SIGKILL, to the supervisor alone
+    proc.process.wait(timeout=WAIT)
+    wait_for(lambda: not any(alive(pid) for pid in pids), what="the workers to exit")
+    with socket.socket() as again:  # no SO_REUSEPORT: this fails while a worker still listens
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen()
+    wait_for(lambda: gone_lines(proc) == 2, what="one line from each worker")
+    assert "Traceback" not in proc.stderr
+
+
+def test_workers_drain_open_connections_when_their_supervisor_is_killed(spawn, echo_server) -> None:
+    """After kill -9 of the supervisor, a connection open through a worker is relayed until it
+    ends (within the drain timeout); new clients are refused."""
+    proc = start_workers(spawn, echo_server.port, extra=["--drain-timeout", "30"])
+    port = proc.start_port()
+    pids = worker_pids(proc)
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+        client.sendall(b"before")
+        assert recv_exactly(client, 6) == b"before"
+        proc.process.kill()
+        proc.process.wait(timeout=WAIT)
+        wait_for(lambda: gone_lines(proc) == 2, what="one line from each worker")
+        client.sendall(b"after")
+        assert recv_exactly(client, 5) == b"after"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    wait_for(lambda: not any(alive(pid) for pid in pids), what="the workers to exit once the connection ended")
 
 
 def test_readiness_wait_takes_a_pipe_past_descriptor_1023(caplog: pytest.LogCaptureFixture) -> None:
