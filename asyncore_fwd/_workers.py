@@ -210,7 +210,8 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None], int], i
         if stop_signal is not None:
             name = signal.Signals(stop_signal).name
             log.info("%s: stopping %d workers; open connections get %g s to finish (%s again: at once)",
-                     name, len(workers), drain_timeout, name)
+                     name, len(workers), drain_timeout, name, extra={"event": "drain", "details": {
+                         "signal": name, "workers": len(workers), "timeout_s": drain_timeout}})
         _stop_all(workers, drain_timeout, received, idle, on_exit)
     finally:
         for fd in (ready_reader, ready_writer, *lifeline):

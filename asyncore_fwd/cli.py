@@ -543,21 +543,25 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
         def hangup() -> bool:
             """SIGHUP: check the config here (one error line, not one per worker); True to pass it on."""
             if not args.config:
-                log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)")
+                log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)",
+                         extra={"event": "reload", "details": {"ignored": True}})
                 return False
             try:
                 current["rules"] = reserves.hold(load_rules(args, forward_rules))  # for workers started later
             except (ConfigError, OSError) as error:
-                log.error("SIGHUP: %s; the running rules stay", describe_error(error))
+                log.error("SIGHUP: %s; the running rules stay", describe_error(error),
+                          extra={"event": "reload", "details": {"error": describe_error(error)}})
                 return False
+            details = {"config": args.config, "rules": len(current["rules"]), "workers": args.workers}
             log.info("SIGHUP: re-read %s: %d rules; reloading %d workers", args.config, len(current["rules"]),
-                     args.workers)
+                     args.workers, extra={"event": "reload", "details": details})
             return True
 
         def announce() -> None:  # once every worker listens: connects are not refused from here on
             for rule in rules:
+                details = {"rule": rule.label, "listen": rule.listen, "target": rule.remote, "workers": args.workers}
                 log.info("%s: forwarding %s to %s with %d workers", rule.label, rule.listen, rule.remote,
-                         args.workers)
+                         args.workers, extra={"event": "start", "details": details})
             if totals is not None:
                 log.info("metrics at http://%s/metrics (the workers' sums, up to %g s old)",
                          format_address(metrics.address), REPORT_INTERVAL)

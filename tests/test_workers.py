@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -93,6 +94,23 @@ def test_a_signal_to_the_parent_stops_every_worker(spawn, echo_server, signum) -
     assert proc.stop(signum) == 0
     assert not any(alive(pid) for pid in pids)
     assert "Traceback" not in proc.stderr
+
+
+def test_supervisor_lines_are_start_reload_and_drain_events_in_json(spawn, echo_server, tmp_path) -> None:
+    """With --log-format json the supervisor's own lines carry the documented events, not "log"."""
+    config = tmp_path / "fwd.toml"
+    config.write_text(f'[[rule]]\nname = "web"\nlisten = "127.0.0.1:0"\nconnect = "127.0.0.1:{echo_server.port}"\n')
+    proc = spawn(MODULE + ["-c", str(config), "--workers", "2", "--log-format", "json"])
+    proc.wait_line(r"with 2 workers")
+    proc.process.send_signal(signal.SIGHUP)
+    proc.wait_line(r"reloading 2 workers")
+    assert proc.stop(signal.SIGTERM) == 0
+    supervisor = [entry for entry in map(json.loads, proc.lines) if "worker" not in entry]
+    assert [entry["event"] for entry in supervisor] == ["start", "reload", "drain"], supervisor
+    start, reload, drain = supervisor
+    assert start["rule"] == "web" and start["target"] == f"127.0.0.1:{echo_server.port}" and start["workers"] == 2
+    assert reload["config"] == str(config) and reload["rules"] == 1
+    assert drain["signal"] == "SIGTERM" and drain["workers"] == 2
 
 
 def test_a_worker_that_dies_is_started_again(spawn, echo_server) -> None:
