@@ -106,45 +106,19 @@ def _connected_clients(address: tuple, count: int) -> Iterator[List[socket.socke
 
 
 @contextlib.contextmanager
-def _descriptors_exhausted(spare: int) -> Iterator[None]:
-    """Leave this process exactly ``spare`` free descriptors until exit.
-
-    The soft RLIMIT_NOFILE is lowered to just above the highest descriptor in
-    use, then the gaps below it are filled with /dev/null, and ``spare`` of
-    those are given back.  Everything is undone on exit.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+def _descriptors_taken(below: int, spare: int) -> Iterator[None]:
+    """Fill the free descriptors below ``below`` (as many as the limit allows)
+    with /dev/null, and give ``spare`` of those back, until exit."""
     fillers: List[int] = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
     try:
-        for _ in range(highest + 1):  # bounded: there are at most this many gaps
+        for _ in range(below):  # bounded: there are at most this many gaps
             try:
-                fillers.append(os.open(os.devnull, os.O_RDONLY))
+                fd = os.open(os.devnull, os.O_RDONLY)
             except OSError as error:
                 if error.errno != errno.EMFILE:
                     raise
                 break
-        for _ in range(spare):
-            os.close(fillers.pop())
-        yield
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-@contextlib.contextmanager
-def _select_limit_reached(spare: int) -> Iterator[None]:
-    """Take every free descriptor below select()'s limit but ``spare`` until exit,
-    so that the sockets made after those land past it."""
-    if raise_fd_limit(SELECT_LIMIT + 64) < SELECT_LIMIT + 64:
-        pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")
-    fillers: List[int] = []
-    try:
-        for _ in range(SELECT_LIMIT):  # bounded: at most this many free below the limit
-            fd = os.open(os.devnull, os.O_RDONLY)
-            if fd >= SELECT_LIMIT:
+            if fd >= below:
                 os.close(fd)
                 break
             fillers.append(fd)
@@ -154,6 +128,34 @@ def _select_limit_reached(spare: int) -> Iterator[None]:
     finally:
         for fd in fillers:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _descriptors_exhausted(spare: int) -> Iterator[None]:
+    """Leave this process exactly ``spare`` free descriptors until exit.
+
+    The soft RLIMIT_NOFILE is lowered to just above the highest descriptor in
+    use, then the gaps below it are filled with /dev/null, and ``spare`` of
+    those are given back.  Everything is undone on exit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    try:
+        with _descriptors_taken(highest + 1, spare):
+            yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.contextmanager
+def _select_limit_reached(spare: int) -> Iterator[None]:
+    """Take every free descriptor below select()'s limit but ``spare`` until exit,
+    so that the sockets made after those land past it."""
+    if raise_fd_limit(SELECT_LIMIT + 64) < SELECT_LIMIT + 64:
+        pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")
+    with _descriptors_taken(SELECT_LIMIT, spare):
+        yield
 
 
 def _connect_until_reset(client: socket.socket, address: tuple) -> bytes:
