@@ -377,10 +377,10 @@ class Unwatchable(Probe):
 
     def __init__(self, sock: socket.socket, map: SocketMap) -> None:
         super().__init__(sock, map)
-        self.errors: List[BaseException] = []
+        self.errors: List[Optional[BaseException]] = []
 
     def handle_error(self) -> None:
-        self.errors.append(sys.exc_info()[1])  # type: ignore[arg-type]
+        self.errors.append(sys.exc_info()[1])
         self.close()
 
 
