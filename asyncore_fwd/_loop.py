@@ -319,7 +319,7 @@ def select_round(timeout: float, map: Dict[int, Any]) -> None:
     r: List[int] = []
     w: List[int] = []
     e: List[int] = []
-    beyond: List[Any] = []
+    beyond: List[Tuple[int, Any]] = []
     for fd, obj in list(map.items()):
         is_r = obj.readable()
         is_w = obj.writable()

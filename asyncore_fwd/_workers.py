@@ -153,8 +153,8 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None], int], i
               on_exit: Optional[Callable[[int], None]] = None) -> int:
     """Fork ``count`` workers running ``run_worker(index, ready, lifeline)``; keep
     them running until SIGINT/SIGTERM.  Each worker calls ``ready()`` once it
-    listens; when all have (or after START_WAIT s), ``on_ready()`` runs.
-    ``lifeline`` is a descriptor for the worker's ``SupervisorWatch``.  SIGHUP runs ``on_hangup()``
+    listens; when all have (or after START_WAIT s), ``on_ready()`` runs; it
+    watches ``lifeline`` with a ``SupervisorWatch``.  SIGHUP runs ``on_hangup()``
     and, if it returns True, is passed on to every worker; SIGUSR1 is passed on.
     A stop passes SIGTERM on and gives the workers ``drain_timeout`` seconds
     (and a margin) before killing them; a second stop signal is passed on too

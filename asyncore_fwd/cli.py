@@ -520,8 +520,7 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
         def run_worker(index: int, ready: Callable[[], None], lifeline: int) -> int:
             reserves.close()
             _configure_logging(args, worker=index)
-            # (and the supervisor's sockets closed here)
-            report_to = totals.worker_end() if totals is not None else None
+            report_to = totals.worker_end() if totals is not None else None  # (closes the supervisor's ends)
 
             def attach(service: Any) -> None:
                 if report_to is not None:
@@ -535,6 +534,7 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
                             args.drain_timeout, extra={"event": "drain", "details": {
                                 "reason": "supervisor gone", "timeout_s": args.drain_timeout}})
                 service.drain(args.drain_timeout)
+
             # The worker re-reads on SIGHUP after the parent checked the file:
             # with the ports the parent holds (known at the fork).
             return _serve(args, current["rules"], lambda: reserves.apply(load_rules(args, forward_rules)),
