@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Union
 
 from ._net import SockAddr, format_address
 from ._rules import Rule
-from ._timers import Timer, Timers
+from ._timers import Throttle, Timers
 
 if TYPE_CHECKING:
     from ._relay import Connection
@@ -61,45 +61,27 @@ class RefusalLog:
     def __init__(self, label: str, timers: Timers, interval: Optional[float] = None) -> None:
         self.label = label
         self.interval = REFUSAL_LOG_INTERVAL if interval is None else interval
-        self._timers = timers
-        #: While set, refusals are counted, not logged; it logs the count when it fires.
-        self._window: Optional[Timer] = None
-        self._suppressed = 0
+        self._throttle = Throttle(timers, self.interval, self._log_suppressed)
         self._last = ("", "")
 
     def refused(self, client: SockAddr, reason: str) -> None:
         """A client was refused: log it, or count it while a window is open."""
-        if self._window is not None:
-            self._suppressed += 1
+        if not self._throttle.allow():
             self._last = (format_address(client), reason)
             return
         details = {"rule": self.label, "client": format_address(client), "reason": reason}
         log.info("%s: refused %s (%s)", self.label, details["client"], reason,
                  extra={"event": "refused", "details": details})
-        self._window = self._timers.call_later(self.interval, self._window_ended)
 
-    def _window_ended(self) -> None:
-        self._window = None
-        if self._log_suppressed():
-            # Keep summing up while refusals go on; the next quiet window ends it.
-            self._window = self._timers.call_later(self.interval, self._window_ended)
-
-    def _log_suppressed(self) -> bool:
-        if not self._suppressed:
-            return False
-        count, self._suppressed = self._suppressed, 0
+    def _log_suppressed(self, count: int) -> None:
         client, reason = self._last
         details = {"rule": self.label, "client": client, "reason": reason, "suppressed": count}
         log.info("%s: refused %d more clients in the last %g s (last: %s, %s)", self.label, count,
                  self.interval, client, reason, extra={"event": "refused", "details": details})
-        return True
 
     def close(self) -> None:
         """Log what is still counted, and stop the window."""
-        if self._window is not None:
-            self._window.cancel()
-            self._window = None
-        self._log_suppressed()
+        self._throttle.close()
 
 
 class AccessControl:

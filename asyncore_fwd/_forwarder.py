@@ -59,7 +59,7 @@ from ._net import (
 from ._relay import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ._stats import RuleStats, close_details, format_close
-from ._timers import Timer, forget, timers_for
+from ._timers import Throttle, Timer, forget, timers_for
 from ._wakeup import LoopCalls
 from .toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
 
@@ -69,6 +69,8 @@ log = logging.getLogger("asyncore_fwd")
 
 #: How long the listener stops accepting when the process is out of descriptors.
 ACCEPT_PAUSE = 0.5
+#: After a logged pause, further pauses are counted and summed up in one line at most this often (seconds).
+PAUSE_LOG_INTERVAL = 5.0
 #: How long a connect of ours that led back here may take to come out of the backlog.
 TURNED_BACK_WAIT = 5.0
 #: How long ``Forwarder.running()`` waits for its loop to start.
@@ -147,6 +149,9 @@ class Forwarder(_Dispatcher):
         self.scratch = scratch[:rule.read_size]
         self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
         self._accept_pause: Optional[Timer] = None
+        #: Whether the last line logged about pauses left this listener paused.
+        self._said_paused = False
+        self._pause_error = ""
         #: Our own senders that connect to this forwarder's port, by their (host, port).
         self.own_ends: dict[Tuple[str, int], Sender] = {}
         #: Connects of ours that led back here and were given up, by (their end, ours),
@@ -159,6 +164,8 @@ class Forwarder(_Dispatcher):
         self._down = False
         super().__init__(map=map)
         self._timers = timers_for(self._map)
+        # Out of descriptors, a pause follows every resume: log the first, then sum them up.
+        self._pause_log = Throttle(self._timers, PAUSE_LOG_INTERVAL, self._log_pauses)
         #: Allow/deny lists and limits; None when the rule has none (nothing to check).
         self.access = AccessControl.for_rule(self.rule, self._timers)
         if listener is not None:
@@ -289,8 +296,9 @@ class Forwarder(_Dispatcher):
         """Run the loop on this forwarder's map until ``stop()``, then ``close()``.
 
         ``loop`` is ``"epoll"``, ``"poll"``, ``"select"`` or ``"auto"`` (the
-        best the platform has).  select() fails past descriptor 1023; epoll's
-        cost follows the active connections, not the open ones.  ``stop()``
+        best the platform has).  select() cannot watch descriptors past 1023:
+        a client that would need one is reset, as when descriptors run out;
+        epoll's cost follows the active connections, not the open ones.  ``stop()``
         takes effect within ``poll_interval`` seconds.
         """
         backend = _loop.open_loop(loop, self._map)
@@ -516,6 +524,7 @@ class Forwarder(_Dispatcher):
         if self._accept_pause is not None:
             self._accept_pause.cancel()
             self._accept_pause = None
+        self._pause_log.close()
 
     @property
     def accept_paused(self) -> bool:
@@ -567,6 +576,7 @@ class Forwarder(_Dispatcher):
                 self.refuse(sock, addr, reason)
                 return
         try:
+            _loop.check_watchable(self._map, sock)
             conn = Connection(self, sock, addr)
             if self._toxics is not None:
                 self._toxics.connection_opened(conn)
@@ -602,20 +612,42 @@ class Forwarder(_Dispatcher):
             self.access.refusals.refused(addr, reason)
 
     def pause_accepting(self, error: BaseException) -> None:
-        """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error)."""
+        """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error).
+
+        The first pause is logged, with the resume after it; later ones are
+        counted, and summed up in one line per ``PAUSE_LOG_INTERVAL`` s.
+        """
         if self._accept_pause is not None:
             self._accept_pause.cancel()
         else:
-            details = {"rule": self._label, "paused_s": ACCEPT_PAUSE, "error": describe_error(error)}
-            log.warning("not accepting on %s for %g s: %s", format_address(self.address),
-                        ACCEPT_PAUSE, describe_error(error), extra={"event": "accept_pause", "details": details})
+            self._pause_error = describe_error(error)
+            if self._pause_log.allow():  # the first of a burst: the others are counted
+                self._said_paused = True
+                details = {"rule": self._label, "paused_s": ACCEPT_PAUSE,
+                           "error": self._pause_error}
+                log.warning("not accepting on %s for %g s: %s", format_address(self.address),
+                            ACCEPT_PAUSE, self._pause_error,
+                            extra={"event": "accept_pause", "details": details})
         self._accept_pause = self._timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._accept_pause = None
-        log.info("accepting connections again on %s", format_address(self.address),
-                 extra={"event": "accept_pause", "details": {"rule": self._label, "paused_s": 0}})
+        if self._said_paused:
+            self._said_paused = False
+            log.info("accepting connections again on %s", format_address(self.address),
+                     extra={"event": "accept_pause", "details": {"rule": self._label, "paused_s": 0}})
         _loop.channel_changed(self)
+
+    def _log_pauses(self, count: int) -> None:
+        self._said_paused = self._accept_pause is not None
+        # (Neither, once it stopped listening: the lines of the close or reload say so.)
+        now = "; paused now" if self._said_paused else "; accepting now" if self.accepting else ""
+        details = {"rule": self._label, "paused_s": ACCEPT_PAUSE if self._said_paused else 0,
+                   "error": self._pause_error, "suppressed": count}
+        log.warning("not accepting on %s: paused %d more time%s in the last %g s (last: %s)%s",
+                    format_address(self.address), count, "s" if count > 1 else "",
+                    PAUSE_LOG_INTERVAL, self._pause_error, now,
+                    extra={"event": "accept_pause", "details": details})
 
     # -- events: override to log, count or trace differently ---------------
     # (call the base method: it keeps the counters and the limits)
@@ -637,11 +669,16 @@ class Forwarder(_Dispatcher):
 
         DEBUG for a clean close, INFO when the forwarder ended it (a timeout,
         a drain cut short, an injected fault), WARNING for an error.  The line's format is in ``_stats``.
+        DEBUG too for a client reset for lack of descriptors: the accept pause's
+        line (rate-limited) tells it, and out of descriptors it would come every pause.
         """
         self.stats.closed(conn)
         if self.access is not None:
             self.access.closed(conn)
-        level = logging.DEBUG if not conn.error else logging.INFO if conn.cut else logging.WARNING
+        if not conn.error or conn.out_of_resources:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO if conn.cut else logging.WARNING
         if log.isEnabledFor(level):  # a clean close at the default level costs no formatting
             details = close_details(conn, self._label)
             log.log(level, "%s", format_close(details), extra={"event": "close", "details": details})

@@ -25,25 +25,41 @@ would, with ``readwrite()``'s error handling.
 Every backend here also serves the map's timers (``_timers``): the wait of a
 round ends when the next timer is due, and due timers run after the round's
 events.
+
+select() cannot watch a descriptor past ``FD_SETSIZE`` (``SELECT_LIMIT``):
+asyncore's select round raises ValueError for the whole round, every round.
+Under the select backend, asyncore_fwd's dispatchers refuse such a socket as
+they get it (``check_watchable``: a client is reset and accepting pauses, as
+when descriptors run out), and the round fails any other dispatcher past the
+limit with that same error instead of failing itself.
 """
 
 from __future__ import annotations
 
+import errno
 import select
+import socket
 import time
-from typing import Any, Dict, FrozenSet, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ._compat import asyncore
-from ._net import PerMap
+from ._net import PerMap, os_error
 from ._timers import existing_timers
 
-__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "best_loop_kind", "loop", "open_loop"]
+__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "best_loop_kind", "check_watchable", "loop",
+           "open_loop"]
 
 LOOP_KINDS = ("select", "poll", "epoll")
+
+#: select() watches descriptors below this, FD_SETSIZE: 1024 on Linux, macOS
+#: and the BSDs (Python does not expose it).  poll and epoll have no limit.
+SELECT_LIMIT = 1024
 
 # Which open EpollLoop watches which map: lets our dispatchers announce
 # themselves as they join or leave a map, with no scan.
 _watchers: PerMap[EpollLoop] = PerMap()
+# Which maps a select() loop serves: their sockets must stay under SELECT_LIMIT.
+_select_loops: PerMap[AsyncoreLoop] = PerMap()
 
 
 def best_loop_kind() -> str:
@@ -62,6 +78,20 @@ def channel_changed(channel: Any) -> None:
     watcher = _watchers.get(channel._map)
     if watcher is not None:
         watcher.added(channel)
+
+
+def check_watchable(map: Dict[int, Any], sock: socket.socket) -> None:
+    """OSError (EMFILE) if the loop serving ``map`` cannot watch ``sock``: a
+    descriptor past select()'s limit.  Callers treat it as running out of
+    descriptors."""
+    fd = sock.fileno()
+    if fd >= SELECT_LIMIT and _select_loops.get(map) is not None:
+        raise _unwatchable(fd)
+
+
+def _unwatchable(fd: int) -> OSError:
+    return os_error(errno.EMFILE, f"select() cannot watch descriptor {fd}: its limit is {SELECT_LIMIT - 1} "
+                                  f"(poll and epoll have none)")
 
 
 def channel_removed(channel: Any, fd: Optional[int]) -> None:
@@ -260,11 +290,14 @@ def _holds(table: Dict[int, Any], fd: int, channel: Any) -> bool:
 
 
 class AsyncoreLoop:
-    """asyncore's own select() or poll() round, behind ``EpollLoop``'s interface."""
+    """asyncore's own poll() round, or its select() round (``select_round``),
+    behind ``EpollLoop``'s interface."""
 
     def __init__(self, map: Optional[Dict[int, Any]] = None, use_poll: bool = True) -> None:
         self.map = asyncore.socket_map if map is None else map
-        self._round = asyncore.poll2 if use_poll else asyncore.poll
+        self._round = asyncore.poll2 if use_poll else select_round
+        if not use_poll:
+            _select_loops.set(self.map, self)
 
     def poll(self, timeout: float = 0.0) -> None:
         timers = existing_timers(self.map)
@@ -275,7 +308,57 @@ class AsyncoreLoop:
         timers.run_due()
 
     def close(self) -> None:
-        pass
+        _select_loops.forget(self.map, self)
+
+
+def select_round(timeout: float, map: Dict[int, Any]) -> None:
+    """asyncore's select() round (``asyncore.poll``), except that a dispatcher
+    past ``SELECT_LIMIT`` that waits for an event fails with EMFILE, as its
+    handlers would fail when out of descriptors, instead of the whole round
+    failing with ValueError."""
+    r: List[int] = []
+    w: List[int] = []
+    e: List[int] = []
+    beyond: List[Tuple[int, Any]] = []
+    for fd, obj in list(map.items()):
+        is_r = obj.readable()
+        is_w = obj.writable()
+        if not (is_r or is_w):
+            continue
+        if fd >= SELECT_LIMIT:
+            beyond.append((fd, obj))
+            continue
+        if is_r:
+            r.append(fd)
+        if is_w and not obj.accepting:  # a listener is never writable
+            w.append(fd)
+        e.append(fd)
+    for fd, obj in beyond:
+        try:
+            raise _unwatchable(fd)
+        except OSError as error:
+            _failed(obj, error)
+    if not e:
+        if not beyond:
+            time.sleep(timeout)
+        return
+    try:
+        # asyncore's name for the module: asyncore_fwd.trace replaces it to show the answer.
+        r, w, e = asyncore.select.select(r, w, e, timeout)  # type: ignore[attr-defined]
+    except InterruptedError:
+        return
+    for fd in r:
+        obj = map.get(fd)
+        if obj is not None:
+            asyncore.read(obj)
+    for fd in w:
+        obj = map.get(fd)
+        if obj is not None:
+            asyncore.write(obj)
+    for fd in e:
+        obj = map.get(fd)
+        if obj is not None:
+            asyncore._exception(obj)  # type: ignore[attr-defined]
 
 
 def open_loop(kind: str, map: Optional[Dict[int, Any]] = None) -> Any:

@@ -104,6 +104,8 @@ class Connection:
         self.error: Optional[str] = None
         #: True if the server could not be reached.
         self.connect_failed = False
+        #: True if that was for lack of descriptors (or memory): the accept pause's line tells it.
+        self.out_of_resources = False
         #: True if the forwarder closed the pair on purpose (a timeout, a drain).
         self.cut = False
         #: The idle and half-closed timeouts, if the rule sets any.
@@ -531,6 +533,7 @@ class Sender(_Pipe):
             family, address = self._candidates.pop(0)
             try:
                 self.create_socket(family, socket.SOCK_STREAM)
+                _loop.check_watchable(self._map, self.socket)
                 tune(self.socket)
                 self._connect_timer = timers_for(self._map).call_later(
                     self.conn.rule.connect_timeout, self._connect_timed_out)
@@ -543,12 +546,15 @@ class Sender(_Pipe):
                 self._cancel_connect_timer()
                 if failure.errno in OUT_OF_RESOURCES:
                     self.conn.forwarder.pause_accepting(failure)
-                self._last_error = os_error(failure.errno) if failure.errno else failure
+                    self._last_error = failure  # in its own words: select()'s limit has some
+                else:
+                    self._last_error = os_error(failure.errno) if failure.errno else failure
                 asyncore.dispatcher.close(self)
         if not self.conn.closed:
             last = self._last_error or os_error(errno.EHOSTUNREACH)
             self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(last)}"
             self.conn.connect_failed = True
+            self.conn.out_of_resources = last.errno in OUT_OF_RESOURCES
             self.conn.receiver.reset_on_close()
             self.conn.close()
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._net import PerMap
 
-__all__ = ["Timer", "Timers", "timers_for"]
+__all__ = ["Throttle", "Timer", "Timers", "timers_for"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -131,6 +131,52 @@ class Timers:
             self._heap = [timer for timer in self._heap if not timer.cancelled]
             heapq.heapify(self._heap)
             self._cancelled = 0
+
+
+class Throttle:
+    """Lets a burst of events be logged in a few lines: the first at once, the
+    rest counted and summed up in one line per ``interval`` s.
+
+    ``allow()`` says whether to log the event at hand; while it says no, the
+    events are counted, and when the window ends ``summary(count)`` logs them
+    and opens another one (a burst that goes on gets one line per interval;
+    a quiet window ends it).
+    """
+
+    def __init__(self, timers: Timers, interval: float, summary: Callable[[int], None]) -> None:
+        self.interval = interval
+        self._timers = timers
+        self._summary = summary
+        #: While set, events are counted, not logged; it logs the count when it fires.
+        self._window: Optional[Timer] = None
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        """True: log this event now.  False: it is counted for the next summary."""
+        if self._window is not None:
+            self._suppressed += 1
+            return False
+        self._window = self._timers.call_later(self.interval, self._window_ended)
+        return True
+
+    def _window_ended(self) -> None:
+        self._window = None
+        if self._flush():
+            self._window = self._timers.call_later(self.interval, self._window_ended)
+
+    def _flush(self) -> bool:
+        if not self._suppressed:
+            return False
+        count, self._suppressed = self._suppressed, 0
+        self._summary(count)
+        return True
+
+    def close(self) -> None:
+        """Log what is still counted, and stop the window."""
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+        self._flush()
 
 
 # The timers of each map.

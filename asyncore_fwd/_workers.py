@@ -5,7 +5,9 @@ bound with SO_REUSEPORT to the same addresses, so the kernel spreads new
 connections over the workers and each runs its own loop on its own core.
 The parent only watches: it restarts a worker that dies, passes SIGHUP and
 SIGUSR1 on, and on SIGINT or SIGTERM passes SIGTERM on to every worker and
-waits for their drain before it kills anything.
+waits for their drain before it kills anything.  Workers outlive a parent
+killed with SIGKILL only for their drain: each watches a pipe that only the
+parent can write to (``SupervisorWatch``), which reads EOF once it is gone.
 
 Strategy for the ports: SO_REUSEPORT lets any process of the same user join
 a listening port, so two separate commands on one port would silently split
@@ -28,12 +30,13 @@ import select
 import signal
 import socket
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ._compat import asyncore
 from ._net import describe_error, format_address, listen_address
 from ._rules import Rule
 
-__all__ = ["AVAILABLE", "Reservations", "reserve_port", "supervise"]
+__all__ = ["AVAILABLE", "Reservations", "SupervisorWatch", "reserve_port", "supervise"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -115,14 +118,43 @@ class Reservations:
         self._held = {}
 
 
-def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
+class SupervisorWatch(asyncore.file_dispatcher):
+    """In a worker, on its loop: calls ``on_gone()`` once the supervisor is gone.
+
+    ``lifeline`` is the read end of a pipe whose write end only the
+    supervisor holds (see ``supervise``): nothing is ever written to it, so
+    it reads EOF exactly when the supervisor has exited, however it died.
+    """
+
+    _map: Dict[int, Any]
+
+    def __init__(self, lifeline: int, map: Dict[int, Any], on_gone: Callable[[], None]) -> None:
+        super().__init__(lifeline, map=map)  # keeps a dup of it
+        self._on_gone: Optional[Callable[[], None]] = on_gone
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        self.recv(1)  # EOF: asyncore's recv() calls handle_close()
+
+    def handle_close(self) -> None:
+        """Called on EOF (or a hang-up): the supervisor is gone."""
+        self.close()
+        on_gone, self._on_gone = self._on_gone, None
+        if on_gone is not None:  # a poll loop reports the hang-up too, in the same event
+            on_gone()
+
+
+def supervise(count: int, run_worker: Callable[[int, Callable[[], None], int], int],
               on_ready: Callable[[], None], drain_timeout: float = 10.0,
               on_hangup: Optional[Callable[[], bool]] = None,
               idle: Callable[[float], None] = time.sleep,
               on_exit: Optional[Callable[[int], None]] = None) -> int:
-    """Fork ``count`` workers running ``run_worker(index, ready)``; keep them running
-    until SIGINT/SIGTERM.  Each worker calls ``ready()`` once it listens; when all
-    have (or after START_WAIT s), ``on_ready()`` runs.  SIGHUP runs ``on_hangup()``
+    """Fork ``count`` workers running ``run_worker(index, ready, lifeline)``; keep
+    them running until SIGINT/SIGTERM.  Each worker calls ``ready()`` once it
+    listens; when all have (or after START_WAIT s), ``on_ready()`` runs; it
+    watches ``lifeline`` with a ``SupervisorWatch``.  SIGHUP runs ``on_hangup()``
     and, if it returns True, is passed on to every worker; SIGUSR1 is passed on.
     A stop passes SIGTERM on and gives the workers ``drain_timeout`` seconds
     (and a margin) before killing them; a second stop signal is passed on too
@@ -144,9 +176,11 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
     failed = False
     stop_signal: Optional[int] = None
     ready_reader, ready_writer = os.pipe()
+    # Only this process holds the write end: the workers close theirs at once.
+    lifeline = os.pipe()
     try:
         for index in range(count):
-            _spawn(index, run_worker, workers, ready_writer)
+            _spawn(index, run_worker, workers, ready_writer, lifeline)
         _wait_ready(ready_reader, count)
         try:
             if not any(signum in (signal.SIGINT, signal.SIGTERM) for signum in received):
@@ -172,15 +206,16 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None]], int],
                 failed = True
                 break
             log.warning("worker %d (pid %d) exited (%s); starting it again", index, pid, _describe(status))
-            _spawn(index, run_worker, workers, ready_writer)
+            _spawn(index, run_worker, workers, ready_writer, lifeline)
         if stop_signal is not None:
             name = signal.Signals(stop_signal).name
             log.info("%s: stopping %d workers; open connections get %g s to finish (%s again: at once)",
-                     name, len(workers), drain_timeout, name)
+                     name, len(workers), drain_timeout, name, extra={"event": "drain", "details": {
+                         "signal": name, "workers": len(workers), "timeout_s": drain_timeout}})
         _stop_all(workers, drain_timeout, received, idle, on_exit)
     finally:
-        os.close(ready_reader)
-        os.close(ready_writer)
+        for fd in (ready_reader, ready_writer, *lifeline):
+            os.close(fd)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 1 if failed else 0
@@ -203,9 +238,12 @@ def _wait_ready(ready_reader: int, count: int) -> None:
     """Wait until ``count`` workers have said they listen (one byte each), within START_WAIT s."""
     deadline = time.monotonic() + START_WAIT
     received = 0
+    # poll(), not select(): with a reserving socket per rule, the pipe may be past descriptor 1023.
+    poller = select.poll()
+    poller.register(ready_reader, select.POLLIN)
     while received < count:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([ready_reader], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             log.warning("only %d of %d workers are listening after %g s", received, count, START_WAIT)
             return
         received += len(os.read(ready_reader, count - received))
@@ -215,8 +253,8 @@ def _say_ready(ready_writer: int) -> None:
     os.write(ready_writer, b".")
 
 
-def _spawn(index: int, run_worker: Callable[[int, Callable[[], None]], int], workers: Dict[int, int],
-           ready_writer: int) -> None:
+def _spawn(index: int, run_worker: Callable[[int, Callable[[], None], int], int], workers: Dict[int, int],
+           ready_writer: int, lifeline: Tuple[int, int]) -> None:
     pid = os.fork()
     if pid:
         workers[pid] = index
@@ -226,13 +264,14 @@ def _spawn(index: int, run_worker: Callable[[int, Callable[[], None]], int], wor
     # return into the parent's code.
     status = 1
     try:
+        os.close(lifeline[1])
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # Ctrl-C reaches the whole process group: the parent passes it on as
         # SIGTERM.  SIGHUP and SIGUSR1 wait for run_worker's handlers (their
         # default would kill a worker that is still starting).
         for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_IGN)
-        status = run_worker(index, lambda: _say_ready(ready_writer))
+        status = run_worker(index, lambda: _say_ready(ready_writer), lifeline[0])
     except BaseException:
         log.exception("worker %d failed", index)
     finally:

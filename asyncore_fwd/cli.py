@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     process = parser.add_argument_group("the process")
     process.add_argument("--loop", choices=("auto",) + LOOP_KINDS, default="auto",
                          help=f"event loop: epoll's cost follows active connections; poll has no "
-                              f"descriptor limit; select stops at descriptor 1023 "
+                              f"descriptor limit; select refuses clients past descriptor 1023 "
                               f"(default: auto, here {best_loop_kind()})")
     process.add_argument("--splice", action="store_true",
                          help="relay with splice() through kernel pipes instead of copying "
@@ -594,15 +594,24 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
             return _fail(error)
         current = {"rules": rules}
 
-        def run_worker(index: int, ready: Callable[[], None]) -> int:
+        def run_worker(index: int, ready: Callable[[], None], lifeline: int) -> int:
             reserves.close()
             _configure_logging(args, worker=index)
-            attach = None
-            if totals is not None:
-                report_to = totals.worker_end()  # and the supervisor's sockets closed here
+            report_to = totals.worker_end() if totals is not None else None  # (closes the supervisor's ends)
 
-                def attach(service: Any) -> None:
+            def attach(service: Any) -> None:
+                if report_to is not None:
                     StatsReporter(service, report_to, index)  # closed with the service
+                service.attachments.append(
+                    _workers.SupervisorWatch(lifeline, service.map, lambda: supervisor_gone(service)))
+
+            def supervisor_gone(service: Any) -> None:
+                """Killed (a SIGKILL leaves it no time to stop us): drain, then exit, freeing the port."""
+                log.warning("the supervisor is gone: stopping; open connections get %g s to finish",
+                            args.drain_timeout, extra={"event": "drain", "details": {
+                                "reason": "supervisor gone", "timeout_s": args.drain_timeout}})
+                service.drain(args.drain_timeout)
+
             # The worker re-reads on SIGHUP after the parent checked the file:
             # with the ports the parent holds (known at the fork).
             return _serve(args, current["rules"], lambda: reserves.apply(load_rules(args, forward_rules)),
@@ -611,24 +620,28 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
         def hangup() -> bool:
             """SIGHUP: check the config here (one error line, not one per worker); True to pass it on."""
             if not args.config:
-                log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)")
+                log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)",
+                         extra={"event": "reload", "details": {"ignored": True}})
                 return False
             try:
                 current["rules"] = reserves.hold(load_rules(args, forward_rules))  # for workers started later
             except (ConfigError, OSError) as error:
-                log.error("SIGHUP: %s; the running rules stay", describe_error(error))
+                log.error("SIGHUP: %s; the running rules stay", describe_error(error),
+                          extra={"event": "reload", "details": {"error": describe_error(error)}})
                 return False
             except Exception:  # a bug: the workers keep their rules, and the supervisor goes on
-                log.exception("SIGHUP: internal error; the running rules stay")
+                log.exception("SIGHUP: internal error; the running rules stay", extra={"event": "reload"})
                 return False
+            details = {"config": args.config, "rules": len(current["rules"]), "workers": args.workers}
             log.info("SIGHUP: re-read %s: %d rules; reloading %d workers", args.config, len(current["rules"]),
-                     args.workers)
+                     args.workers, extra={"event": "reload", "details": details})
             return True
 
         def announce() -> None:  # once every worker listens: connects are not refused from here on
             for rule in rules:
+                details = {"rule": rule.label, "listen": rule.listen, "target": rule.remote, "workers": args.workers}
                 log.info("%s: forwarding %s to %s with %d workers", rule.label, rule.listen, rule.remote,
-                         args.workers)
+                         args.workers, extra={"event": "start", "details": details})
             if totals is not None:
                 log.info("metrics at http://%s/metrics (the workers' sums, up to %g s old)",
                          format_address(metrics.address), REPORT_INTERVAL)

@@ -607,6 +607,31 @@ def article() -> Iterator[Callable[[int], ArticleProcess]]:
 
 
 @contextlib.contextmanager
+def descriptors_taken(below: int, spare: int) -> Iterator[None]:
+    """Fill the free descriptors below ``below`` (as many as the limit allows)
+    with /dev/null, and give ``spare`` of those back, until exit."""
+    fillers: List[int] = []
+    try:
+        for _ in range(below):  # bounded: there are at most this many gaps
+            try:
+                fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError as error:
+                if error.errno != errno.EMFILE:
+                    raise
+                break
+            if fd >= below:
+                os.close(fd)
+                break
+            fillers.append(fd)
+        for _ in range(spare):
+            os.close(fillers.pop())
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def descriptors_exhausted(spare: int) -> Iterator[None]:
     """Leave this process exactly ``spare`` free descriptors until exit, the highest numbers.
 
@@ -616,24 +641,11 @@ def descriptors_exhausted(spare: int) -> Iterator[None]:
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-    fillers: List[int] = []
     resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + spare, hard))
     try:
-        for _ in range(highest + 1):  # bounded: there are at most this many gaps
-            try:
-                fd = os.open(os.devnull, os.O_RDONLY)
-            except OSError as error:
-                if error.errno != errno.EMFILE:
-                    raise
-                break
-            if fd > highest:  # every gap is filled: this is one of the spare ones
-                os.close(fd)
-                break
-            fillers.append(fd)
-        yield
+        with descriptors_taken(highest + 1, 0):
+            yield
     finally:
-        for fd in fillers:
-            os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 

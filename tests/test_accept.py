@@ -20,12 +20,15 @@ import pytest
 
 from asyncore_fwd import Forwarder, _forwarder
 from asyncore_fwd._compat import asyncore
+from asyncore_fwd._loop import SELECT_LIMIT
 from conftest import (
     WAIT,
     EchoServer,
     RunningForwarder,
     descriptors_exhausted,
+    descriptors_taken,
     open_fds,
+    raise_fd_limit,
     recv_exactly,
     recv_until_reset,
     wait_for,
@@ -101,6 +104,26 @@ def _connected_clients(address: tuple, count: int) -> Iterator[List[socket.socke
     finally:
         for client in clients:
             client.close()
+
+
+@contextlib.contextmanager
+def _select_limit_reached(spare: int) -> Iterator[None]:
+    """Take every free descriptor below select()'s limit but ``spare`` until exit,
+    so that the sockets made after those land past it."""
+    if raise_fd_limit(SELECT_LIMIT + 64) < SELECT_LIMIT + 64:
+        pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")
+    with descriptors_taken(SELECT_LIMIT, spare):
+        yield
+
+
+def _connect_until_reset(client: socket.socket, address: tuple) -> bytes:
+    """``conftest.connect_until_reset`` with a socket made beforehand."""
+    client.settimeout(WAIT)
+    try:
+        client.connect(address)
+    except ConnectionResetError:  # on loopback the reset may come before connect() returns
+        return b""
+    return recv_until_reset(client)
 
 
 def _accept_queue_length(port: int) -> int:
@@ -183,7 +206,7 @@ def test_transient_accept_error_keeps_the_listener_serving(
 
 def test_out_of_descriptors_pauses_accepting_instead_of_spinning(
         echo_server: EchoServer, sock_map: dict, caplog: pytest.LogCaptureFixture) -> None:
-    """With no descriptor free, accept is retried once per ACCEPT_PAUSE, with one warning per pause."""
+    """With no descriptor free, accept is retried once per ACCEPT_PAUSE, not every round."""
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
     calls = _count_calls(fwd, "handle_accept")
@@ -198,11 +221,38 @@ def test_out_of_descriptors_pauses_accepting_instead_of_spinning(
     # A spinning listener would be called every round (~100 times); a paused one
     # at most once per pause, however slow the machine made the rounds.
     assert 1 <= calls[0] <= elapsed / _forwarder.ACCEPT_PAUSE + 2, (calls[0], elapsed)
-    assert len(pauses) == calls[0]
+    assert pauses
     for record in pauses:
         assert record.levelno == logging.WARNING and record.exc_info is None
         assert "Too many open files" in record.getMessage()
     assert accepted == 0
+
+
+def test_out_of_descriptors_logs_the_first_pause_then_one_summary_per_interval(
+        echo_server: EchoServer, sock_map: dict, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pause after pause, the log gets one line, then one line per PAUSE_LOG_INTERVAL counting the others."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    monkeypatch.setattr(_forwarder, "ACCEPT_PAUSE", 0.01)
+    monkeypatch.setattr(_forwarder, "PAUSE_LOG_INTERVAL", 0.25)
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
+    calls = _count_calls(fwd, "handle_accept")
+    with _connected_clients(fwd.address, 4):
+        with descriptors_exhausted(spare=0):
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                _pump(sock_map, 1)
+        fwd.close()  # sums up the pauses not logged yet
+    lines = [r for r in caplog.records if "not accepting on" in r.getMessage()]
+    assert calls[0] >= 20, calls[0]  # paused (and accepted again) many times
+    first, *summaries = lines
+    assert "suppressed" not in first.details
+    assert 1 <= len(summaries) <= 1.0 / 0.25 + 2, [r.getMessage() for r in lines]
+    assert all("Too many open files" in r.getMessage() and r.levelno == logging.WARNING for r in lines)
+    # Every pause is told: the first one, and the others in the summaries' counts.
+    assert 1 + sum(r.details["suppressed"] for r in summaries) == calls[0]
+    resumes = [r for r in caplog.records if "accepting connections again" in r.getMessage()]
+    assert len(resumes) <= len(lines)
 
 
 def test_accepting_resumes_by_itself_when_descriptors_free_up(
@@ -225,7 +275,7 @@ def test_accepting_resumes_by_itself_when_descriptors_free_up(
 def test_out_of_descriptors_for_the_server_socket_closes_that_client_without_leaking(
         echo_server: EchoServer, sock_map: dict, caplog: pytest.LogCaptureFixture) -> None:
     """EMFILE on the server-side socket resets the client just accepted, pauses, and leaks no descriptor."""
-    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    caplog.set_level(logging.DEBUG, logger="asyncore_fwd")
     start = open_fds()
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
     calls = _count_calls(fwd, "handle_accept")
@@ -235,9 +285,10 @@ def test_out_of_descriptors_for_the_server_socket_closes_that_client_without_lea
         assert list(sock_map.values()) == [fwd]  # the half-made pair left the map
         assert not fwd.connections
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 2, warnings
+        assert len(warnings) == 1, warnings  # the pause's: its summaries would tell the next ones
         assert "not accepting" in warnings[0] and "Too many open files" in warnings[0]
-        assert "cannot connect" in warnings[1] and "Too many open files" in warnings[1]
+        (closed,) = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "close"]
+        assert "cannot connect" in closed and "Too many open files" in closed
         assert recv_until_reset(clients[0]) == b""  # the backlog is first in, first out
         _pump_echoes(sock_map, clients[1:])
     _pump_until(sock_map, lambda: not fwd.connections, "the connections to close")
@@ -254,3 +305,44 @@ def test_one_readiness_event_accepts_several_waiting_clients(
         asyncore.loop(timeout=WAIT, count=1, use_poll=True, map=sock_map)
         assert len(fwd.connections) == 10
         assert _accept_queue_length(fwd.address[1]) == 0
+
+
+def test_select_loop_resets_a_client_past_its_descriptor_limit_and_keeps_serving(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Under select(), a client whose socket lands past descriptor 1023 is reset and accepting
+    pauses, as when descriptors run out; the loop goes on, and so do the open connections."""
+    fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, loop="select")
+    try:
+        with fwd.connect() as first:
+            first.sendall(b"one")
+            assert recv_exactly(first, 3) == b"one"
+            with socket.socket() as late, _select_limit_reached(spare=0):  # made first: its fd is low
+                assert _connect_until_reset(late, fwd.address) == b""
+                first.sendall(b"two")
+                assert recv_exactly(first, 3) == b"two"
+            assert fwd.thread.is_alive()
+        assert echo_server.accepted == 1  # the late client's server was never connected
+    finally:
+        fwd.stop()
+    (pause,) = [r.getMessage() for r in caplog.records if "not accepting on" in r.getMessage()]
+    assert "select() cannot watch descriptor" in pause, pause
+
+
+def test_select_loop_resets_a_client_whose_server_socket_lands_past_its_descriptor_limit(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Under select(), a server socket past descriptor 1023 is given up before it connects:
+    the client is reset and accepting pauses, as when descriptors run out."""
+    caplog.set_level(logging.DEBUG, logger="asyncore_fwd")
+    fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, loop="select")
+    try:
+        with socket.socket() as client, _select_limit_reached(spare=1):  # the spare is the accepted client's
+            assert _connect_until_reset(client, fwd.address) == b""
+        assert fwd.thread.is_alive()
+        assert echo_server.accepted == 0
+        wait_for(lambda: not fwd.forwarder.connections, what="the connection to close")
+    finally:
+        fwd.stop()
+    (pause,) = [r.getMessage() for r in caplog.records if "not accepting on" in r.getMessage()]
+    assert "select() cannot watch descriptor" in pause, pause
+    (closed,) = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "close"]
+    assert "cannot connect" in closed and "select() cannot watch descriptor" in closed, closed

@@ -30,7 +30,7 @@ from asyncore_fwd import Forwarder, _forwarder, _loop
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._forwarder import _Dispatcher
 from asyncore_fwd._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
-from conftest import WAIT, EchoServer, RunningForwarder, payload, recv_until_reset
+from conftest import WAIT, EchoServer, RunningForwarder, payload, raise_fd_limit, recv_until_reset
 
 SocketMap = Dict[int, asyncore.dispatcher]
 MakePair = Callable[..., Tuple[socket.socket, socket.socket]]
@@ -370,6 +370,41 @@ def test_error_in_handle_read_is_handled_as_asyncore_does(kind: str, error: Base
     finally:
         backend.close()
     assert failing.handled == [handled]
+
+
+class Unwatchable(Probe):
+    """A probe that records the errors it is handed (and closes), instead of raising them."""
+
+    def __init__(self, sock: socket.socket, map: SocketMap) -> None:
+        super().__init__(sock, map)
+        self.errors: List[Optional[BaseException]] = []
+
+    def handle_error(self) -> None:
+        self.errors.append(sys.exc_info()[1])
+        self.close()
+
+
+def test_select_loop_fails_a_dispatcher_past_its_limit_and_serves_the_others(sock_map: SocketMap,
+                                                                            socketpair: MakePair) -> None:
+    """A dispatcher on a descriptor select() cannot watch gets handle_error() (EMFILE, as if out of
+    descriptors) instead of every round raising ValueError; the others are served as usual."""
+    if raise_fd_limit(_loop.SELECT_LIMIT + 64) < _loop.SELECT_LIMIT + 64:
+        pytest.skip(f"cannot open {_loop.SELECT_LIMIT + 64} descriptors here")
+    far_sock, far_peer = socketpair(_loop.SELECT_LIMIT + 10)
+    near_sock, near_peer = socketpair()
+    far, near = Unwatchable(far_sock, sock_map), Probe(near_sock, sock_map)
+    far_peer.sendall(b"unseen")
+    near_peer.sendall(b"data")
+    loop = AsyncoreLoop(sock_map, use_poll=False)
+    try:
+        pump(loop, lambda: near.received == b"data" and far.errors, "the near read and the far error")
+    finally:
+        loop.close()
+    (error,) = far.errors
+    assert isinstance(error, OSError) and error.errno == errno.EMFILE
+    assert error.strerror == (f"select() cannot watch descriptor {_loop.SELECT_LIMIT + 10}: its limit is "
+                              f"{_loop.SELECT_LIMIT - 1} (poll and epoll have none)")
+    assert far not in sock_map.values() and far.reads == 0
 
 
 def test_keyboard_interrupt_in_handle_read_stops_the_epoll_loop(sock_map: SocketMap, socketpair: MakePair) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from typing import Callable, Dict, List, Sequence
 import pytest
 
 from asyncore_fwd import _workers
-from conftest import WAIT, ForwarderProcess, recv_all, recv_exactly, recv_until_reset, wait_for
+from conftest import WAIT, ForwarderProcess, raise_fd_limit, recv_all, recv_exactly, recv_until_reset, wait_for
 
 pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here")
 
@@ -120,6 +121,23 @@ def test_second_signal_resets_every_open_connection_of_every_worker(spawn, watch
     assert watching_server.ends == ["reset"] * len(clients)
 
 
+def test_supervisor_lines_are_start_reload_and_drain_events_in_json(spawn, echo_server, tmp_path) -> None:
+    """With --log-format json the supervisor's own lines carry the documented events, not "log"."""
+    config = tmp_path / "fwd.toml"
+    config.write_text(f'[[rule]]\nname = "web"\nlisten = "127.0.0.1:0"\nconnect = "127.0.0.1:{echo_server.port}"\n')
+    proc = spawn(MODULE + ["-c", str(config), "--workers", "2", "--log-format", "json"])
+    proc.wait_line(r"with 2 workers")
+    proc.process.send_signal(signal.SIGHUP)
+    proc.wait_line(r"reloading 2 workers")
+    assert proc.stop(signal.SIGTERM) == 0
+    supervisor = [entry for entry in map(json.loads, proc.lines) if "worker" not in entry]
+    assert [entry["event"] for entry in supervisor] == ["start", "reload", "drain"], supervisor
+    start, reload, drain = supervisor
+    assert start["rule"] == "web" and start["target"] == f"127.0.0.1:{echo_server.port}" and start["workers"] == 2
+    assert reload["config"] == str(config) and reload["rules"] == 1
+    assert drain["signal"] == "SIGTERM" and drain["workers"] == 2
+
+
 def test_a_worker_that_dies_is_started_again(spawn, echo_server) -> None:
     """A worker killed from outside is replaced, and the port keeps serving."""
     proc = start_workers(spawn, echo_server.port)
@@ -152,6 +170,63 @@ def test_port_in_use_with_workers_is_a_runtime_error(spawn) -> None:
         assert proc.process.wait(timeout=WAIT) == 1
     proc.kill()
     assert len(proc.lines) == 1 and "in use" in proc.lines[0].lower()
+
+
+def gone_lines(proc: ForwarderProcess) -> int:
+    return sum("the supervisor is gone" in line for line in proc.lines)
+
+
+def test_workers_exit_when_their_supervisor_is_killed(spawn, echo_server) -> None:
+    """kill -9 of the supervisor: each worker notices, drains and exits, so the port is free again."""
+    proc = start_workers(spawn, echo_server.port, extra=["--drain-timeout", "2"])
+    port = proc.start_port()
+    pids = worker_pids(proc)
+    proc.process.kill()  # SIGKILL, to the supervisor alone
+    proc.process.wait(timeout=WAIT)
+    wait_for(lambda: not any(alive(pid) for pid in pids), what="the workers to exit")
+    with socket.socket() as again:  # no SO_REUSEPORT: this fails while a worker still listens
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+        again.listen()
+    wait_for(lambda: gone_lines(proc) == 2, what="one line from each worker")
+    assert "Traceback" not in proc.stderr
+
+
+def test_workers_drain_open_connections_when_their_supervisor_is_killed(spawn, echo_server) -> None:
+    """After kill -9 of the supervisor, a connection open through a worker is relayed until it
+    ends (within the drain timeout); new clients are refused."""
+    proc = start_workers(spawn, echo_server.port, extra=["--drain-timeout", "30"])
+    port = proc.start_port()
+    pids = worker_pids(proc)
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+        client.sendall(b"before")
+        assert recv_exactly(client, 6) == b"before"
+        proc.process.kill()
+        proc.process.wait(timeout=WAIT)
+        wait_for(lambda: gone_lines(proc) == 2, what="one line from each worker")
+        client.sendall(b"after")
+        assert recv_exactly(client, 5) == b"after"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    wait_for(lambda: not any(alive(pid) for pid in pids), what="the workers to exit once the connection ended")
+
+
+def test_readiness_wait_takes_a_pipe_past_descriptor_1023(caplog: pytest.LogCaptureFixture) -> None:
+    """The supervisor waits for its workers with poll(): a ready pipe past select()'s limit
+    (with a reserving socket per rule, 1100 rules put it there) is read, not a ValueError."""
+    if raise_fd_limit(1200) < 1200:
+        pytest.skip("cannot open 1200 descriptors here")
+    reader, writer = os.pipe()
+    try:
+        os.dup2(reader, 1100)
+        os.write(writer, b"..")
+        started = time.monotonic()
+        _workers._wait_ready(1100, 2)
+        assert time.monotonic() - started < _workers.START_WAIT
+    finally:
+        for fd in (reader, writer, 1100):
+            os.close(fd)
+    assert "workers are listening" not in caplog.text
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "abc", "257"])
