@@ -499,13 +499,15 @@ class _Signals:
         self.stop_signals.append(signum)
         if len(self.stop_signals) > 1:
             if not self.worker:
-                log.info("%s again: stopping at once", name)
+                log.info("%s again: stopping at once", name,
+                         extra={"event": "drain", "details": {"signal": name, "timeout_s": 0}})
             if self.service is not None:
                 self.service.stop()
             return
         timeout = self.args.drain_timeout
         if not self.worker:  # with --workers the supervisor has said it
-            log.info("%s: stopping; open connections get %g s to finish (%s again: at once)", name, timeout, name)
+            log.info("%s: stopping; open connections get %g s to finish (%s again: at once)", name, timeout, name,
+                     extra={"event": "drain", "details": {"signal": name, "timeout_s": timeout}})
         if self.service is not None:
             self.service.drain(timeout)
 
@@ -513,15 +515,18 @@ class _Signals:
         if self.service is None:
             return
         if self.reread is None or not self.args.config:
-            log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)")
+            log.info("SIGHUP: nothing to re-read (the rules come from -L, not from a config file)",
+                     extra={"event": "reload", "details": {"ignored": True}})
             return
         try:
             rules = self.reread()
         except ConfigError as error:
-            log.error("SIGHUP: %s; the running rules stay", error)
+            log.error("SIGHUP: %s; the running rules stay", error,
+                      extra={"event": "reload", "details": {"error": str(error)}})
             return
         if not self.worker:
-            log.info("SIGHUP: re-read %s: %d rules", self.args.config, len(rules))
+            log.info("SIGHUP: re-read %s: %d rules", self.args.config, len(rules),
+                     extra={"event": "reload", "details": {"config": self.args.config, "rules": len(rules)}})
         self.service.reload(rules)
 
     def stats(self, signum: int, frame: object) -> None:

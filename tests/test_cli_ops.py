@@ -315,7 +315,34 @@ def test_json_log_lines_are_objects_with_the_contract_keys(spawn: Spawn, echo_se
     assert (start["level"], start["rule"], start["target"]) == ("info", "echo", f"127.0.0.1:{echo_server.port}")
     close = next(entry for entry in entries if entry["event"] == "close")
     assert (close["bytes_to_server"], close["bytes_to_client"], close["closed_first"]) == (4, 4, "client")
-    assert any(entry["event"] == "log" for entry in entries)  # the signal's line has no event of its own
+    stop = next(entry for entry in entries if entry["message"].startswith("SIGTERM: stopping"))
+    assert (stop["event"], stop["signal"], stop["timeout_s"]) == ("drain", "SIGTERM", 10)
+
+
+def test_signal_lines_are_reload_and_drain_events_in_json(spawn: Spawn, echo_server: EchoServer,
+                                                         tmp_path: Path) -> None:
+    """--log-format json: the lines of SIGHUP (good and bad file) and of two SIGTERMs carry their events."""
+    config = tmp_path / "fwd.toml"
+    config.write_text(f'[[rule]]\nname = "web"\nlisten = "127.0.0.1:0"\nconnect = "127.0.0.1:{echo_server.port}"\n')
+    proc = spawn(MODULE + ["-c", str(config), "--log-format", "json", "--drain-timeout", "30"])
+    port = int(json.loads(proc.wait_line(r'"event": "start"').string)["listen"].rsplit(":", 1)[1])
+    proc.process.send_signal(signal.SIGHUP)
+    proc.wait_line(r"SIGHUP: re-read")
+    config.write_text("[[rule]]\nlisten = 1\n")
+    proc.process.send_signal(signal.SIGHUP)
+    proc.wait_line(r"the running rules stay")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:  # keeps the drain going
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        proc.process.send_signal(signal.SIGTERM)
+        proc.wait_line(r"SIGTERM: stopping")
+        assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    signalled = [entry for entry in map(json.loads, proc.lines) if entry["message"].startswith(("SIGHUP", "SIGTERM"))]
+    assert [entry["event"] for entry in signalled] == ["reload", "reload", "drain", "drain"], signalled
+    reread, bad, stop, again = signalled
+    assert (reread["config"], reread["rules"]) == (str(config), 1)
+    assert "fwd.toml" in bad["error"] and bad["level"] == "error"
+    assert (stop["signal"], stop["timeout_s"], again["timeout_s"]) == ("SIGTERM", 30, 0)
 
 
 def test_metrics_answers_get_metrics(spawn: Spawn, echo_server: EchoServer) -> None:
