@@ -84,9 +84,13 @@ def check_watchable(map: Dict[int, Any], sock: socket.socket) -> None:
     """OSError (EMFILE) if the loop serving ``map`` cannot watch ``sock``: a
     descriptor past select()'s limit.  Callers treat it as running out of
     descriptors."""
-    fd = sock.fileno()
-    if fd >= SELECT_LIMIT and _select_loops.get(map) is not None:
-        raise _unwatchable(fd)
+    if not watchable(map, sock):
+        raise _unwatchable(sock.fileno())
+
+
+def watchable(map: Dict[int, Any], sock: socket.socket) -> bool:
+    """False if the loop serving ``map`` cannot watch ``sock`` (``check_watchable``)."""
+    return sock.fileno() < SELECT_LIMIT or _select_loops.get(map) is None
 
 
 def _unwatchable(fd: int) -> OSError:

@@ -183,6 +183,8 @@ class MetricsServer(_Dispatcher):
             reason = f"fewer than {DESCRIPTOR_RESERVE} descriptors free"
         elif self.forwarding_paused():
             reason = "forwarding is out of descriptors"
+        elif not _loop.watchable(self._map, sock):
+            reason = f"select() cannot watch descriptor {sock.fileno()}"
         else:
             self.requests.add(_MetricsRequest(self, sock))
             return

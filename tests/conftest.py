@@ -649,6 +649,18 @@ def descriptors_exhausted(spare: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@contextlib.contextmanager
+def select_limit_reached(spare: int) -> Iterator[None]:
+    """Take every free descriptor below select()'s limit but ``spare`` until exit,
+    so that the sockets made after those land past it."""
+    from asyncore_fwd._loop import SELECT_LIMIT
+
+    if raise_fd_limit(SELECT_LIMIT + 64) < SELECT_LIMIT + 64:
+        pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")
+    with descriptors_taken(SELECT_LIMIT, spare):
+        yield
+
+
 def raise_fd_limit(wanted: int) -> Optional[int]:
     """Raise RLIMIT_NOFILE to ``wanted`` if the hard limit allows; return the new soft limit."""
     import resource

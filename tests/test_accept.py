@@ -20,17 +20,15 @@ import pytest
 
 from asyncore_fwd import Forwarder, _forwarder
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._loop import SELECT_LIMIT
 from conftest import (
     WAIT,
     EchoServer,
     RunningForwarder,
     descriptors_exhausted,
-    descriptors_taken,
     open_fds,
-    raise_fd_limit,
     recv_exactly,
     recv_until_reset,
+    select_limit_reached,
     wait_for,
 )
 
@@ -104,16 +102,6 @@ def _connected_clients(address: tuple, count: int) -> Iterator[List[socket.socke
     finally:
         for client in clients:
             client.close()
-
-
-@contextlib.contextmanager
-def _select_limit_reached(spare: int) -> Iterator[None]:
-    """Take every free descriptor below select()'s limit but ``spare`` until exit,
-    so that the sockets made after those land past it."""
-    if raise_fd_limit(SELECT_LIMIT + 64) < SELECT_LIMIT + 64:
-        pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")
-    with descriptors_taken(SELECT_LIMIT, spare):
-        yield
 
 
 def _connect_until_reset(client: socket.socket, address: tuple) -> bytes:
@@ -316,7 +304,7 @@ def test_select_loop_resets_a_client_past_its_descriptor_limit_and_keeps_serving
         with fwd.connect() as first:
             first.sendall(b"one")
             assert recv_exactly(first, 3) == b"one"
-            with socket.socket() as late, _select_limit_reached(spare=0):  # made first: its fd is low
+            with socket.socket() as late, select_limit_reached(spare=0):  # made first: its fd is low
                 assert _connect_until_reset(late, fwd.address) == b""
                 first.sendall(b"two")
                 assert recv_exactly(first, 3) == b"two"
@@ -335,7 +323,7 @@ def test_select_loop_resets_a_client_whose_server_socket_lands_past_its_descript
     caplog.set_level(logging.DEBUG, logger="asyncore_fwd")
     fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, loop="select")
     try:
-        with socket.socket() as client, _select_limit_reached(spare=1):  # the spare is the accepted client's
+        with socket.socket() as client, select_limit_reached(spare=1):  # the spare is the accepted client's
             assert _connect_until_reset(client, fwd.address) == b""
         assert fwd.thread.is_alive()
         assert echo_server.accepted == 0

@@ -25,6 +25,7 @@ from conftest import (
     needs_ipv6,
     recv_all,
     recv_exactly,
+    select_limit_reached,
     wait_for,
 )
 
@@ -290,6 +291,31 @@ def test_metrics_leave_the_last_descriptors_to_forwarding(start_service, echo_se
             client.sendall(b"ping")
             assert recv_exactly(client, 4) == b"ping"
     assert http_get(metrics.address, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+
+
+def test_metrics_under_select_close_a_scraper_past_its_descriptor_limit_and_serve_on(echo_server, caplog) -> None:
+    """Under select(), a scraper whose socket lands past descriptor 1023 is closed at once, saying why;
+    the loop lives."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web")])
+    metrics = MetricsServer(service)
+    thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05, "loop": "select"},
+                              daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: LoopCalls.of(service.map) is not None, what="the loop to take calls")
+        with socket.socket() as scraper, select_limit_reached(spare=0):  # made first: its fd is low
+            scraper.settimeout(WAIT)
+            scraper.connect(metrics.address)
+            scraper.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert_closed_unanswered(scraper, timeout=WAIT)
+        assert thread.is_alive()
+        assert http_get(metrics.address, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+    finally:
+        service.stop()
+        thread.join(WAIT)
+    assert any("metrics endpoint: refused" in r.getMessage() and "select() cannot watch descriptor" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_metrics_yield_while_forwarding_is_out_of_descriptors(start_service, echo_server, monkeypatch) -> None:
