@@ -32,6 +32,10 @@ AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 
+#: The largest pipe asked of the kernel (its own limit is 2 GiB, and less unless privileged).
+MAX_PIPE_SIZE = 1 << 30
+
+
 class KernelPipe:
     """A kernel pipe holding the bytes on their way to one socket; ``len()`` is how many."""
 
@@ -43,7 +47,8 @@ class KernelPipe:
         #: What may wait in the pipe: the high-water mark, or less if the kernel
         #: would not grow the pipe that far.
         try:
-            size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, capacity)
+            # fcntl() passes a C int: a mark of 4 GiB and more would wrap round to a page.
+            size = fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, min(capacity, MAX_PIPE_SIZE))
         except OSError:  # over the system's limit: keep the pipe as it is
             size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
         self.capacity = min(capacity, size)

@@ -97,3 +97,12 @@ def test_splice_is_refused_where_the_platform_lacks_it(monkeypatch) -> None:
     monkeypatch.setattr(_splice, "AVAILABLE", False)
     with pytest.raises(ValueError, match="splice"):
         Rule("127.0.0.1", 0, "127.0.0.1", 80, splice=True)
+
+
+def test_a_high_water_mark_past_4_gib_does_not_shrink_the_pipe() -> None:
+    """fcntl() takes a C int: 4 GiB + 4 KiB must not wrap round to a one-page pipe."""
+    pipe = _splice.KernelPipe((1 << 32) + 4096)
+    try:
+        assert pipe.capacity >= 65536  # the kernel's default, or the most it would grant
+    finally:
+        pipe.close()
