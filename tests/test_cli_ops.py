@@ -18,7 +18,7 @@ from typing import Callable, List
 
 import pytest
 
-from asyncore_fwd import _workers
+from asyncore_fwd import _pidfile, _workers
 from conftest import WAIT, EchoServer, ForwarderProcess, ScriptedServer, free_port, recv_all, recv_exactly, wait_for
 
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
@@ -288,6 +288,18 @@ def test_stale_pidfile_is_replaced(spawn: Spawn, echo_server: EchoServer, tmp_pa
     wait_for(lambda: pidfile.read_text() == f"{proc.process.pid}\n", what="the pid file to name the forwarder")
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert not pidfile.exists()
+
+
+def test_stale_pidfile_replaced_by_another_instance_meanwhile_is_not_removed(tmp_path: Path) -> None:
+    """Judged stale, then replaced by another starting instance: only the file judged stale is removed."""
+    pidfile = tmp_path / "fwd.pid"
+    pidfile.write_text("not a pid\n")
+    found = _pidfile._open_stale(str(pidfile))
+    assert found is not None
+    pidfile.unlink()
+    pidfile.write_text("4242\n")  # the other instance's, written between our judgement and our removal
+    _pidfile._remove(str(pidfile), found[0])
+    assert pidfile.read_text() == "4242\n"
 
 
 def test_pidfile_that_is_a_symlink_is_refused_and_its_target_left_alone(spawn: Spawn, echo_server: EchoServer,
