@@ -7,7 +7,10 @@ refused client is reset at once and never connected to the target.
 
 * **Lists.**  ``deny`` wins; an empty ``allow`` admits everyone not denied.
   An IPv4-mapped IPv6 client (``::ffff:10.1.2.3``, as a dual-stack
-  listener sees IPv4 clients) is matched as the IPv4 address it is.
+  listener sees IPv4 clients) is matched, and logged, as the IPv4 address
+  it is; a mapped entry is made the IPv4 network it names (``Rule``), so
+  every form of an IPv4 address meets every other.  An IPv6 network wider
+  than /96 (``::/0``) matches IPv6 clients only.
 * **Limits.**  ``max_connections`` counts this forwarder's open
   connections; ``max_per_client`` those of each client IP.
 * **Log.**  A scan must not flood the log: the first refusal of a rule is
@@ -21,7 +24,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING, Dict, Optional, Union
 
-from ._net import SockAddr, format_address
+from ._net import SockAddr, end_key, format_address
 from ._rules import Rule
 from ._timers import Throttle, Timers
 
@@ -66,10 +69,11 @@ class RefusalLog:
 
     def refused(self, client: SockAddr, reason: str) -> None:
         """A client was refused: log it, or count it while a window is open."""
+        name = format_address(end_key(client))  # as the lists name it: plain IPv4, not mapped
         if not self._throttle.allow():
-            self._last = (format_address(client), reason)
+            self._last = (name, reason)
             return
-        details = {"rule": self.label, "client": format_address(client), "reason": reason}
+        details = {"rule": self.label, "client": name, "reason": reason}
         log.info("%s: refused %s (%s)", self.label, details["client"], reason,
                  extra={"event": "refused", "details": details})
 

@@ -131,12 +131,19 @@ class Rule:
 
 
 def _network(key: str, value: Any) -> Network:
-    """A CIDR or a single address (IPv4 or IPv6) as a network."""
-    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-        return value
-    try:
-        return ipaddress.ip_network(strip_brackets(value) if isinstance(value, str) else value, strict=False)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} entries must be addresses or CIDRs like 10.0.0.0/8 or ::1, not {value!r}") from None
+    """A CIDR or a single address (IPv4 or IPv6) as a network; an IPv4-mapped
+    one (``::ffff:10.0.0.0/104``) as the IPv4 network it names."""
+    if not isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        try:
+            value = ipaddress.ip_network(strip_brackets(value) if isinstance(value, str) else value, strict=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} entries must be addresses or CIDRs like 10.0.0.0/8 or ::1, "
+                             f"not {value!r}") from None
+    # Clients are matched as IPv4 when a dual-stack listener sees them mapped
+    # (``client_ip``), so a mapped entry must be IPv4 too, or it never matches.
+    mapped = value.network_address.ipv4_mapped if isinstance(value, ipaddress.IPv6Network) else None
+    if mapped is not None and value.prefixlen >= 96:
+        return ipaddress.IPv4Network((mapped, value.prefixlen - 96))
+    return value
 
 

@@ -16,14 +16,13 @@ import datetime
 import errno
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__, _workers
+from . import __version__, _pidfile, _workers
 from ._config import (
     ConfigError,
     check_unique,
@@ -123,6 +122,13 @@ def _toxic(text: str) -> Tuple[Any, str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _path(text: str) -> str:
+    """A file name for --pidfile: "" would quietly mean no pid file at all."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, not an empty string")
+    return text
+
+
 def _metrics_address(text: str) -> Tuple[str, int]:
     """``[HOST:]PORT`` for --metrics (HOST defaults to 127.0.0.1)."""
     try:
@@ -208,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--metrics", type=_metrics_address, metavar="[HOST:]PORT",
                          help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to "
                               "127.0.0.1; with --workers, the sums over the workers, up to 1 s old)")
-    process.add_argument("--pidfile", metavar="PATH",
-                         help="write the process id there once listening; removed at exit")
+    process.add_argument("--pidfile", type=_path, metavar="PATH",
+                         help="write the process id there once listening (refused if it names a running "
+                              "process); removed at exit")
     process.add_argument("--toxic", type=_toxic, action="append", default=[], metavar="SPEC",
                          help="inject a fault into every connection, for experiments: "
                               "[DIRECTION:]NAME[=VALUE][,KEY=VALUE...], e.g. downstream:latency=100ms,jitter=10ms "
@@ -379,6 +386,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(describe_rule(rule))
         return 0
     _configure_logging(args)
+    if args.pidfile:
+        try:
+            _pidfile.check(args.pidfile)  # before binding: "running already" rather than "address in use"
+        except OSError as error:
+            return _fail(error)
     if args.trace:
         from . import trace
         trace.enable(sys.stderr)
@@ -429,22 +441,6 @@ def _config_error(error: ConfigError) -> int:
 def _fail(error: BaseException) -> int:
     print(f"{PROG}: {describe_error(error)}", file=sys.stderr)
     return 1
-
-
-def _write_pidfile(path: str) -> None:
-    try:
-        with open(path, "w") as pidfile:
-            pidfile.write(f"{os.getpid()}\n")
-    except OSError as error:
-        raise OSError(error.errno, f"cannot write the pid file {path}: {describe_error(error)}") from None
-
-
-def _remove_pidfile(path: Optional[str]) -> None:
-    if path:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def _logging_errors(handler: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
@@ -561,7 +557,7 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
                 metrics = MetricsServer(service, *args.metrics)  # closed with the service
                 log.info("metrics at http://%s/metrics", format_address(metrics.address))
             if pidfile:
-                _write_pidfile(pidfile)
+                _pidfile.claim(pidfile)
                 written_pidfile = pidfile
         except OSError as error:
             service.close()
@@ -573,7 +569,8 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
         service.serve_forever(loop=args.loop)
     finally:
         signals.restore()
-        _remove_pidfile(written_pidfile)
+        if written_pidfile:
+            _pidfile.release(written_pidfile)
     return 0
 
 
@@ -651,7 +648,7 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
                 log.info("metrics at http://%s/metrics (the workers' sums, up to %g s old)",
                          format_address(metrics.address), REPORT_INTERVAL)
             if args.pidfile:
-                _write_pidfile(args.pidfile)
+                _pidfile.claim(args.pidfile)
                 written_pidfile.append(args.pidfile)
 
         idle, on_exit = time.sleep, None
@@ -669,7 +666,7 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
             totals.close()
         reserves.close()
         for path in written_pidfile:
-            _remove_pidfile(path)
+            _pidfile.release(path)
 
 
 class _quiet:

@@ -12,7 +12,7 @@ import pytest
 from asyncore_fwd import Rule, _access
 from asyncore_fwd._access import AccessControl, client_ip, is_loopback
 from asyncore_fwd._timers import Timers
-from conftest import WAIT, connect_until_reset, needs_ipv6, recv_exactly, wait_for
+from conftest import WAIT, connect_until_reset, has_ipv6, needs_ipv6, recv_exactly, wait_for
 
 
 @pytest.fixture
@@ -36,6 +36,20 @@ def echo_once(address, source: str = "127.0.0.1") -> socket.socket:
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list:
     return [r for r in caplog.records if getattr(r, "event", None) == "refused"]
+
+
+def has_dual_stack() -> bool:
+    """Whether a socket bound to ``::`` takes IPv4 clients too (net.ipv6.bindv6only=0)."""
+    if not has_ipv6():
+        return False
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        return not probe.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+
+
+needs_dual_stack = pytest.mark.skipif(not has_dual_stack(), reason="no dual-stack [::] listener")
+#: Overrides start_forwarder's loops and relay modes with one of each: the
+#: lists are checked at accept, before either plays a part.
+one_loop = pytest.mark.parametrize(("loop_kind", "splice"), [("poll", False)])
 
 
 # -- allow / deny ---------------------------------------------------------------
@@ -81,6 +95,81 @@ def test_ipv4_mapped_client_matches_ipv4_networks() -> None:
     assert access.refusal(("::ffff:10.1.2.3", 5000, 0, 0), 0) is None
     assert access.refusal(("::ffff:11.1.2.3", 5000, 0, 0), 0) == "acl"
     assert client_ip(("::ffff:10.1.2.3", 5000, 0, 0)) == ipaddress.ip_address("10.1.2.3")
+
+
+# -- addresses in every form ------------------------------------------------------
+#
+# A client reaches a rule as IPv4 or IPv6, through a listener on 127.0.0.1, ::1
+# or a dual-stack [::] (which sees IPv4 clients as ::ffff:a.b.c.d); an entry
+# names it as plain IPv4, an IPv4-mapped address or network, or IPv6.  Every
+# entry that names the client matches it, whatever the forms.
+
+#: (listener, client): the pairs that can connect at all.
+LISTENER_CLIENT = [
+    pytest.param("127.0.0.1", "127.0.0.1", id="ipv4_listener-ipv4_client"),
+    pytest.param("::1", "::1", id="ipv6_listener-ipv6_client", marks=needs_ipv6),
+    pytest.param("::", "127.0.0.1", id="dual_stack_listener-ipv4_client", marks=needs_dual_stack),
+    pytest.param("::", "::1", id="dual_stack_listener-ipv6_client", marks=needs_dual_stack),
+]
+#: Entries naming the test's clients, by form: IPv4 ones name 127.0.0.1, the IPv6 one ::1.
+ENTRY_FORMS = {
+    "ipv4": "127.0.0.1",
+    "mapped_address": "::ffff:127.0.0.1",
+    "mapped_network": "::ffff:127.0.0.0/104",
+    "ipv6": "::1",
+}
+#: The client's address as each listener reports it at accept.
+SEEN_AS = {
+    ("127.0.0.1", "127.0.0.1"): ("127.0.0.1", 40000),
+    ("::1", "::1"): ("::1", 40000, 0, 0),
+    ("::", "127.0.0.1"): ("::ffff:127.0.0.1", 40000, 0, 0),
+    ("::", "::1"): ("::1", 40000, 0, 0),
+}
+
+
+def names_client(form: str, client: str) -> bool:
+    """Whether the entry of ``form`` names ``client`` (the IPv4 forms name the IPv4 client)."""
+    return (form == "ipv6") == (":" in client)
+
+
+@pytest.mark.parametrize("kind", ["allow", "deny"])
+@pytest.mark.parametrize("form", ENTRY_FORMS)
+@pytest.mark.parametrize(("listener", "client"), LISTENER_CLIENT)
+def test_entry_matches_the_client_it_names_in_any_form(listener: str, client: str, form: str, kind: str) -> None:
+    access = AccessControl(Rule(listener, 0, "127.0.0.1", 9, **{kind: [ENTRY_FORMS[form]]}), Timers())
+    admitted = access.refusal(SEEN_AS[listener, client], 0) is None
+    assert admitted == (names_client(form, client) == (kind == "allow"))
+
+
+# Real sockets, where the listener's family decides what address the client has.
+@one_loop
+@pytest.mark.parametrize("kind", ["allow", "deny"])
+@pytest.mark.parametrize("form", ENTRY_FORMS)
+@pytest.mark.parametrize(("listener", "client"), LISTENER_CLIENT)
+def test_client_is_admitted_or_refused_as_its_entry_says_in_any_form(start_forwarder, echo_server, listener: str,
+                                                                    client: str, form: str, kind: str) -> None:
+    fwd = start_forwarder(echo_server.port, local_host=listener, **{kind: [ENTRY_FORMS[form]]})
+    if names_client(form, client) == (kind == "allow"):
+        echo_once((client, fwd.port), source=client).close()
+        assert fwd.forwarder.stats.refused_acl == 0
+    else:
+        assert connect_until_reset((client, fwd.port)) == b""
+        wait_for(lambda: fwd.forwarder.stats.refused_acl == 1, what="the refusal to be counted")
+        assert echo_server.accepted == 0
+
+
+def test_mapped_entry_is_kept_as_the_ipv4_network_it_names() -> None:
+    rule = Rule("::", 0, "127.0.0.1", 9, allow=["::ffff:127.0.0.0/104", "::ffff:10.1.2.3", "[::ffff:10.1.2.4]"],
+                deny=["::ffff:0:0/96", "::/0"])
+    assert rule.allow == tuple(map(ipaddress.ip_network, ["127.0.0.0/8", "10.1.2.3/32", "10.1.2.4/32"]))
+    assert rule.deny == (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))  # ::/0: IPv6 only
+
+
+def test_mapped_entry_does_not_match_other_ipv4_clients() -> None:
+    access = AccessControl(Rule("::", 0, "127.0.0.1", 9, deny=["::ffff:10.0.0.0/104"]), Timers())
+    assert access.refusal(("::ffff:10.9.9.9", 5000, 0, 0), 0) == "acl"
+    assert access.refusal(("::ffff:11.0.0.1", 5000, 0, 0), 0) is None
+    assert access.refusal(("11.0.0.1", 5000), 0) is None
 
 
 def test_deny_wins_over_allow() -> None:
@@ -147,6 +236,19 @@ def test_refusal_is_logged_with_rule_client_and_reason(start_forwarder, silent_t
     (record,) = refusals(caplog)
     assert record.details["rule"] == "guarded" and record.details["reason"] == "acl"
     assert record.details["client"].startswith("127.0.0.1:")
+
+
+@needs_dual_stack
+@one_loop
+def test_refusal_log_names_a_dual_stack_ipv4_client_in_plain_ipv4_form(start_forwarder, silent_target,
+                                                                       caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    fwd = start_forwarder(silent_target.getsockname()[1], local_host="::", deny=["127.0.0.1"])
+    connect_until_reset(("127.0.0.1", fwd.port))
+    wait_for(lambda: refusals(caplog), what="the refusal log line")
+    (record,) = refusals(caplog)
+    assert record.details["client"].startswith("127.0.0.1:")
+    assert "refused 127.0.0.1:" in record.getMessage()
 
 
 def test_a_burst_of_refusals_logs_one_line_then_one_summary(start_forwarder, silent_target, caplog,

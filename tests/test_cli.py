@@ -217,6 +217,14 @@ def test_empty_remote_host_is_a_usage_error(capsys: pytest.CaptureFixture[str], 
     assert "-r/--remote-ip" in usage_error(["-p", "0", "-r", "", "-P", "80"], capsys)
 
 
+def test_empty_pidfile_is_a_usage_error() -> None:
+    """--pidfile '' is rejected as bad usage, naming --pidfile (it used to be ignored)."""
+    result = subprocess.run(MODULE + VALID + ["--pidfile", ""], capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"{PROG}: error: argument --pidfile: expected a file name, "
+                                          f"not an empty string (see --help)"]
+
+
 def test_huge_backlog_is_a_usage_error() -> None:
     """A backlog too large for listen() is rejected as bad usage, not a traceback."""
     result = subprocess.run(MODULE + VALID + ["--backlog", str(2 ** 40)],

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Callable, List
 
 import pytest
 
-from asyncore_fwd import _workers
+from asyncore_fwd import _pidfile, _workers
 from conftest import (
     WAIT,
     EchoServer,
@@ -299,6 +300,95 @@ def test_unwritable_pidfile_is_one_line_and_exit_1(spawn: Spawn, echo_server: Ec
     assert proc.lines == [f"asyncore-fwd: cannot write the pid file {pidfile}: No such file or directory"]
 
 
+def test_pidfile_is_mode_0644_whatever_the_umask(spawn: Spawn, echo_server: EchoServer, tmp_path: Path) -> None:
+    """Under umask 000 the pid file is still writable by its owner only."""
+    pidfile = tmp_path / "fwd.pid"
+    previous = os.umask(0)
+    try:
+        proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
+    finally:
+        os.umask(previous)
+    rule_port(proc, "echo")
+    wait_for(pidfile.exists, what="the pid file")
+    assert pidfile.stat().st_mode & 0o777 == 0o644
+
+
+def test_second_instance_refuses_a_pidfile_naming_a_running_one(spawn: Spawn, echo_server: EchoServer,
+                                                                tmp_path: Path) -> None:
+    """A second forwarder given the first one's pid file: one line, exit 1; the file still names the first."""
+    pidfile = tmp_path / "fwd.pid"
+    first = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
+    rule_port(first, "echo")
+    wait_for(pidfile.exists, what="the pid file")
+    second = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
+    assert second.process.wait(timeout=WAIT) == 1
+    second.kill()
+    assert second.lines == [f"asyncore-fwd: the pid file {pidfile} names process {first.process.pid}, which is "
+                            f"running: stop it first, or remove the file if it is not a forwarder"]
+    assert pidfile.read_text() == f"{first.process.pid}\n"
+    assert first.stop(signal.SIGTERM) == 0, first.stderr
+    assert not pidfile.exists()
+
+
+def exited_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait(timeout=WAIT)
+    return child.pid
+
+
+@pytest.mark.parametrize("content", [None, "not a pid\n", "", "0\n", "9" * 40],
+                         ids=["exited_process", "garbage", "empty", "zero", "too_long"])
+def test_stale_pidfile_is_replaced(spawn: Spawn, echo_server: EchoServer, tmp_path: Path, content) -> None:
+    """A pid file naming no running process is replaced, and removed at exit."""
+    pidfile = tmp_path / "fwd.pid"
+    pidfile.write_text(f"{exited_pid()}\n" if content is None else content)
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
+    rule_port(proc, "echo")
+    wait_for(lambda: pidfile.read_text() == f"{proc.process.pid}\n", what="the pid file to name the forwarder")
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    assert not pidfile.exists()
+
+
+def test_stale_pidfile_replaced_by_another_instance_meanwhile_is_not_removed(tmp_path: Path) -> None:
+    """Judged stale, then replaced by another starting instance: only the file judged stale is removed."""
+    pidfile = tmp_path / "fwd.pid"
+    pidfile.write_text("not a pid\n")
+    found = _pidfile._open_stale(str(pidfile))
+    assert found is not None
+    pidfile.unlink()
+    pidfile.write_text("4242\n")  # the other instance's, written between our judgement and our removal
+    _pidfile._remove(str(pidfile), found[0])
+    assert pidfile.read_text() == "4242\n"
+
+
+def test_pidfile_that_is_a_symlink_is_refused_and_its_target_left_alone(spawn: Spawn, echo_server: EchoServer,
+                                                                       tmp_path: Path) -> None:
+    """A symbolic link at the pid file's name (planted to make us overwrite its target): one line, exit 1."""
+    target = tmp_path / "secret.conf"
+    target.write_text("settings\n")
+    pidfile = tmp_path / "fwd.pid"
+    pidfile.symlink_to(target)
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port}", "--pidfile", str(pidfile)])
+    assert proc.process.wait(timeout=WAIT) == 1
+    proc.kill()
+    assert proc.lines == [f"asyncore-fwd: cannot write the pid file {pidfile}: it is a symbolic link (not followed)"]
+    assert target.read_text() == "settings\n"
+    assert pidfile.is_symlink()
+
+
+def test_pidfile_rewritten_by_another_process_is_left_at_exit(spawn: Spawn, echo_server: EchoServer,
+                                                              tmp_path: Path) -> None:
+    """At exit the pid file is removed only if it still holds the forwarder's pid."""
+    pidfile = tmp_path / "fwd.pid"
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
+    rule_port(proc, "echo")
+    wait_for(pidfile.exists, what="the pid file")
+    pidfile.write_text("12345\n")  # another instance took it over
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    assert pidfile.read_text() == "12345\n"
+
+
 def test_json_log_lines_are_objects_with_the_contract_keys(spawn: Spawn, echo_server: EchoServer) -> None:
     """--log-format json: every line parses; time, level, event, message, and the event's details."""
     proc = spawn(MODULE + ["-v", "--log-format", "json", "-L", f"0:127.0.0.1:{echo_server.port},name=echo"])
@@ -375,6 +465,33 @@ def test_second_workers_command_on_the_same_port_fails_with_address_in_use(
     assert len(second.lines) == 1 and "in use" in second.lines[0].lower(), second.stderr
     assert {greeting(port, 5) for _ in range(20)} == {b"first"}
     assert first.stop(signal.SIGTERM) == 0, first.stderr
+
+
+@needs_workers
+def test_workers_pidfile_names_the_supervisor_and_is_removed_at_exit(spawn: Spawn, echo_server: EchoServer,
+                                                                      tmp_path: Path) -> None:
+    pidfile = tmp_path / "fwd.pid"
+    pidfile.write_text("not a pid\n")  # stale: replaced
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--workers", "2",
+                           "--pidfile", str(pidfile)])
+    proc.wait_line(r"with 2 workers$")
+    wait_for(lambda: pidfile.read_text() == f"{proc.process.pid}\n", what="the pid file to name the supervisor")
+    assert pidfile.stat().st_mode & 0o777 == 0o644
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    assert not pidfile.exists()
+
+
+@needs_workers
+def test_workers_refuse_a_pidfile_naming_a_running_process(spawn: Spawn, echo_server: EchoServer,
+                                                           tmp_path: Path) -> None:
+    """With --workers too: one line, exit 1, before any worker starts; the file is left as it was."""
+    pidfile = tmp_path / "fwd.pid"
+    pidfile.write_text(f"{os.getpid()}\n")  # this test's process: running
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port}", "--workers", "2", "--pidfile", str(pidfile)])
+    assert proc.process.wait(timeout=WAIT) == 1
+    proc.kill()
+    assert len(proc.lines) == 1 and f"names process {os.getpid()}, which is running" in proc.lines[0]
+    assert pidfile.read_text() == f"{os.getpid()}\n"
 
 
 @needs_workers
