@@ -395,6 +395,12 @@ def _syntax_error(path: str, error: Exception) -> ConfigError:
     return ConfigError(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
 
+def _max_digits() -> int:
+    """How many digits int() reads at most (``sys.get_int_max_str_digits``, from 3.10.7 and 3.11)."""
+    get = getattr(sys, "get_int_max_str_digits", None)
+    return get() if get is not None else 4300
+
+
 def load_config(path: str, base: Optional[Mapping[str, Any]] = None) -> List[Rule]:
     """The rules of a TOML config file, ``[defaults]`` applied over ``base``.
 
@@ -411,6 +417,8 @@ def load_config(path: str, base: Optional[Mapping[str, Any]] = None) -> List[Rul
     except tomllib.TOMLDecodeError as error:
         raise _syntax_error(path, error) from None
     except ValueError as error:  # an integer of more than 4300 digits, which int() refuses
+        if "integer string conversion" in str(error):  # (worded differently by each Python)
+            raise ConfigError(f"{path}: an integer of more than {_max_digits()} digits cannot be read") from None
         raise ConfigError(f"{path}: a value cannot be read: {str(error).split(';')[0]}") from None
     except RecursionError:
         raise ConfigError(f"{path}: arrays or tables nested too deeply to read") from None
