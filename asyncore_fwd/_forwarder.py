@@ -208,6 +208,7 @@ class Forwarder(_Dispatcher):
                 self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self.bind(address)
             self.listen(self.rule.backlog)
+            _loop.check_watchable(self._map, self.socket)  # a reload under select(): refused, not deaf
         except OSError as error:
             where = format_address((self.rule.local_host, address[1]))
             raise OSError(error.errno, f"cannot listen on {where}: {describe_error(error)}") from None

@@ -46,8 +46,8 @@ from ._compat import asyncore
 from ._net import PerMap, os_error
 from ._timers import existing_timers
 
-__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "best_loop_kind", "check_watchable", "loop",
-           "open_loop"]
+__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "best_loop_kind", "check_select_limit",
+           "check_watchable", "loop", "open_loop"]
 
 LOOP_KINDS = ("select", "poll", "epoll")
 
@@ -86,6 +86,14 @@ def check_watchable(map: Dict[int, Any], sock: socket.socket) -> None:
     descriptors."""
     if not watchable(map, sock):
         raise _unwatchable(sock.fileno())
+
+
+def check_select_limit(map: Dict[int, Any]) -> None:
+    """OSError (EMFILE) if ``map`` holds a descriptor select() cannot watch: for a
+    start with ``--loop select``, which would leave such a listener deaf."""
+    past = [fd for fd in map if fd >= SELECT_LIMIT]
+    if past:
+        raise _unwatchable(min(past))
 
 
 def watchable(map: Dict[int, Any], sock: socket.socket) -> bool:

@@ -29,9 +29,11 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import _loop
 from ._compat import asyncore
 from ._net import describe_error, format_address, listen_address
 from ._rules import Rule
@@ -127,16 +129,35 @@ class SupervisorWatch(asyncore.file_dispatcher):
     """
 
     _map: Dict[int, Any]
+    _fileno: Optional[int]
 
     def __init__(self, lifeline: int, map: Dict[int, Any], on_gone: Callable[[], None]) -> None:
-        super().__init__(lifeline, map=map)  # keeps a dup of it
+        super().__init__(lifeline, map=map)  # keeps a dup of it:
+        os.close(lifeline)  # else the pipe outlives this watch, and an epoll loop would see its EOF forever
         self._on_gone: Optional[Callable[[], None]] = on_gone
+
+    def add_channel(self, map: Optional[Dict[int, Any]] = None) -> None:
+        super().add_channel(map)
+        _loop.channel_changed(self)
+
+    def del_channel(self, map: Optional[Dict[int, Any]] = None) -> None:
+        fd = self._fileno
+        super().del_channel(map)
+        _loop.channel_removed(self, fd)
 
     def writable(self) -> bool:
         return False
 
     def handle_read(self) -> None:
         self.recv(1)  # EOF: asyncore's recv() calls handle_close()
+
+    def handle_error(self) -> None:
+        """The pipe cannot be watched (select() past descriptor 1023): serve on without the watch."""
+        error = sys.exc_info()[1]
+        log.warning("cannot watch the supervisor (%s): a killed supervisor will not stop this worker",
+                    describe_error(error) if isinstance(error, OSError) else error)
+        self._on_gone = None
+        self.close()
 
     def handle_close(self) -> None:
         """Called on EOF (or a hang-up): the supervisor is gone."""

@@ -38,7 +38,7 @@ from ._config import (
     show_value,
     split_host_port,
 )
-from ._loop import LOOP_KINDS, best_loop_kind, open_loop
+from ._loop import LOOP_KINDS, best_loop_kind, check_select_limit, open_loop
 from ._net import describe_error, format_address
 from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
 
@@ -556,6 +556,8 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
 
                 metrics = MetricsServer(service, *args.metrics)  # closed with the service
                 log.info("metrics at http://%s/metrics", format_address(metrics.address))
+            if args.loop == "select":  # from here on the loop refuses what it cannot watch
+                check_select_limit(service.map)
             if pidfile:
                 _pidfile.claim(pidfile)
                 written_pidfile = pidfile

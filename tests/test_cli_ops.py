@@ -19,13 +19,16 @@ from typing import Callable, List
 import pytest
 
 from asyncore_fwd import _pidfile, _workers
+from asyncore_fwd._loop import SELECT_LIMIT
 from conftest import (
     WAIT,
     EchoServer,
     ForwarderProcess,
     ScriptedServer,
     WatchingServer,
+    descriptors_taken,
     free_port,
+    raise_fd_limit,
     recv_all,
     recv_exactly,
     recv_until_reset,
@@ -233,7 +236,7 @@ def test_sighup_with_a_bad_config_keeps_the_running_rules(spawn: Spawn, tagged_s
 @pytest.mark.parametrize("bad, error", [
     ("idle_timeout = " + "9" * 400, 'rule 1 ("web"): idle_timeout: expected a number of seconds >= 0, got 999'),
     ("allow = " + "[" * 50000 + "]" * 50000, "arrays or tables nested too deeply to read"),
-    ("max_connections = " + "9" * 5000, "a value cannot be read: "),
+    ("max_connections = " + "9" * 5000, "an integer of more than 4300 digits cannot be read"),
 ], ids=["float-overflow", "deep-nesting", "5000-digits"])
 def test_sighup_with_a_value_python_cannot_convert_keeps_the_running_rules(
         spawn: Spawn, tagged_server, tmp_path: Path, workers: List[str], bad: str, error: str) -> None:
@@ -570,3 +573,16 @@ def test_workers_start_on_a_port_with_connections_in_time_wait(spawn: Spawn, scr
     workers = spawn(MODULE + ["-L", f"{port}:127.0.0.1:{server.port},name=a", "--workers", "2"])
     assert rule_port(workers, "a") == port, workers.stderr
     assert workers.stop(signal.SIGTERM) == 0, workers.stderr
+
+
+def test_select_loop_refuses_to_start_with_a_listener_past_its_descriptor_limit(echo_server: EchoServer) -> None:
+    """--loop select, started with 1024 descriptors in use: its listener could never be watched, so the
+    start fails in one line, exit 1, instead of listening deaf."""
+    if (raise_fd_limit(SELECT_LIMIT + 64) or 0) < SELECT_LIMIT + 64:
+        pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")
+    with descriptors_taken(SELECT_LIMIT, spare=0):  # every descriptor below the limit, inherited
+        result = subprocess.run(MODULE + ["-q", "--loop", "select", "-L", f"0:127.0.0.1:{echo_server.port}"],
+                                pass_fds=range(3, SELECT_LIMIT), capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 1, result
+    assert re.fullmatch(r"asyncore-fwd: select\(\) cannot watch descriptor \d+: its limit is 1023 "
+                        r"\(poll and epoll have none\)\n", result.stderr), result.stderr

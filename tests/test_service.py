@@ -19,6 +19,7 @@ from conftest import (
     recv_all,
     recv_exactly,
     recv_until_reset,
+    select_limit_reached,
     unless_taken,
     wait_for,
 )
@@ -375,6 +376,24 @@ def test_rule_whose_start_raises_anything_fails_alone_and_serving_goes_on(start_
     assert sorted(running.service.forwarders) == ["added", "kept"]
     with running.connect("added") as client:
         round_trip(client)
+
+
+def test_reload_under_select_refuses_a_listener_past_its_descriptor_limit(echo_server, caplog) -> None:
+    """Under select(), a rule whose listening socket lands past descriptor 1023 fails to start
+    (logged, not reported as added); it does not listen deaf while clients queue in its backlog."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    running = RunningService([rule("kept", echo_server.port)], "select")
+    try:
+        with select_limit_reached(spare=0):
+            running.service.reload([rule("kept", echo_server.port), rule("late", echo_server.port)])
+            wait_for(lambda: [r for r in events(caplog, "reload") if "failed" in r.details], what="the reload")
+        (failure,) = [r for r in events(caplog, "reload") if "error" in r.details]
+        assert failure.details["rule"] == "late" and "select() cannot watch descriptor" in failure.details["error"]
+        assert sorted(running.service.forwarders) == ["kept"]
+        with running.connect("kept") as client:
+            round_trip(client)
+    finally:
+        running.stop()
 
 
 def test_reload_that_raises_is_logged_and_the_running_rules_stay(start_service, echo_server, caplog,

@@ -43,6 +43,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def echo_through(port: int, message: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
         client.sendall(message)
@@ -208,6 +215,11 @@ def test_workers_drain_open_connections_when_their_supervisor_is_killed(spawn, e
         assert recv_exactly(client, 5) == b"after"
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        # Draining, they wait for events like any loop: the pipe's EOF is not reported again and again.
+        used = [cpu_seconds(pid) for pid in pids]
+        time.sleep(1.0)
+        spent = [cpu_seconds(pid) - before for pid, before in zip(pids, used)]
+        assert max(spent) < 0.5, f"CPU seconds in 1 s of draining: {spent}"  # a spinning worker takes about 1
     wait_for(lambda: not any(alive(pid) for pid in pids), what="the workers to exit once the connection ended")
 
 
