@@ -649,20 +649,20 @@ def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: Lis
             if totals is not None:
                 log.info("metrics at http://%s/metrics (the workers' sums, up to %g s old)",
                          format_address(metrics.address), REPORT_INTERVAL)
-            if args.pidfile:
-                _pidfile.claim(args.pidfile)
-                written_pidfile.append(args.pidfile)
 
         idle, on_exit = time.sleep, None
         if totals is not None:
             # poll(), not epoll: a worker forked from here closes these sockets, and
             # epoll registrations would be shared with it, through the inherited epoll.
             idle, on_exit = open_loop("poll", totals.map).poll, totals.worker_exited
-        try:
-            return _workers.supervise(args.workers, run_worker, announce, drain_timeout=args.drain_timeout,
-                                      on_hangup=hangup, idle=idle, on_exit=on_exit)
-        except OSError as error:  # the pid file
-            return _fail(error)
+        if args.pidfile:  # the supervisor's pid, before any worker: a failure here serves nothing
+            try:
+                _pidfile.claim(args.pidfile)
+            except OSError as error:
+                return _fail(error)
+            written_pidfile.append(args.pidfile)
+        return _workers.supervise(args.workers, run_worker, announce, drain_timeout=args.drain_timeout,
+                                  on_hangup=hangup, idle=idle, on_exit=on_exit)
     finally:
         if totals is not None:
             totals.close()

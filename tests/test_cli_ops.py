@@ -498,6 +498,18 @@ def test_workers_refuse_a_pidfile_naming_a_running_process(spawn: Spawn, echo_se
 
 
 @needs_workers
+def test_workers_with_a_pidfile_that_cannot_be_written_start_no_worker(spawn: Spawn, echo_server: EchoServer,
+                                                                       tmp_path: Path) -> None:
+    """The supervisor writes its pid file before it forks: a missing directory is one line, exit 1,
+    and no worker ever listens (none could accept a connection only to drop it)."""
+    pidfile = tmp_path / "missing" / "fwd.pid"
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port}", "--workers", "2", "--pidfile", str(pidfile)])
+    assert proc.process.wait(timeout=WAIT) == 1
+    proc.kill()
+    assert proc.lines == [f"asyncore-fwd: cannot write the pid file {pidfile}: No such file or directory"]
+
+
+@needs_workers
 def test_one_ctrl_c_with_two_workers_prints_one_line(spawn: Spawn, echo_server: EchoServer) -> None:
     """SIGINT to the whole process group (what Ctrl-C does): exit 0 and a single line."""
     proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--workers", "2"])
