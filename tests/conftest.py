@@ -407,10 +407,11 @@ class WatchingServer(ScriptedServer):
 
 
 class LoopBreaker:
-    """A socket in a loop's map whose read raises KeyboardInterrupt, which the loop lets
-    through: ``fire()`` sets off an error that ends the loop."""
+    """Serves ``serve_forever`` in a thread with, in its map, a socket whose read raises
+    KeyboardInterrupt, which the loop lets through: ``fire()`` sets off an error that
+    ends the loop, ``error()`` waits for the loop to end and says what ended it."""
 
-    def __init__(self, channels: dict) -> None:
+    def __init__(self, channels: dict, serve_forever: Callable[[], None], stop: Callable[[], None]) -> None:
         from asyncore_fwd._compat import asyncore
 
         class Breaking(asyncore.dispatcher):
@@ -422,11 +423,30 @@ class LoopBreaker:
 
         self._trigger, end = socket.socketpair()
         self._dispatcher = Breaking(end, map=channels)
+        self._stop = stop
+        self._failed: List[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, args=(serve_forever,), daemon=True)
+        self._thread.start()
+
+    def _serve(self, serve_forever: Callable[[], None]) -> None:
+        try:
+            serve_forever()
+        except BaseException as error:
+            self._failed.append(error)
 
     def fire(self) -> None:
         self._trigger.send(b"!")
 
+    def error(self) -> Optional[BaseException]:
+        """What ended the loop (None if it returned); fails the test if it goes on past ``WAIT``."""
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive(), "the loop did not end"
+        return self._failed[0] if self._failed else None
+
     def close(self) -> None:
+        if self._thread.is_alive():
+            self._stop()
+            self._thread.join(WAIT)
         self._dispatcher.close()
         self._trigger.close()
 

@@ -282,13 +282,19 @@ def test_sigusr1_logs_the_counters_of_each_rule(spawn: Spawn, echo_server: EchoS
 # -- pid file, JSON logs, metrics -------------------------------------------------------
 
 
+def spawn_with_pidfile(spawn: Spawn, echo_server: EchoServer, pidfile: Path) -> ForwarderProcess:
+    """A forwarder (rule "echo") given ``--pidfile pidfile``, once it has written it."""
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
+    rule_port(proc, "echo")
+    wait_for(pidfile.exists, what="the pid file")
+    return proc
+
+
 def test_pidfile_is_written_once_listening_and_removed_at_exit(spawn: Spawn, echo_server: EchoServer,
                                                                tmp_path: Path) -> None:
     """--pidfile holds the process id while it serves; it is gone after SIGTERM."""
     pidfile = tmp_path / "fwd.pid"
-    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
-    rule_port(proc, "echo")
-    wait_for(pidfile.exists, what="the pid file")
+    proc = spawn_with_pidfile(spawn, echo_server, pidfile)
     assert pidfile.read_text() == f"{proc.process.pid}\n"
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert not pidfile.exists()
@@ -308,11 +314,9 @@ def test_pidfile_is_mode_0644_whatever_the_umask(spawn: Spawn, echo_server: Echo
     pidfile = tmp_path / "fwd.pid"
     previous = os.umask(0)
     try:
-        proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
+        spawn_with_pidfile(spawn, echo_server, pidfile)
     finally:
         os.umask(previous)
-    rule_port(proc, "echo")
-    wait_for(pidfile.exists, what="the pid file")
     assert pidfile.stat().st_mode & 0o777 == 0o644
 
 
@@ -320,9 +324,7 @@ def test_second_instance_refuses_a_pidfile_naming_a_running_one(spawn: Spawn, ec
                                                                 tmp_path: Path) -> None:
     """A second forwarder given the first one's pid file: one line, exit 1; the file still names the first."""
     pidfile = tmp_path / "fwd.pid"
-    first = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
-    rule_port(first, "echo")
-    wait_for(pidfile.exists, what="the pid file")
+    first = spawn_with_pidfile(spawn, echo_server, pidfile)
     second = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
     assert second.process.wait(timeout=WAIT) == 1
     second.kill()
@@ -384,9 +386,7 @@ def test_pidfile_rewritten_by_another_process_is_left_at_exit(spawn: Spawn, echo
                                                               tmp_path: Path) -> None:
     """At exit the pid file is removed only if it still holds the forwarder's pid."""
     pidfile = tmp_path / "fwd.pid"
-    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
-    rule_port(proc, "echo")
-    wait_for(pidfile.exists, what="the pid file")
+    proc = spawn_with_pidfile(spawn, echo_server, pidfile)
     pidfile.write_text("12345\n")  # another instance took it over
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert pidfile.read_text() == "12345\n"

@@ -498,59 +498,34 @@ def test_an_error_that_ends_the_loop_resets_open_connections_on_both_sides(watch
     """An exception out of serve_forever: first every open connection is reset on both sides."""
     channels: dict = {}
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", watching_server.port, map=channels)
-    breaker = LoopBreaker(channels)
-    failed = []
-
-    def serve() -> None:
-        try:
-            fwd.serve_forever(poll_interval=0.05)
-        except BaseException as error:
-            failed.append(error)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    breaker = LoopBreaker(channels, lambda: fwd.serve_forever(poll_interval=0.05), fwd.stop)
     try:
         with socket.create_connection(fwd.address, timeout=WAIT) as client:
             client.sendall(b"ping")
             assert recv_exactly(client, 4) == b"ping"
             breaker.fire()
             recv_until_reset(client)
-        thread.join(WAIT)
-        assert not thread.is_alive() and isinstance(failed[0], KeyboardInterrupt)
+        assert isinstance(breaker.error(), KeyboardInterrupt)
         wait_for(lambda: watching_server.ends, what="the server to see the end")
         assert watching_server.ends == ["reset"]
     finally:
-        if thread.is_alive():
-            fwd.stop()
-            thread.join(WAIT)
         breaker.close()
 
 
-def test_closing_one_side_through_asyncore_resets_the_pair(watching_server, sock_map) -> None:
-    """asyncore.close_all() on the map closes the listener and cuts the pairs: their peers see a reset."""
-    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", watching_server.port, map=sock_map)
-    client = socket.create_connection(fwd.address, timeout=WAIT)
-    try:
-        client.sendall(b"ping")
-        pump(sock_map, lambda: any(c.bytes_to_client for c in fwd.connections), what="the echo")
-        (conn,) = fwd.connections
-        asyncore.close_all(sock_map)
-        assert conn.closed and not fwd.connections and sock_map == {}
-        recv_until_reset(client)
-    finally:
-        client.close()
-    wait_for(lambda: watching_server.ends, what="the server to see the end")
-    assert watching_server.ends == ["reset"]
-
-
-def test_closing_one_side_from_outside_resets_the_pair(watching_server, sock_map) -> None:
-    """A side's close() (what asyncore.close_all() calls) cuts its pair: both peers see a reset."""
+@pytest.mark.parametrize("close", ["asyncore.close_all", "a side's close"])
+def test_closing_a_side_from_outside_resets_the_pair(watching_server, sock_map, close: str) -> None:
+    """asyncore.close_all() on the map, or a side's own close() (what close_all() calls), cuts
+    the pair: both peers see a reset."""
     fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", watching_server.port, map=sock_map)
     with socket.create_connection(fwd.address, timeout=WAIT) as client:
         client.sendall(b"ping")
         pump(sock_map, lambda: any(c.bytes_to_client for c in fwd.connections), what="the echo")
         (conn,) = fwd.connections
-        conn.receiver.close()
+        if close == "asyncore.close_all":
+            asyncore.close_all(sock_map)
+            assert sock_map == {}  # the listener too
+        else:
+            conn.receiver.close()
         assert conn.closed and not fwd.connections
         recv_until_reset(client)
     wait_for(lambda: watching_server.ends, what="the server to see the end")

@@ -151,32 +151,19 @@ def test_an_error_that_ends_the_loop_resets_open_connections_on_both_sides(loop_
     """An exception out of serve_forever: first every open connection is reset on both sides."""
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     service = Service([rule("one", watching_server.port)])
-    breaker = LoopBreaker(service.map)
-    failed: List[BaseException] = []
-
-    def serve() -> None:
-        try:
-            service.serve_forever(poll_interval=0.05, loop=loop_kind)
-        except BaseException as error:
-            failed.append(error)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    breaker = LoopBreaker(service.map, lambda: service.serve_forever(poll_interval=0.05, loop=loop_kind),
+                          service.stop)
     try:
         with socket.create_connection(service.forwarders["one"].address, timeout=WAIT) as client:
             round_trip(client)
             breaker.fire()
             recv_until_reset(client)
-        thread.join(WAIT)
-        assert not thread.is_alive() and isinstance(failed[0], KeyboardInterrupt)
+        assert isinstance(breaker.error(), KeyboardInterrupt)
         wait_for(lambda: watching_server.ends, what="the server to see the end")
         assert watching_server.ends == ["reset"]
         (closed,) = events(caplog, "close")
         assert closed.details["reason"] == "stopped by an error"
     finally:
-        if thread.is_alive():
-            service.stop()
-            thread.join(WAIT)
         breaker.close()
 
 
