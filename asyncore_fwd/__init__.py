@@ -16,6 +16,16 @@ Many rules in one process, on one loop, with drain and reload: ``Service``.
 
 Runs on the standard library's asyncore (3.10, 3.11) or the pyasyncore
 backport (3.12+).
+
+The modules sit in layers, each importing only its own and those below
+(``tests/test_layers.py`` checks it, and lists today's exceptions), from the
+bottom: the asyncore import and socket helpers (``_compat``, ``_net``); the
+loop (``_timers``, ``_wakeup``, ``_loop``); rules and config (``_rules``,
+``_config``); the relay (``_relay``, ``_splice``); what acts on connections
+(``_access``, ``_timeouts``, ``_stats``, ``toxics``); the listener
+(``_forwarder``); many rules and processes (``_service``, ``_workers``,
+``_metrics``, ``_pidfile``); the entry points (this module, ``cli``,
+``trace``, the pytest plugin).
 """
 
 from ._forwarder import (
