@@ -16,9 +16,17 @@ import threading
 import time
 from typing import Any, Dict, Generic, List, Optional, Tuple, TypeVar
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "PerMap", "RemoteAddresses",
-           "SockAddr", "SocketMap", "describe_error", "end_key", "format_address", "listen_address", "os_error",
-           "pending_error", "reset", "strip_brackets", "tune"]
+           "SPLICE_AVAILABLE", "SockAddr", "SocketMap", "describe_error", "end_key", "format_address",
+           "listen_address", "os_error", "pending_error", "reset", "strip_brackets", "tune"]
+
+#: True where os.splice() and pipe sizing exist (Linux, Python 3.10+): what the splice relay needs.
+SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
 log = logging.getLogger("asyncore_fwd")
 

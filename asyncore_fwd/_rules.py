@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Tuple, Union
 
-from ._net import format_address, strip_brackets
+from ._net import SPLICE_AVAILABLE, format_address, strip_brackets
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -109,10 +109,8 @@ class Rule:
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
-        if self.splice:
-            from ._splice import AVAILABLE
-            if not AVAILABLE:
-                raise ValueError("splice=True needs os.splice(), which this platform does not have")
+        if self.splice and not SPLICE_AVAILABLE:
+            raise ValueError("splice=True needs os.splice(), which this platform does not have")
 
     @property
     def remote(self) -> str:

@@ -22,12 +22,10 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
+from ._net import SPLICE_AVAILABLE as AVAILABLE
 from ._relay import Connection, Receiver, Sender, _Pipe
 
 __all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender"]
-
-#: True where os.splice() and pipe sizing exist (Linux, Python 3.10+).
-AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 

@@ -35,16 +35,14 @@ LAYERS: List[Tuple[str, Set[str]]] = [
 
 #: (importer, imported, "run time" or "TYPE_CHECKING"): imports that go up a layer today.
 KNOWN_VIOLATIONS: Set[Tuple[str, str, str]] = {
-    ("_rules", "_splice", "run time"),  # for splice's AVAILABLE
     ("_relay", "_timeouts", "run time"),  # Connection starts its timeouts by name
     ("_relay", "_forwarder", "TYPE_CHECKING"),  # Connection reaches into its Forwarder
 }
 
 #: Groups of modules that import each other, directly or not (any kind of import).
 KNOWN_CYCLES: Set[FrozenSet[str]] = {
-    # _relay -> _forwarder (TYPE_CHECKING) -> the operations, the rules and _splice -> _relay;
-    # and _rules -> _splice -> _relay.
-    frozenset({"_relay", "_forwarder", "_splice", "toxics", "_access", "_stats", "_timeouts", "_rules", "_config"}),
+    # _relay -> _forwarder (TYPE_CHECKING) -> the operations and _splice -> _relay.
+    frozenset({"_relay", "_forwarder", "_splice", "toxics", "_access", "_stats", "_timeouts"}),
 }
 
 LAYER_OF: Dict[str, int] = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}

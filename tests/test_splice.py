@@ -13,7 +13,7 @@ import threading
 import pytest
 from test_forwarder import established, pump
 
-from asyncore_fwd import Forwarder, Rule, _splice
+from asyncore_fwd import Forwarder, Rule, _rules, _splice
 from asyncore_fwd._compat import asyncore
 from conftest import WAIT, RunningForwarder, open_fds, payload, recv_all, wait_for
 
@@ -94,7 +94,7 @@ def test_no_descriptor_leaks_with_pipes(echo_server) -> None:
 
 def test_splice_is_refused_where_the_platform_lacks_it(monkeypatch) -> None:
     """splice=True without os.splice() is a ValueError naming the cause."""
-    monkeypatch.setattr(_splice, "AVAILABLE", False)
+    monkeypatch.setattr(_rules, "SPLICE_AVAILABLE", False)
     with pytest.raises(ValueError, match="splice"):
         Rule("127.0.0.1", 0, "127.0.0.1", 80, splice=True)
 
