@@ -335,6 +335,14 @@ def test_second_instance_refuses_a_pidfile_naming_a_running_one(spawn: Spawn, ec
     assert not pidfile.exists()
 
 
+def pid_in(pidfile: Path) -> str:
+    """What ``pidfile`` holds now; "" while there is none (a stale one is removed, then replaced)."""
+    try:
+        return pidfile.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def exited_pid() -> int:
     """The id of a process that has exited (and been reaped)."""
     child = subprocess.Popen([sys.executable, "-c", ""])
@@ -350,7 +358,7 @@ def test_stale_pidfile_is_replaced(spawn: Spawn, echo_server: EchoServer, tmp_pa
     pidfile.write_text(f"{exited_pid()}\n" if content is None else content)
     proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--pidfile", str(pidfile)])
     rule_port(proc, "echo")
-    wait_for(lambda: pidfile.read_text() == f"{proc.process.pid}\n", what="the pid file to name the forwarder")
+    wait_for(lambda: pid_in(pidfile) == f"{proc.process.pid}\n", what="the pid file to name the forwarder")
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert not pidfile.exists()
 
@@ -478,7 +486,7 @@ def test_workers_pidfile_names_the_supervisor_and_is_removed_at_exit(spawn: Spaw
     proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{echo_server.port},name=echo", "--workers", "2",
                            "--pidfile", str(pidfile)])
     proc.wait_line(r"with 2 workers$")
-    wait_for(lambda: pidfile.read_text() == f"{proc.process.pid}\n", what="the pid file to name the supervisor")
+    wait_for(lambda: pid_in(pidfile) == f"{proc.process.pid}\n", what="the pid file to name the supervisor")
     assert pidfile.stat().st_mode & 0o777 == 0o644
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert not pidfile.exists()
