@@ -376,8 +376,8 @@ def test_slicers_whose_clients_do_not_read_leave_the_loop_idle(scripted_server) 
         finally:
             for client in clients:
                 client.close()
-    # Idle, this is about 0.005 CPU-s; timers firing every millisecond took 0.4 to 0.6.
-    assert used < 0.1, f"{used:.2f} CPU-s in 3 s with every client stalled"
+    # Idle, this is about 0.005 CPU-s; timers firing every millisecond took 0.3 to 0.6.
+    assert used < 0.2, f"{used:.2f} CPU-s in 3 s with every client stalled"
 
 
 @pytest.mark.parametrize("toxic", [Latency(0.01), Bandwidth(4_000_000), Slicer(4096, delay=0.001)],
