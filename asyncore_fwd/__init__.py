@@ -17,18 +17,18 @@ Many rules in one process, on one loop, with drain and reload: ``Service``.
 Runs on the standard library's asyncore (3.10, 3.11) or the pyasyncore
 backport (3.12+).
 
-The modules sit in layers, each importing only its own and those below
-(``tests/test_layers.py`` checks it, and lists today's exceptions), from the
-bottom: the asyncore import and socket helpers (``_compat``, ``_net``); the
-loop (``_timers``, ``_wakeup``, ``_loop``); rules and config (``_rules``,
-``_config``); the relay (``_relay``, ``_splice``); what acts on connections
-(``_access``, ``_timeouts``, ``_stats``, ``toxics``); the listener
-(``_forwarder``); many rules and processes (``_service``, ``_workers``,
-``_metrics``, ``_pidfile``); the entry points (this module, ``cli``,
+The modules sit in layers, one folder each, and import only their own layer
+and those below (``tests/test_layers.py`` checks it, and lists today's
+exceptions). From the bottom: the asyncore import and socket helpers
+(``_compat``, ``_net``); the loop (``_eventloop``); rules and config
+(``_values``); one connection's relay (``_relay``); what acts on connections
+(``_ops``, ``toxics``); the listener (``_listener``); many rules, processes
+and metrics (``_service``); the entry points (this module, ``cli``,
 ``trace``, the pytest plugin).
 """
 
-from ._forwarder import (
+from ._eventloop._loop import EpollLoop, loop
+from ._listener._forwarder import (
     Connection,
     Forwarder,
     Receiver,
@@ -38,8 +38,7 @@ from ._forwarder import (
     receiver,
     sender,
 )
-from ._loop import EpollLoop, loop
-from ._service import Service
+from ._service._service import Service
 
 __version__ = "0.1.0"
 

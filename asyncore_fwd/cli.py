@@ -22,8 +22,11 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-from . import __version__, _pidfile, _workers
-from ._config import (
+from . import __version__
+from ._eventloop._loop import LOOP_KINDS, best_loop_kind, check_select_limit, open_loop
+from ._net import describe_error, format_address
+from ._service import _pidfile, _workers
+from ._values._config import (
     ConfigError,
     check_unique,
     decimal_integer,
@@ -38,9 +41,7 @@ from ._config import (
     show_value,
     split_host_port,
 )
-from ._loop import LOOP_KINDS, best_loop_kind, check_select_limit, open_loop
-from ._net import describe_error, format_address
-from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
+from ._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
 
 PROG = "asyncore-fwd"
 log = logging.getLogger("asyncore_fwd")
@@ -406,8 +407,8 @@ def _try_start(args: argparse.Namespace, rules: Sequence[Rule]) -> None:
     An address in use is only noted: on the host of a running forwarder its own ports
     are, and the check before its reload must pass there.
     """
-    from ._metrics import MetricsServer
-    from ._service import Service
+    from ._service._metrics import MetricsServer
+    from ._service._service import Service
 
     def starts(start: Callable[[], Service], elsewhere: Optional[Callable[[], Service]] = None) -> None:
         try:
@@ -536,7 +537,7 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
            attach: Optional[Callable[[Any], None]] = None) -> int:
     """Serve ``rules`` until SIGINT/SIGTERM and the drain; return the exit status.
     ``attach(service)`` runs once the service is made (a worker's ``StatsReporter``)."""
-    from ._service import Service
+    from ._service._service import Service
 
     signals = _Signals(args, reread, worker)
     # Handlers first: the start lines are what a caller waits for before signalling.
@@ -552,7 +553,7 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
             attach(service)
         try:
             if args.metrics and not worker:
-                from ._metrics import MetricsServer
+                from ._service._metrics import MetricsServer
 
                 metrics = MetricsServer(service, *args.metrics)  # closed with the service
                 log.info("metrics at http://%s/metrics", format_address(metrics.address))
@@ -579,8 +580,8 @@ def _serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Cal
 def _run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: List[Rule]) -> int:
     """Check the settings once here, then fork the workers and watch them; with
     --metrics, serve the sums of the workers' counters from here."""
-    from ._metrics import REPORT_INTERVAL, MetricsServer, StatsReporter, WorkerStats
-    from ._service import Service
+    from ._service._metrics import REPORT_INTERVAL, MetricsServer, StatsReporter, WorkerStats
+    from ._service._service import Service
 
     reserves = _workers.Reservations()
     written_pidfile: List[str] = []

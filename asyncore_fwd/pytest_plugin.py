@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from ._forwarder import Forwarder
+from ._listener._forwarder import Forwarder
 
 __all__ = ["asyncore_fwd_proxy"]
 

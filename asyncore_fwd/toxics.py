@@ -41,12 +41,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from . import _loop
-from ._config import decimal_integer, parse_decimal, parse_size, shorten
-from ._timers import Timer, timers_for
+from ._eventloop import _loop
+from ._eventloop._timers import Timer, timers_for
+from ._values._config import decimal_integer, parse_decimal, parse_size, shorten
 
 if TYPE_CHECKING:
-    from ._relay import Connection, _Pipe
+    from ._relay._copy import Connection, _Pipe
 
 __all__ = ["Bandwidth", "Latency", "LimitData", "ResetPeer", "SlowClose", "Slicer", "Timeout", "Toxic",
            "DIRECTIONS"]

@@ -93,8 +93,9 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
-from . import EpollLoop, _loop
+from . import EpollLoop
 from ._compat import asyncore
+from ._eventloop import _loop
 
 __all__ = ["TRACED_METHODS", "disable", "enable", "is_enabled", "main"]
 

@@ -21,7 +21,7 @@ from typing import Any, Counter
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asyncore_fwd import Forwarder  # noqa: E402
-from asyncore_fwd._loop import open_loop  # noqa: E402
+from asyncore_fwd._eventloop._loop import open_loop  # noqa: E402
 
 ROUND_TRIPS = 100
 WAIT = 5.0

@@ -469,7 +469,7 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=[False, True], ids=["copy", "splice"])
 def splice(request: pytest.FixtureRequest) -> bool:
     """Relay by copying through Python, or with splice() where the platform has it."""
-    from asyncore_fwd._splice import AVAILABLE
+    from asyncore_fwd._relay._splice import AVAILABLE
 
     if request.param and not AVAILABLE:
         pytest.skip("no os.splice() on this platform")
@@ -673,7 +673,7 @@ def descriptors_exhausted(spare: int) -> Iterator[None]:
 def select_limit_reached(spare: int) -> Iterator[None]:
     """Take every free descriptor below select()'s limit but ``spare`` until exit,
     so that the sockets made after those land past it."""
-    from asyncore_fwd._loop import SELECT_LIMIT
+    from asyncore_fwd._eventloop._loop import SELECT_LIMIT
 
     if raise_fd_limit(SELECT_LIMIT + 64) < SELECT_LIMIT + 64:
         pytest.skip(f"cannot open {SELECT_LIMIT + 64} descriptors here")

@@ -18,8 +18,9 @@ from typing import Callable, Dict, Iterator, List
 
 import pytest
 
-from asyncore_fwd import Forwarder, _forwarder
+from asyncore_fwd import Forwarder
 from asyncore_fwd._compat import asyncore
+from asyncore_fwd._listener import _forwarder
 from conftest import (
     WAIT,
     EchoServer,

@@ -9,9 +9,10 @@ from typing import Iterator
 
 import pytest
 
-from asyncore_fwd import Rule, _access
-from asyncore_fwd._access import AccessControl, client_ip, is_loopback
-from asyncore_fwd._timers import Timers
+from asyncore_fwd import Rule
+from asyncore_fwd._eventloop._timers import Timers
+from asyncore_fwd._ops import _access
+from asyncore_fwd._ops._access import AccessControl, client_ip, is_loopback
 from conftest import WAIT, connect_until_reset, has_ipv6, needs_ipv6, recv_exactly, wait_for
 
 

@@ -18,8 +18,8 @@ from typing import Callable, List
 
 import pytest
 
-from asyncore_fwd import _pidfile, _workers
-from asyncore_fwd._loop import SELECT_LIMIT
+from asyncore_fwd._eventloop._loop import SELECT_LIMIT
+from asyncore_fwd._service import _pidfile, _workers
 from conftest import (
     WAIT,
     EchoServer,

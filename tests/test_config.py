@@ -15,7 +15,14 @@ from typing import Iterator, List
 import pytest
 
 from asyncore_fwd import Service, cli
-from asyncore_fwd._config import ConfigError, describe_rule, load_config, parse_forward_spec, parse_size, shorten
+from asyncore_fwd._values._config import (
+    ConfigError,
+    describe_rule,
+    load_config,
+    parse_forward_spec,
+    parse_size,
+    shorten,
+)
 from conftest import needs_ipv6
 
 PROG = "asyncore-fwd"

@@ -12,7 +12,7 @@ import pytest
 
 from asyncore_fwd import Forwarder, Receiver, Sender
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._forwarder import DEFAULT_READ_SIZE
+from asyncore_fwd._listener._forwarder import DEFAULT_READ_SIZE
 from conftest import (
     WAIT,
     LoopBreaker,

@@ -22,49 +22,79 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "asyncore_fwd"
 
 #: From the bottom up. A module may import its own layer and the layers below.
+#: Modules are named by their dotted path in the package; a folder's ``__init__``
+#: by the folder's name.
 LAYERS: List[Tuple[str, Set[str]]] = [
     ("base: the asyncore import, socket helpers", {"_compat", "_net"}),
-    ("loop: timers, wake-up, the loops; nothing of forwarding", {"_timers", "_wakeup", "_loop"}),
-    ("values: rules and the config file", {"_rules", "_config"}),
-    ("relay: the two sides of a connection, copy and splice", {"_relay", "_splice"}),
-    ("operations: what acts on connections", {"_access", "_timeouts", "_stats", "toxics"}),
-    ("forwarder: the listener", {"_forwarder"}),
-    ("service: many rules, processes, metrics", {"_service", "_workers", "_metrics", "_pidfile"}),
+    ("loop: timers, wake-up, the loops; nothing of forwarding",
+     {"_eventloop", "_eventloop._timers", "_eventloop._wakeup", "_eventloop._loop"}),
+    ("values: rules and the config file", {"_values", "_values._rules", "_values._config"}),
+    ("relay: the two sides of a connection, copy and splice", {"_relay", "_relay._copy", "_relay._splice"}),
+    ("operations: what acts on connections",
+     {"_ops", "_ops._access", "_ops._timeouts", "_ops._stats", "toxics"}),
+    ("listener: the forwarder", {"_listener", "_listener._forwarder"}),
+    ("service: many rules, processes, metrics",
+     {"_service", "_service._service", "_service._workers", "_service._metrics", "_service._pidfile"}),
     ("entry points", {"__init__", "__main__", "cli", "trace", "pytest_plugin", "_shellfiles"}),
 ]
 
 #: (importer, imported, "run time" or "TYPE_CHECKING"): imports that go up a layer today.
 KNOWN_VIOLATIONS: Set[Tuple[str, str, str]] = {
-    ("_relay", "_timeouts", "run time"),  # Connection starts its timeouts by name
-    ("_relay", "_forwarder", "TYPE_CHECKING"),  # Connection reaches into its Forwarder
+    ("_relay._copy", "_ops._timeouts", "run time"),  # Connection starts its timeouts by name
+    ("_relay._copy", "_listener._forwarder", "TYPE_CHECKING"),  # Connection reaches into its Forwarder
 }
 
 #: Groups of modules that import each other, directly or not (any kind of import).
 KNOWN_CYCLES: Set[FrozenSet[str]] = {
     # _relay -> _forwarder (TYPE_CHECKING) -> the operations and _splice -> _relay.
-    frozenset({"_relay", "_forwarder", "_splice", "toxics", "_access", "_stats", "_timeouts"}),
+    frozenset({"_relay._copy", "_listener._forwarder", "_relay._splice", "toxics", "_ops._access", "_ops._stats",
+               "_ops._timeouts"}),
 }
 
 LAYER_OF: Dict[str, int] = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 
 
+def _name_of(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
 def package_modules() -> Set[str]:
-    return {path.stem for path in PACKAGE.glob("*.py")}
+    return {_name_of(path) for path in PACKAGE.rglob("*.py")}
+
+
+def _path_of(module: str) -> pathlib.Path:
+    path = PACKAGE.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def _is_type_checking(test: ast.expr) -> bool:
     return isinstance(test, (ast.Name, ast.Attribute)) and ast.unparse(test).endswith("TYPE_CHECKING")
 
 
-def _imported(node: ast.ImportFrom, modules: Set[str]) -> Iterator[str]:
+def _module_or_package(name: str, modules: Set[str]) -> str:
+    """``name`` if it is a module; else the nearest package above it (``X.y`` where y is a name in X)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or "__init__"
+
+
+def _imported(node: ast.ImportFrom, importer: str, modules: Set[str]) -> Iterator[str]:
     """The package's modules that one ``from ... import ...`` names."""
-    if node.level == 1 or node.module == "asyncore_fwd" or (node.module or "").startswith("asyncore_fwd."):
-        base = node.module if node.level == 1 else (node.module or "").partition(".")[2]
-        if base:
-            yield base.split(".")[0]
-        else:  # from . import X: a module, or a name of the package's __init__
-            for alias in node.names:
-                yield alias.name if alias.name in modules else "__init__"
+    if node.level:
+        here = importer.split(".") if _path_of(importer).name == "__init__.py" and importer != "__init__" \
+            else importer.split(".")[:-1]
+        if node.level - 1 > len(here):
+            return
+        base = ".".join(here[:len(here) - (node.level - 1)] + ([node.module] if node.module else []))
+    elif node.module == "asyncore_fwd" or (node.module or "").startswith("asyncore_fwd."):
+        base = (node.module or "").partition(".")[2]
+    else:
+        return
+    for alias in node.names:  # from X import y: y may be a module of package X
+        yield _module_or_package(f"{base}.{alias.name}" if base else alias.name, modules)
 
 
 def imports_of(module: str, modules: Set[str]) -> Set[Tuple[str, str]]:
@@ -83,13 +113,13 @@ def imports_of(module: str, modules: Set[str]) -> Set[Tuple[str, str]]:
 
     def visit_one(node: ast.AST, kind: str) -> None:
         if isinstance(node, ast.ImportFrom):
-            found.update((name, kind) for name in _imported(node, modules) if name != module)
+            found.update((name, kind) for name in _imported(node, module, modules) if name != module)
         elif isinstance(node, ast.Import):
-            found.update((alias.name.split(".")[1], kind) for alias in node.names
+            found.update((_module_or_package(alias.name.partition(".")[2], modules), kind) for alias in node.names
                          if alias.name.startswith("asyncore_fwd."))
         visit(node, kind)
 
-    visit(ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8")), "run time")
+    visit(ast.parse(_path_of(module).read_text(encoding="utf-8")), "run time")
     return found
 
 
@@ -154,22 +184,28 @@ def test_no_import_cycle_but_the_known_ones() -> None:
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from ._net import x", {("_net", "run time")}),
-    ("from . import _loop, __version__", {("_loop", "run time"), ("__init__", "run time")}),
-    ("from asyncore_fwd._relay import Connection", {("_relay", "run time")}),
+    ("from .._net import x", {("_net", "run time")}),
+    ("from .. import _net, __version__", {("_net", "run time"), ("__init__", "run time")}),
+    ("from ._splice import y", {("_relay._splice", "run time")}),
+    ("from .._eventloop import _loop", {("_eventloop._loop", "run time")}),
+    ("from asyncore_fwd._relay._copy import Connection", {("_relay._copy", "run time")}),
     ("import asyncore_fwd.toxics", {("toxics", "run time")}),
-    ("def f():\n    from ._splice import AVAILABLE", {("_splice", "run time")}),
-    ("if TYPE_CHECKING:\n    from ._forwarder import Forwarder", {("_forwarder", "TYPE_CHECKING")}),
-    ("if typing.TYPE_CHECKING:\n    from . import _relay\nelse:\n    from ._net import y",
-     {("_relay", "TYPE_CHECKING"), ("_net", "run time")}),
-], ids=["relative", "package-names", "absolute", "import-statement", "lazy", "type-checking", "else-branch"])
+    ("def f():\n    from ._splice import AVAILABLE", {("_relay._splice", "run time")}),
+    ("if TYPE_CHECKING:\n    from .._listener._forwarder import Forwarder",
+     {("_listener._forwarder", "TYPE_CHECKING")}),
+    ("if typing.TYPE_CHECKING:\n    from .. import toxics\nelse:\n    from .._net import y",
+     {("toxics", "TYPE_CHECKING"), ("_net", "run time")}),
+], ids=["relative", "package-names", "sibling", "module-of-a-folder", "absolute", "import-statement", "lazy",
+        "type-checking", "else-branch"])
 def test_every_form_of_import_is_read(source: str, expected: Set[Tuple[str, str]], tmp_path: pathlib.Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The reader sees each way a module can import another (so the checks above can fail)."""
-    (tmp_path / "probe.py").write_text(source)
+    for module in ("_net", "toxics", "_relay/_copy", "_relay/_splice", "_eventloop/_loop", "_listener/_forwarder"):
+        (tmp_path / f"{module}.py").parent.mkdir(exist_ok=True)
+        (tmp_path / f"{module}.py").write_text("")
+    (tmp_path / "_relay" / "probe.py").write_text(source)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path)
-    assert imports_of("probe", package_modules() | {"_loop", "_net", "_relay", "_splice", "_forwarder", "toxics"}) \
-        == expected
+    assert imports_of("_relay.probe", package_modules()) == expected
 
 
 def test_cycles_finds_a_cycle_through_three_modules() -> None:

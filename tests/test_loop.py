@@ -26,10 +26,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from asyncore_fwd import Forwarder, _forwarder, _loop
+from asyncore_fwd import Forwarder
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._forwarder import _Dispatcher
-from asyncore_fwd._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
+from asyncore_fwd._eventloop import _loop
+from asyncore_fwd._eventloop._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
+from asyncore_fwd._listener import _forwarder
+from asyncore_fwd._listener._forwarder import _Dispatcher
 from conftest import WAIT, EchoServer, RunningForwarder, payload, raise_fd_limit, recv_until_reset
 
 SocketMap = Dict[int, asyncore.dispatcher]

@@ -48,10 +48,11 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import event as note_event  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import asyncore_fwd._forwarder as forwarder_module  # noqa: E402
-from asyncore_fwd import Forwarder, Rule, Sender, _splice, cli  # noqa: E402
-from asyncore_fwd._config import KEYS, ConfigError, describe_rule  # noqa: E402
-from asyncore_fwd._loop import open_loop  # noqa: E402
+import asyncore_fwd._listener._forwarder as forwarder_module  # noqa: E402
+from asyncore_fwd import Forwarder, Rule, Sender, cli  # noqa: E402
+from asyncore_fwd._eventloop._loop import open_loop  # noqa: E402
+from asyncore_fwd._relay import _splice
+from asyncore_fwd._values._config import KEYS, ConfigError, describe_rule  # noqa: E402
 from asyncore_fwd.toxics import DIRECTIONS, Toxic, parse_toxic_spec  # noqa: E402
 
 KiB = 1024

@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 
 import asyncore_fwd
-from asyncore_fwd import Forwarder, Receiver, _splice
+from asyncore_fwd import Forwarder, Receiver
 from asyncore_fwd._net import reset  # close with RST, as a crashing or aborting peer does
+from asyncore_fwd._relay import _splice
 from conftest import WAIT, dead_port, open_fds, recv_all, recv_until_reset, wait_for
 
 KiB = 1024

@@ -13,8 +13,10 @@ import threading
 import pytest
 from test_forwarder import established, pump
 
-from asyncore_fwd import Forwarder, Rule, _rules, _splice
+from asyncore_fwd import Forwarder, Rule
 from asyncore_fwd._compat import asyncore
+from asyncore_fwd._relay import _splice
+from asyncore_fwd._values import _rules
 from conftest import WAIT, RunningForwarder, open_fds, payload, recv_all, wait_for
 
 pytestmark = pytest.mark.skipif(not _splice.AVAILABLE, reason="no os.splice() on this platform")

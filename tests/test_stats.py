@@ -13,10 +13,11 @@ from typing import Callable, Iterator, List, Optional
 
 import pytest
 
-from asyncore_fwd import Rule, Service, _forwarder
-from asyncore_fwd._forwarder import ACCEPT_PAUSE
-from asyncore_fwd._metrics import MAX_REQUEST, REQUEST_TIMEOUT, MetricsServer, render_prometheus
-from asyncore_fwd._wakeup import LoopCalls
+from asyncore_fwd import Rule, Service
+from asyncore_fwd._eventloop._wakeup import LoopCalls
+from asyncore_fwd._listener import _forwarder
+from asyncore_fwd._listener._forwarder import ACCEPT_PAUSE
+from asyncore_fwd._service._metrics import MAX_REQUEST, REQUEST_TIMEOUT, MetricsServer, render_prometheus
 from conftest import (
     WAIT,
     connect_until_reset,

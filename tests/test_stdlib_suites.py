@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncore_fwd._loop import LOOP_KINDS
+from asyncore_fwd._eventloop._loop import LOOP_KINDS
 
 SUITES = ("test.test_asyncore", "test.test_asynchat")
 SUITE_TIMEOUT = 40.0  # seconds for one suite on one backend; each takes about 2

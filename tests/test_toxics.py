@@ -15,10 +15,11 @@ from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
-from asyncore_fwd import Forwarder, Rule, Service, _loop
+from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._config import shorten
-from asyncore_fwd._wakeup import LoopCalls
+from asyncore_fwd._eventloop import _loop
+from asyncore_fwd._eventloop._wakeup import LoopCalls
+from asyncore_fwd._values._config import shorten
 from asyncore_fwd.toxics import (
     Bandwidth,
     Latency,
@@ -80,7 +81,7 @@ def test_running_raises_the_error_of_a_loop_that_cannot_start(echo_server: EchoS
 def test_running_raises_when_the_loop_does_not_start_in_time(
         echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A loop that is not ready within START_TIMEOUT: TimeoutError, not a block whose calls would race it."""
-    from asyncore_fwd import _forwarder
+    from asyncore_fwd._listener import _forwarder
 
     release = threading.Event()
     open_loop = _loop.open_loop

@@ -21,7 +21,7 @@ import pytest
 
 from asyncore_fwd import EpollLoop, trace
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._loop import AsyncoreLoop
+from asyncore_fwd._eventloop._loop import AsyncoreLoop
 from conftest import (
     ROOT,
     WAIT,

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Sequence
 
 import pytest
 
-from asyncore_fwd import _workers
+from asyncore_fwd._service import _workers
 from conftest import WAIT, ForwarderProcess, raise_fd_limit, recv_all, recv_exactly, recv_until_reset, wait_for
 
 pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here")

@@ -40,10 +40,11 @@ import threading
 import time
 from typing import Any, Iterator, List, Optional, Tuple
 
-from . import _loop
-from ._access import AccessControl, is_loopback
-from ._compat import asyncore
-from ._net import (
+from .._compat import asyncore
+from .._eventloop import _loop
+from .._eventloop._timers import Throttle, Timer, forget, timers_for
+from .._eventloop._wakeup import LoopCalls
+from .._net import (
     OUT_OF_RESOURCES,
     RemoteAddresses,
     SockAddr,
@@ -56,12 +57,11 @@ from ._net import (
     pending_error,
     reset,
 )
-from ._relay import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
-from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
-from ._stats import RuleStats, close_details, format_close
-from ._timers import Throttle, Timer, forget, timers_for
-from ._wakeup import LoopCalls
-from .toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
+from .._ops._access import AccessControl, is_loopback
+from .._ops._stats import RuleStats, close_details, format_close
+from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
+from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
+from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
 
@@ -133,7 +133,7 @@ class Forwarder(_Dispatcher):
                scratch: Optional[memoryview] = None) -> None:
         self.rule = rule
         if self.rule.splice:
-            from ._splice import SpliceReceiver, SpliceSender
+            from .._relay._splice import SpliceReceiver, SpliceSender
             self.receiver_class, self.sender_class = SpliceReceiver, SpliceSender
         #: The live connections, for stats and for closing them all.
         self.connections: set[Connection] = set()

@@ -18,8 +18,8 @@ import os
 import threading
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
-from ._compat import asyncore
-from ._net import PerMap
+from .._compat import asyncore
+from .._net import PerMap
 
 __all__ = ["LoopCalls"]
 

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Tuple, Union
 
-from ._net import SPLICE_AVAILABLE, format_address, strip_brackets
+from .._net import SPLICE_AVAILABLE, format_address, strip_brackets
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 

@@ -39,14 +39,14 @@ import socket
 import sys
 from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
-from . import _loop
-from ._access import RefusalLog, is_loopback
-from ._compat import asyncore
-from ._forwarder import ACCEPT_PAUSE
-from ._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, listen_address, tune
-from ._relay import _Dispatcher
-from ._stats import COUNTERS
-from ._timers import Timer, timers_for
+from .._compat import asyncore
+from .._eventloop import _loop
+from .._eventloop._timers import Timer, timers_for
+from .._listener._forwarder import ACCEPT_PAUSE
+from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, listen_address, tune
+from .._ops._access import RefusalLog, is_loopback
+from .._ops._stats import COUNTERS
+from .._relay._copy import _Dispatcher
 
 __all__ = ["MetricsServer", "StatsReporter", "StatsSource", "WorkerStats", "render_prometheus"]
 

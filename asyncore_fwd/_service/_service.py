@@ -32,15 +32,15 @@ import logging
 import time
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from . import _loop
-from ._forwarder import Forwarder
-from ._net import SocketMap, describe_error, format_address
-from ._relay import STOPPED, STOPPED_BY_ERROR, cut
-from ._rules import DEFAULT_READ_SIZE, Rule
-from ._stats import COUNTERS
-from ._timers import forget
-from ._wakeup import LoopCalls
-from .toxics import Toxic
+from .._eventloop import _loop
+from .._eventloop._timers import forget
+from .._eventloop._wakeup import LoopCalls
+from .._listener._forwarder import Forwarder
+from .._net import SocketMap, describe_error, format_address
+from .._ops._stats import COUNTERS
+from .._relay._copy import STOPPED, STOPPED_BY_ERROR, cut
+from .._values._rules import DEFAULT_READ_SIZE, Rule
+from ..toxics import Toxic
 
 __all__ = ["Service"]
 

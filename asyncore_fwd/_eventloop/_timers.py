@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ._net import PerMap
+from .._net import PerMap
 
 __all__ = ["Throttle", "Timer", "Timers", "timers_for"]
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Iterable
 
-from ._net import format_address
+from .._net import format_address
 
 if TYPE_CHECKING:
-    from ._relay import Connection
+    from .._relay._copy import Connection
 
 __all__ = ["COUNTERS", "RuleStats", "close_details", "format_close"]
 

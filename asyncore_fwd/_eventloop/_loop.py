@@ -42,9 +42,9 @@ import socket
 import time
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
-from ._compat import asyncore
-from ._net import PerMap, os_error
-from ._timers import existing_timers
+from .._compat import asyncore
+from .._eventloop._timers import existing_timers
+from .._net import PerMap, os_error
 
 __all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "best_loop_kind", "check_select_limit",
            "check_watchable", "loop", "open_loop"]

@@ -18,7 +18,7 @@ import stat
 import tempfile
 from typing import Optional, Tuple
 
-from ._net import describe_error
+from .._net import describe_error
 
 __all__ = ["PidFileError", "check", "claim", "release"]
 

@@ -33,10 +33,10 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import _loop
-from ._compat import asyncore
-from ._net import describe_error, format_address, listen_address
-from ._rules import Rule
+from .._compat import asyncore
+from .._eventloop import _loop
+from .._net import describe_error, format_address, listen_address
+from .._values._rules import Rule
 
 __all__ = ["AVAILABLE", "Reservations", "SupervisorWatch", "reserve_port", "supervise"]
 

@@ -24,12 +24,12 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING, Dict, Optional, Union
 
-from ._net import SockAddr, end_key, format_address
-from ._rules import Rule
-from ._timers import Throttle, Timers
+from .._eventloop._timers import Throttle, Timers
+from .._net import SockAddr, end_key, format_address
+from .._values._rules import Rule
 
 if TYPE_CHECKING:
-    from ._relay import Connection
+    from .._relay._copy import Connection
 
 __all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback"]
 

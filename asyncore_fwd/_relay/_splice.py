@@ -22,8 +22,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from ._net import SPLICE_AVAILABLE as AVAILABLE
-from ._relay import Connection, Receiver, Sender, _Pipe
+from .._net import SPLICE_AVAILABLE as AVAILABLE
+from .._relay._copy import Connection, Receiver, Sender, _Pipe
 
 __all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender"]
 

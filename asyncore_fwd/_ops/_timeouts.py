@@ -26,10 +26,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Optional
 
-from ._timers import Timer, timers_for
+from .._eventloop._timers import Timer, timers_for
 
 if TYPE_CHECKING:
-    from ._relay import Connection
+    from .._relay._copy import Connection
 
 __all__ = ["QuietTimer", "Timeouts"]
 

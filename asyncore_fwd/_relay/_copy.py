@@ -18,9 +18,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple
 
-from . import _loop
-from ._compat import asyncore
-from ._net import (
+from .._compat import asyncore
+from .._eventloop import _loop
+from .._eventloop._timers import Timer, timers_for
+from .._net import (
     LINGER_ABORT,
     OUT_OF_RESOURCES,
     SockAddr,
@@ -33,11 +34,10 @@ from ._net import (
     pending_error,
     tune,
 )
-from ._timeouts import Timeouts
-from ._timers import Timer, timers_for
+from .._ops._timeouts import Timeouts
 
 if TYPE_CHECKING:
-    from ._forwarder import Forwarder
+    from .._listener._forwarder import Forwarder
 
 __all__ = ["Connection", "Receiver", "Sender", "cut"]
 
