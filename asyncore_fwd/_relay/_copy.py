@@ -1,22 +1,19 @@
-"""The copy relay: a connection's two sides, and the connection that owns them.
+"""The copy relay: a connection's two sides.
 
 Both halves are the same idea -- "what I read, my peer writes" -- so they
-share one base class, ``_Pipe``, as in Twisted's ``portforward.Proxy``.  A
-``Connection`` owns the pair: it is the one place where a pair is created
-and closed, and it keeps what the logs report (addresses, bytes each way,
-duration, who closed first).  The zero-copy relay (``_splice``) subclasses
-these sides and changes only how bytes move.
+share one base class, ``_Pipe``, as in Twisted's ``portforward.Proxy``.  The
+``Connection`` that owns a pair (``_connection``) is the one place where it
+is created and closed.  The zero-copy relay (``_splice``) subclasses these
+sides and changes only how bytes move.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import socket
 import sys
-import time
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from .._compat import asyncore
 from .._eventloop import _loop
@@ -24,28 +21,19 @@ from .._eventloop._timers import Timer, timers_for
 from .._net import (
     LINGER_ABORT,
     OUT_OF_RESOURCES,
-    SockAddr,
     SocketMap,
     acknowledge_urgent,
     describe_error,
     end_key,
-    format_address,
     os_error,
     pending_error,
     tune,
 )
-from .._ops._timeouts import Timeouts
+from ._connection import STOPPED, STOPPED_BY_ERROR, Connection, cut
 
-if TYPE_CHECKING:
-    from .._listener._forwarder import Forwarder
-
-__all__ = ["Connection", "Receiver", "Sender", "cut"]
+__all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "Receiver", "Sender", "cut"]
 
 log = logging.getLogger("asyncore_fwd")
-
-#: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
-STOPPED = "stopped"
-STOPPED_BY_ERROR = "stopped by an error"
 
 
 class _Dispatcher(asyncore.dispatcher):
@@ -73,158 +61,6 @@ class _Dispatcher(asyncore.dispatcher):
         fd = self._fileno
         super().del_channel(map)
         _loop.channel_removed(self, fd)
-
-
-class Connection:
-    """One forwarded connection: a ``Receiver``, a ``Sender`` and what happened to them.
-
-    Created by the forwarder for each accepted client; closed once, by
-    ``close()``, which tells the forwarder.
-    """
-
-    _ids = itertools.count(1)
-
-    def __init__(self, forwarder: Forwarder, sock: socket.socket, client_address: SockAddr) -> None:
-        self.id = next(self._ids)
-        self.forwarder = forwarder
-        self.rule = forwarder.rule
-        self.client_address = client_address
-        #: The server address actually connected to, once connected.
-        self.server_address: Optional[SockAddr] = None
-        self.opened_at = time.monotonic()
-        #: When the server connect succeeded (None until then).
-        self.connected_at: Optional[float] = None
-        self.closed_at: Optional[float] = None
-        #: True from the server connect until the pair closes: both sides may relay.
-        self.established = False
-        self.closed = False
-        #: "client" or "server": the first side to send EOF or fail.
-        self.closed_first: Optional[str] = None
-        #: Why the pair closed early (reset, refused, timeout...), or None.
-        self.error: Optional[str] = None
-        #: True if the server could not be reached.
-        self.connect_failed = False
-        #: True if that was for lack of descriptors (or memory): the accept pause's line tells it.
-        self.out_of_resources = False
-        #: True if the forwarder closed the pair on purpose (a timeout, a drain).
-        self.cut = False
-        #: The idle and half-closed timeouts, if the rule sets any.
-        self.timeouts: Optional[Timeouts] = None
-        self.receiver = forwarder.receiver_class(self, sock)
-        try:
-            self.sender = forwarder.sender_class(self)
-        except BaseException:
-            self.receiver.close_socket()
-            raise
-        self.receiver.peer, self.sender.peer = self.sender, self.receiver
-        forwarder.connections.add(self)
-        forwarder.connection_opened(self)
-        self.sender.connect_next()
-
-    def __repr__(self) -> str:
-        return f"<Connection #{self.id} from {format_address(self.client_address)}>"
-
-    @property
-    def bytes_to_server(self) -> int:
-        return self.sender.bytes_sent
-
-    @property
-    def bytes_to_client(self) -> int:
-        return self.receiver.bytes_sent
-
-    @property
-    def duration(self) -> float:
-        """Seconds from accept to close (or until now, while open)."""
-        return (self.closed_at or time.monotonic()) - self.opened_at
-
-    def established_to(self, address: SockAddr) -> None:
-        """The server side connected: from now on both sides relay."""
-        self.server_address = address
-        self.established = True
-        self.connected_at = time.monotonic()
-        self.timeouts = Timeouts.start(self)
-        self.forwarder.connection_established(self)
-
-    def direction_ended(self) -> None:
-        """One direction passed its EOF on; the other still relays."""
-        if self.timeouts is not None:
-            self.timeouts.direction_ended()
-
-    def side_finished(self, side: _Pipe) -> None:
-        """Record which side closed first (sent EOF or failed)."""
-        if self.closed_first is None:
-            self.closed_first = side.role
-
-    def abort(self, side: _Pipe, error: BaseException) -> None:
-        """``side`` failed: close both at once, resetting the other side.
-
-        A reset is passed on as a reset: a clean FIN would tell the other
-        peer that the stream ended normally when it was cut short.
-        """
-        if self.closed:
-            return
-        self.side_finished(side)
-        self.error = f"{side.role}: {describe_error(error)}"
-        side.peer.reset_on_close()
-        self.close()
-
-    def time_out(self, reason: str) -> None:
-        """A timeout expired: close with FINs if no data is lost, else with resets.
-
-        Bytes a toxic still holds (a latency longer than the timeout) are lost too.
-        """
-        toxics = self.forwarder._toxics
-        lost = (len(self.receiver.outgoing) or len(self.sender.outgoing)
-                or (toxics is not None and toxics.holds(self)))
-        self.close_early(reason, reset=bool(lost))
-
-    def close_early(self, reason: str, reset: bool = True) -> None:
-        """The forwarder ends the pair (a timeout, a drain cut short, an injected fault):
-        reset both sides if ``reset``."""
-        if self.closed:
-            return
-        self.error, self.cut = reason, True
-        if reset:
-            self.reset_on_close()
-        self.close()
-
-    def reset_on_close(self) -> None:
-        """Make the coming close reset both sides instead of sending them a FIN."""
-        self.receiver.reset_on_close()
-        self.sender.reset_on_close()
-
-    def close(self) -> None:
-        """Close both sockets (once) and tell the forwarder."""
-        if self.closed:
-            return
-        self.closed = True
-        self.closed_at = time.monotonic()
-        self.established = False
-        if self.timeouts is not None:
-            self.timeouts.cancel()
-        self.receiver.close_socket()
-        self.sender.close_socket()
-        self.forwarder.connections.discard(self)
-        if self.forwarder._toxics is not None:
-            self.forwarder._toxics.connection_closed(self)
-        self.forwarder.connection_closed(self)
-
-
-def cut(connections: Iterable[Connection], reason: str) -> int:
-    """End ``connections`` now, each with a reset on both sides; return how many.
-
-    The one way the forwarder ends connections that have not finished both
-    ways (a drain's timeout, a stop, an error that ends the loop): a FIN
-    would tell a peer that a cut-short stream is complete.  Every socket is
-    set to reset before any is closed, so that should a close raise, the
-    rest still end with resets when the process exits.
-    """
-    conns = list(connections)
-    for conn in conns:
-        conn.reset_on_close()
-    for conn in conns:
-        conn.close_early(reason)
-    return len(conns)
 
 
 class _Pipe(_Dispatcher):
