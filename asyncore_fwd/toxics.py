@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optiona
 
 from ._eventloop import _loop
 from ._eventloop._timers import Timer, timers_for
+from ._relay._connection import ConnectionObserver
 from ._values._config import decimal_integer, parse_decimal, parse_size, shorten
 
 if TYPE_CHECKING:
@@ -583,8 +584,9 @@ class ToxicHandle:
         return f"<{self.toxic!r} {self.direction}>"
 
 
-class ToxicSet:
-    """A forwarder's toxics, and the links they act through.  Used in the loop's thread only."""
+class ToxicSet(ConnectionObserver):
+    """A forwarder's toxics, and the links they act through (it observes the forwarder's
+    connections).  Used in the loop's thread only."""
 
     def __init__(self, seed: Optional[int]) -> None:
         self.handles: List[ToxicHandle] = []
@@ -603,11 +605,11 @@ class ToxicSet:
                 if handle.toxic in link.toxics:
                     link.remove(handle.toxic)
 
-    def connection_opened(self, conn: Connection) -> None:
+    def opened(self, conn: Connection) -> None:
         for handle in self.handles:
             self._apply(handle, conn)
 
-    def connection_closed(self, conn: Connection) -> None:
+    def closed(self, conn: Connection) -> None:
         for link in self._links.pop(conn, {}).values():
             link.drop()
 
@@ -623,8 +625,8 @@ class ToxicSet:
         for direction in directions:
             link = links.get(direction)
             if link is None:
-                reader, writer = ((conn.receiver, conn.sender) if direction == "upstream"
-                                  else (conn.sender, conn.receiver))
+                sides: Any = (conn.receiver, conn.sender)  # the copy relay's: toxics refuse splice
+                reader, writer = sides if direction == "upstream" else sides[::-1]
                 link = links[direction] = _Link(conn, reader, writer, self.rng)
             link.add(handle.toxic)
 

@@ -40,17 +40,10 @@ LAYERS: List[Tuple[str, Set[str]]] = [
 ]
 
 #: (importer, imported, "run time" or "TYPE_CHECKING"): imports that go up a layer today.
-KNOWN_VIOLATIONS: Set[Tuple[str, str, str]] = {
-    ("_relay._connection", "_ops._timeouts", "run time"),  # Connection starts its timeouts by name
-    ("_relay._connection", "_listener._forwarder", "TYPE_CHECKING"),  # Connection reaches into its Forwarder
-}
+KNOWN_VIOLATIONS: Set[Tuple[str, str, str]] = set()
 
 #: Groups of modules that import each other, directly or not (any kind of import).
-KNOWN_CYCLES: Set[FrozenSet[str]] = {
-    # _relay -> _forwarder (TYPE_CHECKING) -> the operations and _splice -> _relay.
-    frozenset({"_relay._connection", "_relay._copy", "_listener._forwarder", "_relay._splice", "toxics",
-               "_ops._access", "_ops._stats", "_ops._timeouts"}),
-}
+KNOWN_CYCLES: Set[FrozenSet[str]] = set()
 
 LAYER_OF: Dict[str, int] = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 

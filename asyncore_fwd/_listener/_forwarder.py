@@ -25,8 +25,10 @@ Strategy, in the order the loop sees it:
 * **Operations.**  Each in its own module, called at events, never per
   byte: who may connect and how many (``_access``, at accept), idle and
   half-closed timeouts (``_timeouts``, on timers), counters and the close
-  line (``_stats``, at accept and close).  A rule that sets none of them
-  pays one ``is None`` test per connection.
+  line (``_stats``, at accept and close).  They observe the connections
+  (``ConnectionObserver``): each connection tells the forwarder's short
+  tuple of observers when it opens, connects, half-closes and closes; a
+  rule that sets none of them has only its counters there.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple, Type
 
 from .._compat import asyncore
 from .._eventloop import _loop
@@ -59,6 +61,8 @@ from .._net import (
 )
 from .._ops._access import AccessControl, is_loopback
 from .._ops._stats import RuleStats, close_details, format_close
+from .._ops._timeouts import TimeoutWatch
+from .._relay._connection import ConnectionObserver
 from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
@@ -96,8 +100,8 @@ class Forwarder(_Dispatcher):
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).
-    receiver_class: type = Receiver
-    sender_class: type = Sender
+    receiver_class: Type[Receiver] = Receiver
+    sender_class: Type[Sender] = Sender
 
     def __init__(self, ip: str, port: int, remoteip: str, remoteport: int, backlog: int = DEFAULT_BACKLOG, *,
                  map: Optional[SocketMap] = None,
@@ -179,6 +183,9 @@ class Forwarder(_Dispatcher):
         self._label = self.rule.name or format_address((self.rule.local_host, self._address[1]))
         if self.access is not None:
             self.access.refusals.label = self._label  # made before the port was known
+        #: What follows every connection, told before the hooks: counters, limits, timeouts (toxics join later).
+        self.observers: Tuple[ConnectionObserver, ...] = tuple(
+            observer for observer in (self.stats, self.access, TimeoutWatch.for_rule(rule)) if observer is not None)
         try:
             self._refuse_to_forward_to_itself()
         except OSError:
@@ -407,6 +414,7 @@ class Forwarder(_Dispatcher):
         def add() -> None:
             if self._toxics is None:
                 self._toxics = ToxicSet(self._seed)
+                self.add_observer(self._toxics)
             self._toxics.add(handle, self.connections)
         self._in_loop(add)
         return handle
@@ -578,9 +586,7 @@ class Forwarder(_Dispatcher):
                 return
         try:
             _loop.check_watchable(self._map, sock)
-            conn = Connection(self, sock, addr)
-            if self._toxics is not None:
-                self._toxics.connection_opened(conn)
+            Connection(self, sock, addr)
         except OSError as error:
             reset(sock)  # refused, not served: a reset says so
             if error.errno in OUT_OF_RESOURCES:
@@ -650,14 +656,20 @@ class Forwarder(_Dispatcher):
                     PAUSE_LOG_INTERVAL, self._pause_error, now,
                     extra={"event": "accept_pause", "details": details})
 
+    def add_observer(self, observer: ConnectionObserver) -> None:
+        """Tell ``observer`` of every connection's life from now on (see ``ConnectionObserver``).
+
+        Call it in the loop's thread.  It hears of the close of connections
+        already open, though not of their opening.
+        """
+        self.observers += (observer,)
+
     # -- events: override to log, count or trace differently ---------------
-    # (call the base method: it keeps the counters and the limits)
+    # (the base methods write the log lines; the counters and limits are kept
+    # by the observers, told first, whether or not an override calls them)
 
     def connection_opened(self, conn: Connection) -> None:
         """A client was accepted; the server connect starts."""
-        self.stats.accepted += 1
-        if self.access is not None:
-            self.access.opened(conn)
         log.debug("#%d accepted from %s", conn.id, format_address(conn.client_address))
 
     def connection_established(self, conn: Connection) -> None:
@@ -666,16 +678,13 @@ class Forwarder(_Dispatcher):
         log.debug("#%d connected to %s (%s)", conn.id, self.rule.remote, format_address(conn.server_address))
 
     def connection_closed(self, conn: Connection) -> None:
-        """The pair closed: count it, and log one line with what it moved and why it ended.
+        """The pair closed: log one line with what it moved and why it ended.
 
         DEBUG for a clean close, INFO when the forwarder ended it (a timeout,
         a drain cut short, an injected fault), WARNING for an error.  The line's format is in ``_stats``.
         DEBUG too for a client reset for lack of descriptors: the accept pause's
         line (rate-limited) tells it, and out of descriptors it would come every pause.
         """
-        self.stats.closed(conn)
-        if self.access is not None:
-            self.access.closed(conn)
         if not conn.error or conn.out_of_resources:
             level = logging.DEBUG
         else:

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import TYPE_CHECKING, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 from .._eventloop._timers import Throttle, Timers
 from .._net import SockAddr, end_key, format_address
+from .._relay._connection import Connection, ConnectionObserver
 from .._values._rules import Rule
-
-if TYPE_CHECKING:
-    from .._relay._copy import Connection
 
 __all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback"]
 
@@ -88,8 +86,11 @@ class RefusalLog:
         self._throttle.close()
 
 
-class AccessControl:
-    """A rule's allow/deny lists and connection limits, with the per-client counts."""
+class AccessControl(ConnectionObserver):
+    """A rule's allow/deny lists and connection limits, with the per-client counts.
+
+    It observes the rule's connections (``opened``, ``closed``) to count them per client.
+    """
 
     def __init__(self, rule: Rule, timers: Timers) -> None:
         self.allow = rule.allow

@@ -19,12 +19,10 @@ left out for a clean close.  The same fields are in the record's ``details``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterable
+from typing import Any, Dict, Iterable
 
 from .._net import format_address
-
-if TYPE_CHECKING:
-    from .._relay._copy import Connection
+from .._relay._connection import Connection, ConnectionObserver
 
 __all__ = ["COUNTERS", "RuleStats", "close_details", "format_close"]
 
@@ -33,8 +31,11 @@ COUNTERS = ("active", "accepted", "refused_acl", "refused_limit", "failed_connec
             "bytes_to_server", "bytes_to_client")
 
 
-class RuleStats:
-    """The counters of one rule; shared by the old and new forwarder of a reloaded rule."""
+class RuleStats(ConnectionObserver):
+    """The counters of one rule; shared by the old and new forwarder of a reloaded rule.
+
+    It observes the rule's connections: ``opened`` and ``closed`` count them.
+    """
 
     __slots__ = ("accepted", "refused_acl", "refused_limit", "failed_connects", "bytes_to_server",
                  "bytes_to_client")
@@ -47,6 +48,10 @@ class RuleStats:
         #: Bytes of the connections that have closed.
         self.bytes_to_server = 0
         self.bytes_to_client = 0
+
+    def opened(self, conn: Connection) -> None:
+        """A client was accepted."""
+        self.accepted += 1
 
     def refused(self, reason: str) -> None:
         """A client was turned away: by the access lists ("acl") or a limit."""

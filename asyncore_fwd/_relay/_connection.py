@@ -3,6 +3,12 @@
 A ``Connection`` is the one place where a pair is created and closed, and it
 keeps what the logs report (addresses, bytes each way, duration, who closed
 first, why it ended early).  ``cut()`` ends many at once, with resets.
+
+Strategy: a connection knows nothing of what acts on it.  What it needs
+from whoever accepted its client is a ``ConnectionOwner`` (a ``Forwarder``
+is one); counters, limits, timeouts and toxics are ``ConnectionObserver``
+objects of the owner, told of each connection's life as it happens (never
+per byte), before the owner's own hooks, which only log.
 """
 
 from __future__ import annotations
@@ -10,15 +16,13 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from typing import TYPE_CHECKING, Iterable, Optional, Protocol, Sized
+from typing import Any, Callable, Dict, Iterable, List, MutableSet, Optional, Protocol, Sequence, Sized, Tuple
 
-from .._net import SockAddr, describe_error, format_address
-from .._ops._timeouts import Timeouts
+from .._net import SockAddr, SocketMap, describe_error, format_address
+from .._values._rules import Rule
 
-if TYPE_CHECKING:
-    from .._listener._forwarder import Forwarder
-
-__all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "Side", "cut"]
+__all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "ConnectionObserver", "ConnectionOwner", "ServerSide", "Side",
+           "cut"]
 
 #: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
 STOPPED = "stopped"
@@ -28,24 +32,110 @@ STOPPED_BY_ERROR = "stopped by an error"
 class Side(Protocol):
     """What a connection needs of each of its two sides (``Receiver`` and ``Sender``, copy or splice)."""
 
+    #: The other side of the pair, of the same relay (set by the connection).
+    peer: Any
+
     @property
     def role(self) -> str:
         """"client" or "server", as the close line names them."""
 
     @property
     def outgoing(self) -> Sized:
-        """The bytes read from the other side that this one has not sent yet."""
+        """The bytes read from the peer that this side has not sent yet."""
 
     @property
     def bytes_sent(self) -> int: ...
 
-    @property
-    def peer(self) -> Side:
-        """The other side of the pair."""
-
     def reset_on_close(self) -> None: ...
 
     def close_socket(self) -> None: ...
+
+
+class ServerSide(Side, Protocol):
+    """The server's side: it also connects."""
+
+    def connect_next(self, error: Optional[OSError] = None) -> None:
+        """Connect to the next address of the server (the first, when the connection starts)."""
+
+
+class ConnectionObserver:
+    """Follows the life of every connection of an owner: counters, limits, timeouts, toxics.
+
+    A connection tells each of its owner's ``observers``, in order, before
+    the owner's hook of the same moment (``connection_opened``...), so what
+    an observer keeps is right whether or not a subclass's hook calls the
+    base method.  Called in the loop's thread; the defaults do nothing.
+    """
+
+    __slots__ = ()
+
+    def opened(self, conn: Connection) -> None:
+        """A client was accepted and its connection made; the server connect has not started."""
+
+    def established(self, conn: Connection) -> None:
+        """The server connect succeeded: bytes may flow both ways."""
+
+    def half_closed(self, conn: Connection) -> None:
+        """One direction passed its EOF on; the other still relays."""
+
+    def closed(self, conn: Connection) -> None:
+        """The pair closed (once), whatever ended it."""
+
+    def holds(self, conn: Connection) -> bool:
+        """Whether this observer holds bytes of ``conn`` that it has not passed on: a timeout
+        then resets the pair, as for bytes still queued (a toxic's latency, say)."""
+        return False
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs of whoever accepted its client (a ``Forwarder``)."""
+
+    @property
+    def rule(self) -> Rule: ...
+
+    @property
+    def _map(self) -> SocketMap:
+        """The asyncore map the sides join (asyncore's name for a dispatcher's map)."""
+
+    @property
+    def scratch(self) -> memoryview:
+        """The read buffer every side shares: the loop runs one handler at a time."""
+
+    @property
+    def receiver_class(self) -> Callable[[Connection, socket.socket], Side]: ...
+
+    @property
+    def sender_class(self) -> Callable[[Connection], ServerSide]: ...
+
+    @property
+    def connections(self) -> MutableSet[Connection]:
+        """The live connections: each joins when made and leaves when closed."""
+
+    @property
+    def observers(self) -> Sequence[ConnectionObserver]: ...
+
+    def pause_accepting(self, error: BaseException) -> None:
+        """Out of descriptors (or memory): stop taking clients for a while."""
+
+    # Loop-back: a connect that reached the owner's own listener.
+    @property
+    def address(self) -> Tuple[str, int]: ...
+
+    @property
+    def own_ends(self) -> Dict[Tuple[str, int], Any]: ...
+
+    def leads_back_here(self, peer: SockAddr, local: Optional[SockAddr] = None) -> bool: ...
+
+    def turn_back(self, local: SockAddr, peer: SockAddr) -> None: ...
+
+    def remote_addresses(self) -> List[Tuple[int, SockAddr]]: ...
+
+    # The hooks: called after the observers, to log.
+    def connection_opened(self, conn: Connection) -> None: ...
+
+    def connection_established(self, conn: Connection) -> None: ...
+
+    def connection_closed(self, conn: Connection) -> None: ...
 
 
 class Connection:
@@ -57,7 +147,7 @@ class Connection:
 
     _ids = itertools.count(1)
 
-    def __init__(self, forwarder: Forwarder, sock: socket.socket, client_address: SockAddr) -> None:
+    def __init__(self, forwarder: ConnectionOwner, sock: socket.socket, client_address: SockAddr) -> None:
         self.id = next(self._ids)
         self.forwarder = forwarder
         self.rule = forwarder.rule
@@ -81,8 +171,9 @@ class Connection:
         self.out_of_resources = False
         #: True if the forwarder closed the pair on purpose (a timeout, a drain).
         self.cut = False
-        #: The idle and half-closed timeouts, if the rule sets any.
-        self.timeouts: Optional[Timeouts] = None
+        # A close asked for while the opening is told (a toxic that cuts at
+        # once) waits for it: nobody hears of the close before the opening.
+        self._opening, self._close_asked = True, False
         self.receiver = forwarder.receiver_class(self, sock)
         try:
             self.sender = forwarder.sender_class(self)
@@ -91,8 +182,14 @@ class Connection:
             raise
         self.receiver.peer, self.sender.peer = self.sender, self.receiver
         forwarder.connections.add(self)
+        for observer in forwarder.observers:
+            observer.opened(self)
         forwarder.connection_opened(self)
-        self.sender.connect_next()
+        self._opening = False
+        if self._close_asked:
+            self.close()
+        else:
+            self.sender.connect_next()
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} from {format_address(self.client_address)}>"
@@ -115,13 +212,14 @@ class Connection:
         self.server_address = address
         self.established = True
         self.connected_at = time.monotonic()
-        self.timeouts = Timeouts.start(self)
+        for observer in self.forwarder.observers:
+            observer.established(self)
         self.forwarder.connection_established(self)
 
     def direction_ended(self) -> None:
         """One direction passed its EOF on; the other still relays."""
-        if self.timeouts is not None:
-            self.timeouts.direction_ended()
+        for observer in self.forwarder.observers:
+            observer.half_closed(self)
 
     def side_finished(self, side: Side) -> None:
         """Record which side closed first (sent EOF or failed)."""
@@ -144,11 +242,10 @@ class Connection:
     def time_out(self, reason: str) -> None:
         """A timeout expired: close with FINs if no data is lost, else with resets.
 
-        Bytes a toxic still holds (a latency longer than the timeout) are lost too.
+        Bytes an observer still holds (a toxic's latency longer than the timeout) are lost too.
         """
-        toxics = self.forwarder._toxics
         lost = (len(self.receiver.outgoing) or len(self.sender.outgoing)
-                or (toxics is not None and toxics.holds(self)))
+                or any(observer.holds(self) for observer in self.forwarder.observers))
         self.close_early(reason, reset=bool(lost))
 
     def close_early(self, reason: str, reset: bool = True) -> None:
@@ -167,19 +264,20 @@ class Connection:
         self.sender.reset_on_close()
 
     def close(self) -> None:
-        """Close both sockets (once) and tell the forwarder."""
+        """Close both sockets (once) and tell the observers and the forwarder."""
         if self.closed:
+            return
+        if self._opening:
+            self._close_asked = True
             return
         self.closed = True
         self.closed_at = time.monotonic()
         self.established = False
-        if self.timeouts is not None:
-            self.timeouts.cancel()
         self.receiver.close_socket()
         self.sender.close_socket()
         self.forwarder.connections.discard(self)
-        if self.forwarder._toxics is not None:
-            self.forwarder._toxics.connection_closed(self)
+        for observer in self.forwarder.observers:
+            observer.closed(self)
         self.forwarder.connection_closed(self)
 
 
