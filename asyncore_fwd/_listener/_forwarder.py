@@ -64,6 +64,7 @@ from .._ops._stats import RuleStats, close_details, format_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import ConnectionObserver
 from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
+from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
 
@@ -297,6 +298,11 @@ class Forwarder(_Dispatcher):
     def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
         """(family, sockaddr) of the remote to try, in order."""
         return self._remote.current()
+
+    def target_choice(self, conn: Connection) -> TargetChoice:
+        """Whom ``conn`` connects to: the remote's addresses in order (looked up again once stale).
+        Override to choose differently (see ``TargetChoice``)."""
+        return InOrder(self.remote_addresses())
 
     # -- running ----------------------------------------------------------
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from typing import Any, Callable, Dict, Iterable, List, MutableSet, Optional, Protocol, Sequence, Sized, Tuple
+from typing import Any, Callable, Dict, Iterable, MutableSet, Optional, Protocol, Sequence, Sized, Tuple
 
 from .._net import SockAddr, SocketMap, describe_error, format_address
 from .._values._rules import Rule
+from ._targets import TargetChoice
 
 __all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "ConnectionObserver", "ConnectionOwner", "ServerSide", "Side",
            "cut"]
@@ -114,6 +115,9 @@ class ConnectionOwner(Protocol):
     @property
     def observers(self) -> Sequence[ConnectionObserver]: ...
 
+    def target_choice(self, conn: Connection) -> TargetChoice:
+        """Whom ``conn`` connects to: asked once, when its server connect starts."""
+
     def pause_accepting(self, error: BaseException) -> None:
         """Out of descriptors (or memory): stop taking clients for a while."""
 
@@ -128,7 +132,6 @@ class ConnectionOwner(Protocol):
 
     def turn_back(self, local: SockAddr, peer: SockAddr) -> None: ...
 
-    def remote_addresses(self) -> List[Tuple[int, SockAddr]]: ...
 
     # The hooks: called after the observers, to log.
     def connection_opened(self, conn: Connection) -> None: ...

@@ -30,6 +30,7 @@ from .._net import (
     tune,
 )
 from ._connection import STOPPED, STOPPED_BY_ERROR, Connection, cut
+from ._targets import Target, TargetChoice
 
 __all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "Receiver", "Sender", "cut"]
 
@@ -273,15 +274,20 @@ LEADS_BACK = "it leads back to this forwarder"
 class Sender(_Pipe):
     """The server's side of a connection (the article's ``sender``).
 
-    Connects to each address of the remote in turn until one answers within
-    the connect timeout; if none does, the client is reset.
+    Connects to each target its choice gives (the remote's addresses, in
+    turn) until one answers within the connect timeout; if none does, the
+    client is reset.
     """
 
     role = "server"
 
     def __init__(self, conn: Connection) -> None:
         super().__init__(conn)
-        self._candidates = list(conn.forwarder.remote_addresses())
+        #: Whom to connect to: asked of the forwarder when the connect starts.
+        self._choice: Optional[TargetChoice] = None
+        #: The target of the connect under way.
+        self._target: Optional[Target] = None
+        self._giving_up = False
         self._connect_timer: Optional[Timer] = None
         self._last_error: Optional[OSError] = None
         #: This socket's (host, port) while it connects to the forwarder's own
@@ -331,6 +337,8 @@ class Sender(_Pipe):
         # arriving just now would then be consumed there, unseen by us.
         self._cancel_connect_timer()
         self.connected, self.connecting = True, False
+        if self._choice is not None and self._target is not None:
+            self._choice.succeeded(self._target)
         self.handle_connect()
         self.conn.established_to(self.addr)
 
@@ -355,18 +363,27 @@ class Sender(_Pipe):
     # -- helpers ----------------------------------------------------------
 
     def connect_next(self, error: Optional[OSError] = None) -> None:
-        """Start connecting to the next address; reset the client when none is left.
+        """Start connecting to the next target; reset the client when none is left.
 
-        A reset, not a FIN, whether or not the client has sent anything: an
-        EOF would tell it that the server accepted and closed at once.
+        ``error`` is why the last one failed (None for the first).  A reset,
+        not a FIN, whether or not the client has sent anything: an EOF would
+        tell it that the server accepted and closed at once.
         """
+        if self._choice is None:
+            self._choice = self.conn.forwarder.target_choice(self.conn)
         if error is not None:
             self._last_error = error
+            if self._target is not None:
+                self._choice.failed(self._target, error)
+        self._target = None
         self._cancel_connect_timer()
         self._forget_own_end()
         asyncore.dispatcher.close(self)  # the failed attempt's socket, if any
-        while self._candidates and not self.conn.closed:
-            family, address = self._candidates.pop(0)
+        while not self.conn.closed and not self._giving_up:
+            target = self._choice.next_target()
+            if target is None:
+                break
+            family, address = target
             try:
                 self.create_socket(family, socket.SOCK_STREAM)
                 _loop.check_watchable(self._map, self.socket)
@@ -374,6 +391,7 @@ class Sender(_Pipe):
                 self._connect_timer = timers_for(self._map).call_later(
                     self.conn.rule.connect_timeout, self._connect_timed_out)
                 self.connect(address)
+                self._target = target
                 if address[1] == self.conn.forwarder.address[1]:  # maybe this very forwarder
                     self.own_end = end_key(self.socket.getsockname())
                     self.conn.forwarder.own_ends[self.own_end] = self
@@ -385,6 +403,8 @@ class Sender(_Pipe):
                     self._last_error = failure  # in its own words: select()'s limit has some
                 else:
                     self._last_error = os_error(failure.errno) if failure.errno else failure
+                self._target = None
+                self._choice.failed(target, self._last_error)
                 asyncore.dispatcher.close(self)
         if not self.conn.closed:
             last = self._last_error or os_error(errno.EHOSTUNREACH)
@@ -403,7 +423,7 @@ class Sender(_Pipe):
         """The forwarder accepted this very connect: try the next address, or reset
         the client.  (Relaying to itself, it would connect again and again.)"""
         if not self.connecting:  # it already relays (a case the connect could not tell): give up
-            self._candidates.clear()
+            self._giving_up = True
         self.connect_next(os_error(errno.ELOOP, LEADS_BACK))
 
     def _forget_own_end(self) -> None:
