@@ -30,7 +30,7 @@ LAYERS: List[Tuple[str, Set[str]]] = [
      {"_eventloop", "_eventloop._timers", "_eventloop._wakeup", "_eventloop._loop"}),
     ("values: rules and the config file", {"_values", "_values._rules", "_values._config"}),
     ("relay: the two sides of a connection, copy and splice",
-     {"_relay", "_relay._targets", "_relay._connection", "_relay._copy", "_relay._splice"}),
+     {"_relay", "_relay._targets", "_relay._loopback", "_relay._connection", "_relay._copy", "_relay._splice"}),
     ("operations: what acts on connections",
      {"_ops", "_ops._access", "_ops._timeouts", "_ops._stats", "toxics"}),
     ("listener: the forwarder", {"_listener", "_listener._forwarder"}),

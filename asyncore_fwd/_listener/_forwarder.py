@@ -52,18 +52,18 @@ from .._net import (
     SockAddr,
     SocketMap,
     describe_error,
-    end_key,
     format_address,
     listen_address,
     os_error,
     pending_error,
     reset,
 )
-from .._ops._access import AccessControl, is_loopback
+from .._ops._access import AccessControl
 from .._ops._stats import RuleStats, close_details, format_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import ConnectionObserver
 from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
+from .._relay._loopback import LoopbackGuard, is_loopback
 from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
@@ -76,8 +76,6 @@ log = logging.getLogger("asyncore_fwd")
 ACCEPT_PAUSE = 0.5
 #: After a logged pause, further pauses are counted and summed up in one line at most this often (seconds).
 PAUSE_LOG_INTERVAL = 5.0
-#: How long a connect of ours that led back here may take to come out of the backlog.
-TURNED_BACK_WAIT = 5.0
 #: How long ``Forwarder.running()`` waits for its loop to start.
 START_TIMEOUT = 10.0
 #: Connections taken from the backlog per readiness event of the listener.
@@ -157,11 +155,6 @@ class Forwarder(_Dispatcher):
         #: Whether the last line logged about pauses left this listener paused.
         self._said_paused = False
         self._pause_error = ""
-        #: Our own senders that connect to this forwarder's port, by their (host, port).
-        self.own_ends: dict[Tuple[str, int], Sender] = {}
-        #: Connects of ours that led back here and were given up, by (their end, ours),
-        #: with the time: reset when they come out of the backlog.
-        self._turned_back: dict[Tuple[Tuple[str, int], Tuple[str, int]], float] = {}
         self._stop_requested = False
         #: Toxics (fault injection), made on first use; see ``add_toxic``.
         self._toxics: Optional[ToxicSet] = None
@@ -187,8 +180,11 @@ class Forwarder(_Dispatcher):
         #: What follows every connection, told before the hooks: counters, limits, timeouts (toxics join later).
         self.observers: Tuple[ConnectionObserver, ...] = tuple(
             observer for observer in (self.stats, self.access, TimeoutWatch.for_rule(rule)) if observer is not None)
+        #: Keeps our connects from leading back to this very listener.
+        self.loopback = LoopbackGuard(self, rule.reuse_port)
         try:
-            self._refuse_to_forward_to_itself()
+            self.loopback.refuse_remote(self._remote.last_answer,
+                                        f"{self._label}: cannot forward to {self.rule.remote}")
         except OSError:
             if listener is not None:
                 self.release_listener()  # still the caller's, to serve the old rule
@@ -220,62 +216,6 @@ class Forwarder(_Dispatcher):
         except OSError as error:
             where = format_address((self.rule.local_host, address[1]))
             raise OSError(error.errno, f"cannot listen on {where}: {describe_error(error)}") from None
-
-    def _refuse_to_forward_to_itself(self) -> None:
-        """OSError if every address of the remote is this very listener, which
-        would accept each connect and forward it again.  (When only some are,
-        the connects that lead back are caught as they complete.)"""
-        addresses = self._remote.last_answer
-        if addresses and all(self.leads_back_here(sockaddr) for _, sockaddr in addresses):
-            raise OSError(errno.ELOOP, f"{self._label}: cannot forward to {self.rule.remote}: "
-                          f"that is this forwarder's own listening address")
-
-    def leads_back_here(self, peer: SockAddr, local: Optional[SockAddr] = None) -> bool:
-        """Whether a connect to ``peer`` (from ``local``, once known) reaches this listener."""
-        host, port = end_key(self._address)
-        peer_host, peer_port = end_key(peer)
-        if peer_port != port:
-            return False
-        if peer_host == host:
-            return True
-        if host not in ("0.0.0.0", "::") or self.rule.reuse_port:
-            return False  # (with reuse_port, another process's more specific listener may own it)
-        # A wildcard listener takes every local address of its family, and [::]
-        # IPv4 too unless it is IPv6-only.  A connection to a local address has
-        # that same address at its own end.
-        if ":" in peer_host and host != "::":
-            return False
-        if ":" not in peer_host and host == "::" and self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-            return False
-        return (is_loopback(peer_host) or peer_host in ("0.0.0.0", "::")
-                or (local is not None and end_key(local)[0] == peer_host))
-
-    def turn_back(self, local: SockAddr, peer: SockAddr) -> None:
-        """A connect of ours from ``local`` led back to ``peer`` here: reset it when it is accepted."""
-        now = time.monotonic()
-        for key in [key for key, when in self._turned_back.items() if now - when > TURNED_BACK_WAIT]:
-            del self._turned_back[key]  # never accepted (the backlog dropped it)
-        self._turned_back[(end_key(local), end_key(peer))] = now
-
-    def _came_back(self, sock: socket.socket, addr: SockAddr) -> bool:
-        """Whether the client ``sock`` is a connect of ours that led back here (then reset it)."""
-        client = end_key(addr)
-        sender = self.own_ends.get(client)
-        if sender is None and not self._turned_back:
-            return False
-        try:
-            ours = end_key(sock.getsockname())
-        except OSError:
-            return False
-        if self._turned_back.pop((client, ours), None) is None:
-            try:  # the whole four-tuple: a client may share a port number with a sender
-                if sender is None or end_key(sender.socket.getpeername()) != ours:
-                    return False
-            except OSError:
-                return False
-            sender.reached_its_own_forwarder()
-        reset(sock)
-        return True
 
     def _take_over(self, listener: socket.socket) -> None:
         self.set_socket(listener)
@@ -583,7 +523,7 @@ class Forwarder(_Dispatcher):
 
     def handle_accepted(self, sock: socket.socket, addr: SockAddr) -> None:
         """Called with each new client socket: pair it with a connection to the remote."""
-        if (self.own_ends or self._turned_back) and self._came_back(sock, addr):
+        if (self.loopback.own_ends or self.loopback.turned_back) and self.loopback.came_back(sock, addr):
             return  # the remote led back here: do not forward it again
         if self.access is not None:
             reason = self.access.refusal(addr, len(self.connections))

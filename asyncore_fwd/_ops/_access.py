@@ -27,6 +27,7 @@ from typing import Dict, Optional, Union
 from .._eventloop._timers import Throttle, Timers
 from .._net import SockAddr, end_key, format_address
 from .._relay._connection import Connection, ConnectionObserver
+from .._relay._loopback import is_loopback
 from .._values._rules import Rule
 
 __all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback"]
@@ -46,14 +47,6 @@ def client_ip(address: SockAddr) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
-
-
-def is_loopback(host: str) -> bool:
-    """True if ``host`` (a bound address) only serves this machine."""
-    try:
-        return client_ip((host,)).is_loopback
-    except ValueError:
-        return False
 
 
 class RefusalLog:

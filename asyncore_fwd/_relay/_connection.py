@@ -16,10 +16,11 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from typing import Any, Callable, Dict, Iterable, MutableSet, Optional, Protocol, Sequence, Sized, Tuple
+from typing import Any, Callable, Iterable, MutableSet, Optional, Protocol, Sequence, Sized
 
 from .._net import SockAddr, SocketMap, describe_error, format_address
 from .._values._rules import Rule
+from ._loopback import LoopbackGuard
 from ._targets import TargetChoice
 
 __all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "ConnectionObserver", "ConnectionOwner", "ServerSide", "Side",
@@ -121,16 +122,9 @@ class ConnectionOwner(Protocol):
     def pause_accepting(self, error: BaseException) -> None:
         """Out of descriptors (or memory): stop taking clients for a while."""
 
-    # Loop-back: a connect that reached the owner's own listener.
     @property
-    def address(self) -> Tuple[str, int]: ...
-
-    @property
-    def own_ends(self) -> Dict[Tuple[str, int], Any]: ...
-
-    def leads_back_here(self, peer: SockAddr, local: Optional[SockAddr] = None) -> bool: ...
-
-    def turn_back(self, local: SockAddr, peer: SockAddr) -> None: ...
+    def loopback(self) -> LoopbackGuard:
+        """Keeps the server connects from leading back to the owner's own listener."""
 
 
     # The hooks: called after the observers, to log.

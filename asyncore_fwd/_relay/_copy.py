@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 from .._compat import asyncore
 from .._eventloop import _loop
@@ -24,12 +24,12 @@ from .._net import (
     SocketMap,
     acknowledge_urgent,
     describe_error,
-    end_key,
     os_error,
     pending_error,
     tune,
 )
 from ._connection import STOPPED, STOPPED_BY_ERROR, Connection, cut
+from ._loopback import LEADS_BACK
 from ._targets import Target, TargetChoice
 
 __all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "Receiver", "Sender", "cut"]
@@ -267,10 +267,6 @@ class Receiver(_Pipe):
     role = "client"
 
 
-#: Why a connect is given up when it reached the forwarder's own listener.
-LEADS_BACK = "it leads back to this forwarder"
-
-
 class Sender(_Pipe):
     """The server's side of a connection (the article's ``sender``).
 
@@ -290,9 +286,6 @@ class Sender(_Pipe):
         self._giving_up = False
         self._connect_timer: Optional[Timer] = None
         self._last_error: Optional[OSError] = None
-        #: This socket's (host, port) while it connects to the forwarder's own
-        #: port: a client arriving from there is the forwarder itself.
-        self.own_end: Optional[Tuple[str, int]] = None
 
     # -- select() predicates --------------------------------------------
 
@@ -327,10 +320,9 @@ class Sender(_Pipe):
                 # own port, is a TCP "simultaneous open".  Nobody is there.
                 self.connect_next(os_error(errno.ECONNREFUSED))
                 return
-            if self.own_end is not None and self.conn.forwarder.leads_back_here(peer, local):
+            if self.conn.forwarder.loopback.connected(self, peer, local):
                 # Our own listener took it: relayed, it would be forwarded again
                 # and again.  It waits in the backlog, to be reset there.
-                self.conn.forwarder.turn_back(local, peer)
                 self.connect_next(os_error(errno.ELOOP, LEADS_BACK))
                 return
         # asyncore's handle_connect_event() would read SO_ERROR again: a reset
@@ -377,7 +369,7 @@ class Sender(_Pipe):
                 self._choice.failed(self._target, error)
         self._target = None
         self._cancel_connect_timer()
-        self._forget_own_end()
+        self.conn.forwarder.loopback.forget(self)
         asyncore.dispatcher.close(self)  # the failed attempt's socket, if any
         while not self.conn.closed and not self._giving_up:
             target = self._choice.next_target()
@@ -392,9 +384,7 @@ class Sender(_Pipe):
                     self.conn.rule.connect_timeout, self._connect_timed_out)
                 self.connect(address)
                 self._target = target
-                if address[1] == self.conn.forwarder.address[1]:  # maybe this very forwarder
-                    self.own_end = end_key(self.socket.getsockname())
-                    self.conn.forwarder.own_ends[self.own_end] = self
+                self.conn.forwarder.loopback.connecting(self, address)  # maybe to this very forwarder
                 return
             except OSError as failure:
                 self._cancel_connect_timer()
@@ -416,7 +406,7 @@ class Sender(_Pipe):
 
     def close_socket(self) -> None:
         self._cancel_connect_timer()
-        self._forget_own_end()
+        self.conn.forwarder.loopback.forget(self)
         super().close_socket()
 
     def reached_its_own_forwarder(self) -> None:
@@ -425,12 +415,6 @@ class Sender(_Pipe):
         if not self.connecting:  # it already relays (a case the connect could not tell): give up
             self._giving_up = True
         self.connect_next(os_error(errno.ELOOP, LEADS_BACK))
-
-    def _forget_own_end(self) -> None:
-        if self.own_end is not None:
-            if self.conn.forwarder.own_ends.get(self.own_end) is self:
-                del self.conn.forwarder.own_ends[self.own_end]
-            self.own_end = None
 
     def _connect_timed_out(self) -> None:
         self._connect_timer = None
