@@ -16,48 +16,20 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from typing import Any, Callable, Iterable, MutableSet, Optional, Protocol, Sequence, Sized
+from typing import Callable, Iterable, MutableSet, Optional, Protocol, Sequence
 
 from .._net import SockAddr, SocketMap, describe_error, format_address
 from .._values._rules import Rule
 from ._loopback import LoopbackGuard
+from ._sides import ServerSide, Side
 from ._targets import TargetChoice
 
-__all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "ConnectionObserver", "ConnectionOwner", "ServerSide", "Side",
+__all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "ConnectionObserver", "ConnectionOwner",
            "cut"]
 
 #: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
 STOPPED = "stopped"
 STOPPED_BY_ERROR = "stopped by an error"
-
-
-class Side(Protocol):
-    """What a connection needs of each of its two sides (``Receiver`` and ``Sender``, copy or splice)."""
-
-    #: The other side of the pair, of the same relay (set by the connection).
-    peer: Any
-
-    @property
-    def role(self) -> str:
-        """"client" or "server", as the close line names them."""
-
-    @property
-    def outgoing(self) -> Sized:
-        """The bytes read from the peer that this side has not sent yet."""
-
-    @property
-    def bytes_sent(self) -> int: ...
-
-    def reset_on_close(self) -> None: ...
-
-    def close_socket(self) -> None: ...
-
-
-class ServerSide(Side, Protocol):
-    """The server's side: it also connects."""
-
-    def connect_next(self, error: Optional[OSError] = None) -> None:
-        """Connect to the next address of the server (the first, when the connection starts)."""
 
 
 class ConnectionObserver:
@@ -217,6 +189,17 @@ class Connection:
         """One direction passed its EOF on; the other still relays."""
         for observer in self.forwarder.observers:
             observer.half_closed(self)
+
+    def queue_for_server(self, data: bytes) -> None:
+        """Send ``data`` to the server ahead of anything the client sends (a PROXY header).
+
+        Only before the pair relays: from an observer's ``opened``, the
+        ``connection_opened`` hook, or an admission step.  Copy and splice
+        relays alike; the bytes count in ``bytes_to_server``.
+        """
+        if self.established or self.closed:
+            raise RuntimeError(f"{self!r}: bytes go to the server ahead of the client's only before it relays")
+        self.sender.queue_first(data)
 
     def side_finished(self, side: Side) -> None:
         """Record which side closed first (sent EOF or failed)."""

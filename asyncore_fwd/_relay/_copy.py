@@ -228,6 +228,11 @@ class _Pipe(_Dispatcher):
             data = data[sent:]
         self.outgoing += data
 
+    def queue_first(self, data: bytes) -> None:
+        """Queue ``data`` ahead of anything the peer reads (the pair does not relay yet):
+        sent, and counted in ``bytes_sent``, once this side is connected."""
+        self.outgoing += data
+
     def shutdown_write(self) -> None:
         """Pass the peer's EOF on; close the pair if the other way is done too."""
         if self.write_closed:

@@ -73,8 +73,14 @@ class KernelPipe:
         return moved
 
     def push(self, data: bytes) -> None:
-        """Write a few bytes into the (empty) pipe."""
-        self.queued += os.write(self.write_fd, data)
+        """Write a few bytes into the pipe now; ValueError if they do not fit."""
+        if self.queued + len(data) > self.capacity:
+            raise ValueError(f"{len(data)} bytes do not fit in a pipe of {self.capacity} holding {self.queued}")
+        view = memoryview(data)
+        while view:  # (a pipe with room takes all at once; should it take less, write the rest)
+            written = os.write(self.write_fd, view)
+            self.queued += written
+            view = view[written:]
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
@@ -164,6 +170,10 @@ class _Splicing(_Pipe):
                 return
         if not self.outgoing and self.peer.eof_received:
             self.shutdown_write()
+
+    def queue_first(self, data: bytes) -> None:
+        """Write ``data`` into the pipe now, ahead of what the peer splices in."""
+        self.outgoing.push(data)
 
     def close_socket(self) -> None:
         self.outgoing.close()
