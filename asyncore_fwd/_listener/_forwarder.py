@@ -61,7 +61,7 @@ from .._net import (
 from .._ops._access import AccessControl
 from .._ops._stats import RuleStats, close_details, format_close
 from .._ops._timeouts import TimeoutWatch
-from .._relay._connection import ConnectionObserver
+from .._relay._connection import AdmissionStep, ConnectionObserver
 from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
 from .._relay._loopback import LoopbackGuard, is_loopback
 from .._relay._targets import InOrder, TargetChoice
@@ -180,6 +180,8 @@ class Forwarder(_Dispatcher):
         #: What follows every connection, told before the hooks: counters, limits, timeouts (toxics join later).
         self.observers: Tuple[ConnectionObserver, ...] = tuple(
             observer for observer in (self.stats, self.access, TimeoutWatch.for_rule(rule)) if observer is not None)
+        #: The steps between accept and the server connect: who may connect, and how many.
+        self.admission: Tuple[AdmissionStep, ...] = (self.access,) if self.access is not None else ()
         #: Keeps our connects from leading back to this very listener.
         self.loopback = LoopbackGuard(self, rule.reuse_port)
         try:
@@ -525,8 +527,8 @@ class Forwarder(_Dispatcher):
         """Called with each new client socket: pair it with a connection to the remote."""
         if (self.loopback.own_ends or self.loopback.turned_back) and self.loopback.came_back(sock, addr):
             return  # the remote led back here: do not forward it again
-        if self.access is not None:
-            reason = self.access.refusal(addr, len(self.connections))
+        for step in self.admission:
+            reason = step.refusal(addr, len(self.connections))
             if reason is not None:
                 self.refuse(sock, addr, reason)
                 return
@@ -609,6 +611,11 @@ class Forwarder(_Dispatcher):
         already open, though not of their opening.
         """
         self.observers += (observer,)
+
+    def add_admission_step(self, step: AdmissionStep) -> None:
+        """Ask ``step`` about every client from now on, after the steps already there
+        (see ``AdmissionStep``).  Call it in the loop's thread."""
+        self.admission += (step,)
 
     # -- events: override to log, count or trace differently ---------------
     # (the base methods write the log lines; the counters and limits are kept

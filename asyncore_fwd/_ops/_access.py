@@ -26,7 +26,7 @@ from typing import Dict, Optional, Union
 
 from .._eventloop._timers import Throttle, Timers
 from .._net import SockAddr, end_key, format_address
-from .._relay._connection import Connection, ConnectionObserver
+from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
 from .._relay._loopback import is_loopback
 from .._values._rules import Rule
 
@@ -79,10 +79,11 @@ class RefusalLog:
         self._throttle.close()
 
 
-class AccessControl(ConnectionObserver):
+class AccessControl(AdmissionStep, ConnectionObserver):
     """A rule's allow/deny lists and connection limits, with the per-client counts.
 
-    It observes the rule's connections (``opened``, ``closed``) to count them per client.
+    The first admission step of its rule (``refusal``, at accept); it observes
+    the rule's connections (``opened``, ``closed``) to count them per client.
     """
 
     def __init__(self, rule: Rule, timers: Timers) -> None:

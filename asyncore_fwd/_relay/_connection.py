@@ -8,7 +8,9 @@ Strategy: a connection knows nothing of what acts on it.  What it needs
 from whoever accepted its client is a ``ConnectionOwner`` (a ``Forwarder``
 is one); counters, limits, timeouts and toxics are ``ConnectionObserver``
 objects of the owner, told of each connection's life as it happens (never
-per byte), before the owner's own hooks, which only log.
+per byte), before the owner's own hooks, which only log.  Between accept
+and the server connect, the owner's ``AdmissionStep`` objects may turn the
+client away, or hold the connect (to read a header from the client first).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ._loopback import LoopbackGuard
 from ._sides import ServerSide, Side
 from ._targets import TargetChoice
 
-__all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "ConnectionObserver", "ConnectionOwner",
+__all__ = ["STOPPED", "STOPPED_BY_ERROR", "AdmissionStep", "Connection", "ConnectionObserver", "ConnectionOwner",
            "cut"]
 
 #: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
@@ -61,6 +63,28 @@ class ConnectionObserver:
         return False
 
 
+class AdmissionStep:
+    """A step between accept and the server connect: who may connect, how many, what comes first.
+
+    The owner asks its ``admission`` steps in order.  ``refusal`` comes
+    before anything is made for the client: a reason turns it away with a
+    reset, counted and logged as a refusal.  ``admit`` comes once its
+    ``Connection`` is open, before the server connect: False holds the
+    connect until the step calls ``conn.let_go()`` (the next steps, then
+    the connect) or ``conn.refuse(reason)``.  The defaults let everyone in.
+    """
+
+    __slots__ = ()
+
+    def refusal(self, client_address: SockAddr, open_connections: int) -> Optional[str]:
+        """Why the client must be turned away (a short reason for the logs and counters), or None."""
+        return None
+
+    def admit(self, conn: Connection) -> bool:
+        """True to go on; False to hold the connect (``conn.read_client()`` reads the client meanwhile)."""
+        return True
+
+
 class ConnectionOwner(Protocol):
     """What a connection needs of whoever accepted its client (a ``Forwarder``)."""
 
@@ -87,6 +111,9 @@ class ConnectionOwner(Protocol):
 
     @property
     def observers(self) -> Sequence[ConnectionObserver]: ...
+
+    @property
+    def admission(self) -> Sequence[AdmissionStep]: ...
 
     def target_choice(self, conn: Connection) -> TargetChoice:
         """Whom ``conn`` connects to: asked once, when its server connect starts."""
@@ -143,6 +170,9 @@ class Connection:
         # A close asked for while the opening is told (a toxic that cuts at
         # once) waits for it: nobody hears of the close before the opening.
         self._opening, self._close_asked = True, False
+        #: True while an admission step holds the server connect.
+        self.held = False
+        self._steps_passed, self._connect_started, self._reading_client = 0, False, False
         self.receiver = forwarder.receiver_class(self, sock)
         try:
             self.sender = forwarder.sender_class(self)
@@ -158,7 +188,7 @@ class Connection:
         if self._close_asked:
             self.close()
         else:
-            self.sender.connect_next()
+            self.let_go()
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} from {format_address(self.client_address)}>"
@@ -189,6 +219,42 @@ class Connection:
         """One direction passed its EOF on; the other still relays."""
         for observer in self.forwarder.observers:
             observer.half_closed(self)
+
+    def let_go(self) -> None:
+        """Go on towards the server connect: the admission steps left, then the connect.
+
+        A step's ``admit`` returning False holds it; that step calls
+        ``let_go()`` to go on (the client's reads are then its own again).
+        """
+        if self.closed or self._connect_started:
+            return
+        if self._reading_client:
+            self.read_client(None)
+        steps = self.forwarder.admission
+        while self._steps_passed < len(steps):
+            step = steps[self._steps_passed]
+            self._steps_passed += 1
+            if not step.admit(self):
+                self.held = not self._connect_started  # (unless it let go at once)
+                return
+        if self.closed or self._connect_started:  # a step refused, or let go from within admit()
+            return
+        self.held, self._connect_started = False, True
+        self.sender.connect_next()
+
+    def refuse(self, reason: str) -> None:
+        """Turn the client away before the server connect: reset it, and close the pair with
+        ``reason`` in its close line (a step holding the connect gives its verdict)."""
+        self.close_early(reason)
+
+    def read_client(self, received: Optional[Callable[[bytes], None]]) -> None:
+        """While a step holds the connect: hand what the client sends to ``received(data)``
+        (b"" at EOF) instead of queuing it for the server; None, or ``let_go()``, ends it.
+
+        What ``received`` does not keep, it passes on with ``queue_for_server``.
+        """
+        self._reading_client = received is not None
+        self.receiver.divert_reads(received)
 
     def queue_for_server(self, data: bytes) -> None:
         """Send ``data`` to the server ahead of anything the client sends (a PROXY header).

@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional
 
 from .._compat import asyncore
 from .._eventloop import _loop
@@ -35,6 +35,10 @@ from ._targets import Target, TargetChoice
 __all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "Receiver", "Sender", "cut"]
 
 log = logging.getLogger("asyncore_fwd")
+
+#: The most a diverted read takes at once (``divert_reads``): a header's worth.  What the
+#: taker passes on to the peer then stays small next to any high-water mark.
+DIVERTED_READ = 4096
 
 
 class _Dispatcher(asyncore.dispatcher):
@@ -78,6 +82,7 @@ class _Pipe(_Dispatcher):
     role = "?"
     peer: _Pipe
     reset_error: Optional[OSError] = None
+    _diverted: Optional[_Diverted] = None
 
     def __init__(self, conn: Connection, sock: Optional[socket.socket] = None) -> None:
         self.conn = conn
@@ -233,6 +238,20 @@ class _Pipe(_Dispatcher):
         sent, and counted in ``bytes_sent``, once this side is connected."""
         self.outgoing += data
 
+    def divert_reads(self, received: Optional[Callable[[bytes], None]]) -> None:
+        """Hand what this socket reads to ``received(data)`` (b"" at EOF) instead of the peer,
+        whether the pair relays or not; None gives the reads back.
+
+        For a step that reads the client before the server connect: like a
+        toxic, it takes the place of two methods of this side only.
+        """
+        if self._diverted is not None:
+            self._diverted.give_back()
+            del self._diverted
+        if received is not None:
+            self._diverted = _Diverted(self, received)
+        _loop.channel_changed(self)
+
     def shutdown_write(self) -> None:
         """Pass the peer's EOF on; close the pair if the other way is done too."""
         if self.write_closed:
@@ -264,6 +283,45 @@ class _Pipe(_Dispatcher):
     def close(self) -> None:
         """Closing either side from outside (e.g. ``asyncore.close_all``) cuts the whole pair."""
         cut([self.conn], STOPPED)
+
+
+class _Diverted:
+    """The reads of one side, taken for someone else (see ``_Pipe.divert_reads``)."""
+
+    _METHODS = ("readable", "handle_read")
+
+    def __init__(self, side: _Pipe, received: Callable[[bytes], None]) -> None:
+        self.side, self.received, self.ended = side, received, False
+        # What it replaces may be another taker's (a toxic's): put that back after.
+        self.replaced: Dict[str, Any] = {name: side.__dict__[name] for name in self._METHODS if name in side.__dict__}
+        side.readable, side.handle_read = self.readable, self.handle_read  # type: ignore[method-assign]
+
+    def give_back(self) -> None:
+        for name in self._METHODS:
+            self.side.__dict__.pop(name, None)
+        self.side.__dict__.update(self.replaced)
+
+    def readable(self) -> bool:
+        """Until EOF, while the pair is open."""
+        return not self.ended and not self.side.conn.closed
+
+    def handle_read(self) -> None:
+        side = self.side
+        if not self.readable():
+            return
+        scratch = side.conn.forwarder.scratch
+        try:
+            count = side.socket.recv_into(scratch, min(DIVERTED_READ, len(scratch)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            side.conn.abort(side, error)
+            return
+        if not count and side.reset_error is not None:  # an EOF that stands for a reset
+            side.conn.abort(side, side.reset_error)
+            return
+        self.ended = not count
+        self.received(bytes(scratch[:count]))
 
 
 class Receiver(_Pipe):

@@ -8,7 +8,7 @@ sides' own handlers.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sized
+from typing import Any, Callable, Optional, Protocol, Sized
 
 __all__ = ["ServerSide", "Side"]
 
@@ -32,6 +32,10 @@ class Side(Protocol):
 
     def queue_first(self, data: bytes) -> None:
         """Queue ``data`` to send before anything the peer reads (the pair does not relay yet)."""
+
+    def divert_reads(self, received: Optional[Callable[[bytes], None]]) -> None:
+        """Hand what this side reads to ``received(data)`` (b"" at EOF) instead of its peer;
+        None gives the reads back."""
 
     def reset_on_close(self) -> None: ...
 
