@@ -135,9 +135,9 @@ class Forwarder(_Dispatcher):
                stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
                scratch: Optional[memoryview] = None) -> None:
         self.rule = rule
-        if self.rule.splice:
-            from .._relay._splice import SpliceReceiver, SpliceSender
-            self.receiver_class, self.sender_class = SpliceReceiver, SpliceSender
+        if self.rule.splice:  # the splice sides, unless a subclass brought its own (ValueError for copying ones)
+            from .._relay._splice import splice_sides
+            self.receiver_class, self.sender_class = splice_sides(self.receiver_class, self.sender_class)
         #: The live connections, for stats and for closing them all.
         self.connections: set[Connection] = set()
         #: The counters of this rule (``stats.snapshot(self.connections)``).

@@ -15,7 +15,7 @@ already relaying.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Tuple, Type, TypeVar
 
 try:
     import fcntl
@@ -25,7 +25,9 @@ except ImportError:  # pragma: no cover - not POSIX
 from .._net import SPLICE_AVAILABLE as AVAILABLE
 from .._relay._copy import Connection, Receiver, Sender, _Pipe
 
-__all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender"]
+__all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender", "splice_sides"]
+
+S = TypeVar("S", bound=_Pipe)
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -186,3 +188,23 @@ class SpliceReceiver(_Splicing, Receiver):
 
 class SpliceSender(_Splicing, Sender):
     """The server's side, relaying with splice()."""
+
+
+def splice_sides(receiver_class: Type[Receiver], sender_class: Type[Sender]) -> Tuple[Type[Receiver], Type[Sender]]:
+    """The side classes of a forwarder with splice=True, given the ones it has.
+
+    The copy relay's own classes give way to the splice ones; a subclass's
+    splice classes (derived from ``SpliceReceiver``, ``SpliceSender``) are
+    kept.  A subclass's copy-relay class is never silently replaced: a side
+    that copies cannot be paired with one that splices (ValueError).
+    """
+    return _splicing(receiver_class, Receiver, SpliceReceiver), _splicing(sender_class, Sender, SpliceSender)
+
+
+def _splicing(given: Type[S], copying: Type[S], splicing: Type[S]) -> Type[S]:
+    if given is copying:
+        return splicing
+    if issubclass(given, splicing):
+        return given
+    raise ValueError(f"splice=True needs the sides to splice: {given.__qualname__} is not derived from "
+                     f"{splicing.__name__} (derive it from {splicing.__name__}, or leave splice off)")
