@@ -44,7 +44,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Type
 
 from .._compat import asyncore
 from .._eventloop import _loop
-from .._eventloop._timers import Throttle, Timer, forget, timers_for
+from .._eventloop._timers import forget, timers_for
 from .._eventloop._wakeup import LoopCalls
 from .._net import (
     OUT_OF_RESOURCES,
@@ -67,6 +67,7 @@ from .._relay._loopback import LoopbackGuard, is_loopback
 from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
+from ._pause import AcceptPause
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
 
@@ -151,10 +152,6 @@ class Forwarder(_Dispatcher):
             scratch = memoryview(bytearray(rule.read_size))
         self.scratch = scratch[:rule.read_size]
         self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
-        self._accept_pause: Optional[Timer] = None
-        #: Whether the last line logged about pauses left this listener paused.
-        self._said_paused = False
-        self._pause_error = ""
         self._stop_requested = False
         #: Toxics (fault injection), made on first use; see ``add_toxic``.
         self._toxics: Optional[ToxicSet] = None
@@ -162,8 +159,7 @@ class Forwarder(_Dispatcher):
         self._down = False
         super().__init__(map=map)
         self._timers = timers_for(self._map)
-        # Out of descriptors, a pause follows every resume: log the first, then sum them up.
-        self._pause_log = Throttle(self._timers, PAUSE_LOG_INTERVAL, self._log_pauses)
+        self._pause = AcceptPause(self, self._timers, PAUSE_LOG_INTERVAL)
         #: Allow/deny lists and limits; None when the rule has none (nothing to check).
         self.access = AccessControl.for_rule(self.rule, self._timers)
         if listener is not None:
@@ -466,7 +462,7 @@ class Forwarder(_Dispatcher):
     def stop_accepting(self) -> None:
         """Close the listening socket; the connections go on (to drain them)."""
         asyncore.dispatcher.close(self)
-        self._cancel_accept_pause()
+        self._pause.cancel()
 
     def release_listener(self) -> socket.socket:
         """Stop accepting and hand the listening socket, still open, to a successor."""
@@ -474,19 +470,13 @@ class Forwarder(_Dispatcher):
         self.del_channel()
         self.socket = None
         self.accepting = False
-        self._cancel_accept_pause()
+        self._pause.cancel()
         return listener
-
-    def _cancel_accept_pause(self) -> None:
-        if self._accept_pause is not None:
-            self._accept_pause.cancel()
-            self._accept_pause = None
-        self._pause_log.close()
 
     @property
     def accept_paused(self) -> bool:
         """True during a pause of accepting: out of descriptors (or after an accept error)."""
-        return self._accept_pause is not None
+        return self._pause.timer is not None
 
     # -- select() predicates --------------------------------------------
 
@@ -499,7 +489,7 @@ class Forwarder(_Dispatcher):
         # joins the map after its listener, so the first listener in the map
         # is asked before any connection's descriptor is collected this round.
         self._timers.run_due()
-        return self._accept_pause is None and not self._down
+        return self._pause.timer is None and not self._down
 
     def writable(self) -> bool:
         return False
@@ -520,7 +510,7 @@ class Forwarder(_Dispatcher):
             if accepted is None:
                 return
             self.handle_accepted(*accepted)
-            if self._accept_pause is not None:
+            if self._pause.timer is not None:
                 return
 
     def handle_accepted(self, sock: socket.socket, addr: SockAddr) -> None:
@@ -567,42 +557,8 @@ class Forwarder(_Dispatcher):
             self.access.refusals.refused(addr, reason)
 
     def pause_accepting(self, error: BaseException) -> None:
-        """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error).
-
-        The first pause is logged, with the resume after it; later ones are
-        counted, and summed up in one line per ``PAUSE_LOG_INTERVAL`` s.
-        """
-        if self._accept_pause is not None:
-            self._accept_pause.cancel()
-        else:
-            self._pause_error = describe_error(error)
-            if self._pause_log.allow():  # the first of a burst: the others are counted
-                self._said_paused = True
-                details = {"rule": self._label, "paused_s": ACCEPT_PAUSE,
-                           "error": self._pause_error}
-                log.warning("not accepting on %s for %g s: %s", format_address(self.address),
-                            ACCEPT_PAUSE, self._pause_error,
-                            extra={"event": "accept_pause", "details": details})
-        self._accept_pause = self._timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
-
-    def _resume_accepting(self) -> None:
-        self._accept_pause = None
-        if self._said_paused:
-            self._said_paused = False
-            log.info("accepting connections again on %s", format_address(self.address),
-                     extra={"event": "accept_pause", "details": {"rule": self._label, "paused_s": 0}})
-        _loop.channel_changed(self)
-
-    def _log_pauses(self, count: int) -> None:
-        self._said_paused = self._accept_pause is not None
-        # (Neither, once it stopped listening: the lines of the close or reload say so.)
-        now = "; paused now" if self._said_paused else "; accepting now" if self.accepting else ""
-        details = {"rule": self._label, "paused_s": ACCEPT_PAUSE if self._said_paused else 0,
-                   "error": self._pause_error, "suppressed": count}
-        log.warning("not accepting on %s: paused %d more time%s in the last %g s (last: %s)%s",
-                    format_address(self.address), count, "s" if count > 1 else "",
-                    PAUSE_LOG_INTERVAL, self._pause_error, now,
-                    extra={"event": "accept_pause", "details": details})
+        """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error): see ``AcceptPause``."""
+        self._pause.start(error, ACCEPT_PAUSE)
 
     def add_observer(self, observer: ConnectionObserver) -> None:
         """Tell ``observer`` of every connection's life from now on (see ``ConnectionObserver``).
