@@ -31,7 +31,7 @@ LAYERS: List[Tuple[str, Set[str]]] = [
     ("values: rules and the config file", {"_values", "_values._rules", "_values._config"}),
     ("relay: the two sides of a connection, copy and splice",
      {"_relay", "_relay._sides", "_relay._targets", "_relay._loopback", "_relay._connection", "_relay._copy",
-      "_relay._splice"}),
+      "_relay._sender", "_relay._splice"}),
     ("operations: what acts on connections",
      {"_ops", "_ops._access", "_ops._timeouts", "_ops._stats", "toxics"}),
     ("listener: the forwarder", {"_listener", "_listener._pause", "_listener._forwarder"}),

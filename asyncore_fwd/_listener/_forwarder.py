@@ -62,8 +62,9 @@ from .._ops._access import AccessControl
 from .._ops._stats import RuleStats, close_details, format_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import AdmissionStep, ConnectionObserver
-from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
+from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, _Dispatcher, cut
 from .._relay._loopback import LoopbackGuard, is_loopback
+from .._relay._sender import Sender
 from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet

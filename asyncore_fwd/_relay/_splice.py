@@ -23,7 +23,9 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .._net import SPLICE_AVAILABLE as AVAILABLE
-from .._relay._copy import Connection, Receiver, Sender, _Pipe
+from ._connection import Connection
+from ._copy import Receiver, _Pipe
+from ._sender import Sender
 
 __all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender", "splice_sides"]
 
