@@ -34,7 +34,7 @@ LAYERS: List[Tuple[str, Set[str]]] = [
       "_relay._sender", "_relay._splice"}),
     ("operations: what acts on connections",
      {"_ops", "_ops._access", "_ops._timeouts", "_ops._stats", "toxics"}),
-    ("listener: the forwarder", {"_listener", "_listener._pause", "_listener._forwarder"}),
+    ("listener: the forwarder", {"_listener", "_listener._owner", "_listener._pause", "_listener._forwarder"}),
     ("service: many rules, processes, metrics",
      {"_service", "_service._service", "_service._workers", "_service._metrics", "_service._pidfile"}),
     ("entry points", {"__init__", "__main__", "cli", "trace", "pytest_plugin", "_shellfiles"}),

@@ -3,32 +3,23 @@
 The article's design is kept: a listening ``Forwarder`` accepts a client,
 wraps it in a ``Receiver`` (talks to the client) and pairs it with a
 ``Sender`` (talks to the server).  Those two sides, and the ``Connection``
-that owns them, are the copy relay (``_relay``); ``_splice`` has a
-zero-copy variant of the sides.
+that owns them, are the relay (``_relay``: how backpressure and half-close
+work is told there); ``_splice`` has a zero-copy variant of the sides.
 
 Strategy, in the order the loop sees it:
 
-* **Backpressure.**  A side is ``readable()`` only while the bytes waiting
-  for its peer are under ``high_water``.  When the slow side cannot keep up,
-  the fast side simply stops being asked for reads, and the kernel's own
-  buffers push back on the sender.  Memory per connection is bounded.
-* **Half-close.**  EOF on one side is not the end of the connection: first
-  everything already read from that side is written to the other one, then
-  the EOF is passed on with ``shutdown(SHUT_WR)``.  The pair closes when both
-  directions have done this, or at once on an error.  A side that has seen
-  EOF stops asking for read events, so the loop does not spin on it.
+* **Accepting.**  Up to ``ACCEPTS_PER_EVENT`` clients per readiness event;
+  the loop-back guard and the admission steps (``AdmissionStep``: access
+  control first) may turn one away before anything is made for it.  Out
+  of descriptors, the listener pauses (``_pause``) instead of spinning.
 * **Timers.**  asyncore has no timer API; ``_timers`` adds a deadline
   heap per map, for the connect timeout and the pause after EMFILE.  Our
   loop backends end each wait when the next timer is due; under a plain
   ``asyncore.loop`` the listener's ``readable()``, which asyncore asks every
   round, runs the timers that are due.
-* **Operations.**  Each in its own module, called at events, never per
-  byte: who may connect and how many (``_access``, at accept), idle and
-  half-closed timeouts (``_timeouts``, on timers), counters and the close
-  line (``_stats``, at accept and close).  They observe the connections
-  (``ConnectionObserver``): each connection tells the forwarder's short
-  tuple of observers when it opens, connects, half-closes and closes; a
-  rule that sets none of them has only its counters there.
+* **Operations.**  What acts on connections (``_ops``) observes them, at
+  events, never per byte (``ConnectionObserver``; ``_owner`` sets them up
+  for the rule); the hooks here only log.
 """
 
 from __future__ import annotations
@@ -48,7 +39,6 @@ from .._eventloop._timers import forget, timers_for
 from .._eventloop._wakeup import LoopCalls
 from .._net import (
     OUT_OF_RESOURCES,
-    RemoteAddresses,
     SockAddr,
     SocketMap,
     describe_error,
@@ -58,16 +48,15 @@ from .._net import (
     pending_error,
     reset,
 )
-from .._ops._access import AccessControl
-from .._ops._stats import RuleStats, close_details, format_close
-from .._ops._timeouts import TimeoutWatch
-from .._relay._connection import AdmissionStep, ConnectionObserver
+from .._ops._access import warn_if_open
+from .._ops._stats import RuleStats, log_close
 from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, _Dispatcher, cut
-from .._relay._loopback import LoopbackGuard, is_loopback
+from .._relay._loopback import LoopbackGuard
 from .._relay._sender import Sender
 from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
+from ._owner import ConnectionOwnerBase
 from ._pause import AcceptPause
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
@@ -84,7 +73,7 @@ START_TIMEOUT = 10.0
 ACCEPTS_PER_EVENT = 128
 
 
-class Forwarder(_Dispatcher):
+class Forwarder(_Dispatcher, ConnectionOwnerBase):
     """Listens on ``ip:port`` and forwards each client to ``remoteip:remoteport``.
 
     Keeps the article's signature.  The remote may be a hostname or an IPv4/
@@ -136,23 +125,7 @@ class Forwarder(_Dispatcher):
     def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
                stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
                scratch: Optional[memoryview] = None) -> None:
-        self.rule = rule
-        if self.rule.splice:  # the splice sides, unless a subclass brought its own (ValueError for copying ones)
-            from .._relay._splice import splice_sides
-            self.receiver_class, self.sender_class = splice_sides(self.receiver_class, self.sender_class)
-        #: The live connections, for stats and for closing them all.
-        self.connections: set[Connection] = set()
-        #: The counters of this rule (``stats.snapshot(self.connections)``).
-        self.stats = stats if stats is not None else RuleStats()
-        #: One read buffer for every connection: the loop runs one handler at a time.
-        if scratch is not None:
-            scratch = memoryview(scratch)  # the same memory, whatever buffer was given
-            if scratch.readonly or scratch.itemsize != 1:
-                raise ValueError("scratch must be a writable buffer of bytes")
-        if scratch is None or len(scratch) < rule.read_size:
-            scratch = memoryview(bytearray(rule.read_size))
-        self.scratch = scratch[:rule.read_size]
-        self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
+        self._own_connections(rule, stats, scratch)
         self._stop_requested = False
         #: Toxics (fault injection), made on first use; see ``add_toxic``.
         self._toxics: Optional[ToxicSet] = None
@@ -161,8 +134,7 @@ class Forwarder(_Dispatcher):
         super().__init__(map=map)
         self._timers = timers_for(self._map)
         self._pause = AcceptPause(self, self._timers, PAUSE_LOG_INTERVAL)
-        #: Allow/deny lists and limits; None when the rule has none (nothing to check).
-        self.access = AccessControl.for_rule(self.rule, self._timers)
+        self._set_up_operations(self._timers)
         if listener is not None:
             self._take_over(listener)
         else:
@@ -174,11 +146,6 @@ class Forwarder(_Dispatcher):
         self._label = self.rule.name or format_address((self.rule.local_host, self._address[1]))
         if self.access is not None:
             self.access.refusals.label = self._label  # made before the port was known
-        #: What follows every connection, told before the hooks: counters, limits, timeouts (toxics join later).
-        self.observers: Tuple[ConnectionObserver, ...] = tuple(
-            observer for observer in (self.stats, self.access, TimeoutWatch.for_rule(rule)) if observer is not None)
-        #: The steps between accept and the server connect: who may connect, and how many.
-        self.admission: Tuple[AdmissionStep, ...] = (self.access,) if self.access is not None else ()
         #: Keeps our connects from leading back to this very listener.
         self.loopback = LoopbackGuard(self, rule.reuse_port)
         try:
@@ -190,9 +157,7 @@ class Forwarder(_Dispatcher):
             else:
                 self.close()
             raise
-        if not self.rule.allow and not is_loopback(self._address[0]):
-            log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
-                        self._label, format_address(self._address))
+        warn_if_open(rule, self._address, self._label)
 
     def _listen(self) -> None:
         family, address = listen_address(self.rule.local_host, self.rule.local_port)
@@ -561,19 +526,6 @@ class Forwarder(_Dispatcher):
         """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error): see ``AcceptPause``."""
         self._pause.start(error, ACCEPT_PAUSE)
 
-    def add_observer(self, observer: ConnectionObserver) -> None:
-        """Tell ``observer`` of every connection's life from now on (see ``ConnectionObserver``).
-
-        Call it in the loop's thread.  It hears of the close of connections
-        already open, though not of their opening.
-        """
-        self.observers += (observer,)
-
-    def add_admission_step(self, step: AdmissionStep) -> None:
-        """Ask ``step`` about every client from now on, after the steps already there
-        (see ``AdmissionStep``).  Call it in the loop's thread."""
-        self.admission += (step,)
-
     # -- events: override to log, count or trace differently ---------------
     # (the base methods write the log lines; the counters and limits are kept
     # by the observers, told first, whether or not an override calls them)
@@ -595,13 +547,7 @@ class Forwarder(_Dispatcher):
         DEBUG too for a client reset for lack of descriptors: the accept pause's
         line (rate-limited) tells it, and out of descriptors it would come every pause.
         """
-        if not conn.error or conn.out_of_resources:
-            level = logging.DEBUG
-        else:
-            level = logging.INFO if conn.cut else logging.WARNING
-        if log.isEnabledFor(level):  # a clean close at the default level costs no formatting
-            details = close_details(conn, self._label)
-            log.log(level, "%s", format_close(details), extra={"event": "close", "details": details})
+        log_close(conn, self._label)
 
 
 # The article's lowercase names, for code written against it.

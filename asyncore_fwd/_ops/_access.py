@@ -30,7 +30,7 @@ from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
 from .._relay._loopback import is_loopback
 from .._values._rules import Rule
 
-__all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback"]
+__all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback", "warn_if_open"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -47,6 +47,13 @@ def client_ip(address: SockAddr) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def warn_if_open(rule: Rule, address: SockAddr, label: str) -> None:
+    """Warn, at start, of a rule that listens beyond this machine with no allow list."""
+    if not rule.allow and not is_loopback(address[0]):
+        log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
+                    label, format_address(address))
 
 
 class RefusalLog:

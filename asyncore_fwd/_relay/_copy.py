@@ -7,6 +7,18 @@ server's, which connects first.  The ``Connection`` that owns a pair
 (``_connection``) is the one place where it is created and closed.  The
 zero-copy relay (``_splice``) subclasses these sides and changes only how
 bytes move.
+
+Strategy:
+
+* **Backpressure.**  A side is ``readable()`` only while the bytes waiting
+  for its peer are under ``high_water``.  When the slow side cannot keep up,
+  the fast side simply stops being asked for reads, and the kernel's own
+  buffers push back on the sender.  Memory per connection is bounded.
+* **Half-close.**  EOF on one side is not the end of the connection: first
+  everything already read from that side is written to the other one, then
+  the EOF is passed on with ``shutdown(SHUT_WR)``.  The pair closes when both
+  directions have done this, or at once on an error.  A side that has seen
+  EOF stops asking for read events, so the loop does not spin on it.
 """
 
 from __future__ import annotations
