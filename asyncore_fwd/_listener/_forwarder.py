@@ -43,7 +43,6 @@ from .._net import (
     SocketMap,
     describe_error,
     format_address,
-    listen_address,
     os_error,
     pending_error,
     reset,
@@ -56,6 +55,7 @@ from .._relay._sender import Sender
 from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
+from ._listening import ListeningSocket
 from ._owner import ConnectionOwnerBase
 from ._pause import AcceptPause
 
@@ -73,7 +73,7 @@ START_TIMEOUT = 10.0
 ACCEPTS_PER_EVENT = 128
 
 
-class Forwarder(_Dispatcher, ConnectionOwnerBase):
+class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
     """Listens on ``ip:port`` and forwards each client to ``remoteip:remoteport``.
 
     Keeps the article's signature.  The remote may be a hostname or an IPv4/
@@ -94,14 +94,9 @@ class Forwarder(_Dispatcher, ConnectionOwnerBase):
     sender_class: Type[Sender] = Sender
 
     def __init__(self, ip: str, port: int, remoteip: str, remoteport: int, backlog: int = DEFAULT_BACKLOG, *,
-                 map: Optional[SocketMap] = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 high_water: int = DEFAULT_HIGH_WATER,
-                 read_size: int = DEFAULT_READ_SIZE,
-                 splice: bool = False,
-                 reuse_port: bool = False,
-                 seed: Optional[int] = None,
-                 **options: Any) -> None:
+                 map: Optional[SocketMap] = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 high_water: int = DEFAULT_HIGH_WATER, read_size: int = DEFAULT_READ_SIZE, splice: bool = False,
+                 reuse_port: bool = False, seed: Optional[int] = None, **options: Any) -> None:
         # ``options``: the other fields of ``Rule`` (name, allow, deny, limits, timeouts).
         self._start(Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice,
                          reuse_port, **options), map, seed=seed)
@@ -158,28 +153,6 @@ class Forwarder(_Dispatcher, ConnectionOwnerBase):
                 self.close()
             raise
         warn_if_open(rule, self._address, self._label)
-
-    def _listen(self) -> None:
-        family, address = listen_address(self.rule.local_host, self.rule.local_port)
-        self.create_socket(family, socket.SOCK_STREAM)
-        try:
-            self._bind_and_listen(address)
-        except BaseException:
-            self.close()
-            raise
-
-    def _bind_and_listen(self, address: SockAddr) -> None:
-        """Bind this dispatcher's socket to ``address`` and listen; OSError with a one-line message."""
-        try:
-            self.set_reuse_addr()
-            if self.rule.reuse_port:
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            self.bind(address)
-            self.listen(self.rule.backlog)
-            _loop.check_watchable(self._map, self.socket)  # a reload under select(): refused, not deaf
-        except OSError as error:
-            where = format_address((self.rule.local_host, address[1]))
-            raise OSError(error.errno, f"cannot listen on {where}: {describe_error(error)}") from None
 
     def _take_over(self, listener: socket.socket) -> None:
         self.set_socket(listener)
