@@ -118,15 +118,14 @@ class ConnectionOwner(Protocol):
     def target_choice(self, conn: Connection) -> TargetChoice:
         """Whom ``conn`` connects to: asked once, when its server connect starts."""
 
-    def pause_accepting(self, error: BaseException) -> None:
-        """Out of descriptors (or memory): stop taking clients for a while."""
-
     @property
     def loopback(self) -> LoopbackGuard:
         """Keeps the server connects from leading back to the owner's own listener."""
 
+    def pause_accepting(self, error: BaseException) -> None:
+        """Out of descriptors (or memory): stop taking clients for a while."""
 
-    # The hooks: called after the observers, to log.
+    # The hooks, told after the observers: they log.
     def connection_opened(self, conn: Connection) -> None: ...
 
     def connection_established(self, conn: Connection) -> None: ...
@@ -137,8 +136,9 @@ class ConnectionOwner(Protocol):
 class Connection:
     """One forwarded connection: a ``Receiver``, a ``Sender`` and what happened to them.
 
-    Created by the forwarder for each accepted client; closed once, by
-    ``close()``, which tells the forwarder.
+    Created by the forwarder for each accepted client; then admitted (the
+    owner's admission steps, which may hold it), connected, and closed once,
+    by ``close()``.  Its observers, then the forwarder's hooks, hear of each.
     """
 
     _ids = itertools.count(1)
