@@ -342,4 +342,3 @@ def cut(connections: Iterable[Connection], reason: str) -> int:
     for conn in conns:
         conn.close_early(reason)
     return len(conns)
-

@@ -290,18 +290,19 @@ class _Pipe(_Dispatcher):
 class _Diverted:
     """The reads of one side, taken for someone else (see ``_Pipe.divert_reads``)."""
 
-    _METHODS = ("readable", "handle_read")
-
     def __init__(self, side: _Pipe, received: Callable[[bytes], None]) -> None:
         self.side, self.received, self.ended = side, received, False
+        self.installed: Dict[str, Any] = {"readable": self.readable, "handle_read": self.handle_read}
         # What it replaces may be another taker's (a toxic's): put that back after.
-        self.replaced: Dict[str, Any] = {name: side.__dict__[name] for name in self._METHODS if name in side.__dict__}
-        side.readable, side.handle_read = self.readable, self.handle_read  # type: ignore[method-assign]
+        self.replaced = {name: side.__dict__[name] for name in self.installed if name in side.__dict__}
+        side.__dict__.update(self.installed)
 
     def give_back(self) -> None:
-        for name in self._METHODS:
-            self.side.__dict__.pop(name, None)
-        self.side.__dict__.update(self.replaced)
+        for name, method in self.installed.items():
+            if self.side.__dict__.get(name) is method:  # (not if another taker came since)
+                del self.side.__dict__[name]
+                if name in self.replaced:
+                    self.side.__dict__[name] = self.replaced[name]
 
     def readable(self) -> bool:
         """Until EOF, while the pair is open."""

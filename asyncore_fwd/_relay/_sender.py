@@ -186,5 +186,3 @@ class Sender(_Pipe):
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
-
-
