@@ -24,22 +24,17 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 
 from . import __version__
 from ._eventloop._loop import LOOP_KINDS, best_loop_kind, check_select_limit, open_loop
-from ._net import describe_error, format_address
+from ._net import describe_error, format_address, strip_brackets
 from ._service import _pidfile, _workers
-from ._values._config import (
-    ConfigError,
-    check_unique,
-    decimal_integer,
-    describe_rule,
+from ._values._config import ConfigError, check_unique, describe_rule, load_config, parse_forward_spec, rule_defaults
+from ._values._parse import (
     is_decimal,
-    load_config,
-    parse_decimal,
-    parse_forward_spec,
+    parse_host_port,
+    parse_integer,
+    parse_seconds,
     parse_size,
-    rule_defaults,
     shorten,
     show_value,
-    split_host_port,
 )
 from ._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
 
@@ -78,33 +73,28 @@ exit status:
 def _integer(what: str, lowest: int, highest: int) -> Callable[[str], int]:
     """An argparse type: a decimal integer from ``lowest`` to ``highest``."""
     def parse(text: str) -> int:
-        value = decimal_integer(text)  # int() also takes " 2", "1_0", "١", and raises past 4300 digits
-        if value is None or not lowest <= value <= highest:
-            raise argparse.ArgumentTypeError(
-                f"invalid {what} {shorten(repr(text))}: expected an integer from {lowest} to {highest}")
-        return value
+        try:
+            return parse_integer(text, lowest, highest)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"invalid {what} {shorten(repr(text))}: {error}") from None
     return parse
 
 
 def _host(text: str) -> str:
-    if not (text[1:-1] if text.startswith("[") and text.endswith("]") else text):
+    if not strip_brackets(text):
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected a host name or an IP address")
     return text
 
 
-def _seconds(text: str, lowest_ok: bool = False) -> float:
+def _seconds(text: str, zero_ok: bool = False) -> float:
     try:
-        value = parse_decimal(text)  # float() also takes "1_0", "nan", "١"
-    except ValueError:
-        value = float("nan")
-    if not (0 <= value if lowest_ok else 0 < value) or value == float("inf"):
-        expected = "a number of seconds >= 0" if lowest_ok else "a positive number of seconds"
-        raise argparse.ArgumentTypeError(f"invalid time {shorten(repr(text))}: expected {expected}")
-    return value
+        return parse_seconds(text, zero_ok)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid time {shorten(repr(text))}: {error}") from None
 
 
 def _seconds_or_zero(text: str) -> float:
-    return _seconds(text, lowest_ok=True)
+    return _seconds(text, zero_ok=True)
 
 
 def _size(text: str) -> int:
@@ -133,14 +123,10 @@ def _path(text: str) -> str:
 def _metrics_address(text: str) -> Tuple[str, int]:
     """``[HOST:]PORT`` for --metrics (HOST defaults to 127.0.0.1)."""
     try:
-        host, port = split_host_port(text) if ":" in text else ("127.0.0.1", text)
+        return parse_host_port(text, 0, default_host="127.0.0.1")
     except ValueError:
-        host, port = "", ""
-    number = decimal_integer(port)
-    if not host or number is None or not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"invalid address {shorten(repr(text))}: expected [HOST:]PORT, like 9100 or "
-                                         f"127.0.0.1:9100 ([::1]:9100 for IPv6)")
-    return host, number
+                                         f"127.0.0.1:9100 ([::1]:9100 for IPv6)") from None
 
 
 class _Given(argparse.Action):

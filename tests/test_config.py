@@ -15,14 +15,8 @@ from typing import Iterator, List
 import pytest
 
 from asyncore_fwd import Service, cli
-from asyncore_fwd._values._config import (
-    ConfigError,
-    describe_rule,
-    load_config,
-    parse_forward_spec,
-    parse_size,
-    shorten,
-)
+from asyncore_fwd._values._config import ConfigError, describe_rule, load_config, parse_forward_spec
+from asyncore_fwd._values._parse import parse_size, shorten
 from conftest import needs_ipv6
 
 PROG = "asyncore-fwd"
