@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optiona
 
 from ._eventloop import _loop
 from ._eventloop._timers import Timer, timers_for
-from ._values._config import decimal_integer, parse_decimal, parse_size, shorten
+from ._values._parse import parse_decimal, parse_duration, parse_size, shorten
 
 if TYPE_CHECKING:
     from ._relay._copy import Connection, _Pipe
@@ -655,44 +655,16 @@ _SPECS: Dict[str, _Spec] = {
 _COMMON_KINDS = {"toxicity": "share"}
 
 
-def _seconds(text: str) -> float:
-    number, scale = text.lower(), 1.0
-    if number.endswith("ms"):
-        number, scale = number[:-2], 0.001
-    elif number.endswith("s"):
-        number = number[:-1]
-    try:
-        return parse_decimal(number) * scale
-    except ValueError:
-        raise ValueError(f"expected a value like 100ms or 1.5s, not {shorten(repr(text))}") from None
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)  # the configuration file's sizes: whole bytes, K, M or G
-    except ValueError as error:
-        raise ValueError(f"{error}, not {shorten(repr(text))}") from None
-
-
-def _bytes(text: str) -> int:
-    """A size, or 0."""
-    if decimal_integer(text) == 0:
-        return 0
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise ValueError(f"expected a number of bytes, like 0, 1500, 64K or 1M, not {shorten(repr(text))}") from None
-
-
 def _share(text: str) -> float:
     try:
         return parse_decimal(text)  # its range is the toxic's to check
     except ValueError:
-        raise ValueError(f"expected a number from 0 to 1, like 0.5, not {shorten(repr(text))}") from None
+        raise ValueError("expected a number from 0 to 1, like 0.5") from None
 
 
 #: kind of parameter -> its parser: a value from its text, or ValueError saying what was expected
-_KINDS: Dict[str, Callable[[str], float]] = {"time": _seconds, "size": _size, "bytes": _bytes, "share": _share}
+_KINDS: Dict[str, Callable[[str], float]] = {"time": parse_duration, "size": parse_size,
+                                             "bytes": functools.partial(parse_size, zero_ok=True), "share": _share}
 
 
 def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
@@ -724,7 +696,7 @@ def parse_toxic_spec(text: str) -> Tuple[Toxic, str]:
         try:
             arguments[key] = _KINDS[kinds[key]](value)
         except ValueError as error:
-            raise ValueError(f"bad toxic {shown}: {key}: {error}") from None
+            raise ValueError(f"bad toxic {shown}: {key}: {error}, not {shorten(repr(value))}") from None
     if spec.main_required and spec.main not in arguments:
         raise ValueError(f"bad toxic {shown}: give its {spec.main}, as in {name}=VALUE")
     try:

@@ -28,14 +28,15 @@ LAYERS: List[Tuple[str, Set[str]]] = [
     ("base: the asyncore import, socket helpers", {"_compat", "_net"}),
     ("loop: timers, wake-up, the loops; nothing of forwarding",
      {"_eventloop", "_eventloop._timers", "_eventloop._wakeup", "_eventloop._loop"}),
-    ("values: rules and the config file", {"_values", "_values._rules", "_values._config"}),
+    ("values: rules and the config file", {"_values", "_values._parse", "_values._rules", "_values._config"}),
     ("relay: the two sides of a connection, copy and splice", {"_relay", "_relay._copy", "_relay._splice"}),
     ("operations: what acts on connections",
      {"_ops", "_ops._access", "_ops._timeouts", "_ops._stats", "toxics"}),
     ("listener: the forwarder", {"_listener", "_listener._forwarder"}),
     ("service: many rules, processes, metrics",
      {"_service", "_service._service", "_service._workers", "_service._metrics", "_service._pidfile"}),
-    ("entry points", {"__init__", "__main__", "cli", "trace", "pytest_plugin", "_shellfiles"}),
+    ("entry points", {"__init__", "__main__", "cli", "cli._parser", "cli._logging", "cli._rules", "cli._main",
+                      "cli._run", "cli._signals", "trace", "pytest_plugin", "_shellfiles"}),
 ]
 
 #: (importer, imported, "run time" or "TYPE_CHECKING"): imports that go up a layer today.
