@@ -61,7 +61,8 @@ from .._ops._access import AccessControl, is_loopback
 from .._ops._stats import RuleStats, close_details, format_close
 from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
-from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
+from ..toxics._link import Toxic
+from ..toxics._set import DIRECTIONS, ToxicHandle, ToxicSet
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
 
