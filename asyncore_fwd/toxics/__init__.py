@@ -32,7 +32,9 @@ Toxics need the copy relay: with ``splice=True`` bytes never enter Python.
 
 The modules: ``_link`` (the hooks of a ``Toxic`` and the link that calls
 them), ``_kinds`` (the toxics), ``_set`` (a forwarder's toxics and the
-handles ``add_toxic`` returns), ``_spec`` (``--toxic SPEC``).
+handles ``add_toxic`` returns), ``_controls`` (``add_toxic``, ``down()``
+and the other controls, for any listener that offers what they need),
+``_spec`` (``--toxic SPEC``).
 """
 
 from __future__ import annotations
