@@ -38,7 +38,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, ContextManager, Iterator, List, Optional, Tuple
 
 from .._compat import asyncore
 from .._eventloop import _loop
@@ -61,7 +61,9 @@ from .._ops._access import AccessControl, is_loopback
 from .._ops._stats import RuleStats, close_details, format_close
 from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
-from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
+from ..toxics._controls import FaultControls
+from ..toxics._link import Toxic
+from ..toxics._set import ToxicHandle, ToxicSet
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
 
@@ -158,10 +160,8 @@ class Forwarder(_Dispatcher):
         #: with the time: reset when they come out of the backlog.
         self._turned_back: dict[Tuple[Tuple[str, int], Tuple[str, int]], float] = {}
         self._stop_requested = False
-        #: Toxics (fault injection), made on first use; see ``add_toxic``.
-        self._toxics: Optional[ToxicSet] = None
-        self._seed = seed
-        self._down = False
+        #: Toxics and down() (fault injection): see ``add_toxic``.
+        self._faults = FaultControls(self, seed)
         super().__init__(map=map)
         self._timers = timers_for(self._map)
         # Out of descriptors, a pause follows every resume: log the first, then sum them up.
@@ -386,6 +386,7 @@ class Forwarder(_Dispatcher):
         return calls.call(lambda: function(*args))
 
     # -- fault injection: toxics, down, waiting for connections ------------------
+    # (``toxics._controls`` does the work: these are its names on the forwarder)
 
     def add_toxic(self, toxic: Toxic, direction: str = "downstream") -> ToxicHandle:
         """Make ``toxic`` act on ``direction`` of open and new connections; returns its handle.
@@ -396,45 +397,22 @@ class Forwarder(_Dispatcher):
         runs the loop; under your own ``asyncore.loop``, call it from the
         loop's thread.
         """
-        if not isinstance(toxic, Toxic):
-            raise TypeError(f"add_toxic() takes a Toxic, not {toxic!r}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
-        if self.rule.splice:
-            raise ValueError("toxics need the copy relay: bytes never enter Python with splice=True")
-        handle = ToxicHandle(toxic, direction)
-
-        def add() -> None:
-            if self._toxics is None:
-                self._toxics = ToxicSet(self._seed)
-            self._toxics.add(handle, self.connections)
-        self._in_loop(add)
-        return handle
+        return self._faults.add_toxic(toxic, direction)
 
     def remove_toxic(self, handle: ToxicHandle) -> None:
         """Stop a toxic (what it holds is passed on at once).  Safe from any thread."""
-        def remove() -> None:
-            if self._toxics is None or handle not in self._toxics.handles:
-                raise ValueError(f"{handle!r} is not a toxic of this forwarder")
-            self._toxics.remove(handle)
-        self._in_loop(remove)
+        self._faults.remove_toxic(handle)
 
     @property
     def toxics(self) -> List[ToxicHandle]:
         """The handles of the toxics acting now, in the order they were added."""
-        return list(self._toxics.handles) if self._toxics is not None else []
+        return self._faults.toxics
 
-    @contextlib.contextmanager
-    def toxic(self, toxic: Toxic, direction: str = "downstream") -> Iterator[ToxicHandle]:
+    def toxic(self, toxic: Toxic, direction: str = "downstream") -> ContextManager[ToxicHandle]:
         """``add_toxic`` for the ``with`` block, removed on exit."""
-        handle = self.add_toxic(toxic, direction)
-        try:
-            yield handle
-        finally:
-            self.remove_toxic(handle)
+        return self._faults.toxic(toxic, direction)
 
-    @contextlib.contextmanager
-    def down(self) -> Iterator[Forwarder]:
+    def down(self) -> ContextManager[Forwarder]:
         """As if the server went away: open connections are reset, new connects refused.
 
         The listening port is closed for the block and opened again (same
@@ -442,36 +420,23 @@ class Forwarder(_Dispatcher):
         took the port meanwhile, the exit raises OSError and the forwarder
         stays down; the exit of a later ``down()`` block tries again.
         """
-        self._in_loop(self._go_down)
-        try:
-            yield self
-        finally:
-            self._in_loop(self._come_up)
+        return self._faults.down()
 
     def wait_for_connections(self, count: int, timeout: float = 10.0) -> bool:
         """True once ``count`` connections are open (accepted), False after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while len(self.connections) < count:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.002)
-        return True
+        return self._faults.wait_for_connections(count, timeout)
 
     def close_connections(self) -> None:
         """Close every open connection (each peer sees EOF); keep listening.  Safe from any thread."""
-        def close_all() -> None:
-            for conn in list(self.connections):
-                conn.close()
-        self._in_loop(close_all)
+        self._faults.close_connections()
 
-    def _go_down(self) -> None:
-        if self._down:
-            return
-        self._down = True
-        cut(self.connections, "forwarder down")
-        self._swap_in_idle_socket()
+    @property
+    def _toxics(self) -> Optional[ToxicSet]:
+        """The toxics acting on the connections (None until one is added): a ``Connection`` asks them."""
+        return self._faults.toxic_set
 
-    def _swap_in_idle_socket(self) -> None:
+    def _close_port(self) -> None:
+        """For ``down()``: stop listening, keeping this dispatcher's place in the map."""
         # A fresh socket that is neither bound nor listening: the dispatcher
         # keeps its place in the map while the port refuses connects.
         old = self.socket
@@ -482,16 +447,13 @@ class Forwarder(_Dispatcher):
         self.accepting = False
         old.close()
 
-    def _come_up(self) -> None:
-        if not self._down:
-            return
+    def _reopen_port(self) -> None:
+        """For the end of ``down()``: listen again on the same address and port, or raise OSError."""
         try:
             self._bind_and_listen(self._sockaddr)
         except OSError:
-            self._swap_in_idle_socket()  # still down; the next down() block tries again
+            self._close_port()  # still down; the next down() block tries again
             raise
-        self._down = False
-        _loop.channel_changed(self)
 
     def close(self, reason: str = STOPPED) -> None:
         """Stop listening and close every connection this forwarder made.
@@ -543,7 +505,7 @@ class Forwarder(_Dispatcher):
         # joins the map after its listener, so the first listener in the map
         # is asked before any connection's descriptor is collected this round.
         self._timers.run_due()
-        return self._accept_pause is None and not self._down
+        return self._accept_pause is None and not self._faults.is_down
 
     def writable(self) -> bool:
         return False
@@ -579,8 +541,9 @@ class Forwarder(_Dispatcher):
         try:
             _loop.check_watchable(self._map, sock)
             conn = Connection(self, sock, addr)
-            if self._toxics is not None:
-                self._toxics.connection_opened(conn)
+            toxics = self._faults.toxic_set
+            if toxics is not None:
+                toxics.connection_opened(conn)
         except OSError as error:
             reset(sock)  # refused, not served: a reset says so
             if error.errno in OUT_OF_RESOURCES:
