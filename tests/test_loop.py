@@ -29,9 +29,9 @@ import pytest
 from asyncore_fwd import Forwarder
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._eventloop import _loop
+from asyncore_fwd._eventloop._dispatcher import Dispatcher
 from asyncore_fwd._eventloop._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
 from asyncore_fwd._listener import _forwarder
-from asyncore_fwd._listener._forwarder import _Dispatcher
 from conftest import WAIT, EchoServer, RunningForwarder, payload, raise_fd_limit, recv_until_reset
 
 SocketMap = Dict[int, asyncore.dispatcher]
@@ -535,7 +535,7 @@ def test_poll_loop_asks_every_dispatcher_every_round(sock_map: SocketMap, socket
 # -- 4: a descriptor closed and reused within one round ----------------------
 
 
-class Swapper(_Dispatcher):
+class Swapper(Dispatcher):
     """One of ours (it announces joining and leaving the map).  The first of a
     pair to handle a read closes the other and puts a newcomer on its descriptor."""
 

@@ -42,6 +42,7 @@ from typing import Any, ContextManager, Iterator, List, Optional, Tuple
 
 from .._compat import asyncore
 from .._eventloop import _loop
+from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._timers import Throttle, Timer, forget, timers_for
 from .._eventloop._wakeup import LoopCalls
 from .._net import (
@@ -59,7 +60,7 @@ from .._net import (
 )
 from .._ops._access import AccessControl, is_loopback
 from .._ops._stats import RuleStats, close_details, format_close
-from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
+from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, cut
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics._controls import FaultControls
 from ..toxics._link import Toxic
@@ -81,7 +82,7 @@ START_TIMEOUT = 10.0
 ACCEPTS_PER_EVENT = 128
 
 
-class Forwarder(_Dispatcher):
+class Forwarder(Dispatcher):
     """Listens on ``ip:port`` and forwards each client to ``remoteip:remoteport``.
 
     Keeps the article's signature.  The remote may be a hostname or an IPv4/

@@ -41,12 +41,12 @@ from typing import Any, Dict, List, Optional, Protocol, Set, Tuple
 
 from .._compat import asyncore
 from .._eventloop import _loop
+from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._timers import Timer, timers_for
 from .._listener._forwarder import ACCEPT_PAUSE
 from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, listen_address, tune
 from .._ops._access import RefusalLog, is_loopback
 from .._ops._stats import COUNTERS
-from .._relay._copy import _Dispatcher
 
 __all__ = ["MetricsServer", "StatsReporter", "StatsSource", "WorkerStats", "render_prometheus"]
 
@@ -123,7 +123,7 @@ def descriptors_left(sock: socket.socket) -> float:
     return float("inf") if soft == resource.RLIM_INFINITY else soft - sock.fileno() - 1
 
 
-class MetricsServer(_Dispatcher):
+class MetricsServer(Dispatcher):
     """Answers ``GET /metrics`` with ``render_prometheus(service)``, on the service's map.
 
     ``service`` is a ``Service`` or anything else with ``map``, ``stats()``
@@ -235,7 +235,7 @@ class MetricsServer(_Dispatcher):
         log.warning("metrics: %s", describe_error(sys.exc_info()[1] or RuntimeError("unknown error")))
 
 
-class _MetricsRequest(_Dispatcher):
+class _MetricsRequest(Dispatcher):
     """One scraper's connection: read a request line and headers, answer, close."""
 
     _deadline: Optional[Timer] = None
@@ -396,7 +396,7 @@ class WorkerStats:
             self._worker_end = None
 
 
-class _ReportReader(_Dispatcher):
+class _ReportReader(Dispatcher):
     """The supervisor's end of the socketpair: one report per datagram."""
 
     def __init__(self, totals: WorkerStats, sock: socket.socket) -> None:

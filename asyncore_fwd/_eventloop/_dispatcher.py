@@ -1,0 +1,47 @@
+"""The dispatcher base of asyncore_fwd: asyncore's dispatcher, fit for a server's loop.
+
+Two things asyncore's own ``dispatcher`` lacks.  Its messages (``log_info``)
+go to ``logging``, not to stdout.  And it tells an epoll loop at once when
+its socket joins or leaves the map (``channel_changed``/``channel_removed``),
+so that loop need not find out in its next sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from .._compat import asyncore
+from .._net import SocketMap
+from . import _loop
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger("asyncore_fwd")
+
+
+class Dispatcher(asyncore.dispatcher):
+    """asyncore's dispatcher, with its messages sent to ``logging`` instead of stdout."""
+
+    # What asyncore sets on every dispatcher and its type stubs leave out (or
+    # optional, though ours always have a socket while in a map).
+    _map: SocketMap
+    _fileno: Optional[int]
+    socket: Any
+    addr: Any
+
+    _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+    def log_info(self, message: str, type: str = "info") -> None:
+        log.log(self._LEVELS.get(type, logging.INFO), "%r: %s", self, message)
+
+    # An epoll loop keeps registrations between rounds: tell it at once when
+    # a socket joins or leaves the map, rather than wait for its next sweep.
+    def add_channel(self, map: Optional[SocketMap] = None) -> None:
+        super().add_channel(map)
+        _loop.channel_changed(self)
+
+    def del_channel(self, map: Optional[SocketMap] = None) -> None:
+        fd = self._fileno
+        super().del_channel(map)
+        _loop.channel_removed(self, fd)
