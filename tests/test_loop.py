@@ -778,18 +778,67 @@ def test_dispatcher_replacing_its_socket_on_the_same_descriptor_keeps_getting_ev
     assert len(sweeps) == swept
 
 
-class Addressed(Probe):
-    """A foreign dispatcher that keeps its peer's address in ``self.peer``."""
+class Side(Dispatcher):
+    """A dispatcher of ours that reads only while ``allowed``; what it reads allows its ``partner``
+    to read, as a relay side's reads change what its peer may do."""
 
-    def __init__(self, sock: socket.socket, map: SocketMap) -> None:
+    def __init__(self, sock: socket.socket, map: SocketMap, allowed: bool) -> None:
         super().__init__(sock, map=map)
-        self.peer = ("127.0.0.1", 8080)
+        self.allowed = allowed
+        self.received = bytearray()
+
+    def readable(self) -> bool:
+        return self.allowed
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        self.received += self.recv(1 << 16)
+        if isinstance(self.partner, Side):
+            self.partner.allowed = True
+
+    def handle_error(self) -> None:
+        raise
 
 
-def test_foreign_dispatcher_with_its_own_peer_attribute_is_served(sock_map: SocketMap, socketpair: MakePair) -> None:
-    """A foreign dispatcher whose ``peer`` attribute is not a dispatcher is served like any other."""
+def test_dispatcher_made_readable_by_its_partners_event_is_read_without_waiting_for_a_sweep(
+        sock_map: SocketMap, socketpair: MakePair) -> None:
+    """A dispatcher's ``partner`` is asked again after the dispatcher's event: read in the next round, no sweep."""
+    opener_sock, opener_peer = socketpair()
+    held_sock, held_peer = socketpair()
+    opener = Side(opener_sock, sock_map, allowed=True)
+    held = Side(held_sock, sock_map, allowed=False)
+    opener.partner = held
+    held_peer.sendall(b"held back")
+    rally(sock_map, socketpair)  # an event every round: no round is idle, so none sweeps for that
+    with EpollLoop(sock_map, sweep_interval=3600) as loop:
+        sweeps = record_sweeps(loop)
+        pump(loop, lambda: len(sweeps) == 1, "the first sweep")
+        for _ in range(5):
+            loop.poll(0.01)
+        assert held.received == b""  # not allowed: left alone
+        opener_peer.sendall(b"go")
+        rounds = pump(loop, lambda: held.received == b"held back", "the partner to read")
+    assert opener.received == b"go"
+    assert rounds <= 3  # the opener's round, then the partner's (a third if the two bytes came apart)
+    assert len(sweeps) == 1
+
+
+class Addressed(Probe):
+    """A foreign dispatcher that keeps its peer's address in ``self.peer`` (or ``self.partner``)."""
+
+    def __init__(self, sock: socket.socket, map: SocketMap, attribute: str) -> None:
+        super().__init__(sock, map=map)
+        setattr(self, attribute, ("127.0.0.1", 8080))
+
+
+@pytest.mark.parametrize("attribute", ["peer", "partner"])
+def test_foreign_dispatcher_with_its_own_peer_attribute_is_served(attribute: str, sock_map: SocketMap,
+                                                                   socketpair: MakePair) -> None:
+    """A foreign dispatcher whose ``peer`` or ``partner`` attribute is not a dispatcher is served like any other."""
     sock, peer = socketpair()
-    addressed = Addressed(sock, sock_map)
+    addressed = Addressed(sock, sock_map, attribute)
     peer.sendall(b"hello")
     with EpollLoop(sock_map) as loop:
         pump(loop, lambda: addressed.received == b"hello", "the read")

@@ -1,9 +1,11 @@
 """The dispatcher base of asyncore_fwd: asyncore's dispatcher, fit for a server's loop.
 
-Two things asyncore's own ``dispatcher`` lacks.  Its messages (``log_info``)
-go to ``logging``, not to stdout.  And it tells an epoll loop at once when
-its socket joins or leaves the map (``channel_changed``/``channel_removed``),
-so that loop need not find out in its next sweep.
+Three things asyncore's own ``dispatcher`` lacks.  Its messages (``log_info``)
+go to ``logging``, not to stdout.  It tells an epoll loop at once when its
+socket joins or leaves the map (``channel_changed``/``channel_removed``), so
+that loop need not find out in its next sweep.  And it can name a ``partner``,
+a dispatcher whose readiness its events change, for the loop to ask again
+after them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ class Dispatcher(asyncore.dispatcher):
     _fileno: Optional[int]
     socket: Any
     addr: Any
+
+    #: The other dispatcher whose readiness this one's events change, or None: after this
+    #: one handled an event, an epoll loop asks that one's ``readable()`` and ``writable()``
+    #: again too (a relay side's partner is its peer, whose ``readable()`` follows its buffer).
+    partner: Optional[asyncore.dispatcher] = None
 
     _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

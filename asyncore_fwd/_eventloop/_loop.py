@@ -8,8 +8,8 @@ kernel, and look through the answer.  With 9,000 idle connections that is
 Strategy of ``EpollLoop``: keep each descriptor registered with epoll between
 rounds and ask its predicates again only when they may have changed:
 
-* after a dispatcher handled an event (and its ``peer``, if it has one: a
-  forwarder side's readiness depends on its peer's buffer);
+* after a dispatcher handled an event, and its ``partner`` if it names one
+  (``Dispatcher.partner``: a relay side's readiness depends on its peer's buffer);
 * when a dispatcher joins the map, or a timer changes what it waits for
   (asyncore_fwd's dispatchers say so at once, with ``channel_changed``;
   any other dispatcher is found by the periodic sweep);
@@ -206,9 +206,9 @@ class EpollLoop:
             else:
                 asyncore.readwrite(channel, flags)
             dirty.add(channel)
-            peer = getattr(channel, "peer", None)
-            if getattr(peer, "_map", None) is map_:  # a dispatcher of this map
-                dirty.add(peer)
+            partner = getattr(channel, "partner", None)  # Dispatcher.partner, read from any dispatcher
+            if getattr(partner, "_map", None) is map_:  # a dispatcher of this map (not some other value)
+                dirty.add(partner)
         if timers is not None:
             timers.run_due()
 

@@ -90,6 +90,8 @@ class Connection:
             self.receiver.close_socket()
             raise
         self.receiver.peer, self.sender.peer = self.sender, self.receiver
+        # The loop asks each side again after the other's events: its readiness follows the other's buffer.
+        self.receiver.partner, self.sender.partner = self.sender, self.receiver
         forwarder.connections.add(self)
         forwarder.connection_opened(self)
         self.sender.connect_next()
