@@ -27,7 +27,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "asyncore_fwd"
 LAYERS: List[Tuple[str, Set[str]]] = [
     ("base: the asyncore import, socket helpers", {"_compat", "_net"}),
     ("loop: timers, wake-up, the loops; nothing of forwarding",
-     {"_eventloop", "_eventloop._timers", "_eventloop._wakeup", "_eventloop._loop", "_eventloop._dispatcher"}),
+     {"_eventloop", "_eventloop._timers", "_eventloop._wakeup", "_eventloop._loop", "_eventloop._dispatcher",
+      "_eventloop._runner"}),
     ("values: rules and the config file", {"_values", "_values._parse", "_values._rules", "_values._config"}),
     ("relay: the two sides of a connection, copy and splice", {"_relay", "_relay._copy", "_relay._splice"}),
     ("operations: what acts on connections",

@@ -21,6 +21,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -31,6 +32,7 @@ from asyncore_fwd._compat import asyncore
 from asyncore_fwd._eventloop import _loop
 from asyncore_fwd._eventloop._dispatcher import Dispatcher
 from asyncore_fwd._eventloop._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
+from asyncore_fwd._eventloop._runner import STOPPED, STOPPED_BY_ERROR, LoopRunner
 from asyncore_fwd._listener import _forwarder
 from conftest import WAIT, EchoServer, RunningForwarder, payload, raise_fd_limit, recv_until_reset
 
@@ -733,6 +735,102 @@ def test_accepting_resumes_after_a_pause_under_the_epoll_loop(echo_server: EchoS
             pump(loop, lambda: take(client, echoed) == b"after the pause", "the echo after the pause")
             (conn,) = fwd.connections
             assert conn.opened_at >= resume_at
+
+
+# -- LoopRunner: a map served until asked to stop, by any owner ---------------
+
+
+class DatagramEcho(Dispatcher):
+    """A UDP echo on 127.0.0.1 that owns its map's loop through a ``LoopRunner``, as a
+    listener of another kind would: ``between_rounds`` and ``close`` are what the runner asks of it."""
+
+    def __init__(self, map: SocketMap, echoes: Optional[int] = None) -> None:
+        super().__init__(map=map)
+        self.create_socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.bind(("127.0.0.1", 0))
+        self.address = self.socket.getsockname()
+        self.runner = LoopRunner(map, self)
+        #: Serving ends after this many echoes (None: never by itself).
+        self.echoes_left = echoes
+        self.closed_with: List[str] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        data, sender = self.socket.recvfrom(2048)
+        self.socket.sendto(data, sender)
+        if self.echoes_left is not None:
+            self.echoes_left -= 1
+
+    def between_rounds(self, poll_interval: float) -> Optional[float]:
+        return None if self.echoes_left == 0 else poll_interval
+
+    def close(self, reason: str = STOPPED) -> None:
+        self.closed_with.append(reason)
+        super().close()
+
+    def handle_error(self) -> None:
+        raise
+
+
+def echo_once(address: Tuple[str, int], data: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(WAIT)
+        client.sendto(data, address)
+        return client.recv(2048)
+
+
+def test_loop_runner_serves_a_datagram_listener_in_a_thread_for_the_block(sock_map: SocketMap) -> None:
+    """``running()``: served in a thread during the block; at its end stopped, closed with "stopped", joined."""
+    echo = DatagramEcho(sock_map)
+    with echo.runner.running(echo.runner.serve, label="echo", thread_name="datagram echo", stop_timeout=WAIT,
+                             start_timeout=WAIT):
+        assert echo_once(echo.address, b"ping") == b"ping"
+        assert echo.closed_with == []
+    assert echo.closed_with == [STOPPED]
+    assert not [thread for thread in threading.enumerate() if thread.name == "datagram echo"]
+    assert sock_map == {}  # the wake-up pipe is closed too
+
+
+def test_loop_runner_stops_when_its_owner_says_so_between_rounds(sock_map: SocketMap) -> None:
+    """``between_rounds`` returning None ends ``serve()``: the owner is closed with "stopped"."""
+    echo = DatagramEcho(sock_map, echoes=1)
+    thread = threading.Thread(target=echo.runner.serve, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        assert echo_once(echo.address, b"only one") == b"only one"
+    finally:
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    assert echo.closed_with == [STOPPED]
+
+
+def test_loop_runner_closes_its_owner_as_stopped_by_an_error_when_the_loop_raises(
+        sock_map: SocketMap, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error that ends the loop reaches the caller of ``serve()``; the owner is closed with that reason."""
+    echo = DatagramEcho(sock_map)
+
+    def broken(poll_interval: float) -> Optional[float]:
+        raise RuntimeError("broken between rounds")
+
+    monkeypatch.setattr(echo, "between_rounds", broken)
+    with pytest.raises(RuntimeError, match="broken between rounds"):
+        echo.runner.serve()
+    assert echo.closed_with == [STOPPED_BY_ERROR]
+
+
+def test_loop_runner_stop_before_serve_makes_serve_return_at_once(sock_map: SocketMap) -> None:
+    """``stop()`` is for good: a ``serve()`` after it closes the owner without waiting."""
+    echo = DatagramEcho(sock_map)
+    echo.runner.stop()
+    started = time.monotonic()
+    echo.runner.serve(poll_interval=WAIT)
+    assert time.monotonic() - started < WAIT
+    assert echo.closed_with == [STOPPED]
 
 
 # -- foreign dispatchers doing what asyncore allows ----------------------------

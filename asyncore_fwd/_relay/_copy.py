@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 from .._compat import asyncore
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
+from .._eventloop._runner import STOPPED  # why connections still open were cut: a stop() or close()
 from .._eventloop._timers import Timer, timers_for
 from .._net import (
     LINGER_ABORT,
@@ -43,9 +44,6 @@ __all__ = ["Connection", "Receiver", "Sender", "cut"]
 
 log = logging.getLogger("asyncore_fwd")
 
-#: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
-STOPPED = "stopped"
-STOPPED_BY_ERROR = "stopped by an error"
 
 
 class Connection:

@@ -32,13 +32,12 @@ import logging
 import time
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from .._eventloop import _loop
+from .._eventloop._runner import STOPPED, LoopRunner
 from .._eventloop._timers import forget
-from .._eventloop._wakeup import LoopCalls
 from .._listener._forwarder import Forwarder
 from .._net import SocketMap, describe_error, format_address
 from .._ops._stats import COUNTERS
-from .._relay._copy import STOPPED, STOPPED_BY_ERROR, cut
+from .._relay._copy import cut
 from .._values._rules import DEFAULT_READ_SIZE, Rule
 from ..toxics import Toxic
 
@@ -80,8 +79,8 @@ class Service:
         self.attachments: List[Any] = []
         # Requests from drain() and reload(), carried out by the loop.
         self._requests: Deque[Tuple[str, Any]] = collections.deque()
-        self._stop_requested = False
-        self._serving = False
+        #: Runs the loop for ``serve_forever`` and ``stop``; wakes it for the requests.
+        self._runner = LoopRunner(self.map, self)
         self._drain_deadline: Optional[float] = None
         # One read buffer for every rule: the loop runs one handler at a time,
         # and a buffer per rule would cost its read size in memory per rule.
@@ -113,33 +112,22 @@ class Service:
         ``stop()``, ``drain()`` and ``reload()`` wake the loop: they take
         effect at once, not after ``poll_interval``.
         """
-        backend = _loop.open_loop(loop, self.map)
-        calls = LoopCalls.open(self.map)  # lets stop(), drain() and reload() wake the loop
-        self._serving = True
-        reason = STOPPED_BY_ERROR  # unless the loop returns
-        try:
-            while not self._stop_requested:
-                self._carry_out_requests()
-                if self._drain_deadline is not None and self._drained():
-                    break
-                if self.map:
-                    backend.poll(self._wait(poll_interval))
-                else:
-                    time.sleep(self._wait(poll_interval))  # nothing to wait for but requests
-                if self.retiring:
-                    self._forget_retired()
-            reason = STOPPED
-        finally:
-            self._serving = False
-            calls.close()
-            backend.close()
-            self.close(reason)
+        self._runner.serve(poll_interval, loop)
+
+    def between_rounds(self, poll_interval: float) -> Optional[float]:
+        """Called by the loop of ``serve_forever`` before each wait: carry out the requests;
+        the wait, up to the drain's deadline, or None once the drain is over."""
+        if self.retiring:
+            self._forget_retired()
+        self._carry_out_requests()
+        if self._drain_deadline is not None and self._drained():
+            return None
+        return self._wait(poll_interval)
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return now, closing everything: the open connections
         are cut with resets, as at the drain timeout.  Safe from a signal handler or thread."""
-        self._stop_requested = True
-        self._wake()
+        self._runner.stop()
 
     def drain(self, timeout: float) -> None:
         """Stop accepting; ``serve_forever`` returns when no connection is left.
@@ -149,7 +137,7 @@ class Service:
         signal handler or another thread.
         """
         self._requests.append(("drain", max(0.0, float(timeout))))
-        self._wake()
+        self._runner.wake()
 
     def reload(self, rules: Sequence[Rule]) -> None:
         """Apply a new list of rules (see the module docstring).
@@ -161,8 +149,8 @@ class Service:
         rules = list(rules)
         _check_labels(rules)
         self._requests.append(("reload", rules))
-        if self._serving:
-            self._wake()
+        if self._runner.serving:
+            self._runner.wake()
         else:
             self._carry_out_requests()
 
@@ -197,11 +185,6 @@ class Service:
             log.info("%s: %s", label, text, extra={"event": "stats", "details": {"rule": label, **counters}})
 
     # -- requests, carried out by the loop -------------------------------
-
-    def _wake(self) -> None:
-        calls = LoopCalls.of(self.map)
-        if calls is not None:
-            calls.wake()  # one write() to a pipe: safe from a signal handler
 
     def _carry_out_requests(self) -> None:
         while self._requests:
