@@ -171,7 +171,7 @@ class Forwarder(Dispatcher):
         #: Allow/deny lists and limits; None when the rule has none (nothing to check).
         self.access = AccessControl.for_rule(self.rule, self._timers)
         if listener is not None:
-            self._take_over(listener)
+            self.take_over(listener)
         else:
             self._listen()
         self._sockaddr: SockAddr = self.socket.getsockname()  # whole: an IPv6 scope id too, to bind again
@@ -271,7 +271,9 @@ class Forwarder(Dispatcher):
         reset(sock)
         return True
 
-    def _take_over(self, listener: socket.socket) -> None:
+    def take_over(self, listener: socket.socket) -> None:
+        """Listen on ``listener``, a listening socket handed over by ``release_listener``:
+        a successor's at a reload, or this forwarder's own given back when that failed."""
         self.set_socket(listener)
         self.accepting = True
         try:

@@ -1,7 +1,8 @@
 """A service: many rules, one process, one loop.
 
-Strategy: one ``Forwarder`` per rule, all on one asyncore map, served by
-one loop backend.  What must happen while the loop runs -- a drain, a
+Strategy: one listener per rule (a ``Forwarder``, made by
+``_listeners.listener_for``), all on one asyncore map, served by one loop
+backend (``LoopRunner``).  What must happen while the loop runs -- a drain, a
 reload -- is only *requested* by ``drain()`` and ``reload()``, which are
 therefore safe from a signal handler or another thread: the request is
 queued, the loop is woken at once (``LoopCalls``), and it carries the
@@ -34,12 +35,12 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .._eventloop._runner import STOPPED, LoopRunner
 from .._eventloop._timers import forget
-from .._listener._forwarder import Forwarder
 from .._net import SocketMap, describe_error, format_address
 from .._ops._stats import COUNTERS
 from .._relay._copy import cut
 from .._values._rules import DEFAULT_READ_SIZE, Rule
 from ..toxics import Toxic
+from ._listeners import Listener, listener_for
 
 __all__ = ["Service"]
 
@@ -72,9 +73,9 @@ class Service:
         #: (toxic, direction) added to every rule's forwarder, reloaded ones too.
         self.toxics = list(toxics)
         #: The running forwarders, by ``rule.label``.
-        self.forwarders: Dict[str, Forwarder] = {}
+        self.forwarders: Dict[str, Listener] = {}
         #: Forwarders that stopped accepting, served until their last connection closes.
-        self.retiring: List[Forwarder] = []
+        self.retiring: List[Listener] = []
         #: Other dispatchers closed with the service (e.g. a ``MetricsServer``).
         self.attachments: List[Any] = []
         # Requests from drain() and reload(), carried out by the loop.
@@ -92,12 +93,10 @@ class Service:
             self.close()
             raise
 
-    def _start(self, rule: Rule, **takeover: Any) -> Forwarder:
+    def _start(self, rule: Rule, **takeover: Any) -> Listener:
         if rule.read_size > len(self._scratch):
             self._scratch = memoryview(bytearray(rule.read_size))
-        fwd = Forwarder.from_rule(rule, self.map, scratch=self._scratch, **takeover)
-        for toxic, direction in self.toxics:
-            fwd.add_toxic(toxic, direction)
+        fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
         details = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
         log.info("%s: forwarding %s to %s", fwd.label, details["listen"], rule.remote,
                  extra={"event": "start", "details": details})
@@ -170,7 +169,7 @@ class Service:
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Per rule, by the label of its log lines: active, accepted, refused_acl, refused_limit,
         failed_connects, bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
-        groups: Dict[str, List[Forwarder]] = {label: [fwd] for label, fwd in self.forwarders.items()}
+        groups: Dict[str, List[Listener]] = {label: [fwd] for label, fwd in self.forwarders.items()}
         for fwd in list(self.retiring):
             groups.setdefault(fwd.rule.label, []).append(fwd)
         # Grouped by the rule's own label; shown by the forwarder's, which names
@@ -204,7 +203,7 @@ class Service:
             return poll_interval
         return max(0.0, min(poll_interval, self._drain_deadline - time.monotonic()))
 
-    def _all_forwarders(self) -> List[Forwarder]:
+    def _all_forwarders(self) -> List[Listener]:
         return list(self.forwarders.values()) + self.retiring
 
     def _start_drain(self, timeout: float) -> None:
@@ -239,14 +238,14 @@ class Service:
         """Carry out a reload: match the new rules with the running ones, then change what differs."""
         running = dict(self.forwarders)
         by_listen = {fwd.rule.listen: label for label, fwd in running.items()}
-        matched: List[Tuple[Rule, Optional[Forwarder]]] = []
+        matched: List[Tuple[Rule, Optional[Listener]]] = []
         for rule in rules:
             label = rule.label if rule.label in running else by_listen.get(rule.listen)
             if label is not None and label not in running:
                 label = None  # its listen was matched by an earlier rule
             matched.append((rule, running.pop(label) if label is not None else None))
         report: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "unchanged": [], "failed": []}
-        forwarders: Dict[str, Forwarder] = {}
+        forwarders: Dict[str, Listener] = {}
         # Removed rules first: their ports may be taken by new ones.
         for label, fwd in running.items():
             self._retire(fwd)
@@ -274,7 +273,7 @@ class Service:
         summary = ", ".join(f"{len(labels)} {kind}" for kind, labels in report.items())
         log.info("reloaded: %s", summary, extra={"event": "reload", "details": report})
 
-    def _change(self, old: Forwarder, rule: Rule) -> Forwarder:
+    def _change(self, old: Listener, rule: Rule) -> Listener:
         """Serve ``rule`` in place of ``old``; ``old``'s connections drain with its settings."""
         stats = old.stats if old.rule.label == rule.label else None
         if old.rule.listen == rule.listen and old.rule.reuse_port == rule.reuse_port:
@@ -282,7 +281,7 @@ class Service:
             try:
                 new = self._start(rule, stats=stats, listener=listener)
             except BaseException:
-                old._take_over(listener)  # e.g. the new remote does not resolve: keep the old one
+                old.take_over(listener)  # e.g. the new remote does not resolve: keep the old one
                 raise
         else:
             new = self._start(rule, stats=stats)  # binds first: if that fails, the old one goes on
@@ -295,7 +294,7 @@ class Service:
             self.retiring.remove(fwd)
             fwd.close()
 
-    def _retire(self, fwd: Forwarder) -> None:
+    def _retire(self, fwd: Listener) -> None:
         fwd.stop_accepting()
         if fwd.connections:
             self.retiring.append(fwd)
