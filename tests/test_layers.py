@@ -37,7 +37,7 @@ LAYERS: List[Tuple[str, Set[str]]] = [
     ("listener: the forwarder", {"_listener", "_listener._forwarder"}),
     ("service: many rules, processes, metrics",
      {"_service", "_service._service", "_service._listeners", "_service._workers", "_service._metrics",
-      "_service._pidfile"}),
+      "_service._reports", "_service._pidfile"}),
     ("entry points", {"__init__", "__main__", "cli", "cli._parser", "cli._logging", "cli._rules", "cli._main",
                       "cli._run", "cli._signals", "trace", "pytest_plugin", "_shellfiles"}),
 ]
