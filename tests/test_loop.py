@@ -29,7 +29,7 @@ import pytest
 
 from asyncore_fwd import Forwarder
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._eventloop import _loop
+from asyncore_fwd._eventloop import _dispatcher, _loop
 from asyncore_fwd._eventloop._dispatcher import Dispatcher
 from asyncore_fwd._eventloop._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
 from asyncore_fwd._eventloop._runner import STOPPED, STOPPED_BY_ERROR, LoopRunner
@@ -921,6 +921,34 @@ def test_dispatcher_made_readable_by_its_partners_event_is_read_without_waiting_
     assert opener.received == b"go"
     assert rounds <= 3  # the opener's round, then the partner's (a third if the two bytes came apart)
     assert len(sweeps) == 1
+
+
+class RecordingWatcher:
+    """Watches a map as a loop backend of another kind would (``ChangeWatcher``): notes what it is told."""
+
+    def __init__(self) -> None:
+        self.told: List[Tuple[object, ...]] = []
+
+    def added(self, channel: asyncore.dispatcher) -> None:
+        self.told.append(("added", channel))
+
+    def removed(self, fd: int, channel: asyncore.dispatcher) -> None:
+        self.told.append(("removed", fd, channel))
+
+
+def test_a_change_watcher_is_told_when_our_dispatchers_join_and_leave_its_map(sock_map: SocketMap,
+                                                                              socketpair: MakePair) -> None:
+    """``watch(map, watcher)``: our dispatchers tell the watcher as they join and leave; once unwatched, not."""
+    watcher = RecordingWatcher()
+    _dispatcher.watch(sock_map, watcher)
+    try:
+        side = Side(socketpair()[0], sock_map, allowed=True)
+        fd = side._fileno
+        side.close()
+    finally:
+        _dispatcher.unwatch(sock_map, watcher)
+    Side(socketpair()[0], sock_map, allowed=True).close()
+    assert watcher.told == [("added", side), ("removed", fd, side)]
 
 
 class Addressed(Probe):
