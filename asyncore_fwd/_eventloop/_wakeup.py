@@ -9,9 +9,6 @@ it between two rounds.
     calls = LoopCalls.open(map)        # by whoever runs the loop, in its thread
     calls.call(conn.close)             # from any thread: runs in the loop, waits
     calls.close()
-
-``call_in_loop(map, function)`` is the same from code that does not know
-whether a loop runs the map in another thread.
 """
 
 from __future__ import annotations
@@ -19,15 +16,12 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from .._compat import asyncore
 from .._net import PerMap
 
-__all__ = ["LoopCalls", "call_in_loop"]
-
-
-T = TypeVar("T")
+__all__ = ["LoopCalls"]
 
 
 class LoopCalls(asyncore.file_dispatcher):
@@ -120,12 +114,3 @@ class LoopCalls(asyncore.file_dispatcher):
             _, done, outcome = self._queue.popleft()
             outcome.append(RuntimeError("the loop stopped"))
             done.set()
-
-
-def call_in_loop(map: Dict[int, Any], function: Callable[[], T]) -> T:
-    """Run ``function()`` in the thread of the loop that serves ``map`` (here, if no loop
-    runs it with ``LoopCalls``) and return its result (or raise its error)."""
-    calls = LoopCalls.of(map)
-    if calls is None:
-        return function()
-    return calls.call(function)

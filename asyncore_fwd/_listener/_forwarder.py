@@ -44,7 +44,6 @@ from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._runner import LoopRunner
 from .._eventloop._timers import Throttle, Timer, forget, timers_for
-from .._eventloop._wakeup import call_in_loop
 from .._net import (
     OUT_OF_RESOURCES,
     RemoteAddresses,
@@ -338,10 +337,6 @@ class Forwarder(Dispatcher):
     def between_rounds(self, poll_interval: float) -> Optional[float]:
         """Called by the loop of ``serve_forever`` before each wait: nothing to do but wait."""
         return poll_interval
-
-    def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
-        """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""
-        return call_in_loop(self._map, lambda: function(*args))
 
     # -- fault injection: toxics, down, waiting for connections ------------------
     # (``toxics._controls`` does the work: these are its names on the forwarder)
