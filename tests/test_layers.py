@@ -27,7 +27,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "asyncore_fwd"
 LAYERS: List[Tuple[str, Set[str]]] = [
     ("base: the asyncore import, socket helpers", {"_compat", "_net"}),
     ("loop: timers, wake-up, the loops; nothing of forwarding",
-     {"_eventloop", "_eventloop._timers", "_eventloop._wakeup", "_eventloop._loop"}),
+     {"_eventloop", "_eventloop._timers", "_eventloop._wakeup", "_eventloop._loop", "_eventloop._dispatcher",
+      "_eventloop._runner"}),
     ("values: rules and the config file", {"_values", "_values._parse", "_values._rules", "_values._config"}),
     ("relay: the two sides of a connection, copy and splice", {"_relay", "_relay._copy", "_relay._splice"}),
     ("operations: what acts on connections",
@@ -35,7 +36,8 @@ LAYERS: List[Tuple[str, Set[str]]] = [
       "toxics", "toxics._link", "toxics._kinds", "toxics._set", "toxics._spec", "toxics._controls"}),
     ("listener: the forwarder", {"_listener", "_listener._forwarder"}),
     ("service: many rules, processes, metrics",
-     {"_service", "_service._service", "_service._workers", "_service._metrics", "_service._pidfile"}),
+     {"_service", "_service._service", "_service._listeners", "_service._workers", "_service._metrics",
+      "_service._reports", "_service._pidfile"}),
     ("entry points", {"__init__", "__main__", "cli", "cli._parser", "cli._logging", "cli._rules", "cli._main",
                       "cli._run", "cli._signals", "trace", "pytest_plugin", "_shellfiles"}),
 ]

@@ -36,14 +36,14 @@ import errno
 import logging
 import socket
 import sys
-import threading
 import time
 from typing import Any, ContextManager, Iterator, List, Optional, Tuple
 
 from .._compat import asyncore
 from .._eventloop import _loop
+from .._eventloop._dispatcher import Dispatcher
+from .._eventloop._runner import LoopRunner
 from .._eventloop._timers import Throttle, Timer, forget, timers_for
-from .._eventloop._wakeup import LoopCalls
 from .._net import (
     OUT_OF_RESOURCES,
     RemoteAddresses,
@@ -59,7 +59,7 @@ from .._net import (
 )
 from .._ops._access import AccessControl, is_loopback
 from .._ops._stats import RuleStats, close_details, format_close
-from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, Sender, _Dispatcher, cut
+from .._relay._copy import STOPPED, Connection, Receiver, Sender, cut
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics._controls import FaultControls
 from ..toxics._link import Toxic
@@ -81,7 +81,7 @@ START_TIMEOUT = 10.0
 ACCEPTS_PER_EVENT = 128
 
 
-class Forwarder(_Dispatcher):
+class Forwarder(Dispatcher):
     """Listens on ``ip:port`` and forwards each client to ``remoteip:remoteport``.
 
     Keeps the article's signature.  The remote may be a hostname or an IPv4/
@@ -159,17 +159,18 @@ class Forwarder(_Dispatcher):
         #: Connects of ours that led back here and were given up, by (their end, ours),
         #: with the time: reset when they come out of the backlog.
         self._turned_back: dict[Tuple[Tuple[str, int], Tuple[str, int]], float] = {}
-        self._stop_requested = False
         #: Toxics and down() (fault injection): see ``add_toxic``.
         self._faults = FaultControls(self, seed)
         super().__init__(map=map)
+        #: Runs the loop for ``serve_forever``, ``stop`` and ``running``.
+        self._runner = LoopRunner(self._map, self)
         self._timers = timers_for(self._map)
         # Out of descriptors, a pause follows every resume: log the first, then sum them up.
         self._pause_log = Throttle(self._timers, PAUSE_LOG_INTERVAL, self._log_pauses)
         #: Allow/deny lists and limits; None when the rule has none (nothing to check).
         self.access = AccessControl.for_rule(self.rule, self._timers)
         if listener is not None:
-            self._take_over(listener)
+            self.take_over(listener)
         else:
             self._listen()
         self._sockaddr: SockAddr = self.socket.getsockname()  # whole: an IPv6 scope id too, to bind again
@@ -269,7 +270,9 @@ class Forwarder(_Dispatcher):
         reset(sock)
         return True
 
-    def _take_over(self, listener: socket.socket) -> None:
+    def take_over(self, listener: socket.socket) -> None:
+        """Listen on ``listener``, a listening socket handed over by ``release_listener``:
+        a successor's at a reload, or this forwarder's own given back when that failed."""
         self.set_socket(listener)
         self.accepting = True
         try:
@@ -302,25 +305,12 @@ class Forwarder(_Dispatcher):
         epoll's cost follows the active connections, not the open ones.  ``stop()``
         takes effect within ``poll_interval`` seconds.
         """
-        backend = _loop.open_loop(loop, self._map)
-        calls = LoopCalls.open(self._map)  # other threads' requests wake the loop at once
-        reason = STOPPED_BY_ERROR  # unless the loop returns
-        try:
-            while not self._stop_requested and self._map:
-                backend.poll(poll_interval)
-            reason = STOPPED
-        finally:
-            self.close(reason)
-            calls.close()
-            backend.close()
+        self._runner.serve(poll_interval, loop)
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return, at once, closing everything (see ``close()``).
         Safe from another thread or a signal handler."""
-        self._stop_requested = True
-        calls = LoopCalls.of(self._map)
-        if calls is not None:
-            calls.wake()
+        self._runner.stop()
 
     @contextlib.contextmanager
     def running(self, loop: str = "auto", *, stop_timeout: float = 10.0) -> Iterator[Forwarder]:
@@ -336,54 +326,17 @@ class Forwarder(_Dispatcher):
         (unless the block raised).  A forwarder runs once: after the block it
         is closed, and ``running()`` again raises RuntimeError.
         """
-        if self._fileno is None or self._stop_requested:
+        if self._fileno is None or self._runner.stop_requested:
             raise RuntimeError(f"{self.label}: this forwarder was stopped (stop(), or the end of a "
                                f"running() block); make a new one")
-        failed: List[BaseException] = []
-
-        def serve() -> None:
-            try:
-                self.serve_forever(loop=loop)
-            except BaseException as error:  # raised in the caller's thread
-                failed.append(error)
-
-        thread = threading.Thread(target=serve, name=f"asyncore_fwd {format_address(self.address)}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while LoopCalls.of(self._map) is None and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.001)  # until the loop can take calls from this thread
-        if LoopCalls.of(self._map) is None:
-            # Calls made now would run in this thread, beside a loop that may
-            # yet start: refuse rather than carry on unsafely.
-            if thread.is_alive():
-                self.stop()
-                thread.join(stop_timeout)
-            if failed:
-                raise failed[0]
-            raise TimeoutError(f"{self.label}: the loop did not start within {START_TIMEOUT:g} s")
-        block_failed = False
-        try:
+        with self._runner.running(lambda: self.serve_forever(loop=loop), label=self.label,
+                                  thread_name=f"asyncore_fwd {format_address(self.address)}",
+                                  stop_timeout=stop_timeout, start_timeout=START_TIMEOUT):
             yield self
-        except BaseException:
-            block_failed = True  # its own error goes on, not the loop's
-            raise
-        finally:
-            self.stop()
-            thread.join(stop_timeout)
-            if thread.is_alive():
-                log.warning("%s: the loop did not stop within %g s; its thread %r is left running",
-                            self.label, stop_timeout, thread.name)
-            elif failed and not block_failed:
-                raise failed[0]
-            elif failed:  # the block's own error goes on: say what the loop had
-                log.error("%s: the loop failed during the block", self.label, exc_info=failed[0])
 
-    def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
-        """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""
-        calls = LoopCalls.of(self._map)
-        if calls is None:
-            return function(*args)
-        return calls.call(lambda: function(*args))
+    def between_rounds(self, poll_interval: float) -> Optional[float]:
+        """Called by the loop of ``serve_forever`` before each wait: nothing to do but wait."""
+        return poll_interval
 
     # -- fault injection: toxics, down, waiting for connections ------------------
     # (``toxics._controls`` does the work: these are its names on the forwarder)

@@ -16,16 +16,17 @@ import logging
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
 from .._compat import asyncore
 from .._eventloop import _loop
+from .._eventloop._dispatcher import Dispatcher
+from .._eventloop._runner import STOPPED  # why connections still open were cut: a stop() or close()
 from .._eventloop._timers import Timer, timers_for
 from .._net import (
     LINGER_ABORT,
     OUT_OF_RESOURCES,
     SockAddr,
-    SocketMap,
     acknowledge_urgent,
     describe_error,
     end_key,
@@ -43,36 +44,6 @@ __all__ = ["Connection", "Receiver", "Sender", "cut"]
 
 log = logging.getLogger("asyncore_fwd")
 
-#: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
-STOPPED = "stopped"
-STOPPED_BY_ERROR = "stopped by an error"
-
-
-class _Dispatcher(asyncore.dispatcher):
-    """asyncore's dispatcher, with its messages sent to ``logging`` instead of stdout."""
-
-    # What asyncore sets on every dispatcher and its type stubs leave out (or
-    # optional, though ours always have a socket while in a map).
-    _map: SocketMap
-    _fileno: Optional[int]
-    socket: Any
-    addr: Any
-
-    _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-    def log_info(self, message: str, type: str = "info") -> None:
-        log.log(self._LEVELS.get(type, logging.INFO), "%r: %s", self, message)
-
-    # An epoll loop keeps registrations between rounds: tell it at once when
-    # a socket joins or leaves the map, rather than wait for its next sweep.
-    def add_channel(self, map: Optional[SocketMap] = None) -> None:
-        super().add_channel(map)
-        _loop.channel_changed(self)
-
-    def del_channel(self, map: Optional[SocketMap] = None) -> None:
-        fd = self._fileno
-        super().del_channel(map)
-        _loop.channel_removed(self, fd)
 
 
 class Connection:
@@ -117,6 +88,8 @@ class Connection:
             self.receiver.close_socket()
             raise
         self.receiver.peer, self.sender.peer = self.sender, self.receiver
+        # The loop asks each side again after the other's events: its readiness follows the other's buffer.
+        self.receiver.partner, self.sender.partner = self.sender, self.receiver
         forwarder.connections.add(self)
         forwarder.connection_opened(self)
         self.sender.connect_next()
@@ -227,7 +200,7 @@ def cut(connections: Iterable[Connection], reason: str) -> int:
     return len(conns)
 
 
-class _Pipe(_Dispatcher):
+class _Pipe(Dispatcher):
     """One socket of a forwarded pair: what it reads goes to its peer.
 
     ``outgoing`` holds the bytes read from the peer that this socket has not

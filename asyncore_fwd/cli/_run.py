@@ -82,7 +82,8 @@ def serve(args: argparse.Namespace, rules: Sequence[Rule], reread: Optional[Call
 def run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: List[Rule]) -> int:
     """Check the settings once here, then fork the workers and watch them; with
     --metrics, serve the sums of the workers' counters from here."""
-    from .._service._metrics import REPORT_INTERVAL, MetricsServer, StatsReporter, WorkerStats
+    from .._service._metrics import MetricsServer
+    from .._service._reports import REPORT_INTERVAL, StatsReporter, WorkerStats
     from .._service._service import Service
 
     reserves = _workers.Reservations()
