@@ -14,7 +14,9 @@ from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._eventloop._dispatcher import Dispatcher
 from asyncore_fwd._ops._stats import RuleStats
+from asyncore_fwd._net import SPLICE_AVAILABLE
 from asyncore_fwd._service import _service
+from asyncore_fwd.toxics import Latency
 from conftest import (
     WAIT,
     EchoServer,
@@ -122,6 +124,15 @@ def test_port_in_use_fails_at_once_and_leaves_nothing_open(echo_server) -> None:
             Service([rule("fine", echo_server.port), Rule("127.0.0.1", taken.getsockname()[1], "127.0.0.1",
                                                           echo_server.port)], map=sock_map)
         assert sock_map == {}
+
+
+@pytest.mark.skipif(not SPLICE_AVAILABLE, reason="needs os.splice")
+def test_toxics_a_rule_cannot_take_fail_the_start_and_leave_nothing_open(echo_server) -> None:
+    sock_map: dict = {}
+    with pytest.raises(ValueError, match="toxics need the copy relay"):
+        Service([rule("spliced", echo_server.port, splice=True)], map=sock_map,
+                toxics=[(Latency(0.1), "both")])
+    assert sock_map == {}
 
 
 def test_two_rules_with_one_name_are_refused(echo_server) -> None:

@@ -73,6 +73,13 @@ def listener_for(rule: Rule, map: SocketMap, *, scratch: memoryview, toxics: Seq
     and port, as a reload that changes a rule does.
     """
     fwd = Forwarder.from_rule(rule, map, scratch=scratch, stats=stats, listener=listener)
-    for toxic, direction in toxics:
-        fwd.add_toxic(toxic, direction)
+    try:
+        for toxic, direction in toxics:
+            fwd.add_toxic(toxic, direction)
+    except BaseException:  # e.g. toxics on a splice rule: leave no listener behind
+        if listener is not None:
+            fwd.release_listener()  # still the caller's, to serve the old rule
+        else:
+            fwd.close()
+        raise
     return fwd
