@@ -13,8 +13,8 @@ import pytest
 from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._eventloop._dispatcher import Dispatcher
-from asyncore_fwd._ops._stats import RuleStats
 from asyncore_fwd._net import SPLICE_AVAILABLE
+from asyncore_fwd._ops._stats import RuleStats
 from asyncore_fwd._service import _service
 from asyncore_fwd.toxics import Latency
 from conftest import (
@@ -128,11 +128,11 @@ def test_port_in_use_fails_at_once_and_leaves_nothing_open(echo_server) -> None:
 
 @pytest.mark.skipif(not SPLICE_AVAILABLE, reason="needs os.splice")
 def test_toxics_a_rule_cannot_take_fail_the_start_and_leave_nothing_open(echo_server) -> None:
-    sock_map: dict = {}
+    port = free_port()
     with pytest.raises(ValueError, match="toxics need the copy relay"):
-        Service([rule("spliced", echo_server.port, splice=True)], map=sock_map,
+        Service([Rule("127.0.0.1", port, "127.0.0.1", echo_server.port, splice=True)], map={},
                 toxics=[(Latency(0.1), "both")])
-    assert sock_map == {}
+    socket.create_server(("127.0.0.1", port)).close()  # nothing listens there any more
 
 
 def test_two_rules_with_one_name_are_refused(echo_server) -> None:
