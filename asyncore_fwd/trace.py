@@ -521,21 +521,13 @@ def _why_readable(obj: Any, readable: Any) -> str:
         return ""
     if getattr(obj, "accepting", False):
         return "accepting paused"
+    why_not_readable = getattr(obj, "why_not_readable", None)  # asyncore_fwd's sides say it themselves
+    if why_not_readable is None:
+        return ""
     try:
-        conn, held = obj.conn, obj.peer.outgoing
-        if conn.closed:
-            return "pair closed"
-        if not conn.established:
-            return "server not connected yet"
-        if obj.eof_received:
-            return "EOF received"
-        if len(held) >= conn.rule.high_water:
-            return f"peer holds {_size(len(held))} >= high water"
-        if getattr(held, "blocked", False):
-            return "peer's pipe is full"
-    except (AttributeError, TypeError):
-        pass
-    return ""
+        return why_not_readable() or ""
+    except (AttributeError, TypeError):  # a side not fully made yet
+        return ""
 
 
 def _why_writable(obj: Any, writable: Any) -> str:
