@@ -22,6 +22,7 @@ import pytest
 from asyncore_fwd import EpollLoop, trace
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._eventloop._loop import AsyncoreLoop
+from asyncore_fwd.trace._capture import _subclasses
 from conftest import (
     ROOT,
     WAIT,
@@ -189,7 +190,7 @@ def test_disable_puts_back_every_original_function() -> None:
     def handle_read(self: object) -> None:
         pass
 
-    owners = [asyncore, EpollLoop, AsyncoreLoop] + trace._subclasses(asyncore.dispatcher)
+    owners = [asyncore, EpollLoop, AsyncoreLoop] + _subclasses(asyncore.dispatcher)
     names = trace.TRACED_METHODS + ("poll", "poll2", "poll3", "select", "__init_subclass__")
     before = {(owner, name): vars(owner).get(name) for owner in owners for name in names}
     trace.enable(io.StringIO())
