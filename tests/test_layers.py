@@ -39,7 +39,9 @@ LAYERS: List[Tuple[str, Set[str]]] = [
      {"_service", "_service._service", "_service._listeners", "_service._workers", "_service._metrics",
       "_service._reports", "_service._pidfile"}),
     ("entry points", {"__init__", "__main__", "cli", "cli._parser", "cli._logging", "cli._rules", "cli._main",
-                      "cli._run", "cli._signals", "trace", "pytest_plugin", "_shellfiles"}),
+                      "cli._run", "cli._signals", "pytest_plugin", "_shellfiles",
+                      "trace", "trace.__main__", "trace._runner", "trace._text", "trace._capture",
+                      "trace._describe", "trace._events"}),
 ]
 
 #: (importer, imported, "run time" or "TYPE_CHECKING"): imports that go up a layer today.

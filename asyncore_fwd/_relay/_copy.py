@@ -396,6 +396,26 @@ class _Pipe(Dispatcher):
         """Closing either side from outside (e.g. ``asyncore.close_all``) cuts the whole pair."""
         cut([self.conn], STOPPED)
 
+    def why_not_readable(self) -> Optional[str]:
+        """Why ``readable()`` says False, in a few words; None if no reason is known.
+
+        For the trace mode and other observers: the loop never calls it.
+        """
+        if self.conn.closed:
+            return "pair closed"
+        if not self.conn.established:
+            return "server not connected yet"
+        if self.eof_received:
+            return "EOF received"
+        held = len(self.peer.outgoing)
+        if held >= self.conn.rule.high_water:
+            amount = (f"{held}B" if held < 1024 else f"{round(held / 1024, 1):g}K" if held < 1024 * 1024
+                      else f"{round(held / (1024 * 1024), 1):g}M")
+            return f"peer holds {amount} >= high water"
+        if getattr(self.peer.outgoing, "blocked", False):  # a splice side's kernel pipe
+            return "peer's pipe is full"
+        return None
+
 
 class Receiver(_Pipe):
     """The client's side of a connection (the article's ``receiver``)."""
