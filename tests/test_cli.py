@@ -24,6 +24,7 @@ import pytest
 
 import asyncore_fwd
 from asyncore_fwd import Rule, Service, cli
+from asyncore_fwd.cli._run import serve
 from conftest import WAIT, EchoServer, ForwarderProcess, free_port, recv_all, recv_exactly, wait_for
 
 PROG = "asyncore-fwd"
@@ -378,7 +379,7 @@ def test_an_error_in_a_signal_handler_is_logged_and_serving_goes_on(
 
     thread = threading.Thread(target=signal_then_stop, daemon=True)
     thread.start()
-    assert cli._serve(args, [rule], reread, attach=services.append) == 0
+    assert serve(args, [rule], reread, attach=services.append) == 0
     thread.join(WAIT)
     assert seen == [b"ping"]
     (record,) = [r for r in caplog.records if "internal error" in r.getMessage()]

@@ -15,14 +15,9 @@ from typing import Iterator, List
 import pytest
 
 from asyncore_fwd import Service, cli
-from asyncore_fwd._values._config import (
-    ConfigError,
-    describe_rule,
-    load_config,
-    parse_forward_spec,
-    parse_size,
-    shorten,
-)
+from asyncore_fwd._values._config import ConfigError, describe_rule, load_config, parse_forward_spec
+from asyncore_fwd._values._parse import parse_size, shorten
+from asyncore_fwd.cli import _rules as cli_rules
 from conftest import needs_ipv6
 
 PROG = "asyncore-fwd"
@@ -440,7 +435,7 @@ def test_whatever_loading_the_rules_raises_is_a_config_error(argv: List[str], pa
     def parser(*args: object) -> None:
         raise RuntimeError("unforeseen")
 
-    monkeypatch.setattr(cli, patched, parser)
+    monkeypatch.setattr(cli_rules, patched, parser)  # where load_rules reads it
     write(GOOD_RULE)
     status, out, err = run(argv + (["--check-config"] if check else []), capsys)
     assert (status, out, err) == (2, "", f"{PROG}: error: {line}\n")

@@ -21,6 +21,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -28,10 +29,11 @@ import pytest
 
 from asyncore_fwd import Forwarder
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._eventloop import _loop
+from asyncore_fwd._eventloop import _dispatcher, _loop
+from asyncore_fwd._eventloop._dispatcher import Dispatcher
 from asyncore_fwd._eventloop._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
+from asyncore_fwd._eventloop._runner import STOPPED, STOPPED_BY_ERROR, LoopRunner
 from asyncore_fwd._listener import _forwarder
-from asyncore_fwd._listener._forwarder import _Dispatcher
 from conftest import WAIT, EchoServer, RunningForwarder, payload, raise_fd_limit, recv_until_reset
 
 SocketMap = Dict[int, asyncore.dispatcher]
@@ -535,7 +537,7 @@ def test_poll_loop_asks_every_dispatcher_every_round(sock_map: SocketMap, socket
 # -- 4: a descriptor closed and reused within one round ----------------------
 
 
-class Swapper(_Dispatcher):
+class Swapper(Dispatcher):
     """One of ours (it announces joining and leaving the map).  The first of a
     pair to handle a read closes the other and puts a newcomer on its descriptor."""
 
@@ -735,6 +737,102 @@ def test_accepting_resumes_after_a_pause_under_the_epoll_loop(echo_server: EchoS
             assert conn.opened_at >= resume_at
 
 
+# -- LoopRunner: a map served until asked to stop, by any owner ---------------
+
+
+class DatagramEcho(Dispatcher):
+    """A UDP echo on 127.0.0.1 that owns its map's loop through a ``LoopRunner``, as a
+    listener of another kind would: ``between_rounds`` and ``close`` are what the runner asks of it."""
+
+    def __init__(self, map: SocketMap, echoes: Optional[int] = None) -> None:
+        super().__init__(map=map)
+        self.create_socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.bind(("127.0.0.1", 0))
+        self.address = self.socket.getsockname()
+        self.runner = LoopRunner(map, self)
+        #: Serving ends after this many echoes (None: never by itself).
+        self.echoes_left = echoes
+        self.closed_with: List[str] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        data, sender = self.socket.recvfrom(2048)
+        self.socket.sendto(data, sender)
+        if self.echoes_left is not None:
+            self.echoes_left -= 1
+
+    def between_rounds(self, poll_interval: float) -> Optional[float]:
+        return None if self.echoes_left == 0 else poll_interval
+
+    def close(self, reason: str = STOPPED) -> None:
+        self.closed_with.append(reason)
+        super().close()
+
+    def handle_error(self) -> None:
+        raise
+
+
+def echo_once(address: Tuple[str, int], data: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(WAIT)
+        client.sendto(data, address)
+        return client.recv(2048)
+
+
+def test_loop_runner_serves_a_datagram_listener_in_a_thread_for_the_block(sock_map: SocketMap) -> None:
+    """``running()``: served in a thread during the block; at its end stopped, closed with "stopped", joined."""
+    echo = DatagramEcho(sock_map)
+    with echo.runner.running(echo.runner.serve, label="echo", thread_name="datagram echo", stop_timeout=WAIT,
+                             start_timeout=WAIT):
+        assert echo_once(echo.address, b"ping") == b"ping"
+        assert echo.closed_with == []
+    assert echo.closed_with == [STOPPED]
+    assert not [thread for thread in threading.enumerate() if thread.name == "datagram echo"]
+    assert sock_map == {}  # the wake-up pipe is closed too
+
+
+def test_loop_runner_stops_when_its_owner_says_so_between_rounds(sock_map: SocketMap) -> None:
+    """``between_rounds`` returning None ends ``serve()``: the owner is closed with "stopped"."""
+    echo = DatagramEcho(sock_map, echoes=1)
+    thread = threading.Thread(target=echo.runner.serve, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        assert echo_once(echo.address, b"only one") == b"only one"
+    finally:
+        thread.join(WAIT)
+    assert not thread.is_alive()
+    assert echo.closed_with == [STOPPED]
+
+
+def test_loop_runner_closes_its_owner_as_stopped_by_an_error_when_the_loop_raises(
+        sock_map: SocketMap, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error that ends the loop reaches the caller of ``serve()``; the owner is closed with that reason."""
+    echo = DatagramEcho(sock_map)
+
+    def broken(poll_interval: float) -> Optional[float]:
+        raise RuntimeError("broken between rounds")
+
+    monkeypatch.setattr(echo, "between_rounds", broken)
+    with pytest.raises(RuntimeError, match="broken between rounds"):
+        echo.runner.serve()
+    assert echo.closed_with == [STOPPED_BY_ERROR]
+
+
+def test_loop_runner_stop_before_serve_makes_serve_return_at_once(sock_map: SocketMap) -> None:
+    """``stop()`` is for good: a ``serve()`` after it closes the owner without waiting."""
+    echo = DatagramEcho(sock_map)
+    echo.runner.stop()
+    started = time.monotonic()
+    echo.runner.serve(poll_interval=WAIT)
+    assert time.monotonic() - started < WAIT
+    assert echo.closed_with == [STOPPED]
+
+
 # -- foreign dispatchers doing what asyncore allows ----------------------------
 
 
@@ -778,18 +876,95 @@ def test_dispatcher_replacing_its_socket_on_the_same_descriptor_keeps_getting_ev
     assert len(sweeps) == swept
 
 
-class Addressed(Probe):
-    """A foreign dispatcher that keeps its peer's address in ``self.peer``."""
+class Side(Dispatcher):
+    """A dispatcher of ours that reads only while ``allowed``; what it reads allows its ``partner``
+    to read, as a relay side's reads change what its peer may do."""
 
-    def __init__(self, sock: socket.socket, map: SocketMap) -> None:
+    def __init__(self, sock: socket.socket, map: SocketMap, allowed: bool) -> None:
         super().__init__(sock, map=map)
-        self.peer = ("127.0.0.1", 8080)
+        self.allowed = allowed
+        self.received = bytearray()
+
+    def readable(self) -> bool:
+        return self.allowed
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        self.received += self.recv(1 << 16)
+        if isinstance(self.partner, Side):
+            self.partner.allowed = True
+
+    def handle_error(self) -> None:
+        raise
 
 
-def test_foreign_dispatcher_with_its_own_peer_attribute_is_served(sock_map: SocketMap, socketpair: MakePair) -> None:
-    """A foreign dispatcher whose ``peer`` attribute is not a dispatcher is served like any other."""
+def test_dispatcher_made_readable_by_its_partners_event_is_read_without_waiting_for_a_sweep(
+        sock_map: SocketMap, socketpair: MakePair) -> None:
+    """A dispatcher's ``partner`` is asked again after the dispatcher's event: read in the next round, no sweep."""
+    opener_sock, opener_peer = socketpair()
+    held_sock, held_peer = socketpair()
+    opener = Side(opener_sock, sock_map, allowed=True)
+    held = Side(held_sock, sock_map, allowed=False)
+    opener.partner = held
+    held_peer.sendall(b"held back")
+    rally(sock_map, socketpair)  # an event every round: no round is idle, so none sweeps for that
+    with EpollLoop(sock_map, sweep_interval=3600) as loop:
+        sweeps = record_sweeps(loop)
+        pump(loop, lambda: len(sweeps) == 1, "the first sweep")
+        for _ in range(5):
+            loop.poll(0.01)
+        assert held.received == b""  # not allowed: left alone
+        opener_peer.sendall(b"go")
+        rounds = pump(loop, lambda: held.received == b"held back", "the partner to read")
+    assert opener.received == b"go"
+    assert rounds <= 3  # the opener's round, then the partner's (a third if the two bytes came apart)
+    assert len(sweeps) == 1
+
+
+class RecordingWatcher:
+    """Watches a map as a loop backend of another kind would (``ChangeWatcher``): notes what it is told."""
+
+    def __init__(self) -> None:
+        self.told: List[Tuple[object, ...]] = []
+
+    def added(self, channel: asyncore.dispatcher) -> None:
+        self.told.append(("added", channel))
+
+    def removed(self, fd: int, channel: asyncore.dispatcher) -> None:
+        self.told.append(("removed", fd, channel))
+
+
+def test_a_change_watcher_is_told_when_our_dispatchers_join_and_leave_its_map(sock_map: SocketMap,
+                                                                              socketpair: MakePair) -> None:
+    """``watch(map, watcher)``: our dispatchers tell the watcher as they join and leave; once unwatched, not."""
+    watcher = RecordingWatcher()
+    _dispatcher.watch(sock_map, watcher)
+    try:
+        side = Side(socketpair()[0], sock_map, allowed=True)
+        fd = side._fileno
+        side.close()
+    finally:
+        _dispatcher.unwatch(sock_map, watcher)
+    Side(socketpair()[0], sock_map, allowed=True).close()
+    assert watcher.told == [("added", side), ("removed", fd, side)]
+
+
+class Addressed(Probe):
+    """A foreign dispatcher that keeps its peer's address in ``self.peer`` (or ``self.partner``)."""
+
+    def __init__(self, sock: socket.socket, map: SocketMap, attribute: str) -> None:
+        super().__init__(sock, map=map)
+        setattr(self, attribute, ("127.0.0.1", 8080))
+
+
+@pytest.mark.parametrize("attribute", ["peer", "partner"])
+def test_foreign_dispatcher_with_its_own_peer_attribute_is_served(attribute: str, sock_map: SocketMap,
+                                                                   socketpair: MakePair) -> None:
+    """A foreign dispatcher whose ``peer`` or ``partner`` attribute is not a dispatcher is served like any other."""
     sock, peer = socketpair()
-    addressed = Addressed(sock, sock_map)
+    addressed = Addressed(sock, sock_map, attribute)
     peer.sendall(b"hello")
     with EpollLoop(sock_map) as loop:
         pump(loop, lambda: addressed.received == b"hello", "the read")

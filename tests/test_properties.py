@@ -22,8 +22,10 @@ every profile.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -52,7 +54,7 @@ import asyncore_fwd._listener._forwarder as forwarder_module  # noqa: E402
 from asyncore_fwd import Forwarder, Rule, Sender, cli  # noqa: E402
 from asyncore_fwd._eventloop._loop import open_loop  # noqa: E402
 from asyncore_fwd._relay import _splice
-from asyncore_fwd._values._config import KEYS, ConfigError, describe_rule  # noqa: E402
+from asyncore_fwd._values._config import KEYS, ConfigError, describe_rule, parse_forward_spec  # noqa: E402
 from asyncore_fwd.toxics import DIRECTIONS, Toxic, parse_toxic_spec  # noqa: E402
 
 KiB = 1024
@@ -755,6 +757,32 @@ def test_any_toxic_spec_gives_a_toxic_or_one_error_line(spec: str) -> None:
         assert isinstance(toxic, Toxic) and direction in DIRECTIONS
         check_one_line(repr(toxic), error=False)
         note_event("toxic")
+
+
+#: A flag, and the key of a rule that takes the same kind of value.
+SAME_KIND = [("--high-water", "high_water"), ("--connect-timeout", "connect_timeout"), ("--backlog", "backlog"),
+             ("--drain-timeout", "idle_timeout")]
+
+
+@fuzz_settings
+@given(flag_and_key=st.sampled_from(SAME_KIND), text=TEXTS.filter(lambda text: "," not in text))
+@example(flag_and_key=("--high-water", "high_water"), text="1M")
+@example(flag_and_key=("--connect-timeout", "connect_timeout"), text="-0")
+@example(flag_and_key=("--drain-timeout", "idle_timeout"), text="-0")
+def test_a_value_means_the_same_as_a_flag_and_as_a_forward_option(flag_and_key: Tuple[str, str], text: str) -> None:
+    """One reading of each kind of value: a flag takes a text if and only if the key of a -L option (and of a config
+    file) does, and reads the same value from it."""
+    flag, key = flag_and_key
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            from_flag = getattr(cli.build_parser().parse_args([f"{flag}={text}"]), flag[2:].replace("-", "_"))
+    except SystemExit:
+        from_flag = None
+    try:
+        from_option = getattr(parse_forward_spec(f"0:127.0.0.1:80,{key}={text}"), key)
+    except ConfigError:
+        from_option = None
+    assert from_flag == from_option
 
 
 @pytest.mark.parametrize("argv", [

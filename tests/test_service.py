@@ -6,11 +6,17 @@ import logging
 import socket
 import threading
 import time
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
-from asyncore_fwd import Rule, Service
+from asyncore_fwd import Forwarder, Rule, Service
+from asyncore_fwd._compat import asyncore
+from asyncore_fwd._eventloop._dispatcher import Dispatcher
+from asyncore_fwd._net import SPLICE_AVAILABLE
+from asyncore_fwd._ops._stats import RuleStats
+from asyncore_fwd._service import _service
+from asyncore_fwd.toxics import Latency
 from conftest import (
     WAIT,
     EchoServer,
@@ -118,6 +124,15 @@ def test_port_in_use_fails_at_once_and_leaves_nothing_open(echo_server) -> None:
             Service([rule("fine", echo_server.port), Rule("127.0.0.1", taken.getsockname()[1], "127.0.0.1",
                                                           echo_server.port)], map=sock_map)
         assert sock_map == {}
+
+
+@pytest.mark.skipif(not SPLICE_AVAILABLE, reason="needs os.splice")
+def test_toxics_a_rule_cannot_take_fail_the_start_and_leave_nothing_open(echo_server) -> None:
+    port = free_port()
+    with pytest.raises(ValueError, match="toxics need the copy relay"):
+        Service([Rule("127.0.0.1", port, "127.0.0.1", echo_server.port, splice=True)], map={},
+                toxics=[(Latency(0.1), "both")])
+    socket.create_server(("127.0.0.1", port)).close()  # nothing listens there any more
 
 
 def test_two_rules_with_one_name_are_refused(echo_server) -> None:
@@ -399,3 +414,102 @@ def test_reload_that_raises_is_logged_and_the_running_rules_stay(start_service, 
     assert running.thread.is_alive()
     with running.connect("kept") as client:
         round_trip(client)
+
+
+# -- the listeners the service runs: made by listener_for, used through Listener ----
+
+
+def test_forwarder_takes_back_the_listener_it_released_and_serves_the_client_queued_meanwhile(
+        echo_server) -> None:
+    """``release_listener`` then ``take_over``: the port never closes, a client queued in between is served."""
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    listener = fwd.release_listener()
+    with socket.create_connection(fwd.address, timeout=WAIT) as client:  # in the backlog, not refused
+        fwd.take_over(listener)
+        with fwd.running():
+            round_trip(client)
+
+
+class DatagramEcho(Dispatcher):
+    """A listener of another kind than a TCP forwarder, as a UDP rule's would be (it only echoes):
+    the service reaches it through ``listener_for`` and uses only what ``Listener`` names."""
+
+    def __init__(self, rule: Rule, map: dict, stats: Optional[RuleStats] = None,
+                 listener: Optional[socket.socket] = None) -> None:
+        super().__init__(map=map)
+        self.rule, self.label = rule, rule.name
+        self.stats = stats if stats is not None else RuleStats()
+        self.connections: Set[object] = set()
+        self.closed_with: List[str] = []
+        if listener is not None:
+            self.take_over(listener)
+        else:
+            self.create_socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.bind((rule.local_host, rule.local_port))
+        self.address = self.socket.getsockname()
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        data, sender = self.socket.recvfrom(2048)
+        self.socket.sendto(data, sender)
+
+    def handle_error(self) -> None:
+        raise
+
+    def stop_accepting(self) -> None:
+        asyncore.dispatcher.close(self)
+
+    def release_listener(self) -> socket.socket:
+        listener = self.socket
+        self.del_channel()
+        self.socket = None
+        return listener
+
+    def take_over(self, listener: socket.socket) -> None:
+        self.set_socket(listener)
+
+    def close(self, reason: str = "stopped") -> None:
+        self.closed_with.append(reason)
+        self.stop_accepting()
+
+
+def datagram_round_trip(address: Tuple[str, int], data: bytes = b"ping") -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(WAIT)
+        client.sendto(data, address)
+        assert client.recv(2048) == data
+
+
+def test_service_runs_a_listener_of_another_kind_through_listener_for(echo_server, monkeypatch) -> None:
+    """A kind of listener the service does not know (here, for rules named udp-*) is started,
+    counted, changed by a reload on the same port, and closed, next to the TCP rules."""
+    tcp_listener_for = _service.listener_for
+
+    def listener_for(rule: Rule, map: dict, *, scratch: memoryview, toxics=(), stats=None, listener=None):
+        if rule.name.startswith("udp-"):
+            return DatagramEcho(rule, map, stats=stats, listener=listener)
+        return tcp_listener_for(rule, map, scratch=scratch, toxics=toxics, stats=stats, listener=listener)
+
+    monkeypatch.setattr(_service, "listener_for", listener_for)
+    running = RunningService([rule("tcp", echo_server.port), rule("udp-echo", 7)], "auto")
+    try:
+        first = running.service.forwarders["udp-echo"]
+        assert isinstance(first, DatagramEcho)
+        datagram_round_trip(first.address)
+        with running.connect("tcp") as client:
+            round_trip(client)
+        assert running.service.stats()["udp-echo"]["accepted"] == 0
+        running.service.reload([rule("tcp", echo_server.port), rule("udp-echo", 9)])  # a new target
+        wait_for(lambda: running.service.forwarders["udp-echo"] is not first, what="the reload")
+        second = running.service.forwarders["udp-echo"]
+        assert (second.address, second.rule.remote_port, second.stats) == (first.address, 9, first.stats)
+        assert first.closed_with == ["stopped"]  # retired with no connection left: closed at once
+        datagram_round_trip(second.address)
+    finally:
+        running.stop()
+    assert second.closed_with == ["stopped"]

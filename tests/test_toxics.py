@@ -19,7 +19,7 @@ from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._eventloop import _loop
 from asyncore_fwd._eventloop._wakeup import LoopCalls
-from asyncore_fwd._values._config import shorten
+from asyncore_fwd._values._parse import shorten
 from asyncore_fwd.toxics import (
     Bandwidth,
     Latency,

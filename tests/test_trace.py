@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import logging
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, List
 
 import pytest
 
-from asyncore_fwd import EpollLoop, trace
+from asyncore_fwd import EpollLoop, Forwarder, trace
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._eventloop._loop import AsyncoreLoop
+from asyncore_fwd.trace._capture import _subclasses, enable_with
+from asyncore_fwd.trace._events import END, TraceEvent
+from asyncore_fwd.trace._text import TextRenderer
 from conftest import (
     ROOT,
     WAIT,
@@ -117,6 +123,114 @@ def test_a_side_held_back_by_its_peer_says_why(
         fwd.stop()
 
 
+def pump(channels: dict, until: Callable[[], object], what: str) -> None:
+    """Run our own loop one round at a time until ``until()``."""
+    deadline = time.monotonic() + WAIT
+    while not until():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        asyncore.loop(timeout=0.01, use_poll=True, map=channels, count=1)
+
+
+def test_a_side_says_why_it_does_not_read(
+        scripted_server: Callable[..., ScriptedServer], sock_map: dict, splice: bool) -> None:
+    """The relay's own reasons, as the trace shows them: connecting, EOF, a full pipe, closed."""
+    release = threading.Event()
+
+    def answer_when_released(conn: socket.socket) -> None:
+        request = recv_all(conn)
+        release.wait(WAIT)
+        conn.sendall(b"reply to " + request)
+
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", scripted_server(answer_when_released).port,
+                    map=sock_map, splice=splice)
+    with socket.create_connection(fwd.address, timeout=WAIT) as client:
+        pump(sock_map, lambda: fwd.connections, what="accept")
+        (conn,) = fwd.connections
+        assert conn.receiver.why_not_readable() == "server not connected yet"
+        pump(sock_map, lambda: conn.established, what="connect")
+        assert conn.receiver.readable() and conn.receiver.why_not_readable() is None
+        if splice:  # a pipe full of small segments, though under its capacity
+            conn.receiver.outgoing.blocked = True
+            assert conn.sender.why_not_readable() == "peer's pipe is full"
+            conn.receiver.outgoing.blocked = False
+        client.sendall(b"hello")
+        client.shutdown(socket.SHUT_WR)
+        pump(sock_map, lambda: conn.receiver.eof_received, what="EOF")
+        assert conn.receiver.why_not_readable() == "EOF received"
+        release.set()
+        pump(sock_map, lambda: conn.closed, what="the pair to close")
+        assert conn.sender.why_not_readable() == "pair closed"
+        assert recv_all(client) == b"reply to hello"
+
+
+# -- another renderer ---------------------------------------------------------
+
+
+class JsonLines:
+    """A renderer writing each event as a line of JSON, and passing it on to the text trace."""
+
+    def __init__(self, text: TextRenderer) -> None:
+        self.text = text
+        self.lines: List[str] = []
+        self.closed = False
+
+    def wants_events(self) -> bool:
+        return True
+
+    def event(self, event: TraceEvent) -> None:
+        self.lines.append(json.dumps(event._asdict()))
+        self.text.event(event)
+
+    def close(self) -> None:
+        self.closed = True
+        self.text.close()
+
+
+def text_of(events: List[TraceEvent], name: str) -> str:
+    """The text trace of ``events``, written by a renderer of its own."""
+    lines = io.StringIO()
+    renderer = TextRenderer(logging.getLogger(name), lines)
+    for event in events:
+        renderer.event(event)
+    renderer.close()
+    return lines.getvalue()
+
+
+def test_a_renderer_plugged_into_capture_gets_every_event_as_plain_data(
+        loop_kind: str, scripted_server: Callable[..., ScriptedServer]) -> None:
+    """Events are plain data (JSON lines of them read back the same), and the text
+    trace is a function of them alone: replayed, they give the same lines."""
+    live = io.StringIO()
+    renderer = JsonLines(TextRenderer(logging.getLogger("test_trace.live"), live))
+    enable_with(renderer)
+    try:
+        server = scripted_server(reply_after_eof)
+        fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", server.port, loop=loop_kind)
+        try:
+            with fwd.connect() as client:
+                client.sendall(b"hello")
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == b"reply to hello"
+            wait_for(lambda: not fwd.forwarder.connections, what="the pair to close")
+        finally:
+            fwd.stop()
+    finally:
+        trace.disable()
+    assert renderer.closed
+    events = [TraceEvent(**dict(fields, ready=tuple(map(tuple, fields["ready"]))))
+              for fields in map(json.loads, renderer.lines)]
+    assert any(event.kind == END and event.object == "Receiver#1" and event.call == "readable"
+               and event.result == "False" and event.why == "EOF received" and isinstance(event.round, int)
+               for event in events)
+    assert text_of(events, "test_trace.replay") == live.getvalue()
+    in_order(live.getvalue().splitlines(),
+             r"^r\d+ +fd\d+ Forwarder#1 handle_accepted\(fd\d+, 127\.0\.0\.1:\d+\)$",
+             r"^r\d+ +fd\d+ Receiver#1 handle_read\(\) -> read 5B$",
+             r"^r\d+ fd\d+ Receiver#1 readable\(\) -> False \(EOF received\)$",
+             r"^r\d+ +fd\d+ Sender#1 handle_read\(\) -> EOF, EOF passed on, pair closed$")
+
+
 # -- any asyncore program -----------------------------------------------------
 
 
@@ -189,7 +303,7 @@ def test_disable_puts_back_every_original_function() -> None:
     def handle_read(self: object) -> None:
         pass
 
-    owners = [asyncore, EpollLoop, AsyncoreLoop] + trace._subclasses(asyncore.dispatcher)
+    owners = [asyncore, EpollLoop, AsyncoreLoop] + _subclasses(asyncore.dispatcher)
     names = trace.TRACED_METHODS + ("poll", "poll2", "poll3", "select", "__init_subclass__")
     before = {(owner, name): vars(owner).get(name) for owner in owners for name in names}
     trace.enable(io.StringIO())

@@ -8,10 +8,10 @@ kernel, and look through the answer.  With 9,000 idle connections that is
 Strategy of ``EpollLoop``: keep each descriptor registered with epoll between
 rounds and ask its predicates again only when they may have changed:
 
-* after a dispatcher handled an event (and its ``peer``, if it has one: a
-  forwarder side's readiness depends on its peer's buffer);
+* after a dispatcher handled an event, and its ``partner`` if it names one
+  (``Dispatcher.partner``: a relay side's readiness depends on its peer's buffer);
 * when a dispatcher joins the map, or a timer changes what it waits for
-  (asyncore_fwd's dispatchers say so at once, with ``channel_changed``;
+  (asyncore_fwd's dispatchers say so at once, with ``_dispatcher.channel_changed``;
   any other dispatcher is found by the periodic sweep);
 * in a sweep of the whole map, at least every ``sweep_interval`` seconds and
   whenever a round sees no event at all, which is what keeps foreign
@@ -45,9 +45,11 @@ from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 from .._compat import asyncore
 from .._eventloop._timers import existing_timers
 from .._net import PerMap, os_error
+from ._dispatcher import channel_changed, channel_removed, unwatch, watch
 
-__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "best_loop_kind", "check_select_limit",
-           "check_watchable", "loop", "open_loop"]
+# (channel_changed and channel_removed are _dispatcher's, here for the callers that name them here.)
+__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "best_loop_kind", "channel_changed",
+           "channel_removed", "check_select_limit", "check_watchable", "loop", "open_loop"]
 
 LOOP_KINDS = ("select", "poll", "epoll")
 
@@ -55,9 +57,6 @@ LOOP_KINDS = ("select", "poll", "epoll")
 #: and the BSDs (Python does not expose it).  poll and epoll have no limit.
 SELECT_LIMIT = 1024
 
-# Which open EpollLoop watches which map: lets our dispatchers announce
-# themselves as they join or leave a map, with no scan.
-_watchers: PerMap[EpollLoop] = PerMap()
 # Which maps a select() loop serves: their sockets must stay under SELECT_LIMIT.
 _select_loops: PerMap[AsyncoreLoop] = PerMap()
 
@@ -67,17 +66,6 @@ def best_loop_kind() -> str:
     if hasattr(select, "epoll"):
         return "epoll"
     return "poll" if hasattr(select, "poll") else "select"
-
-
-def channel_changed(channel: Any) -> None:
-    """Ask ``channel``'s predicates again before the next wait.
-
-    Called by asyncore_fwd's dispatchers when they join a map, and when
-    something other than their own events (a timer) changed what they wait for.
-    """
-    watcher = _watchers.get(channel._map)
-    if watcher is not None:
-        watcher.added(channel)
 
 
 def check_watchable(map: Dict[int, Any], sock: socket.socket) -> None:
@@ -106,13 +94,6 @@ def _unwatchable(fd: int) -> OSError:
                                   f"(poll and epoll have none)")
 
 
-def channel_removed(channel: Any, fd: Optional[int]) -> None:
-    """Called by asyncore_fwd's dispatchers when they leave a map."""
-    watcher = _watchers.get(channel._map)
-    if watcher is not None and fd is not None:
-        watcher.removed(fd, channel)
-
-
 class EpollLoop:
     """An asyncore loop over ``map`` whose cost follows the active descriptors.
 
@@ -129,10 +110,10 @@ class EpollLoop:
         self._dirty: Set[Any] = set()          # dispatchers whose predicates to ask again
         self._always_ready: Set[int] = set()   # registered fds epoll refuses (regular files), served each round
         self._next_sweep = 0.0
-        _watchers.set(self.map, self)
+        watch(self.map, self)
 
     def close(self) -> None:
-        _watchers.forget(self.map, self)
+        unwatch(self.map, self)
         self._epoll.close()
 
     def __enter__(self) -> EpollLoop:
@@ -141,7 +122,7 @@ class EpollLoop:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- notifications ----------------------------------------------------
+    # -- notifications (ChangeWatcher), from our dispatchers ---------------
 
     def added(self, channel: Any) -> None:
         self._dirty.add(channel)
@@ -206,9 +187,9 @@ class EpollLoop:
             else:
                 asyncore.readwrite(channel, flags)
             dirty.add(channel)
-            peer = getattr(channel, "peer", None)
-            if getattr(peer, "_map", None) is map_:  # a dispatcher of this map
-                dirty.add(peer)
+            partner = getattr(channel, "partner", None)  # Dispatcher.partner, read from any dispatcher
+            if getattr(partner, "_map", None) is map_:  # a dispatcher of this map (not some other value)
+                dirty.add(partner)
         if timers is not None:
             timers.run_due()
 

@@ -29,14 +29,13 @@ import errno
 import logging
 import socket
 import sys
-import threading
-import time
-from typing import Any, Iterator, List, Optional, Tuple, Type
+from typing import Any, ContextManager, Iterator, List, Optional, Tuple, Type
 
 from .._compat import asyncore
 from .._eventloop import _loop
+from .._eventloop._dispatcher import Dispatcher
+from .._eventloop._runner import LoopRunner
 from .._eventloop._timers import forget, timers_for
-from .._eventloop._wakeup import LoopCalls
 from .._net import (
     OUT_OF_RESOURCES,
     SockAddr,
@@ -49,12 +48,14 @@ from .._net import (
 )
 from .._ops._access import warn_if_open
 from .._ops._stats import RuleStats, log_close
-from .._relay._copy import STOPPED, STOPPED_BY_ERROR, Connection, Receiver, _Dispatcher, cut
+from .._relay._copy import STOPPED, Connection, Receiver, cut
 from .._relay._loopback import LoopbackGuard
 from .._relay._sender import Sender
 from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
-from ..toxics import DIRECTIONS, Toxic, ToxicHandle, ToxicSet
+from ..toxics._controls import FaultControls
+from ..toxics._link import Toxic
+from ..toxics._set import ToxicHandle, ToxicSet
 from ._listening import ListeningSocket
 from ._owner import ConnectionOwnerBase
 from ._pause import AcceptPause
@@ -73,7 +74,7 @@ START_TIMEOUT = 10.0
 ACCEPTS_PER_EVENT = 128
 
 
-class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
+class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase):
     """Listens on ``ip:port`` and forwards each client to ``remoteip:remoteport``.
 
     Keeps the article's signature.  The remote may be a hostname or an IPv4/
@@ -121,17 +122,16 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
                stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
                scratch: Optional[memoryview] = None) -> None:
         self._own_connections(rule, stats, scratch)
-        self._stop_requested = False
-        #: Toxics (fault injection), made on first use; see ``add_toxic``.
-        self._toxics: Optional[ToxicSet] = None
-        self._seed = seed
-        self._down = False
+        #: Toxics and down() (fault injection): see ``add_toxic``.
+        self._faults = FaultControls(self, seed)
         super().__init__(map=map)
+        #: Runs the loop for ``serve_forever``, ``stop`` and ``running``.
+        self._runner = LoopRunner(self._map, self)
         self._timers = timers_for(self._map)
         self._pause = AcceptPause(self, self._timers, PAUSE_LOG_INTERVAL)
         self._set_up_operations(self._timers)
         if listener is not None:
-            self._take_over(listener)
+            self.take_over(listener)
         else:
             self._listen()
         self._sockaddr: SockAddr = self.socket.getsockname()  # whole: an IPv6 scope id too, to bind again
@@ -154,7 +154,9 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
             raise
         warn_if_open(rule, self._address, self._label)
 
-    def _take_over(self, listener: socket.socket) -> None:
+    def take_over(self, listener: socket.socket) -> None:
+        """Listen on ``listener``, a listening socket handed over by ``release_listener``:
+        a successor's at a reload, or this forwarder's own given back when that failed."""
         self.set_socket(listener)
         self.accepting = True
         try:
@@ -192,25 +194,12 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
         epoll's cost follows the active connections, not the open ones.  ``stop()``
         takes effect within ``poll_interval`` seconds.
         """
-        backend = _loop.open_loop(loop, self._map)
-        calls = LoopCalls.open(self._map)  # other threads' requests wake the loop at once
-        reason = STOPPED_BY_ERROR  # unless the loop returns
-        try:
-            while not self._stop_requested and self._map:
-                backend.poll(poll_interval)
-            reason = STOPPED
-        finally:
-            self.close(reason)
-            calls.close()
-            backend.close()
+        self._runner.serve(poll_interval, loop)
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return, at once, closing everything (see ``close()``).
         Safe from another thread or a signal handler."""
-        self._stop_requested = True
-        calls = LoopCalls.of(self._map)
-        if calls is not None:
-            calls.wake()
+        self._runner.stop()
 
     @contextlib.contextmanager
     def running(self, loop: str = "auto", *, stop_timeout: float = 10.0) -> Iterator[Forwarder]:
@@ -226,56 +215,20 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
         (unless the block raised).  A forwarder runs once: after the block it
         is closed, and ``running()`` again raises RuntimeError.
         """
-        if self._fileno is None or self._stop_requested:
+        if self._fileno is None or self._runner.stop_requested:
             raise RuntimeError(f"{self.label}: this forwarder was stopped (stop(), or the end of a "
                                f"running() block); make a new one")
-        failed: List[BaseException] = []
-
-        def serve() -> None:
-            try:
-                self.serve_forever(loop=loop)
-            except BaseException as error:  # raised in the caller's thread
-                failed.append(error)
-
-        thread = threading.Thread(target=serve, name=f"asyncore_fwd {format_address(self.address)}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while LoopCalls.of(self._map) is None and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.001)  # until the loop can take calls from this thread
-        if LoopCalls.of(self._map) is None:
-            # Calls made now would run in this thread, beside a loop that may
-            # yet start: refuse rather than carry on unsafely.
-            if thread.is_alive():
-                self.stop()
-                thread.join(stop_timeout)
-            if failed:
-                raise failed[0]
-            raise TimeoutError(f"{self.label}: the loop did not start within {START_TIMEOUT:g} s")
-        block_failed = False
-        try:
+        with self._runner.running(lambda: self.serve_forever(loop=loop), label=self.label,
+                                  thread_name=f"asyncore_fwd {format_address(self.address)}",
+                                  stop_timeout=stop_timeout, start_timeout=START_TIMEOUT):
             yield self
-        except BaseException:
-            block_failed = True  # its own error goes on, not the loop's
-            raise
-        finally:
-            self.stop()
-            thread.join(stop_timeout)
-            if thread.is_alive():
-                log.warning("%s: the loop did not stop within %g s; its thread %r is left running",
-                            self.label, stop_timeout, thread.name)
-            elif failed and not block_failed:
-                raise failed[0]
-            elif failed:  # the block's own error goes on: say what the loop had
-                log.error("%s: the loop failed during the block", self.label, exc_info=failed[0])
 
-    def _in_loop(self, function, *args):  # type: ignore[no-untyped-def]
-        """Run ``function(*args)`` in the loop's thread (here, if no loop runs elsewhere)."""
-        calls = LoopCalls.of(self._map)
-        if calls is None:
-            return function(*args)
-        return calls.call(lambda: function(*args))
+    def between_rounds(self, poll_interval: float) -> Optional[float]:
+        """Called by the loop of ``serve_forever`` before each wait: nothing to do but wait."""
+        return poll_interval
 
     # -- fault injection: toxics, down, waiting for connections ------------------
+    # (``toxics._controls`` does the work: these are its names on the forwarder)
 
     def add_toxic(self, toxic: Toxic, direction: str = "downstream") -> ToxicHandle:
         """Make ``toxic`` act on ``direction`` of open and new connections; returns its handle.
@@ -286,46 +239,22 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
         runs the loop; under your own ``asyncore.loop``, call it from the
         loop's thread.
         """
-        if not isinstance(toxic, Toxic):
-            raise TypeError(f"add_toxic() takes a Toxic, not {toxic!r}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
-        if self.rule.splice:
-            raise ValueError("toxics need the copy relay: bytes never enter Python with splice=True")
-        handle = ToxicHandle(toxic, direction)
-
-        def add() -> None:
-            if self._toxics is None:
-                self._toxics = ToxicSet(self._seed)
-                self.add_observer(self._toxics)
-            self._toxics.add(handle, self.connections)
-        self._in_loop(add)
-        return handle
+        return self._faults.add_toxic(toxic, direction)
 
     def remove_toxic(self, handle: ToxicHandle) -> None:
         """Stop a toxic (what it holds is passed on at once).  Safe from any thread."""
-        def remove() -> None:
-            if self._toxics is None or handle not in self._toxics.handles:
-                raise ValueError(f"{handle!r} is not a toxic of this forwarder")
-            self._toxics.remove(handle)
-        self._in_loop(remove)
+        self._faults.remove_toxic(handle)
 
     @property
     def toxics(self) -> List[ToxicHandle]:
         """The handles of the toxics acting now, in the order they were added."""
-        return list(self._toxics.handles) if self._toxics is not None else []
+        return self._faults.toxics
 
-    @contextlib.contextmanager
-    def toxic(self, toxic: Toxic, direction: str = "downstream") -> Iterator[ToxicHandle]:
+    def toxic(self, toxic: Toxic, direction: str = "downstream") -> ContextManager[ToxicHandle]:
         """``add_toxic`` for the ``with`` block, removed on exit."""
-        handle = self.add_toxic(toxic, direction)
-        try:
-            yield handle
-        finally:
-            self.remove_toxic(handle)
+        return self._faults.toxic(toxic, direction)
 
-    @contextlib.contextmanager
-    def down(self) -> Iterator[Forwarder]:
+    def down(self) -> ContextManager[Forwarder]:
         """As if the server went away: open connections are reset, new connects refused.
 
         The listening port is closed for the block and opened again (same
@@ -333,36 +262,23 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
         took the port meanwhile, the exit raises OSError and the forwarder
         stays down; the exit of a later ``down()`` block tries again.
         """
-        self._in_loop(self._go_down)
-        try:
-            yield self
-        finally:
-            self._in_loop(self._come_up)
+        return self._faults.down()
 
     def wait_for_connections(self, count: int, timeout: float = 10.0) -> bool:
         """True once ``count`` connections are open (accepted), False after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while len(self.connections) < count:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.002)
-        return True
+        return self._faults.wait_for_connections(count, timeout)
 
     def close_connections(self) -> None:
         """Close every open connection (each peer sees EOF); keep listening.  Safe from any thread."""
-        def close_all() -> None:
-            for conn in list(self.connections):
-                conn.close()
-        self._in_loop(close_all)
+        self._faults.close_connections()
 
-    def _go_down(self) -> None:
-        if self._down:
-            return
-        self._down = True
-        cut(self.connections, "forwarder down")
-        self._swap_in_idle_socket()
+    @property
+    def _toxics(self) -> Optional[ToxicSet]:
+        """The toxics acting on the connections (None until one is added)."""
+        return self._faults.toxic_set
 
-    def _swap_in_idle_socket(self) -> None:
+    def _close_port(self) -> None:
+        """For ``down()``: stop listening, keeping this dispatcher's place in the map."""
         # A fresh socket that is neither bound nor listening: the dispatcher
         # keeps its place in the map while the port refuses connects.
         old = self.socket
@@ -373,16 +289,13 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
         self.accepting = False
         old.close()
 
-    def _come_up(self) -> None:
-        if not self._down:
-            return
+    def _reopen_port(self) -> None:
+        """For the end of ``down()``: listen again on the same address and port, or raise OSError."""
         try:
             self._bind_and_listen(self._sockaddr)
         except OSError:
-            self._swap_in_idle_socket()  # still down; the next down() block tries again
+            self._close_port()  # still down; the next down() block tries again
             raise
-        self._down = False
-        _loop.channel_changed(self)
 
     def close(self, reason: str = STOPPED) -> None:
         """Stop listening and close every connection this forwarder made.
@@ -428,7 +341,7 @@ class Forwarder(_Dispatcher, ListeningSocket, ConnectionOwnerBase):
         # joins the map after its listener, so the first listener in the map
         # is asked before any connection's descriptor is collected this round.
         self._timers.run_due()
-        return self._pause.timer is None and not self._down
+        return self._pause.timer is None and not self._faults.is_down
 
     def writable(self) -> bool:
         return False

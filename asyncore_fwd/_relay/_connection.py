@@ -20,18 +20,16 @@ import socket
 import time
 from typing import Callable, Iterable, MutableSet, Optional, Protocol, Sequence
 
+from .._eventloop._runner import STOPPED  # why connections still open were cut: a stop() or close()
 from .._net import SockAddr, SocketMap, describe_error, format_address
 from .._values._rules import Rule
 from ._loopback import LoopbackGuard
 from ._sides import ServerSide, Side
 from ._targets import TargetChoice
 
-__all__ = ["STOPPED", "STOPPED_BY_ERROR", "AdmissionStep", "Connection", "ConnectionObserver", "ConnectionOwner",
+__all__ = ["STOPPED", "AdmissionStep", "Connection", "ConnectionObserver", "ConnectionOwner",
            "cut"]
 
-#: Why connections still open were cut: a ``stop()`` or ``close()``, or an error that ended the loop.
-STOPPED = "stopped"
-STOPPED_BY_ERROR = "stopped by an error"
 
 
 class ConnectionObserver:
@@ -180,6 +178,8 @@ class Connection:
             self.receiver.close_socket()
             raise
         self.receiver.peer, self.sender.peer = self.sender, self.receiver
+        # The loop asks each side again after the other's events: its readiness follows the other's buffer.
+        self.receiver.partner, self.sender.partner = self.sender, self.receiver
         forwarder.connections.add(self)
         for observer in forwarder.observers:
             observer.opened(self)

@@ -31,10 +31,11 @@ from typing import Any, Callable, Dict, Optional
 
 from .._compat import asyncore
 from .._eventloop import _loop
-from .._net import LINGER_ABORT, SocketMap, acknowledge_urgent, os_error, pending_error, tune
-from ._connection import STOPPED, STOPPED_BY_ERROR, Connection, cut
+from .._eventloop._dispatcher import Dispatcher
+from .._net import LINGER_ABORT, acknowledge_urgent, os_error, pending_error, tune
+from ._connection import STOPPED, Connection, cut
 
-__all__ = ["STOPPED", "STOPPED_BY_ERROR", "Connection", "Receiver", "cut"]
+__all__ = ["STOPPED", "Connection", "Receiver", "cut"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -43,34 +44,7 @@ log = logging.getLogger("asyncore_fwd")
 DIVERTED_READ = 4096
 
 
-class _Dispatcher(asyncore.dispatcher):
-    """asyncore's dispatcher, with its messages sent to ``logging`` instead of stdout."""
-
-    # What asyncore sets on every dispatcher and its type stubs leave out (or
-    # optional, though ours always have a socket while in a map).
-    _map: SocketMap
-    _fileno: Optional[int]
-    socket: Any
-    addr: Any
-
-    _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-    def log_info(self, message: str, type: str = "info") -> None:
-        log.log(self._LEVELS.get(type, logging.INFO), "%r: %s", self, message)
-
-    # An epoll loop keeps registrations between rounds: tell it at once when
-    # a socket joins or leaves the map, rather than wait for its next sweep.
-    def add_channel(self, map: Optional[SocketMap] = None) -> None:
-        super().add_channel(map)
-        _loop.channel_changed(self)
-
-    def del_channel(self, map: Optional[SocketMap] = None) -> None:
-        fd = self._fileno
-        super().del_channel(map)
-        _loop.channel_removed(self, fd)
-
-
-class _Pipe(_Dispatcher):
+class _Pipe(Dispatcher):
     """One socket of a forwarded pair: what it reads goes to its peer.
 
     ``outgoing`` holds the bytes read from the peer that this socket has not
@@ -285,6 +259,26 @@ class _Pipe(_Dispatcher):
     def close(self) -> None:
         """Closing either side from outside (e.g. ``asyncore.close_all``) cuts the whole pair."""
         cut([self.conn], STOPPED)
+
+    def why_not_readable(self) -> Optional[str]:
+        """Why ``readable()`` says False, in a few words; None if no reason is known.
+
+        For the trace mode and other observers: the loop never calls it.
+        """
+        if self.conn.closed:
+            return "pair closed"
+        if not self.conn.established:
+            return "server not connected yet"
+        if self.eof_received:
+            return "EOF received"
+        held = len(self.peer.outgoing)
+        if held >= self.conn.rule.high_water:
+            amount = (f"{held}B" if held < 1024 else f"{round(held / 1024, 1):g}K" if held < 1024 * 1024
+                      else f"{round(held / (1024 * 1024), 1):g}M")
+            return f"peer holds {amount} >= high water"
+        if getattr(self.peer.outgoing, "blocked", False):  # a splice side's kernel pipe
+            return "peer's pipe is full"
+        return None
 
 
 class _Diverted:

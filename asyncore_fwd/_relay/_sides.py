@@ -18,6 +18,8 @@ class Side(Protocol):
 
     #: The other side of the pair, of the same relay (set by the connection).
     peer: Any
+    #: The same, for the loop: it asks a side again after its partner's events (set by the connection).
+    partner: Any
 
     @property
     def role(self) -> str:

@@ -1,7 +1,8 @@
 """A service: many rules, one process, one loop.
 
-Strategy: one ``Forwarder`` per rule, all on one asyncore map, served by
-one loop backend.  What must happen while the loop runs -- a drain, a
+Strategy: one listener per rule (a ``Forwarder``, made by
+``_listeners.listener_for``), all on one asyncore map, served by one loop
+backend (``LoopRunner``).  What must happen while the loop runs -- a drain, a
 reload -- is only *requested* by ``drain()`` and ``reload()``, which are
 therefore safe from a signal handler or another thread: the request is
 queued, the loop is woken at once (``LoopCalls``), and it carries the
@@ -32,15 +33,14 @@ import logging
 import time
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from .._eventloop import _loop
+from .._eventloop._runner import STOPPED, LoopRunner
 from .._eventloop._timers import forget
-from .._eventloop._wakeup import LoopCalls
-from .._listener._forwarder import Forwarder
 from .._net import SocketMap, describe_error, format_address
 from .._ops._stats import COUNTERS
-from .._relay._copy import STOPPED, STOPPED_BY_ERROR, cut
+from .._relay._copy import cut
 from .._values._rules import DEFAULT_READ_SIZE, Rule
 from ..toxics import Toxic
+from ._listeners import Listener, listener_for
 
 __all__ = ["Service"]
 
@@ -73,15 +73,15 @@ class Service:
         #: (toxic, direction) added to every rule's forwarder, reloaded ones too.
         self.toxics = list(toxics)
         #: The running forwarders, by ``rule.label``.
-        self.forwarders: Dict[str, Forwarder] = {}
+        self.forwarders: Dict[str, Listener] = {}
         #: Forwarders that stopped accepting, served until their last connection closes.
-        self.retiring: List[Forwarder] = []
+        self.retiring: List[Listener] = []
         #: Other dispatchers closed with the service (e.g. a ``MetricsServer``).
         self.attachments: List[Any] = []
         # Requests from drain() and reload(), carried out by the loop.
         self._requests: Deque[Tuple[str, Any]] = collections.deque()
-        self._stop_requested = False
-        self._serving = False
+        #: Runs the loop for ``serve_forever`` and ``stop``; wakes it for the requests.
+        self._runner = LoopRunner(self.map, self)
         self._drain_deadline: Optional[float] = None
         # One read buffer for every rule: the loop runs one handler at a time,
         # and a buffer per rule would cost its read size in memory per rule.
@@ -93,12 +93,10 @@ class Service:
             self.close()
             raise
 
-    def _start(self, rule: Rule, **takeover: Any) -> Forwarder:
+    def _start(self, rule: Rule, **takeover: Any) -> Listener:
         if rule.read_size > len(self._scratch):
             self._scratch = memoryview(bytearray(rule.read_size))
-        fwd = Forwarder.from_rule(rule, self.map, scratch=self._scratch, **takeover)
-        for toxic, direction in self.toxics:
-            fwd.add_toxic(toxic, direction)
+        fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
         details = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
         log.info("%s: forwarding %s to %s", fwd.label, details["listen"], rule.remote,
                  extra={"event": "start", "details": details})
@@ -113,33 +111,22 @@ class Service:
         ``stop()``, ``drain()`` and ``reload()`` wake the loop: they take
         effect at once, not after ``poll_interval``.
         """
-        backend = _loop.open_loop(loop, self.map)
-        calls = LoopCalls.open(self.map)  # lets stop(), drain() and reload() wake the loop
-        self._serving = True
-        reason = STOPPED_BY_ERROR  # unless the loop returns
-        try:
-            while not self._stop_requested:
-                self._carry_out_requests()
-                if self._drain_deadline is not None and self._drained():
-                    break
-                if self.map:
-                    backend.poll(self._wait(poll_interval))
-                else:
-                    time.sleep(self._wait(poll_interval))  # nothing to wait for but requests
-                if self.retiring:
-                    self._forget_retired()
-            reason = STOPPED
-        finally:
-            self._serving = False
-            calls.close()
-            backend.close()
-            self.close(reason)
+        self._runner.serve(poll_interval, loop)
+
+    def between_rounds(self, poll_interval: float) -> Optional[float]:
+        """Called by the loop of ``serve_forever`` before each wait: carry out the requests;
+        the wait, up to the drain's deadline, or None once the drain is over."""
+        if self.retiring:
+            self._forget_retired()
+        self._carry_out_requests()
+        if self._drain_deadline is not None and self._drained():
+            return None
+        return self._wait(poll_interval)
 
     def stop(self) -> None:
         """Ask ``serve_forever`` to return now, closing everything: the open connections
         are cut with resets, as at the drain timeout.  Safe from a signal handler or thread."""
-        self._stop_requested = True
-        self._wake()
+        self._runner.stop()
 
     def drain(self, timeout: float) -> None:
         """Stop accepting; ``serve_forever`` returns when no connection is left.
@@ -149,7 +136,7 @@ class Service:
         signal handler or another thread.
         """
         self._requests.append(("drain", max(0.0, float(timeout))))
-        self._wake()
+        self._runner.wake()
 
     def reload(self, rules: Sequence[Rule]) -> None:
         """Apply a new list of rules (see the module docstring).
@@ -161,8 +148,8 @@ class Service:
         rules = list(rules)
         _check_labels(rules)
         self._requests.append(("reload", rules))
-        if self._serving:
-            self._wake()
+        if self._runner.serving:
+            self._runner.wake()
         else:
             self._carry_out_requests()
 
@@ -182,7 +169,7 @@ class Service:
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Per rule, by the label of its log lines: active, accepted, refused_acl, refused_limit,
         failed_connects, bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
-        groups: Dict[str, List[Forwarder]] = {label: [fwd] for label, fwd in self.forwarders.items()}
+        groups: Dict[str, List[Listener]] = {label: [fwd] for label, fwd in self.forwarders.items()}
         for fwd in list(self.retiring):
             groups.setdefault(fwd.rule.label, []).append(fwd)
         # Grouped by the rule's own label; shown by the forwarder's, which names
@@ -197,11 +184,6 @@ class Service:
             log.info("%s: %s", label, text, extra={"event": "stats", "details": {"rule": label, **counters}})
 
     # -- requests, carried out by the loop -------------------------------
-
-    def _wake(self) -> None:
-        calls = LoopCalls.of(self.map)
-        if calls is not None:
-            calls.wake()  # one write() to a pipe: safe from a signal handler
 
     def _carry_out_requests(self) -> None:
         while self._requests:
@@ -221,7 +203,7 @@ class Service:
             return poll_interval
         return max(0.0, min(poll_interval, self._drain_deadline - time.monotonic()))
 
-    def _all_forwarders(self) -> List[Forwarder]:
+    def _all_forwarders(self) -> List[Listener]:
         return list(self.forwarders.values()) + self.retiring
 
     def _start_drain(self, timeout: float) -> None:
@@ -256,14 +238,14 @@ class Service:
         """Carry out a reload: match the new rules with the running ones, then change what differs."""
         running = dict(self.forwarders)
         by_listen = {fwd.rule.listen: label for label, fwd in running.items()}
-        matched: List[Tuple[Rule, Optional[Forwarder]]] = []
+        matched: List[Tuple[Rule, Optional[Listener]]] = []
         for rule in rules:
             label = rule.label if rule.label in running else by_listen.get(rule.listen)
             if label is not None and label not in running:
                 label = None  # its listen was matched by an earlier rule
             matched.append((rule, running.pop(label) if label is not None else None))
         report: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "unchanged": [], "failed": []}
-        forwarders: Dict[str, Forwarder] = {}
+        forwarders: Dict[str, Listener] = {}
         # Removed rules first: their ports may be taken by new ones.
         for label, fwd in running.items():
             self._retire(fwd)
@@ -291,7 +273,7 @@ class Service:
         summary = ", ".join(f"{len(labels)} {kind}" for kind, labels in report.items())
         log.info("reloaded: %s", summary, extra={"event": "reload", "details": report})
 
-    def _change(self, old: Forwarder, rule: Rule) -> Forwarder:
+    def _change(self, old: Listener, rule: Rule) -> Listener:
         """Serve ``rule`` in place of ``old``; ``old``'s connections drain with its settings."""
         stats = old.stats if old.rule.label == rule.label else None
         if old.rule.listen == rule.listen and old.rule.reuse_port == rule.reuse_port:
@@ -299,7 +281,7 @@ class Service:
             try:
                 new = self._start(rule, stats=stats, listener=listener)
             except BaseException:
-                old._take_over(listener)  # e.g. the new remote does not resolve: keep the old one
+                old.take_over(listener)  # e.g. the new remote does not resolve: keep the old one
                 raise
         else:
             new = self._start(rule, stats=stats)  # binds first: if that fails, the old one goes on
@@ -312,7 +294,7 @@ class Service:
             self.retiring.remove(fwd)
             fwd.close()
 
-    def _retire(self, fwd: Forwarder) -> None:
+    def _retire(self, fwd: Listener) -> None:
         fwd.stop_accepting()
         if fwd.connections:
             self.retiring.append(fwd)

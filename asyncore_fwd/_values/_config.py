@@ -2,8 +2,9 @@
 
 Strategy: every value is checked here, before a ``Rule`` is made, so that an
 error can name where it came from -- the file, the rule (its name or its
-index), the key and the value as written -- in one line.  ``Rule`` checks
-again; its ``ValueError`` can only show up here as a bug.
+index), the key and the value as written -- in one line.  The values are read
+by ``_parse``, as the command's flags are.  ``Rule`` checks again; its
+``ValueError`` can only show up here as a bug.
 
 A config file has an optional ``[defaults]`` table and one ``[[rule]]`` table
 per rule::
@@ -26,33 +27,32 @@ keys as ``,key=value`` options, a list key repeated once per entry:
 from __future__ import annotations
 
 import ipaddress
-import json
-import math
 import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
+from ._parse import (
+    BadValue,
+    format_size,
+    parse_host_port,
+    parse_integer,
+    parse_seconds,
+    parse_size,
+    shorten,
+    show_value,
+)
+from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["ConfigError", "KEYS", "MAX_INTEGER", "check_unique", "decimal_integer", "describe_rule", "format_size",
-           "load_config", "parse_forward_spec", "parse_size", "rule_defaults", "shorten", "show_value",
-           "split_host_port"]
+__all__ = ["ConfigError", "KEYS", "check_unique", "describe_rule", "load_config", "parse_forward_spec",
+           "rule_defaults"]
 
 #: Where ``-L`` listens when it names no address (as ssh does).
 DEFAULT_BIND = "127.0.0.1"
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-#: The largest count or size taken anywhere (what a C ``ssize_t`` holds): more is never meant,
-#: and could overflow where it reaches the system (a float, a pipe's size).
-MAX_INTEGER = 2 ** 63 - 1
-#: How much of a value an error line shows.
-_SHOWN = 40
-#: What JSON leaves as it is, yet ``str.splitlines()`` breaks a line at: escaped in error lines.
-_LINE_BREAKS = {ord(char): f"\\u{ord(char):04x}" for char in "\x1c\x1d\x1e\x85\u2028\u2029"}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
@@ -60,144 +60,25 @@ class ConfigError(ValueError):
     """A rule that cannot be used, described in one line (where, key, value)."""
 
 
-class _BadValue(ValueError):
-    """A value a key does not accept: the message says what was expected."""
-
-
-def show_value(value: object) -> str:
-    """A value as the user wrote it: strings in double quotes, TOML's true/false; a long one cut
-    short, so that the error stays one readable line."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (ValueError, RecursionError):  # an int past 4300 digits; arrays nested past the recursion limit
-        text = f"<{type(value).__name__}>"
-    return shorten(text.translate(_LINE_BREAKS))
-
-
-def shorten(text: str) -> str:
-    """``text``, cut short if it is long: an error line stays readable.  A quoted text keeps its quotes."""
-    if len(text) <= _SHOWN + 20:
-        return text
-    quote = text[0] if text[0] in "'\"" and text[-1] == text[0] else ""
-    return f"{text[:_SHOWN]}...{quote} ({len(text) - 2 * len(quote)} characters)"
-
-
 def _show_key(key: str) -> str:
     """A key as written: bare if it can be, else quoted (a quoted TOML key may hold a line break)."""
     return shorten(key) if _NAME.match(key) else show_value(key)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_decimal(text: str) -> bool:
-    """True for ASCII digits only: ``str.isdigit()`` also takes ``²`` (which int() refuses) and ``١٢``."""
-    return text.isascii() and text.isdigit()
-
-
-_PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
-
-
-def parse_decimal(text: str) -> float:
-    """A number written plainly, like ``2``, ``0.5``, ``.25`` or ``-1`` (its range is the
-    caller's to check; too many digits give ``inf``): ValueError for anything else.
-
-    ``float()`` would also take ``1_0``, ``1e3``, ``nan``, spaces and non-ASCII digits.
-    """
-    if not _PLAIN_NUMBER.match(text):
-        raise ValueError(f"not a plain number: {text!r}")
-    return float(text) + 0.0  # -0.0 is 0.0: shown as "0", not "-0"
-
-
-def decimal_integer(text: str) -> Optional[int]:
-    """The integer ``text`` spells in ASCII digits, or None: for anything else, and above
-    MAX_INTEGER (so that the caller's range check rejects it as it rejects any bad number;
-    ``int()`` itself raises ValueError past 4300 digits)."""
-    if not is_decimal(text) or len(text.lstrip("0")) > len(str(MAX_INTEGER)):
-        return None
-    value = int(text, 10)
-    return value if value <= MAX_INTEGER else None
-
-
 # -- one value per key ---------------------------------------------------
 
 
-def parse_size(value: object) -> int:
-    """A positive byte count: an integer, or text like ``65536``, ``512K``, ``1M``, ``2G``
-    (at most MAX_INTEGER bytes)."""
-    size = 0
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        number = value.rstrip("kKmMgG")
-        unit = value[len(number):].lower()
-        if unit in _SIZE_UNITS:  # not two suffixes, like 1KM
-            size = (decimal_integer(number) or 0) * _SIZE_UNITS[unit]
-    if not 0 < size <= MAX_INTEGER:
-        raise _BadValue("expected a positive number of bytes, like 65536, 512K, 1M or 1G")
-    return size
-
-
-def format_size(size: int) -> str:
-    """``512K`` for 524288: the largest unit that divides it exactly."""
-    for unit in ("G", "M", "K"):
-        if size % _SIZE_UNITS[unit.lower()] == 0:
-            return f"{size // _SIZE_UNITS[unit.lower()]}{unit}"
-    return str(size)
-
-
-def _number(value: object) -> float:
-    if isinstance(value, str):
-        try:
-            value = parse_decimal(value)
-        except ValueError:
-            raise _BadValue("") from None
-    if not _is_number(value):
-        raise _BadValue("")
+def _count(value: object) -> int:
+    """A limit: a count, where 0 means none."""
     try:
-        number = float(value)  # type: ignore[arg-type]
-    except OverflowError:  # an integer of 309 digits or more
-        raise _BadValue("") from None
-    if not math.isfinite(number):
-        raise _BadValue("")
-    return number + 0.0  # -0.0 is 0.0
-
-
-def _seconds_at_least_zero(value: object) -> float:
-    try:
-        seconds = _number(value)
-    except _BadValue:
-        seconds = -1.0
-    if seconds < 0:
-        raise _BadValue("expected a number of seconds >= 0")
-    return seconds
-
-
-def _positive_seconds(value: object) -> float:
-    try:
-        seconds = _number(value)
-    except _BadValue:
-        seconds = 0.0
-    if seconds <= 0:
-        raise _BadValue("expected a positive number of seconds")
-    return seconds
-
-
-def _integer(lowest: int, highest: Optional[int], what: str) -> Callable[[object], int]:
-    def parse(value: object) -> int:
-        if isinstance(value, str):
-            value = decimal_integer(value)
-        if (not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= MAX_INTEGER
-                or (highest is not None and value > highest)):
-            raise _BadValue(what)
-        return value
-    return parse
+        return parse_integer(value, 0)
+    except BadValue:
+        raise BadValue("expected an integer >= 0 (0 = no limit)") from None
 
 
 def _name(value: object) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
-        raise _BadValue("expected a name of letters, digits, '_', '.' and '-'")
+        raise BadValue("expected a name of letters, digits, '_', '.' and '-'")
     return value
 
 
@@ -207,51 +88,22 @@ def _network(value: object) -> str:
             return str(ipaddress.ip_network(value[1:-1] if value.startswith("[") else value, strict=False))
         except ValueError:
             pass
-    raise _BadValue("expected an address or a network, like 10.0.0.0/8, 192.0.2.7 or ::1")
-
-
-def split_host_port(text: str) -> Tuple[str, str]:
-    """``("::1", "80")`` for ``[::1]:80``; _BadValue unless it is HOST:PORT."""
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise _BadValue('expected "host:port", like "[::1]:8080"')
-        return host, rest[1:]
-    host, colon, port = text.rpartition(":")
-    if not colon:
-        raise _BadValue('expected "host:port", like "127.0.0.1:8080"')
-    if ":" in host:
-        raise _BadValue('expected "host:port" with an IPv6 address in brackets, like "[::1]:8080"')
-    return host, port
-
-
-def _endpoint(lowest_port: int) -> Callable[[object], Tuple[str, int]]:
-    def parse(value: object) -> Tuple[str, int]:
-        if not isinstance(value, str):
-            raise _BadValue('expected "host:port"')
-        host, port = split_host_port(value)
-        if not host:
-            raise _BadValue('expected "host:port" with a host before the colon')
-        number = decimal_integer(port)
-        if number is None or not lowest_port <= number <= 65535:
-            raise _BadValue(f'expected "host:port" with a port from {lowest_port} to 65535')
-        return host, number
-    return parse
+    raise BadValue("expected an address or a network, like 10.0.0.0/8, 192.0.2.7 or ::1")
 
 
 #: Every key a rule takes, with what checks and converts its value.
 _PARSERS: Dict[str, Callable[[object], Any]] = {
     "name": _name,
-    "listen": _endpoint(0),
-    "connect": _endpoint(1),
+    "listen": lambda value: parse_host_port(value, 0),
+    "connect": lambda value: parse_host_port(value, 1),
     "allow": _network,
     "deny": _network,
-    "max_connections": _integer(0, None, "expected an integer >= 0 (0 = no limit)"),
-    "max_per_client": _integer(0, None, "expected an integer >= 0 (0 = no limit)"),
-    "connect_timeout": _positive_seconds,
-    "idle_timeout": _seconds_at_least_zero,
-    "half_closed_timeout": _seconds_at_least_zero,
-    "backlog": _integer(0, 65535, "expected an integer from 0 to 65535"),
+    "max_connections": _count,
+    "max_per_client": _count,
+    "connect_timeout": parse_seconds,
+    "idle_timeout": lambda value: parse_seconds(value, zero_ok=True),
+    "half_closed_timeout": lambda value: parse_seconds(value, zero_ok=True),
+    "backlog": lambda value: parse_integer(value, 0, 65535),
     "high_water": parse_size,
 }
 KEYS = tuple(_PARSERS)
@@ -279,12 +131,12 @@ def _check(key: str, value: object) -> Any:
         for entry in entries:
             try:
                 checked.append(parser(entry))
-            except _BadValue as error:
+            except BadValue as error:
                 raise ConfigError(f"{key}: {error}, got {show_value(entry)}") from None
         return tuple(checked)
     try:
         return parser(value)
-    except _BadValue as error:
+    except BadValue as error:
         raise ConfigError(f"{key}: {error}, got {show_value(value)}") from None
 
 
@@ -318,7 +170,7 @@ def _split_colons(text: str) -> List[str]:
         if rest.startswith("["):
             end = rest.find("]")
             if end < 0 or (end + 1 < len(rest) and rest[end + 1] != ":"):
-                raise _BadValue("")
+                raise BadValue("")
             parts.append(rest[1:end])
             rest = rest[end + 1:]
             if not rest:
@@ -345,8 +197,8 @@ def parse_forward_spec(text: str, base: Optional[Mapping[str, Any]] = None) -> R
         if len(parts) == 3:
             parts.insert(0, DEFAULT_BIND)
         if len(parts) != 4 or not all(parts):
-            raise _BadValue("")
-    except _BadValue:
+            raise BadValue("")
+    except BadValue:
         raise ConfigError(f"expected [BIND:]PORT:HOST:HOSTPORT[,key=value...] with IPv6 addresses in "
                           f"brackets, got {show_value(address)}") from None
     bind, port, host, host_port = parts

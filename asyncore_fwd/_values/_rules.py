@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Tuple, Union
 
 from .._net import SPLICE_AVAILABLE, format_address, strip_brackets
+from ._parse import is_integer, is_seconds
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -30,16 +31,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: article's 5 drops SYNs, and each dropped one waits a second to retry).
 #: The kernel caps it at net.core.somaxconn.
 DEFAULT_BACKLOG = 4096
-
-
-def _check_port(name: str, port: object, lowest: int) -> None:
-    if not isinstance(port, int) or isinstance(port, bool) or not lowest <= port <= 65535:
-        raise ValueError(f"{name} must be an integer from {lowest} to 65535, not {port!r}")
-
-
-def _check_positive(name: str, value: object, kind: type) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < float("inf"):  # type: ignore[operator]
-        raise ValueError(f"{name} must be a positive {kind.__name__}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -82,26 +73,27 @@ class Rule:
             if not isinstance(host, str) or not strip_brackets(host):
                 raise ValueError(f"{name} must be a non-empty string, not {host!r}")
             object.__setattr__(self, name, strip_brackets(host))
-        _check_port("local_port", self.local_port, 0)
-        _check_port("remote_port", self.remote_port, 1)
-        if isinstance(self.backlog, bool) or not isinstance(self.backlog, int) or not 0 <= self.backlog <= 65535:
-            raise ValueError(f"backlog must be an integer from 0 to 65535, not {self.backlog!r}")
+        for name, lowest in (("local_port", 0), ("remote_port", 1), ("backlog", 0)):
+            if not is_integer(getattr(self, name), lowest, 65535):
+                raise ValueError(f"{name} must be an integer from {lowest} to 65535, not {getattr(self, name)!r}")
         if isinstance(self.connect_timeout, int) and not isinstance(self.connect_timeout, bool):
             object.__setattr__(self, "connect_timeout", float(self.connect_timeout))
-        _check_positive("connect_timeout", self.connect_timeout, float)
-        _check_positive("high_water", self.high_water, int)
-        _check_positive("read_size", self.read_size, int)
+        if not is_seconds(self.connect_timeout):
+            raise ValueError(f"connect_timeout must be a positive float, not {self.connect_timeout!r}")
+        for name in ("high_water", "read_size"):
+            if not is_integer(getattr(self, name), 1):
+                raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a string, not {self.name!r}")
         for name in ("allow", "deny"):
             object.__setattr__(self, name, tuple(_network(name, value) for value in getattr(self, name)))
         for name in ("max_connections", "max_per_client"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_integer(value, 0):
                 raise ValueError(f"{name} must be an integer >= 0 (0 = no limit), not {value!r}")
         for name in ("idle_timeout", "half_closed_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            if not is_seconds(value, zero_ok=True):
                 raise ValueError(f"{name} must be a number of seconds >= 0 (0 = off), not {value!r}")
             object.__setattr__(self, name, float(value))
         for name in ("splice", "reuse_port"):
