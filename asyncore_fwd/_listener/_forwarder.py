@@ -3,23 +3,21 @@
 The article's design is kept: a listening ``Forwarder`` accepts a client,
 wraps it in a ``Receiver`` (talks to the client) and pairs it with a
 ``Sender`` (talks to the server).  Those two sides, and the ``Connection``
-that owns them, are the relay (``_relay``: how backpressure and half-close
-work is told there); ``_splice`` has a zero-copy variant of the sides.
+that owns them, are the relay (``_relay``, which tells how backpressure and
+half-close work); ``_splice`` has a zero-copy variant of the sides.
 
 Strategy, in the order the loop sees it:
 
 * **Accepting.**  Up to ``ACCEPTS_PER_EVENT`` clients per readiness event;
-  the loop-back guard and the admission steps (``AdmissionStep``: access
-  control first) may turn one away before anything is made for it.  Out
-  of descriptors, the listener pauses (``_pause``) instead of spinning.
-* **Timers.**  asyncore has no timer API; ``_timers`` adds a deadline
-  heap per map, for the connect timeout and the pause after EMFILE.  Our
-  loop backends end each wait when the next timer is due; under a plain
-  ``asyncore.loop`` the listener's ``readable()``, which asyncore asks every
-  round, runs the timers that are due.
-* **Operations.**  What acts on connections (``_ops``) observes them, at
-  events, never per byte (``ConnectionObserver``; ``_owner`` sets them up
-  for the rule); the hooks here only log.
+  the loop-back guard and the admission steps (access control first) may
+  turn one away before anything is made for it.  Out of descriptors, the
+  listener pauses (``_pause``) instead of spinning.
+* **Timers.**  ``_timers`` keeps a deadline heap per map (connect timeouts,
+  the pause); our loops end each wait at the next one, and under a plain
+  ``asyncore.loop`` the listener's ``readable()``, asked every round, runs them.
+* **Operations.**  What acts on connections observes them at events, never
+  per byte (``ConnectionObserver``, set up for the rule by ``_owner``); the
+  hooks here only log.
 """
 
 from __future__ import annotations
@@ -36,16 +34,7 @@ from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._runner import LoopRunner
 from .._eventloop._timers import forget, timers_for
-from .._net import (
-    OUT_OF_RESOURCES,
-    SockAddr,
-    SocketMap,
-    describe_error,
-    format_address,
-    os_error,
-    pending_error,
-    reset,
-)
+from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, os_error, pending_error, reset
 from .._ops._access import warn_if_open
 from .._ops._stats import RuleStats, log_close
 from .._relay._copy import STOPPED, Connection, Receiver, cut
@@ -276,26 +265,6 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase):
     def _toxics(self) -> Optional[ToxicSet]:
         """The toxics acting on the connections (None until one is added)."""
         return self._faults.toxic_set
-
-    def _close_port(self) -> None:
-        """For ``down()``: stop listening, keeping this dispatcher's place in the map."""
-        # A fresh socket that is neither bound nor listening: the dispatcher
-        # keeps its place in the map while the port refuses connects.
-        old = self.socket
-        self.del_channel()
-        idle = socket.socket(old.family, socket.SOCK_STREAM)
-        idle.setblocking(False)
-        self.set_socket(idle)
-        self.accepting = False
-        old.close()
-
-    def _reopen_port(self) -> None:
-        """For the end of ``down()``: listen again on the same address and port, or raise OSError."""
-        try:
-            self._bind_and_listen(self._sockaddr)
-        except OSError:
-            self._close_port()  # still down; the next down() block tries again
-            raise
 
     def close(self, reason: str = STOPPED) -> None:
         """Stop listening and close every connection this forwarder made.

@@ -3,7 +3,9 @@
 Strategy: every failure to listen is an ``OSError`` whose message names
 the address (``cannot listen on HOST:PORT: ...``), so a start or a reload
 fails in one line; under select(), a socket it could never watch counts as
-one that cannot listen, rather than a listener that would be deaf.
+one that cannot listen, rather than a listener that would be deaf.  For
+``down()``, the port closes and opens again while the dispatcher keeps its
+place in the map.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class ListeningSocket(asyncore.dispatcher):
 
     rule: Rule
     _map: SocketMap
+    #: The address bound, whole (an IPv6 scope id too): where the port opens again.
+    _sockaddr: SockAddr
     socket: Any  # (set, once listening: asyncore's stubs say Optional)
 
     def _listen(self) -> None:
@@ -48,3 +52,23 @@ class ListeningSocket(asyncore.dispatcher):
         except OSError as error:
             where = format_address((self.rule.local_host, address[1]))
             raise OSError(error.errno, f"cannot listen on {where}: {describe_error(error)}") from None
+
+    def _close_port(self) -> None:
+        """For ``down()``: stop listening, keeping this dispatcher's place in the map."""
+        # A fresh socket that is neither bound nor listening: the dispatcher
+        # keeps its place in the map while the port refuses connects.
+        old = self.socket
+        self.del_channel()
+        idle = socket.socket(old.family, socket.SOCK_STREAM)
+        idle.setblocking(False)
+        self.set_socket(idle)
+        self.accepting = False
+        old.close()
+
+    def _reopen_port(self) -> None:
+        """For the end of ``down()``: listen again on the same address and port, or raise OSError."""
+        try:
+            self._bind_and_listen(self._sockaddr)
+        except OSError:
+            self._close_port()  # still down; the next down() block tries again
+            raise
