@@ -313,8 +313,8 @@ def test_an_address_of_the_remote_that_leads_back_is_skipped_for_the_next(
                                         (socket.AF_INET, ("127.0.0.1", echo_server.port))]
     _echoes(fwd)
     assert len(fwd.forwarder.connections) == 1
-    assert fwd.forwarder.own_ends == {}
-    wait_for(lambda: not fwd.forwarder._turned_back, what="the connect that led back to be reset")
+    assert fwd.forwarder.loopback.own_ends == {}
+    wait_for(lambda: not fwd.forwarder.loopback.turned_back, what="the connect that led back to be reset")
     assert fwd.forwarder.stats.accepted == 1
 
 

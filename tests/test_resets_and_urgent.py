@@ -268,7 +268,7 @@ def test_splice_out_of_descriptors_for_pipes_refuses_the_new_client_and_spares_l
         before = open_fds()
         late = socket.create_connection(pair.fwd.address, timeout=WAIT)
         pair.rounds(2)
-        assert len(pair.fwd.connections) == 1 and pair.fwd._accept_pause is not None
+        assert len(pair.fwd.connections) == 1 and pair.fwd.accept_paused
         assert recv_until_reset(late) == b""
         late.close()
         monkeypatch.undo()

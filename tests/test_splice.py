@@ -13,7 +13,7 @@ import threading
 import pytest
 from test_forwarder import established, pump
 
-from asyncore_fwd import Forwarder, Rule
+from asyncore_fwd import Forwarder, Receiver, Rule, Sender
 from asyncore_fwd._compat import asyncore
 from asyncore_fwd._relay import _splice
 from asyncore_fwd._values import _rules
@@ -108,3 +108,35 @@ def test_a_high_water_mark_past_4_gib_does_not_shrink_the_pipe() -> None:
         assert pipe.capacity >= 65536  # the kernel's default, or the most it would grant
     finally:
         pipe.close()
+
+
+def test_splice_takes_the_splice_sides_in_place_of_the_copy_relay_s_own(sock_map) -> None:
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", 9, map=sock_map, splice=True)
+    assert (fwd.receiver_class, fwd.sender_class) == (_splice.SpliceReceiver, _splice.SpliceSender)
+    assert (Forwarder.receiver_class, Forwarder.sender_class) == (Receiver, Sender)  # the class keeps its own
+
+
+def test_splice_keeps_a_subclass_s_own_splice_sides(sock_map) -> None:
+    class CountingSender(_splice.SpliceSender):
+        pass
+
+    class Counting(Forwarder):
+        sender_class = CountingSender
+
+    fwd = Counting("127.0.0.1", 0, "127.0.0.1", 9, map=sock_map, splice=True)
+    assert (fwd.receiver_class, fwd.sender_class) == (_splice.SpliceReceiver, CountingSender)
+
+
+def test_splice_refuses_a_subclass_s_sides_that_copy_instead_of_replacing_them(sock_map) -> None:
+    """A subclass's own copy-relay Sender with splice=True is a ValueError naming it, before any socket."""
+    class LoggingSender(Sender):
+        pass
+
+    class Logging(Forwarder):
+        sender_class = LoggingSender
+
+    before = open_fds()
+    with pytest.raises(ValueError, match="LoggingSender is not derived from SpliceSender"):
+        Logging("127.0.0.1", 0, "127.0.0.1", 9, map=sock_map, splice=True)
+    assert open_fds() == before and sock_map == {}
+    assert Logging("127.0.0.1", 0, "127.0.0.1", 9, map=sock_map).sender_class is LoggingSender  # copy: kept

@@ -3,30 +3,21 @@
 The article's design is kept: a listening ``Forwarder`` accepts a client,
 wraps it in a ``Receiver`` (talks to the client) and pairs it with a
 ``Sender`` (talks to the server).  Those two sides, and the ``Connection``
-that owns them, are the copy relay (``_relay``); ``_splice`` has a
-zero-copy variant of the sides.
+that owns them, are the relay (``_relay``, which tells how backpressure and
+half-close work); ``_splice`` has a zero-copy variant of the sides.
 
 Strategy, in the order the loop sees it:
 
-* **Backpressure.**  A side is ``readable()`` only while the bytes waiting
-  for its peer are under ``high_water``.  When the slow side cannot keep up,
-  the fast side simply stops being asked for reads, and the kernel's own
-  buffers push back on the sender.  Memory per connection is bounded.
-* **Half-close.**  EOF on one side is not the end of the connection: first
-  everything already read from that side is written to the other one, then
-  the EOF is passed on with ``shutdown(SHUT_WR)``.  The pair closes when both
-  directions have done this, or at once on an error.  A side that has seen
-  EOF stops asking for read events, so the loop does not spin on it.
-* **Timers.**  asyncore has no timer API; ``_timers`` adds a deadline
-  heap per map, for the connect timeout and the pause after EMFILE.  Our
-  loop backends end each wait when the next timer is due; under a plain
-  ``asyncore.loop`` the listener's ``readable()``, which asyncore asks every
-  round, runs the timers that are due.
-* **Operations.**  Each in its own module, called at events, never per
-  byte: who may connect and how many (``_access``, at accept), idle and
-  half-closed timeouts (``_timeouts``, on timers), counters and the close
-  line (``_stats``, at accept and close).  A rule that sets none of them
-  pays one ``is None`` test per connection.
+* **Accepting.**  Up to ``ACCEPTS_PER_EVENT`` clients per readiness event;
+  the loop-back guard and the admission steps (access control first) may
+  turn one away before anything is made for it.  Out of descriptors, the
+  listener pauses (``_pause``) instead of spinning.
+* **Timers.**  ``_timers`` keeps a deadline heap per map (connect timeouts,
+  the pause); our loops end each wait at the next one, and under a plain
+  ``asyncore.loop`` the listener's ``readable()``, asked every round, runs them.
+* **Operations.**  What acts on connections observes them at events, never
+  per byte (``ConnectionObserver``, set up for the rule by ``_owner``); the
+  hooks here only log.
 """
 
 from __future__ import annotations
@@ -36,34 +27,27 @@ import errno
 import logging
 import socket
 import sys
-import time
-from typing import Any, ContextManager, Iterator, List, Optional, Tuple
+from typing import Any, ContextManager, Iterator, List, Optional, Tuple, Type
 
 from .._compat import asyncore
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._runner import LoopRunner
-from .._eventloop._timers import Throttle, Timer, forget, timers_for
-from .._net import (
-    OUT_OF_RESOURCES,
-    RemoteAddresses,
-    SockAddr,
-    SocketMap,
-    describe_error,
-    end_key,
-    format_address,
-    listen_address,
-    os_error,
-    pending_error,
-    reset,
-)
-from .._ops._access import AccessControl, is_loopback
-from .._ops._stats import RuleStats, close_details, format_close
-from .._relay._copy import STOPPED, Connection, Receiver, Sender, cut
+from .._eventloop._timers import forget, timers_for
+from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, os_error, pending_error, reset
+from .._ops._access import warn_if_open
+from .._ops._stats import RuleStats, log_close
+from .._relay._copy import STOPPED, Connection, Receiver, cut
+from .._relay._loopback import LoopbackGuard
+from .._relay._sender import Sender
+from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
 from ..toxics._controls import FaultControls
 from ..toxics._link import Toxic
 from ..toxics._set import ToxicHandle, ToxicSet
+from ._listening import ListeningSocket
+from ._owner import ConnectionOwnerBase
+from ._pause import AcceptPause
 
 __all__ = ["Forwarder", "Receiver", "Sender", "Connection", "Rule", "forwarder", "receiver", "sender"]
 
@@ -73,15 +57,13 @@ log = logging.getLogger("asyncore_fwd")
 ACCEPT_PAUSE = 0.5
 #: After a logged pause, further pauses are counted and summed up in one line at most this often (seconds).
 PAUSE_LOG_INTERVAL = 5.0
-#: How long a connect of ours that led back here may take to come out of the backlog.
-TURNED_BACK_WAIT = 5.0
 #: How long ``Forwarder.running()`` waits for its loop to start.
 START_TIMEOUT = 10.0
 #: Connections taken from the backlog per readiness event of the listener.
 ACCEPTS_PER_EVENT = 128
 
 
-class Forwarder(Dispatcher):
+class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase):
     """Listens on ``ip:port`` and forwards each client to ``remoteip:remoteport``.
 
     Keeps the article's signature.  The remote may be a hostname or an IPv4/
@@ -98,18 +80,13 @@ class Forwarder(Dispatcher):
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).
-    receiver_class: type = Receiver
-    sender_class: type = Sender
+    receiver_class: Type[Receiver] = Receiver
+    sender_class: Type[Sender] = Sender
 
     def __init__(self, ip: str, port: int, remoteip: str, remoteport: int, backlog: int = DEFAULT_BACKLOG, *,
-                 map: Optional[SocketMap] = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 high_water: int = DEFAULT_HIGH_WATER,
-                 read_size: int = DEFAULT_READ_SIZE,
-                 splice: bool = False,
-                 reuse_port: bool = False,
-                 seed: Optional[int] = None,
-                 **options: Any) -> None:
+                 map: Optional[SocketMap] = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 high_water: int = DEFAULT_HIGH_WATER, read_size: int = DEFAULT_READ_SIZE, splice: bool = False,
+                 reuse_port: bool = False, seed: Optional[int] = None, **options: Any) -> None:
         # ``options``: the other fields of ``Rule`` (name, allow, deny, limits, timeouts).
         self._start(Rule(ip, port, remoteip, remoteport, backlog, connect_timeout, high_water, read_size, splice,
                          reuse_port, **options), map, seed=seed)
@@ -133,42 +110,15 @@ class Forwarder(Dispatcher):
     def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
                stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
                scratch: Optional[memoryview] = None) -> None:
-        self.rule = rule
-        if self.rule.splice:
-            from .._relay._splice import SpliceReceiver, SpliceSender
-            self.receiver_class, self.sender_class = SpliceReceiver, SpliceSender
-        #: The live connections, for stats and for closing them all.
-        self.connections: set[Connection] = set()
-        #: The counters of this rule (``stats.snapshot(self.connections)``).
-        self.stats = stats if stats is not None else RuleStats()
-        #: One read buffer for every connection: the loop runs one handler at a time.
-        if scratch is not None:
-            scratch = memoryview(scratch)  # the same memory, whatever buffer was given
-            if scratch.readonly or scratch.itemsize != 1:
-                raise ValueError("scratch must be a writable buffer of bytes")
-        if scratch is None or len(scratch) < rule.read_size:
-            scratch = memoryview(bytearray(rule.read_size))
-        self.scratch = scratch[:rule.read_size]
-        self._remote = RemoteAddresses(self.rule.remote_host, self.rule.remote_port)
-        self._accept_pause: Optional[Timer] = None
-        #: Whether the last line logged about pauses left this listener paused.
-        self._said_paused = False
-        self._pause_error = ""
-        #: Our own senders that connect to this forwarder's port, by their (host, port).
-        self.own_ends: dict[Tuple[str, int], Sender] = {}
-        #: Connects of ours that led back here and were given up, by (their end, ours),
-        #: with the time: reset when they come out of the backlog.
-        self._turned_back: dict[Tuple[Tuple[str, int], Tuple[str, int]], float] = {}
+        self._own_connections(rule, stats, scratch)
         #: Toxics and down() (fault injection): see ``add_toxic``.
         self._faults = FaultControls(self, seed)
         super().__init__(map=map)
         #: Runs the loop for ``serve_forever``, ``stop`` and ``running``.
         self._runner = LoopRunner(self._map, self)
         self._timers = timers_for(self._map)
-        # Out of descriptors, a pause follows every resume: log the first, then sum them up.
-        self._pause_log = Throttle(self._timers, PAUSE_LOG_INTERVAL, self._log_pauses)
-        #: Allow/deny lists and limits; None when the rule has none (nothing to check).
-        self.access = AccessControl.for_rule(self.rule, self._timers)
+        self._pause = AcceptPause(self, self._timers, PAUSE_LOG_INTERVAL)
+        self._set_up_operations(self._timers)
         if listener is not None:
             self.take_over(listener)
         else:
@@ -180,95 +130,18 @@ class Forwarder(Dispatcher):
         self._label = self.rule.name or format_address((self.rule.local_host, self._address[1]))
         if self.access is not None:
             self.access.refusals.label = self._label  # made before the port was known
+        #: Keeps our connects from leading back to this very listener.
+        self.loopback = LoopbackGuard(self, rule.reuse_port)
         try:
-            self._refuse_to_forward_to_itself()
+            self.loopback.refuse_remote(self._remote.last_answer,
+                                        f"{self._label}: cannot forward to {self.rule.remote}")
         except OSError:
             if listener is not None:
                 self.release_listener()  # still the caller's, to serve the old rule
             else:
                 self.close()
             raise
-        if not self.rule.allow and not is_loopback(self._address[0]):
-            log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
-                        self._label, format_address(self._address))
-
-    def _listen(self) -> None:
-        family, address = listen_address(self.rule.local_host, self.rule.local_port)
-        self.create_socket(family, socket.SOCK_STREAM)
-        try:
-            self._bind_and_listen(address)
-        except BaseException:
-            self.close()
-            raise
-
-    def _bind_and_listen(self, address: SockAddr) -> None:
-        """Bind this dispatcher's socket to ``address`` and listen; OSError with a one-line message."""
-        try:
-            self.set_reuse_addr()
-            if self.rule.reuse_port:
-                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            self.bind(address)
-            self.listen(self.rule.backlog)
-            _loop.check_watchable(self._map, self.socket)  # a reload under select(): refused, not deaf
-        except OSError as error:
-            where = format_address((self.rule.local_host, address[1]))
-            raise OSError(error.errno, f"cannot listen on {where}: {describe_error(error)}") from None
-
-    def _refuse_to_forward_to_itself(self) -> None:
-        """OSError if every address of the remote is this very listener, which
-        would accept each connect and forward it again.  (When only some are,
-        the connects that lead back are caught as they complete.)"""
-        addresses = self._remote.last_answer
-        if addresses and all(self.leads_back_here(sockaddr) for _, sockaddr in addresses):
-            raise OSError(errno.ELOOP, f"{self._label}: cannot forward to {self.rule.remote}: "
-                          f"that is this forwarder's own listening address")
-
-    def leads_back_here(self, peer: SockAddr, local: Optional[SockAddr] = None) -> bool:
-        """Whether a connect to ``peer`` (from ``local``, once known) reaches this listener."""
-        host, port = end_key(self._address)
-        peer_host, peer_port = end_key(peer)
-        if peer_port != port:
-            return False
-        if peer_host == host:
-            return True
-        if host not in ("0.0.0.0", "::") or self.rule.reuse_port:
-            return False  # (with reuse_port, another process's more specific listener may own it)
-        # A wildcard listener takes every local address of its family, and [::]
-        # IPv4 too unless it is IPv6-only.  A connection to a local address has
-        # that same address at its own end.
-        if ":" in peer_host and host != "::":
-            return False
-        if ":" not in peer_host and host == "::" and self.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-            return False
-        return (is_loopback(peer_host) or peer_host in ("0.0.0.0", "::")
-                or (local is not None and end_key(local)[0] == peer_host))
-
-    def turn_back(self, local: SockAddr, peer: SockAddr) -> None:
-        """A connect of ours from ``local`` led back to ``peer`` here: reset it when it is accepted."""
-        now = time.monotonic()
-        for key in [key for key, when in self._turned_back.items() if now - when > TURNED_BACK_WAIT]:
-            del self._turned_back[key]  # never accepted (the backlog dropped it)
-        self._turned_back[(end_key(local), end_key(peer))] = now
-
-    def _came_back(self, sock: socket.socket, addr: SockAddr) -> bool:
-        """Whether the client ``sock`` is a connect of ours that led back here (then reset it)."""
-        client = end_key(addr)
-        sender = self.own_ends.get(client)
-        if sender is None and not self._turned_back:
-            return False
-        try:
-            ours = end_key(sock.getsockname())
-        except OSError:
-            return False
-        if self._turned_back.pop((client, ours), None) is None:
-            try:  # the whole four-tuple: a client may share a port number with a sender
-                if sender is None or end_key(sender.socket.getpeername()) != ours:
-                    return False
-            except OSError:
-                return False
-            sender.reached_its_own_forwarder()
-        reset(sock)
-        return True
+        warn_if_open(rule, self._address, self._label)
 
     def take_over(self, listener: socket.socket) -> None:
         """Listen on ``listener``, a listening socket handed over by ``release_listener``:
@@ -293,6 +166,11 @@ class Forwarder(Dispatcher):
     def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
         """(family, sockaddr) of the remote to try, in order."""
         return self._remote.current()
+
+    def target_choice(self, conn: Connection) -> TargetChoice:
+        """Whom ``conn`` connects to: the remote's addresses in order (looked up again once stale).
+        Override to choose differently (see ``TargetChoice``)."""
+        return InOrder(self.remote_addresses())
 
     # -- running ----------------------------------------------------------
 
@@ -385,28 +263,8 @@ class Forwarder(Dispatcher):
 
     @property
     def _toxics(self) -> Optional[ToxicSet]:
-        """The toxics acting on the connections (None until one is added): a ``Connection`` asks them."""
+        """The toxics acting on the connections (None until one is added)."""
         return self._faults.toxic_set
-
-    def _close_port(self) -> None:
-        """For ``down()``: stop listening, keeping this dispatcher's place in the map."""
-        # A fresh socket that is neither bound nor listening: the dispatcher
-        # keeps its place in the map while the port refuses connects.
-        old = self.socket
-        self.del_channel()
-        idle = socket.socket(old.family, socket.SOCK_STREAM)
-        idle.setblocking(False)
-        self.set_socket(idle)
-        self.accepting = False
-        old.close()
-
-    def _reopen_port(self) -> None:
-        """For the end of ``down()``: listen again on the same address and port, or raise OSError."""
-        try:
-            self._bind_and_listen(self._sockaddr)
-        except OSError:
-            self._close_port()  # still down; the next down() block tries again
-            raise
 
     def close(self, reason: str = STOPPED) -> None:
         """Stop listening and close every connection this forwarder made.
@@ -425,7 +283,7 @@ class Forwarder(Dispatcher):
     def stop_accepting(self) -> None:
         """Close the listening socket; the connections go on (to drain them)."""
         asyncore.dispatcher.close(self)
-        self._cancel_accept_pause()
+        self._pause.cancel()
 
     def release_listener(self) -> socket.socket:
         """Stop accepting and hand the listening socket, still open, to a successor."""
@@ -433,19 +291,13 @@ class Forwarder(Dispatcher):
         self.del_channel()
         self.socket = None
         self.accepting = False
-        self._cancel_accept_pause()
+        self._pause.cancel()
         return listener
-
-    def _cancel_accept_pause(self) -> None:
-        if self._accept_pause is not None:
-            self._accept_pause.cancel()
-            self._accept_pause = None
-        self._pause_log.close()
 
     @property
     def accept_paused(self) -> bool:
         """True during a pause of accepting: out of descriptors (or after an accept error)."""
-        return self._accept_pause is not None
+        return self._pause.timer is not None
 
     # -- select() predicates --------------------------------------------
 
@@ -458,7 +310,7 @@ class Forwarder(Dispatcher):
         # joins the map after its listener, so the first listener in the map
         # is asked before any connection's descriptor is collected this round.
         self._timers.run_due()
-        return self._accept_pause is None and not self._faults.is_down
+        return self._pause.timer is None and not self._faults.is_down
 
     def writable(self) -> bool:
         return False
@@ -479,24 +331,21 @@ class Forwarder(Dispatcher):
             if accepted is None:
                 return
             self.handle_accepted(*accepted)
-            if self._accept_pause is not None:
+            if self._pause.timer is not None:
                 return
 
     def handle_accepted(self, sock: socket.socket, addr: SockAddr) -> None:
         """Called with each new client socket: pair it with a connection to the remote."""
-        if (self.own_ends or self._turned_back) and self._came_back(sock, addr):
+        if (self.loopback.own_ends or self.loopback.turned_back) and self.loopback.came_back(sock, addr):
             return  # the remote led back here: do not forward it again
-        if self.access is not None:
-            reason = self.access.refusal(addr, len(self.connections))
+        for step in self.admission:
+            reason = step.refusal(addr, len(self.connections))
             if reason is not None:
                 self.refuse(sock, addr, reason)
                 return
         try:
             _loop.check_watchable(self._map, sock)
-            conn = Connection(self, sock, addr)
-            toxics = self._faults.toxic_set
-            if toxics is not None:
-                toxics.connection_opened(conn)
+            Connection(self, sock, addr)
         except OSError as error:
             reset(sock)  # refused, not served: a reset says so
             if error.errno in OUT_OF_RESOURCES:
@@ -529,51 +378,15 @@ class Forwarder(Dispatcher):
             self.access.refusals.refused(addr, reason)
 
     def pause_accepting(self, error: BaseException) -> None:
-        """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error).
-
-        The first pause is logged, with the resume after it; later ones are
-        counted, and summed up in one line per ``PAUSE_LOG_INTERVAL`` s.
-        """
-        if self._accept_pause is not None:
-            self._accept_pause.cancel()
-        else:
-            self._pause_error = describe_error(error)
-            if self._pause_log.allow():  # the first of a burst: the others are counted
-                self._said_paused = True
-                details = {"rule": self._label, "paused_s": ACCEPT_PAUSE,
-                           "error": self._pause_error}
-                log.warning("not accepting on %s for %g s: %s", format_address(self.address),
-                            ACCEPT_PAUSE, self._pause_error,
-                            extra={"event": "accept_pause", "details": details})
-        self._accept_pause = self._timers.call_later(ACCEPT_PAUSE, self._resume_accepting)
-
-    def _resume_accepting(self) -> None:
-        self._accept_pause = None
-        if self._said_paused:
-            self._said_paused = False
-            log.info("accepting connections again on %s", format_address(self.address),
-                     extra={"event": "accept_pause", "details": {"rule": self._label, "paused_s": 0}})
-        _loop.channel_changed(self)
-
-    def _log_pauses(self, count: int) -> None:
-        self._said_paused = self._accept_pause is not None
-        # (Neither, once it stopped listening: the lines of the close or reload say so.)
-        now = "; paused now" if self._said_paused else "; accepting now" if self.accepting else ""
-        details = {"rule": self._label, "paused_s": ACCEPT_PAUSE if self._said_paused else 0,
-                   "error": self._pause_error, "suppressed": count}
-        log.warning("not accepting on %s: paused %d more time%s in the last %g s (last: %s)%s",
-                    format_address(self.address), count, "s" if count > 1 else "",
-                    PAUSE_LOG_INTERVAL, self._pause_error, now,
-                    extra={"event": "accept_pause", "details": details})
+        """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error): see ``AcceptPause``."""
+        self._pause.start(error, ACCEPT_PAUSE)
 
     # -- events: override to log, count or trace differently ---------------
-    # (call the base method: it keeps the counters and the limits)
+    # (the base methods write the log lines; the counters and limits are kept
+    # by the observers, told first, whether or not an override calls them)
 
     def connection_opened(self, conn: Connection) -> None:
         """A client was accepted; the server connect starts."""
-        self.stats.accepted += 1
-        if self.access is not None:
-            self.access.opened(conn)
         log.debug("#%d accepted from %s", conn.id, format_address(conn.client_address))
 
     def connection_established(self, conn: Connection) -> None:
@@ -582,23 +395,14 @@ class Forwarder(Dispatcher):
         log.debug("#%d connected to %s (%s)", conn.id, self.rule.remote, format_address(conn.server_address))
 
     def connection_closed(self, conn: Connection) -> None:
-        """The pair closed: count it, and log one line with what it moved and why it ended.
+        """The pair closed: log one line with what it moved and why it ended.
 
         DEBUG for a clean close, INFO when the forwarder ended it (a timeout,
         a drain cut short, an injected fault), WARNING for an error.  The line's format is in ``_stats``.
         DEBUG too for a client reset for lack of descriptors: the accept pause's
         line (rate-limited) tells it, and out of descriptors it would come every pause.
         """
-        self.stats.closed(conn)
-        if self.access is not None:
-            self.access.closed(conn)
-        if not conn.error or conn.out_of_resources:
-            level = logging.DEBUG
-        else:
-            level = logging.INFO if conn.cut else logging.WARNING
-        if log.isEnabledFor(level):  # a clean close at the default level costs no formatting
-            details = close_details(conn, self._label)
-            log.log(level, "%s", format_close(details), extra={"event": "close", "details": details})
+        log_close(conn, self._label)
 
 
 # The article's lowercase names, for code written against it.

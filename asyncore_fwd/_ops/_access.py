@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import TYPE_CHECKING, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 from .._eventloop._timers import Throttle, Timers
 from .._net import SockAddr, end_key, format_address
+from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
+from .._relay._loopback import is_loopback
 from .._values._rules import Rule
 
-if TYPE_CHECKING:
-    from .._relay._copy import Connection
-
-__all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback"]
+__all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback", "warn_if_open"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -50,12 +49,11 @@ def client_ip(address: SockAddr) -> IPAddress:
     return ip
 
 
-def is_loopback(host: str) -> bool:
-    """True if ``host`` (a bound address) only serves this machine."""
-    try:
-        return client_ip((host,)).is_loopback
-    except ValueError:
-        return False
+def warn_if_open(rule: Rule, address: SockAddr, label: str) -> None:
+    """Warn, at start, of a rule that listens beyond this machine with no allow list."""
+    if not rule.allow and not is_loopback(address[0]):
+        log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
+                    label, format_address(address))
 
 
 class RefusalLog:
@@ -88,8 +86,12 @@ class RefusalLog:
         self._throttle.close()
 
 
-class AccessControl:
-    """A rule's allow/deny lists and connection limits, with the per-client counts."""
+class AccessControl(AdmissionStep, ConnectionObserver):
+    """A rule's allow/deny lists and connection limits, with the per-client counts.
+
+    The first admission step of its rule (``refusal``, at accept); it observes
+    the rule's connections (``opened``, ``closed``) to count them per client.
+    """
 
     def __init__(self, rule: Rule, timers: Timers) -> None:
         self.allow = rule.allow

@@ -19,22 +19,26 @@ left out for a clean close.  The same fields are in the record's ``details``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterable
+import logging
+from typing import Any, Dict, Iterable
 
 from .._net import format_address
+from .._relay._connection import Connection, ConnectionObserver
 
-if TYPE_CHECKING:
-    from .._relay._copy import Connection
+__all__ = ["COUNTERS", "RuleStats", "close_details", "format_close", "log_close"]
 
-__all__ = ["COUNTERS", "RuleStats", "close_details", "format_close"]
+log = logging.getLogger("asyncore_fwd")
 
 #: The keys of a snapshot, in the order they are reported.
 COUNTERS = ("active", "accepted", "refused_acl", "refused_limit", "failed_connects",
             "bytes_to_server", "bytes_to_client")
 
 
-class RuleStats:
-    """The counters of one rule; shared by the old and new forwarder of a reloaded rule."""
+class RuleStats(ConnectionObserver):
+    """The counters of one rule; shared by the old and new forwarder of a reloaded rule.
+
+    It observes the rule's connections: ``opened`` and ``closed`` count them.
+    """
 
     __slots__ = ("accepted", "refused_acl", "refused_limit", "failed_connects", "bytes_to_server",
                  "bytes_to_client")
@@ -47,6 +51,10 @@ class RuleStats:
         #: Bytes of the connections that have closed.
         self.bytes_to_server = 0
         self.bytes_to_client = 0
+
+    def opened(self, conn: Connection) -> None:
+        """A client was accepted."""
+        self.accepted += 1
 
     def refused(self, reason: str) -> None:
         """A client was turned away: by the access lists ("acl") or a limit."""
@@ -93,3 +101,15 @@ def format_close(details: Dict[str, Any]) -> str:
     return (f"{details['rule']} {details['client']} -> {details['target']} "
             f"{details['bytes_to_server']}/{details['bytes_to_client']} {connect} {details['duration_s']:.3f}s "
             f"{details['closed_first']} closed first" + (f": {details['reason']}" if details["reason"] else ""))
+
+
+def log_close(conn: Connection, label: str) -> None:
+    """Log the close line of ``conn``: DEBUG for a clean close (or a client reset for lack of
+    descriptors), INFO when the forwarder ended it, WARNING for an error."""
+    if not conn.error or conn.out_of_resources:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if conn.cut else logging.WARNING
+    if log.isEnabledFor(level):  # a clean close at the default level costs no formatting
+        details = close_details(conn, label)
+        log.log(level, "%s", format_close(details), extra={"event": "close", "details": details})

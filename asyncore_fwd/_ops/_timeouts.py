@@ -24,14 +24,13 @@ truncated stream for a complete one.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Dict, Optional
 
 from .._eventloop._timers import Timer, timers_for
+from .._relay._connection import Connection, ConnectionObserver
+from .._values._rules import Rule
 
-if TYPE_CHECKING:
-    from .._relay._copy import Connection
-
-__all__ = ["QuietTimer", "Timeouts"]
+__all__ = ["QuietTimer", "Timeouts", "TimeoutWatch"]
 
 #: A busy pair's counters are looked at this many times per timeout.
 CHECKS_PER_TIMEOUT = 4
@@ -79,7 +78,7 @@ class QuietTimer:
 
 
 class Timeouts:
-    """The timeouts of one connection, from its rule; made only when one is set."""
+    """The timeouts of one connection, from its rule."""
 
     __slots__ = ("conn", "idle", "half_closed")
 
@@ -89,14 +88,11 @@ class Timeouts:
         self.half_closed: Optional[QuietTimer] = None
 
     @classmethod
-    def start(cls, conn: Connection) -> Optional[Timeouts]:
-        """Called when the pair starts relaying: arm the idle timeout (None if no timeout is set)."""
-        rule = conn.rule
-        if not (rule.idle_timeout or rule.half_closed_timeout):
-            return None
+    def start(cls, conn: Connection) -> Timeouts:
+        """Called when the pair starts relaying: arm the idle timeout, if the rule sets one."""
         timeouts = cls(conn)
-        if rule.idle_timeout:
-            timeouts.idle = QuietTimer(conn, rule.idle_timeout, "idle")
+        if conn.rule.idle_timeout:
+            timeouts.idle = QuietTimer(conn, conn.rule.idle_timeout, "idle")
         return timeouts
 
     def direction_ended(self) -> None:
@@ -110,3 +106,30 @@ class Timeouts:
         for timer in (self.idle, self.half_closed):
             if timer is not None:
                 timer.cancel()
+
+
+class TimeoutWatch(ConnectionObserver):
+    """Observes a rule's connections to give each its ``Timeouts``; made only when the rule sets one."""
+
+    __slots__ = ("_running",)
+
+    def __init__(self) -> None:
+        self._running: Dict[Connection, Timeouts] = {}
+
+    @classmethod
+    def for_rule(cls, rule: Rule) -> Optional[TimeoutWatch]:
+        """The watch of ``rule``'s connections, or None when it sets no timeout."""
+        return cls() if rule.idle_timeout or rule.half_closed_timeout else None
+
+    def established(self, conn: Connection) -> None:
+        self._running[conn] = Timeouts.start(conn)
+
+    def half_closed(self, conn: Connection) -> None:
+        timeouts = self._running.get(conn)
+        if timeouts is not None:
+            timeouts.direction_ended()
+
+    def closed(self, conn: Connection) -> None:
+        timeouts = self._running.pop(conn, None)
+        if timeouts is not None:
+            timeouts.cancel()

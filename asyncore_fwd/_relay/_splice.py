@@ -15,7 +15,7 @@ already relaying.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Tuple, Type, TypeVar
 
 try:
     import fcntl
@@ -23,9 +23,13 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .._net import SPLICE_AVAILABLE as AVAILABLE
-from .._relay._copy import Connection, Receiver, Sender, _Pipe
+from ._connection import Connection
+from ._copy import Receiver, _Pipe
+from ._sender import Sender
 
-__all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender"]
+__all__ = ["AVAILABLE", "KernelPipe", "SpliceReceiver", "SpliceSender", "splice_sides"]
+
+S = TypeVar("S", bound=_Pipe)
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -73,8 +77,14 @@ class KernelPipe:
         return moved
 
     def push(self, data: bytes) -> None:
-        """Write a few bytes into the (empty) pipe."""
-        self.queued += os.write(self.write_fd, data)
+        """Write a few bytes into the pipe now; ValueError if they do not fit."""
+        if self.queued + len(data) > self.capacity:
+            raise ValueError(f"{len(data)} bytes do not fit in a pipe of {self.capacity} holding {self.queued}")
+        view = memoryview(data)
+        while view:  # (a pipe with room takes all at once; should it take less, write the rest)
+            written = os.write(self.write_fd, view)
+            self.queued += written
+            view = view[written:]
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
@@ -165,6 +175,10 @@ class _Splicing(_Pipe):
         if not self.outgoing and self.peer.eof_received:
             self.shutdown_write()
 
+    def queue_first(self, data: bytes) -> None:
+        """Write ``data`` into the pipe now, ahead of what the peer splices in."""
+        self.outgoing.push(data)
+
     def close_socket(self) -> None:
         self.outgoing.close()
         super().close_socket()
@@ -176,3 +190,23 @@ class SpliceReceiver(_Splicing, Receiver):
 
 class SpliceSender(_Splicing, Sender):
     """The server's side, relaying with splice()."""
+
+
+def splice_sides(receiver_class: Type[Receiver], sender_class: Type[Sender]) -> Tuple[Type[Receiver], Type[Sender]]:
+    """The side classes of a forwarder with splice=True, given the ones it has.
+
+    The copy relay's own classes give way to the splice ones; a subclass's
+    splice classes (derived from ``SpliceReceiver``, ``SpliceSender``) are
+    kept.  A subclass's copy-relay class is never silently replaced: a side
+    that copies cannot be paired with one that splices (ValueError).
+    """
+    return _splicing(receiver_class, Receiver, SpliceReceiver), _splicing(sender_class, Sender, SpliceSender)
+
+
+def _splicing(given: Type[S], copying: Type[S], splicing: Type[S]) -> Type[S]:
+    if given is copying:
+        return splicing
+    if issubclass(given, splicing):
+        return given
+    raise ValueError(f"splice=True needs the sides to splice: {given.__qualname__} is not derived from "
+                     f"{splicing.__name__} (derive it from {splicing.__name__}, or leave splice off)")

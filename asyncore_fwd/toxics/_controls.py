@@ -21,6 +21,7 @@ from typing import Any, Callable, Collection, Generic, Iterator, List, Optional,
 from .._eventloop import _loop
 from .._eventloop._wakeup import LoopCalls
 from .._net import SocketMap
+from .._relay._connection import ConnectionObserver
 from .._relay._copy import Connection, cut
 from .._values._rules import Rule
 from ._link import Toxic
@@ -53,6 +54,9 @@ class ControlledListener(Protocol):
     def _reopen_port(self) -> None:
         """Listen again on the same address and port; OSError if that fails (the port stays closed)."""
 
+    def add_observer(self, observer: ConnectionObserver) -> None:
+        """Tell ``observer`` of every connection's life from now on: the toxics follow them so."""
+
 
 L = TypeVar("L", bound=ControlledListener)
 
@@ -84,6 +88,7 @@ class FaultControls(Generic[L]):
         def add() -> None:
             if self.toxic_set is None:
                 self.toxic_set = ToxicSet(self._seed)
+                self._listener.add_observer(self.toxic_set)
             self.toxic_set.add(handle, self._listener.connections)
         self._in_loop(add)
         return handle

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+from .._relay._connection import ConnectionObserver
 from ._link import Toxic, _Link
 
 if TYPE_CHECKING:
@@ -25,8 +26,9 @@ class ToxicHandle:
         return f"<{self.toxic!r} {self.direction}>"
 
 
-class ToxicSet:
-    """A forwarder's toxics, and the links they act through.  Used in the loop's thread only."""
+class ToxicSet(ConnectionObserver):
+    """A forwarder's toxics, and the links they act through (it observes the forwarder's
+    connections).  Used in the loop's thread only."""
 
     def __init__(self, seed: Optional[int]) -> None:
         self.handles: List[ToxicHandle] = []
@@ -45,11 +47,11 @@ class ToxicSet:
                 if handle.toxic in link.toxics:
                     link.remove(handle.toxic)
 
-    def connection_opened(self, conn: Connection) -> None:
+    def opened(self, conn: Connection) -> None:
         for handle in self.handles:
             self._apply(handle, conn)
 
-    def connection_closed(self, conn: Connection) -> None:
+    def closed(self, conn: Connection) -> None:
         for link in self._links.pop(conn, {}).values():
             link.drop()
 
@@ -65,7 +67,7 @@ class ToxicSet:
         for direction in directions:
             link = links.get(direction)
             if link is None:
-                reader, writer = ((conn.receiver, conn.sender) if direction == "upstream"
-                                  else (conn.sender, conn.receiver))
+                sides: Any = (conn.receiver, conn.sender)  # the copy relay's: toxics refuse splice
+                reader, writer = sides if direction == "upstream" else sides[::-1]
                 link = links[direction] = _Link(conn, reader, writer, self.rng)
             link.add(handle.toxic)

@@ -1,0 +1,81 @@
+"""What a forwarder keeps for the connections it makes, apart from listening.
+
+A ``Connection`` asks its owner for what the relay's ``ConnectionOwner``
+lists.  ``ConnectionOwnerBase`` keeps most of it for one rule: the side
+classes (the splice ones with ``splice=True``), the read buffer the sides
+share, the live connections, the rule's observers and admission steps
+(counters, limits, timeouts), and the remote's addresses.  The
+listener that accepts the clients (``Forwarder``) adds the rest: the
+loop-back guard, the accept pause and the hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Set, Tuple, Type
+
+from .._eventloop._timers import Timers
+from .._net import RemoteAddresses
+from .._ops._access import AccessControl
+from .._ops._stats import RuleStats
+from .._ops._timeouts import TimeoutWatch
+from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
+from .._relay._copy import Receiver
+from .._relay._sender import Sender
+from .._values._rules import Rule
+
+__all__ = ["ConnectionOwnerBase"]
+
+
+def read_buffer(given: Optional[memoryview], size: int) -> memoryview:
+    """The read buffer of ``size`` bytes: ``given`` if it is large enough (shared), else a new one."""
+    if given is not None:
+        given = memoryview(given)  # the same memory, whatever buffer was given
+        if given.readonly or given.itemsize != 1:
+            raise ValueError("scratch must be a writable buffer of bytes")
+    if given is None or len(given) < size:
+        given = memoryview(bytearray(size))
+    return given[:size]
+
+
+class ConnectionOwnerBase:
+    """The connection-owning half of a forwarder: what its connections need, but the listening."""
+
+    receiver_class: Type[Receiver]
+    sender_class: Type[Sender]
+
+    def _own_connections(self, rule: Rule, stats: Optional[RuleStats], scratch: Optional[memoryview]) -> None:
+        """What needs no socket: a wrong buffer or side class fails before the port is bound."""
+        self.rule = rule
+        if rule.splice:  # the splice sides, unless a subclass brought its own (ValueError for copying ones)
+            from .._relay._splice import splice_sides
+            self.receiver_class, self.sender_class = splice_sides(self.receiver_class, self.sender_class)
+        #: The live connections, for stats and for closing them all.
+        self.connections: Set[Connection] = set()
+        #: The counters of this rule (``stats.snapshot(self.connections)``).
+        self.stats = stats if stats is not None else RuleStats()
+        #: One read buffer for every connection: the loop runs one handler at a time.
+        self.scratch = read_buffer(scratch, rule.read_size)
+        self._remote = RemoteAddresses(rule.remote_host, rule.remote_port)
+
+    def _set_up_operations(self, timers: Timers) -> None:
+        """The rule's access control (its first admission step), and what observes its connections."""
+        #: Allow/deny lists and limits; None when the rule has none (nothing to check).
+        self.access = AccessControl.for_rule(self.rule, timers)
+        #: What follows every connection, told before the hooks: counters, limits, timeouts (toxics join later).
+        observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule))
+        self.observers: Tuple[ConnectionObserver, ...] = tuple(obs for obs in observers if obs is not None)
+        #: The steps between accept and the server connect: who may connect, and how many.
+        self.admission: Tuple[AdmissionStep, ...] = (self.access,) if self.access is not None else ()
+
+    def add_observer(self, observer: ConnectionObserver) -> None:
+        """Tell ``observer`` of every connection's life from now on (see ``ConnectionObserver``).
+
+        Call it in the loop's thread.  It hears of the close of connections
+        already open, though not of their opening.
+        """
+        self.observers += (observer,)
+
+    def add_admission_step(self, step: AdmissionStep) -> None:
+        """Ask ``step`` about every client from now on, after the steps already there
+        (see ``AdmissionStep``).  Call it in the loop's thread."""
+        self.admission += (step,)
