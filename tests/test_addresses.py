@@ -369,6 +369,17 @@ def test_same_port_on_another_loopback_address_is_not_itself(
         fwd.stop()
 
 
+def test_forwarder_answers_whether_a_connect_leads_back_to_it(sock_map: dict, echo_server: EchoServer) -> None:
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map=sock_map)
+    try:
+        assert fwd.leads_back_here(fwd.address)
+        assert not fwd.leads_back_here(("127.0.0.1", echo_server.port))
+        fwd.turn_back(("127.0.0.1", 40000), fwd.address)
+        assert (("127.0.0.1", 40000), fwd.address) in fwd.loopback.turned_back
+    finally:
+        fwd.close()
+
+
 def test_port_zero_binds_a_free_port(
         start_forwarder: Callable[..., RunningForwarder], echo_server: EchoServer) -> None:
     """Port 0 binds some free port, reported by ``address``, that clients can use."""

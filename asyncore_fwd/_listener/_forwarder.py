@@ -27,7 +27,7 @@ import errno
 import logging
 import socket
 import sys
-from typing import Any, ContextManager, Iterator, List, Optional, Tuple, Type
+from typing import Any, Iterator, Optional, Tuple, Type
 
 from .._compat import asyncore
 from .._eventloop import _loop
@@ -36,15 +36,12 @@ from .._eventloop._runner import LoopRunner
 from .._eventloop._timers import forget, timers_for
 from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, os_error, pending_error, reset
 from .._ops._access import warn_if_open
-from .._ops._stats import RuleStats, log_close
+from .._ops._stats import RuleStats
 from .._relay._copy import STOPPED, Connection, Receiver, cut
 from .._relay._loopback import LoopbackGuard
 from .._relay._sender import Sender
-from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
-from ..toxics._controls import FaultControls
-from ..toxics._link import Toxic
-from ..toxics._set import ToxicHandle, ToxicSet
+from ..toxics._controls import FaultControls, FaultInjection
 from ._listening import ListeningSocket
 from ._owner import ConnectionOwnerBase
 from ._pause import AcceptPause
@@ -63,7 +60,7 @@ START_TIMEOUT = 10.0
 ACCEPTS_PER_EVENT = 128
 
 
-class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase):
+class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection):
     """Listens on ``ip:port`` and forwards each client to ``remoteip:remoteport``.
 
     Keeps the article's signature.  The remote may be a hostname or an IPv4/
@@ -163,14 +160,13 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase):
         """The name in its log lines: the rule's name, or where it listens (the port bound, after port 0)."""
         return self._label
 
-    def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
-        """(family, sockaddr) of the remote to try, in order."""
-        return self._remote.current()
+    def leads_back_here(self, peer: SockAddr, local: Optional[SockAddr] = None) -> bool:
+        """Whether a connect to ``peer`` (from ``local``, once known) reaches this listener."""
+        return self.loopback.leads_back_here(peer, local)
 
-    def target_choice(self, conn: Connection) -> TargetChoice:
-        """Whom ``conn`` connects to: the remote's addresses in order (looked up again once stale).
-        Override to choose differently (see ``TargetChoice``)."""
-        return InOrder(self.remote_addresses())
+    def turn_back(self, local: SockAddr, peer: SockAddr) -> None:
+        """A connect of ours from ``local`` led back to ``peer`` here: reset it when it is accepted."""
+        self.loopback.turn_back(local, peer)
 
     # -- running ----------------------------------------------------------
 
@@ -215,56 +211,6 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase):
     def between_rounds(self, poll_interval: float) -> Optional[float]:
         """Called by the loop of ``serve_forever`` before each wait: nothing to do but wait."""
         return poll_interval
-
-    # -- fault injection: toxics, down, waiting for connections ------------------
-    # (``toxics._controls`` does the work: these are its names on the forwarder)
-
-    def add_toxic(self, toxic: Toxic, direction: str = "downstream") -> ToxicHandle:
-        """Make ``toxic`` act on ``direction`` of open and new connections; returns its handle.
-
-        ``direction`` is ``"upstream"`` (client to server), ``"downstream"``
-        or ``"both"``.  The toxic acts once this returns.  Safe from any
-        thread while ``serve_forever`` (or ``running()``, or a ``Service``)
-        runs the loop; under your own ``asyncore.loop``, call it from the
-        loop's thread.
-        """
-        return self._faults.add_toxic(toxic, direction)
-
-    def remove_toxic(self, handle: ToxicHandle) -> None:
-        """Stop a toxic (what it holds is passed on at once).  Safe from any thread."""
-        self._faults.remove_toxic(handle)
-
-    @property
-    def toxics(self) -> List[ToxicHandle]:
-        """The handles of the toxics acting now, in the order they were added."""
-        return self._faults.toxics
-
-    def toxic(self, toxic: Toxic, direction: str = "downstream") -> ContextManager[ToxicHandle]:
-        """``add_toxic`` for the ``with`` block, removed on exit."""
-        return self._faults.toxic(toxic, direction)
-
-    def down(self) -> ContextManager[Forwarder]:
-        """As if the server went away: open connections are reset, new connects refused.
-
-        The listening port is closed for the block and opened again (same
-        address and port) on exit.  Safe from any thread.  If another socket
-        took the port meanwhile, the exit raises OSError and the forwarder
-        stays down; the exit of a later ``down()`` block tries again.
-        """
-        return self._faults.down()
-
-    def wait_for_connections(self, count: int, timeout: float = 10.0) -> bool:
-        """True once ``count`` connections are open (accepted), False after ``timeout`` s."""
-        return self._faults.wait_for_connections(count, timeout)
-
-    def close_connections(self) -> None:
-        """Close every open connection (each peer sees EOF); keep listening.  Safe from any thread."""
-        self._faults.close_connections()
-
-    @property
-    def _toxics(self) -> Optional[ToxicSet]:
-        """The toxics acting on the connections (None until one is added)."""
-        return self._faults.toxic_set
 
     def close(self, reason: str = STOPPED) -> None:
         """Stop listening and close every connection this forwarder made.
@@ -380,29 +326,6 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase):
     def pause_accepting(self, error: BaseException) -> None:
         """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error): see ``AcceptPause``."""
         self._pause.start(error, ACCEPT_PAUSE)
-
-    # -- events: override to log, count or trace differently ---------------
-    # (the base methods write the log lines; the counters and limits are kept
-    # by the observers, told first, whether or not an override calls them)
-
-    def connection_opened(self, conn: Connection) -> None:
-        """A client was accepted; the server connect starts."""
-        log.debug("#%d accepted from %s", conn.id, format_address(conn.client_address))
-
-    def connection_established(self, conn: Connection) -> None:
-        """The server side connected; bytes flow both ways."""
-        assert conn.server_address is not None
-        log.debug("#%d connected to %s (%s)", conn.id, self.rule.remote, format_address(conn.server_address))
-
-    def connection_closed(self, conn: Connection) -> None:
-        """The pair closed: log one line with what it moved and why it ended.
-
-        DEBUG for a clean close, INFO when the forwarder ended it (a timeout,
-        a drain cut short, an injected fault), WARNING for an error.  The line's format is in ``_stats``.
-        DEBUG too for a client reset for lack of descriptors: the accept pause's
-        line (rate-limited) tells it, and out of descriptors it would come every pause.
-        """
-        log_close(conn, self._label)
 
 
 # The article's lowercase names, for code written against it.

@@ -4,26 +4,31 @@ A ``Connection`` asks its owner for what the relay's ``ConnectionOwner``
 lists.  ``ConnectionOwnerBase`` keeps most of it for one rule: the side
 classes (the splice ones with ``splice=True``), the read buffer the sides
 share, the live connections, the rule's observers and admission steps
-(counters, limits, timeouts), and the remote's addresses.  The
-listener that accepts the clients (``Forwarder``) adds the rest: the
-loop-back guard, the accept pause and the hooks.
+(counters, limits, timeouts), the remote's addresses and the target
+choice, and the hooks that log each connection's life.  The listener that
+accepts the clients (``Forwarder``) adds the rest: the loop-back guard and
+the accept pause.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Set, Tuple, Type
+import logging
+from typing import List, Optional, Set, Tuple, Type
 
 from .._eventloop._timers import Timers
-from .._net import RemoteAddresses
+from .._net import RemoteAddresses, SockAddr, format_address
 from .._ops._access import AccessControl
-from .._ops._stats import RuleStats
+from .._ops._stats import RuleStats, log_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
 from .._relay._copy import Receiver
 from .._relay._sender import Sender
+from .._relay._targets import InOrder, TargetChoice
 from .._values._rules import Rule
 
 __all__ = ["ConnectionOwnerBase"]
+
+log = logging.getLogger("asyncore_fwd")
 
 
 def read_buffer(given: Optional[memoryview], size: int) -> memoryview:
@@ -42,6 +47,7 @@ class ConnectionOwnerBase:
 
     receiver_class: Type[Receiver]
     sender_class: Type[Sender]
+    _label: str  # the listener's name in log lines
 
     def _own_connections(self, rule: Rule, stats: Optional[RuleStats], scratch: Optional[memoryview]) -> None:
         """What needs no socket: a wrong buffer or side class fails before the port is bound."""
@@ -79,3 +85,35 @@ class ConnectionOwnerBase:
         """Ask ``step`` about every client from now on, after the steps already there
         (see ``AdmissionStep``).  Call it in the loop's thread."""
         self.admission += (step,)
+
+    def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
+        """(family, sockaddr) of the remote to try, in order."""
+        return self._remote.current()
+
+    def target_choice(self, conn: Connection) -> TargetChoice:
+        """Whom ``conn`` connects to: the remote's addresses in order (looked up again once stale).
+        Override to choose differently (see ``TargetChoice``)."""
+        return InOrder(self.remote_addresses())
+
+    # -- events: override to log, count or trace differently ---------------
+    # (the base methods write the log lines; the counters and limits are kept
+    # by the observers, told first, whether or not an override calls them)
+
+    def connection_opened(self, conn: Connection) -> None:
+        """A client was accepted; the server connect starts."""
+        log.debug("#%d accepted from %s", conn.id, format_address(conn.client_address))
+
+    def connection_established(self, conn: Connection) -> None:
+        """The server side connected; bytes flow both ways."""
+        assert conn.server_address is not None
+        log.debug("#%d connected to %s (%s)", conn.id, self.rule.remote, format_address(conn.server_address))
+
+    def connection_closed(self, conn: Connection) -> None:
+        """The pair closed: log one line with what it moved and why it ended.
+
+        DEBUG for a clean close, INFO when the forwarder ended it (a timeout,
+        a drain cut short, an injected fault), WARNING for an error.  The line's format is in ``_stats``.
+        DEBUG too for a client reset for lack of descriptors: the accept pause's
+        line (rate-limited) tells it, and out of descriptors it would come every pause.
+        """
+        log_close(conn, self._label)

@@ -125,11 +125,15 @@ class LoopbackGuard:
         Its other end is then turned back: reset when it comes out of the backlog."""
         if connect not in self._end_of or not self.leads_back_here(peer, local):
             return False
+        self.turn_back(local, peer)
+        return True
+
+    def turn_back(self, local: SockAddr, peer: SockAddr) -> None:
+        """A connect of ours from ``local`` led back to ``peer`` here: reset it when it is accepted."""
         now = time.monotonic()
         for key in [key for key, when in self.turned_back.items() if now - when > TURNED_BACK_WAIT]:
             del self.turned_back[key]  # never accepted (the backlog dropped it)
         self.turned_back[(end_key(local), end_key(peer))] = now
-        return True
 
     def forget(self, connect: _OwnConnect) -> None:
         """``connect``'s socket is closing (a failed try, or the pair's close)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Collection, Generic, Iterator, List, Optional, Protocol, TypeVar
+from typing import Any, Callable, Collection, ContextManager, Generic, Iterator, List, Optional, Protocol, TypeVar
 
 from .._eventloop import _loop
 from .._eventloop._wakeup import LoopCalls
@@ -27,7 +27,7 @@ from .._values._rules import Rule
 from ._link import Toxic
 from ._set import DIRECTIONS, ToxicHandle, ToxicSet
 
-__all__ = ["ControlledListener", "FaultControls"]
+__all__ = ["ControlledListener", "FaultControls", "FaultInjection"]
 
 T = TypeVar("T")
 
@@ -167,3 +167,60 @@ class FaultControls(Generic[L]):
             return function(*args)
         result: T = calls.call(lambda: function(*args))
         return result
+
+
+_Self = TypeVar("_Self", bound="FaultInjection")
+
+
+class FaultInjection:
+    """The controls' names on a listener (a ``Forwarder`` is one): each hands the call to its
+    ``FaultControls``, made with the listener."""
+
+    _faults: FaultControls[Any]
+
+    def add_toxic(self, toxic: Toxic, direction: str = "downstream") -> ToxicHandle:
+        """Make ``toxic`` act on ``direction`` of open and new connections; returns its handle.
+
+        ``direction`` is ``"upstream"`` (client to server), ``"downstream"``
+        or ``"both"``.  The toxic acts once this returns.  Safe from any
+        thread while ``serve_forever`` (or ``running()``, or a ``Service``)
+        runs the loop; under your own ``asyncore.loop``, call it from the
+        loop's thread.
+        """
+        return self._faults.add_toxic(toxic, direction)
+
+    def remove_toxic(self, handle: ToxicHandle) -> None:
+        """Stop a toxic (what it holds is passed on at once).  Safe from any thread."""
+        self._faults.remove_toxic(handle)
+
+    @property
+    def toxics(self) -> List[ToxicHandle]:
+        """The handles of the toxics acting now, in the order they were added."""
+        return self._faults.toxics
+
+    def toxic(self, toxic: Toxic, direction: str = "downstream") -> ContextManager[ToxicHandle]:
+        """``add_toxic`` for the ``with`` block, removed on exit."""
+        return self._faults.toxic(toxic, direction)
+
+    def down(self: _Self) -> ContextManager[_Self]:
+        """As if the server went away: open connections are reset, new connects refused.
+
+        The listening port is closed for the block and opened again (same
+        address and port) on exit.  Safe from any thread.  If another socket
+        took the port meanwhile, the exit raises OSError and the forwarder
+        stays down; the exit of a later ``down()`` block tries again.
+        """
+        return self._faults.down()
+
+    def wait_for_connections(self, count: int, timeout: float = 10.0) -> bool:
+        """True once ``count`` connections are open (accepted), False after ``timeout`` s."""
+        return self._faults.wait_for_connections(count, timeout)
+
+    def close_connections(self) -> None:
+        """Close every open connection (each peer sees EOF); keep listening.  Safe from any thread."""
+        self._faults.close_connections()
+
+    @property
+    def _toxics(self) -> Optional[ToxicSet]:
+        """The toxics acting on the connections (None until one is added)."""
+        return self._faults.toxic_set
