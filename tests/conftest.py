@@ -24,6 +24,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 import pytest
 
 from asyncore_fwd import Forwarder
+from asyncore_fwd._eventloop._dispatcher import Dispatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: the bound on any single wait in the tests
@@ -191,6 +192,24 @@ def payload(size: int) -> bytes:
     """Bytes that show reordering or corruption (not all one value)."""
     pattern = bytes(range(251))  # a prime length, so it drifts across buffer boundaries
     return (pattern * (size // len(pattern) + 1))[:size]
+
+
+class DatagramEcho(Dispatcher):
+    """A UDP echo in a map: what a listener of another kind than TCP would be, for tests of the seams."""
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        data, sender = self.socket.recvfrom(2048)
+        self.socket.sendto(data, sender)
+        self.echoed()
+
+    def echoed(self) -> None:
+        """Called after each echo."""
 
 
 class EchoServer:

@@ -34,7 +34,7 @@ from asyncore_fwd._eventloop._dispatcher import Dispatcher
 from asyncore_fwd._eventloop._loop import AsyncoreLoop, EpollLoop, best_loop_kind, open_loop
 from asyncore_fwd._eventloop._runner import STOPPED, STOPPED_BY_ERROR, LoopRunner
 from asyncore_fwd._listener import _forwarder
-from conftest import WAIT, EchoServer, RunningForwarder, payload, raise_fd_limit, recv_until_reset
+from conftest import WAIT, DatagramEcho, EchoServer, RunningForwarder, payload, raise_fd_limit, recv_until_reset
 
 SocketMap = Dict[int, asyncore.dispatcher]
 MakePair = Callable[..., Tuple[socket.socket, socket.socket]]
@@ -740,7 +740,7 @@ def test_accepting_resumes_after_a_pause_under_the_epoll_loop(echo_server: EchoS
 # -- LoopRunner: a map served until asked to stop, by any owner ---------------
 
 
-class DatagramEcho(Dispatcher):
+class RunnerEcho(DatagramEcho):
     """A UDP echo on 127.0.0.1 that owns its map's loop through a ``LoopRunner``, as a
     listener of another kind would: ``between_rounds`` and ``close`` are what the runner asks of it."""
 
@@ -754,15 +754,7 @@ class DatagramEcho(Dispatcher):
         self.echoes_left = echoes
         self.closed_with: List[str] = []
 
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
-
-    def handle_read(self) -> None:
-        data, sender = self.socket.recvfrom(2048)
-        self.socket.sendto(data, sender)
+    def echoed(self) -> None:
         if self.echoes_left is not None:
             self.echoes_left -= 1
 
@@ -786,7 +778,7 @@ def echo_once(address: Tuple[str, int], data: bytes) -> bytes:
 
 def test_loop_runner_serves_a_datagram_listener_in_a_thread_for_the_block(sock_map: SocketMap) -> None:
     """``running()``: served in a thread during the block; at its end stopped, closed with "stopped", joined."""
-    echo = DatagramEcho(sock_map)
+    echo = RunnerEcho(sock_map)
     with echo.runner.running(echo.runner.serve, label="echo", thread_name="datagram echo", stop_timeout=WAIT,
                              start_timeout=WAIT):
         assert echo_once(echo.address, b"ping") == b"ping"
@@ -798,7 +790,7 @@ def test_loop_runner_serves_a_datagram_listener_in_a_thread_for_the_block(sock_m
 
 def test_loop_runner_stops_when_its_owner_says_so_between_rounds(sock_map: SocketMap) -> None:
     """``between_rounds`` returning None ends ``serve()``: the owner is closed with "stopped"."""
-    echo = DatagramEcho(sock_map, echoes=1)
+    echo = RunnerEcho(sock_map, echoes=1)
     thread = threading.Thread(target=echo.runner.serve, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -812,7 +804,7 @@ def test_loop_runner_stops_when_its_owner_says_so_between_rounds(sock_map: Socke
 def test_loop_runner_closes_its_owner_as_stopped_by_an_error_when_the_loop_raises(
         sock_map: SocketMap, monkeypatch: pytest.MonkeyPatch) -> None:
     """An error that ends the loop reaches the caller of ``serve()``; the owner is closed with that reason."""
-    echo = DatagramEcho(sock_map)
+    echo = RunnerEcho(sock_map)
 
     def broken(poll_interval: float) -> Optional[float]:
         raise RuntimeError("broken between rounds")
@@ -825,7 +817,7 @@ def test_loop_runner_closes_its_owner_as_stopped_by_an_error_when_the_loop_raise
 
 def test_loop_runner_stop_before_serve_makes_serve_return_at_once(sock_map: SocketMap) -> None:
     """``stop()`` is for good: a ``serve()`` after it closes the owner without waiting."""
-    echo = DatagramEcho(sock_map)
+    echo = RunnerEcho(sock_map)
     echo.runner.stop()
     started = time.monotonic()
     echo.runner.serve(poll_interval=WAIT)

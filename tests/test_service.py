@@ -12,13 +12,13 @@ import pytest
 
 from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._eventloop._dispatcher import Dispatcher
 from asyncore_fwd._net import SPLICE_AVAILABLE
 from asyncore_fwd._ops._stats import RuleStats
 from asyncore_fwd._service import _service
 from asyncore_fwd.toxics import Latency
 from conftest import (
     WAIT,
+    DatagramEcho,
     EchoServer,
     LoopBreaker,
     free_port,
@@ -430,7 +430,7 @@ def test_forwarder_takes_back_the_listener_it_released_and_serves_the_client_que
             round_trip(client)
 
 
-class DatagramEcho(Dispatcher):
+class DatagramListener(DatagramEcho):
     """A listener of another kind than a TCP forwarder, as a UDP rule's would be (it only echoes):
     the service reaches it through ``listener_for`` and uses only what ``Listener`` names."""
 
@@ -447,16 +447,6 @@ class DatagramEcho(Dispatcher):
             self.create_socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.bind((rule.local_host, rule.local_port))
         self.address = self.socket.getsockname()
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
-
-    def handle_read(self) -> None:
-        data, sender = self.socket.recvfrom(2048)
-        self.socket.sendto(data, sender)
 
     def handle_error(self) -> None:
         raise
@@ -492,14 +482,14 @@ def test_service_runs_a_listener_of_another_kind_through_listener_for(echo_serve
 
     def listener_for(rule: Rule, map: dict, *, scratch: memoryview, toxics=(), stats=None, listener=None):
         if rule.name.startswith("udp-"):
-            return DatagramEcho(rule, map, stats=stats, listener=listener)
+            return DatagramListener(rule, map, stats=stats, listener=listener)
         return tcp_listener_for(rule, map, scratch=scratch, toxics=toxics, stats=stats, listener=listener)
 
     monkeypatch.setattr(_service, "listener_for", listener_for)
     running = RunningService([rule("tcp", echo_server.port), rule("udp-echo", 7)], "auto")
     try:
         first = running.service.forwarders["udp-echo"]
-        assert isinstance(first, DatagramEcho)
+        assert isinstance(first, DatagramListener)
         datagram_round_trip(first.address)
         with running.connect("tcp") as client:
             round_trip(client)

@@ -71,10 +71,8 @@ def reply_after_eof(conn: socket.socket) -> None:
     conn.sendall(b"reply to " + recv_all(conn))
 
 
-def test_a_forwarded_session_is_traced_in_order(
-        traced: io.StringIO, loop_kind: str, scripted_server: Callable[..., ScriptedServer]) -> None:
-    """Accept, connect event, reads, EOF passed on each way, close: in that order, under each loop."""
-    server = scripted_server(reply_after_eof)
+def forward_one_session(server: ScriptedServer, loop_kind: str) -> None:
+    """One client through a forwarder: it sends, half-closes, reads the reply; then the pair closes."""
     fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", server.port, loop=loop_kind)
     try:
         with fwd.connect() as client:
@@ -84,6 +82,12 @@ def test_a_forwarded_session_is_traced_in_order(
         wait_for(lambda: not fwd.forwarder.connections, what="the pair to close")
     finally:
         fwd.stop()
+
+
+def test_a_forwarded_session_is_traced_in_order(
+        traced: io.StringIO, loop_kind: str, scripted_server: Callable[..., ScriptedServer]) -> None:
+    """Accept, connect event, reads, EOF passed on each way, close: in that order, under each loop."""
+    forward_one_session(scripted_server(reply_after_eof), loop_kind)
     in_order(traced.getvalue().splitlines(),
              rf"^r\d+ {loop_kind}\(timeout=0\.05\) -> 1 event: fd\d+ r$",
              r"^r\d+ +fd\d+ Forwarder#1 handle_accept\(\)$",
@@ -205,16 +209,7 @@ def test_a_renderer_plugged_into_capture_gets_every_event_as_plain_data(
     renderer = JsonLines(TextRenderer(logging.getLogger("test_trace.live"), live))
     enable_with(renderer)
     try:
-        server = scripted_server(reply_after_eof)
-        fwd = RunningForwarder("127.0.0.1", 0, "127.0.0.1", server.port, loop=loop_kind)
-        try:
-            with fwd.connect() as client:
-                client.sendall(b"hello")
-                client.shutdown(socket.SHUT_WR)
-                assert recv_all(client) == b"reply to hello"
-            wait_for(lambda: not fwd.forwarder.connections, what="the pair to close")
-        finally:
-            fwd.stop()
+        forward_one_session(scripted_server(reply_after_eof), loop_kind)
     finally:
         trace.disable()
     assert renderer.closed
