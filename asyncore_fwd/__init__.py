@@ -18,8 +18,8 @@ Runs on the standard library's asyncore (3.10, 3.11) or the pyasyncore
 backport (3.12+).
 
 The modules sit in layers, one folder each, and import only their own layer
-and those below (``tests/test_layers.py`` checks it, and lists today's
-exceptions). From the bottom: the asyncore import and socket helpers
+and those below, with no exception and no cycle (``tests/test_layers.py``
+checks it). From the bottom: the asyncore import and socket helpers
 (``_compat``, ``_net``); the loop (``_eventloop``); rules and config
 (``_values``); one connection's relay (``_relay``); what acts on connections
 (``_ops``, ``toxics``); the listener (``_listener``); many rules, processes

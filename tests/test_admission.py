@@ -7,6 +7,7 @@ What PROXY protocol support will use: a header sent to the server first
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -115,3 +116,55 @@ def test_a_step_that_holds_the_connect_can_refuse_the_client_with_a_reset(
     assert echo_server.accepted == 0
     [line] = [record.getMessage() for record in caplog.records if getattr(record, "event", None) == "close"]
     assert line.endswith("forwarder closed first: no header line")
+
+
+class NeverDecides(AdmissionStep):
+    """Holds every connect and never lets it go: a client that never sends its header."""
+
+    def admit(self, conn: Connection) -> bool:
+        return False
+
+
+def test_a_connect_held_past_the_connect_timeout_is_refused(echo_server: EchoServer) -> None:
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, connect_timeout=0.2)
+    fwd.add_admission_step(NeverDecides())
+    with fwd.running():
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            started = time.monotonic()
+            assert stream_end(client) == "reset"
+            assert time.monotonic() - started < 5.0  # the connect timeout (0.2 s), not for ever
+        wait_for(lambda: not fwd.connections, what="the pair to close")
+    assert echo_server.accepted == 0
+
+
+class RefusesEveryone(AdmissionStep):
+    def refusal(self, client_address, open_connections: int) -> str:
+        return "closed for maintenance"
+
+
+def test_a_step_s_refusal_is_logged_on_a_rule_without_access_control(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    fwd.add_admission_step(RefusesEveryone())
+    with fwd.running():
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            assert stream_end(client) == "reset"
+        wait_for(lambda: fwd.stats.refused_limit == 1, what="the refusal to be counted")
+    assert any(re.search(r"refused 127\.0\.0\.1:\d+ \(closed for maintenance\)", record.getMessage())
+               for record in caplog.records)
+
+
+class FailsAtOpen(Forwarder):
+    def connection_opened(self, conn: Connection) -> None:
+        raise RuntimeError("a bug in a hook")
+
+
+def test_a_hook_that_raises_at_open_leaves_no_connection_behind(echo_server: EchoServer) -> None:
+    """The pair is reset and forgotten (its descriptors closed); the listener goes on after its pause."""
+    fwd = FailsAtOpen("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={})
+    with fwd.running():
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            assert stream_end(client) == "reset"
+        wait_for(lambda: not fwd.connections and len(fwd._map) == 2, what="the pair to leave the map")
+    assert echo_server.accepted == 0

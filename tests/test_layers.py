@@ -6,9 +6,8 @@ function count too) and under ``TYPE_CHECKING`` alike. The imports are read
 from the source with ``ast``, so nothing here depends on what happens to be
 imported already.
 
-Today's exceptions are listed in ``KNOWN_VIOLATIONS`` and ``KNOWN_CYCLES``,
-each to be removed as the restructuring removes it: the tests fail on a new
-violation, and on a listed one that is gone (so that the list only shrinks).
+There is no exception: an import from a layer above, or a cycle of imports
+(even one only under ``TYPE_CHECKING``), fails the tests, which name it.
 """
 
 from __future__ import annotations
@@ -46,12 +45,6 @@ LAYERS: List[Tuple[str, Set[str]]] = [
                       "trace", "trace.__main__", "trace._runner", "trace._text", "trace._capture",
                       "trace._describe", "trace._events"}),
 ]
-
-#: (importer, imported, "run time" or "TYPE_CHECKING"): imports that go up a layer today.
-KNOWN_VIOLATIONS: Set[Tuple[str, str, str]] = set()
-
-#: Groups of modules that import each other, directly or not (any kind of import).
-KNOWN_CYCLES: Set[FrozenSet[str]] = set()
 
 LAYER_OF: Dict[str, int] = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 
@@ -169,20 +162,17 @@ def test_every_module_has_a_layer() -> None:
     assert package_modules() == set(placed)
 
 
-def test_no_module_imports_from_a_layer_above_it_but_the_known_ones() -> None:
-    """Upward imports, at run time or under TYPE_CHECKING, are exactly the listed ones."""
+def test_no_module_imports_from_a_layer_above_it() -> None:
+    """(importer, imported, "run time" or "TYPE_CHECKING") for each import that goes up: none."""
     violations = {(module, imported, kind) for module, edges in import_graph().items()
                   for imported, kind in edges if LAYER_OF[imported] > LAYER_OF[module]}
-    assert violations - KNOWN_VIOLATIONS == set(), "new imports from a layer above"
-    assert KNOWN_VIOLATIONS - violations == set(), "gone: remove them from KNOWN_VIOLATIONS"
+    assert violations == set(), "imports from a layer above"
 
 
-def test_no_import_cycle_but_the_known_ones() -> None:
-    """Modules that import each other (even only under TYPE_CHECKING) are exactly the listed groups."""
+def test_no_import_cycle() -> None:
+    """Groups of modules that import each other, directly or not, even only under TYPE_CHECKING: none."""
     graph = {module: {imported for imported, _ in edges} for module, edges in import_graph().items()}
-    found = cycles(graph)
-    assert found - KNOWN_CYCLES == set(), "new import cycles"
-    assert KNOWN_CYCLES - found == set(), "gone or changed: update KNOWN_CYCLES"
+    assert cycles(graph) == set(), "import cycles"
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -119,7 +119,6 @@ def test_an_unnamed_rule_on_port_0_names_the_bound_port_in_its_start_line(echo_s
         service.close()
 
 
-
 def test_an_unnamed_rule_on_port_0_names_the_bound_port_in_its_stats_and_metrics(echo_server) -> None:
     """Stats and the Prometheus rule label name the port bound, as the log lines do."""
     service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port)])

@@ -247,7 +247,7 @@ def test_latency_holds_bytes_within_the_high_water_mark(echo_server: EchoServer)
                 except BlockingIOError:
                     time.sleep(0.005)
             (conn,) = fwd.connections
-            link = fwd._toxics._links[conn]["upstream"]  # type: ignore[union-attr]
+            link = fwd._faults.toxic_set._links[conn]["upstream"]  # type: ignore[union-attr]
             assert link.held <= 64 * 1024  # a read takes no more than the room under it
             assert sent > link.held  # the rest waits in the kernel's buffers, not in ours
 
@@ -259,7 +259,7 @@ def test_a_read_never_takes_a_toxic_past_the_high_water_mark(echo_server: EchoSe
         with socket.create_connection(fwd.address, timeout=WAIT) as client:
             wait_for(lambda: fwd.connections, what="the connection")
             (conn,) = fwd.connections
-            link = fwd._toxics._links[conn]["upstream"]  # type: ignore[union-attr]
+            link = fwd._faults.toxic_set._links[conn]["upstream"]  # type: ignore[union-attr]
             for piece in range(1, 7):  # 60 KiB in reads of 10 KiB
                 client.sendall(b"x" * 10240)
                 wait_for(lambda piece=piece: link.held >= piece * 10240, what="the piece to be read")

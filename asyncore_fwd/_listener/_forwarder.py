@@ -37,7 +37,8 @@ from .._eventloop._timers import forget, timers_for
 from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, os_error, pending_error, reset
 from .._ops._access import warn_if_open
 from .._ops._stats import RuleStats
-from .._relay._copy import STOPPED, Connection, Receiver, cut
+from .._relay._connection import STOPPED, Connection, cut
+from .._relay._copy import Receiver
 from .._relay._loopback import LoopbackGuard
 from .._relay._sender import Sender
 from .._values._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, DEFAULT_READ_SIZE, Rule
@@ -125,8 +126,7 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self.addr = self._address  # asyncore's repr shows it: the real port, not 0
         # The rule's label, with the port bound after port 0: logs name the port clients use.
         self._label = self.rule.name or format_address((self.rule.local_host, self._address[1]))
-        if self.access is not None:
-            self.access.refusals.label = self._label  # made before the port was known
+        self.refusals.label = self._label  # made before the port was known
         #: Keeps our connects from leading back to this very listener.
         self.loopback = LoopbackGuard(self, rule.reuse_port)
         try:
@@ -221,8 +221,7 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         """
         self.stop_accepting()
         cut(self.connections, reason)
-        if self.access is not None:
-            self.access.refusals.close()
+        self.refusals.close()
         if not self._map:
             forget(self._map)
 
@@ -320,8 +319,7 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         """Turn a client away with a reset, count it, and log it (rate-limited)."""
         self.stats.refused(reason)  # first: the client may look at the stats once reset
         reset(sock)
-        if self.access is not None:
-            self.access.refusals.refused(addr, reason)
+        self.refusals.refused(addr, reason)
 
     def pause_accepting(self, error: BaseException) -> None:
         """Stop accepting for ``ACCEPT_PAUSE`` s (out of descriptors, or an error): see ``AcceptPause``."""

@@ -17,7 +17,7 @@ from typing import List, Optional, Set, Tuple, Type
 
 from .._eventloop._timers import Timers
 from .._net import RemoteAddresses, SockAddr, format_address
-from .._ops._access import AccessControl
+from .._ops._access import AccessControl, RefusalLog
 from .._ops._stats import RuleStats, log_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
@@ -67,6 +67,8 @@ class ConnectionOwnerBase:
         """The rule's access control (its first admission step), and what observes its connections."""
         #: Allow/deny lists and limits; None when the rule has none (nothing to check).
         self.access = AccessControl.for_rule(self.rule, timers)
+        #: The rate-limited log of refused clients (by access control or any other admission step).
+        self.refusals = self.access.refusals if self.access is not None else RefusalLog(self.rule.label, timers)
         #: What follows every connection, told before the hooks: counters, limits, timeouts (toxics join later).
         observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule))
         self.observers: Tuple[ConnectionObserver, ...] = tuple(obs for obs in observers if obs is not None)

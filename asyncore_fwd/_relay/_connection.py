@@ -21,6 +21,7 @@ import time
 from typing import Callable, Iterable, MutableSet, Optional, Protocol, Sequence
 
 from .._eventloop._runner import STOPPED  # why connections still open were cut: a stop() or close()
+from .._eventloop._timers import Timer, timers_for
 from .._net import SockAddr, SocketMap, describe_error, format_address
 from .._values._rules import Rule
 from ._loopback import LoopbackGuard
@@ -29,7 +30,6 @@ from ._targets import TargetChoice
 
 __all__ = ["STOPPED", "AdmissionStep", "Connection", "ConnectionObserver", "ConnectionOwner",
            "cut"]
-
 
 
 class ConnectionObserver:
@@ -66,10 +66,12 @@ class AdmissionStep:
 
     The owner asks its ``admission`` steps in order.  ``refusal`` comes
     before anything is made for the client: a reason turns it away with a
-    reset, counted and logged as a refusal.  ``admit`` comes once its
+    reset, logged as a refusal and counted (``refused_acl`` for "acl",
+    ``refused_limit`` for any other reason).  ``admit`` comes once its
     ``Connection`` is open, before the server connect: False holds the
     connect until the step calls ``conn.let_go()`` (the next steps, then
-    the connect) or ``conn.refuse(reason)``.  The defaults let everyone in.
+    the connect) or ``conn.refuse(reason)``, for the rule's connect timeout
+    at most (then the client is refused).  The defaults let everyone in.
     """
 
     __slots__ = ()
@@ -168,8 +170,9 @@ class Connection:
         # A close asked for while the opening is told (a toxic that cuts at
         # once) waits for it: nobody hears of the close before the opening.
         self._opening, self._close_asked = True, False
-        #: True while an admission step holds the server connect.
+        #: True while an admission step holds the server connect (for the connect timeout at most).
         self.held = False
+        self._hold_timer: Optional[Timer] = None
         self._steps_passed, self._connect_started, self._reading_client = 0, False, False
         self.receiver = forwarder.receiver_class(self, sock)
         try:
@@ -181,14 +184,22 @@ class Connection:
         # The loop asks each side again after the other's events: its readiness follows the other's buffer.
         self.receiver.partner, self.sender.partner = self.sender, self.receiver
         forwarder.connections.add(self)
-        for observer in forwarder.observers:
-            observer.opened(self)
-        forwarder.connection_opened(self)
-        self._opening = False
-        if self._close_asked:
-            self.close()
-        else:
-            self.let_go()
+        try:
+            for observer in forwarder.observers:
+                observer.opened(self)
+            forwarder.connection_opened(self)
+            self._opening = False
+            if self._close_asked:
+                self.close()
+            else:
+                self.let_go()
+        except BaseException as error:  # a hook, an observer or a step raised: end the pair, then say so
+            self._opening = False
+            if not self.closed:
+                self.error = describe_error(error) if isinstance(error, OSError) else "internal error"
+                self.reset_on_close()
+                self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} from {format_address(self.client_address)}>"
@@ -235,12 +246,29 @@ class Connection:
             step = steps[self._steps_passed]
             self._steps_passed += 1
             if not step.admit(self):
-                self.held = not self._connect_started  # (unless it let go at once)
+                self.held = not (self._connect_started or self.closed)  # (unless it let go or refused at once)
+                if self.held and self._hold_timer is None:
+                    self._hold_timer = timers_for(self.forwarder._map).call_later(
+                        self.rule.connect_timeout, self._held_too_long)
                 return
         if self.closed or self._connect_started:  # a step refused, or let go from within admit()
             return
-        self.held, self._connect_started = False, True
+        self._stop_holding()
+        self._connect_started = True
         self.sender.connect_next()
+
+    def _held_too_long(self) -> None:
+        # A step that never decides (a client that sends nothing) must not keep
+        # the pair, and a place under the limits, for ever: it gets the connect timeout.
+        self._hold_timer = None
+        if self.held and not self.closed:
+            self.refuse(f"admission timed out after {self.rule.connect_timeout:g} s")
+
+    def _stop_holding(self) -> None:
+        self.held = False
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
 
     def refuse(self, reason: str) -> None:
         """Turn the client away before the server connect: reset it, and close the pair with
@@ -261,7 +289,8 @@ class Connection:
 
         Only before the pair relays: from an observer's ``opened``, the
         ``connection_opened`` hook, or an admission step.  Copy and splice
-        relays alike; the bytes count in ``bytes_to_server``.
+        relays alike (with splice, no more than the kernel pipe holds, 64 KiB
+        by default: ValueError beyond); the bytes count in ``bytes_to_server``.
         """
         if self.established or self.closed:
             raise RuntimeError(f"{self!r}: bytes go to the server ahead of the client's only before it relays")
@@ -319,6 +348,7 @@ class Connection:
         self.closed = True
         self.closed_at = time.monotonic()
         self.established = False
+        self._stop_holding()
         self.receiver.close_socket()
         self.sender.close_socket()
         self.forwarder.connections.discard(self)

@@ -35,7 +35,7 @@ from .._eventloop._dispatcher import Dispatcher
 from .._net import LINGER_ABORT, acknowledge_urgent, os_error, pending_error, tune
 from ._connection import STOPPED, Connection, cut
 
-__all__ = ["STOPPED", "Connection", "Receiver", "cut"]
+__all__ = ["Receiver"]
 
 log = logging.getLogger("asyncore_fwd")
 

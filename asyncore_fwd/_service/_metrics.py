@@ -63,6 +63,7 @@ class StatsSource(Protocol):
         """Per rule label, the counters named in ``_stats.COUNTERS``."""
         ...
 
+
 # (stats key, metric name, type, help text)
 _METRICS: List[Tuple[str, str, str, str]] = [
     ("active", "asyncore_fwd_connections_active", "gauge", "Connections open now."),

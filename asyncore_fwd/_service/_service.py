@@ -37,7 +37,7 @@ from .._eventloop._runner import STOPPED, LoopRunner
 from .._eventloop._timers import forget
 from .._net import SocketMap, describe_error, format_address
 from .._ops._stats import COUNTERS
-from .._relay._copy import cut
+from .._relay._connection import cut
 from .._values._rules import DEFAULT_READ_SIZE, Rule
 from ..toxics import Toxic
 from ._listeners import Listener, listener_for

@@ -21,8 +21,7 @@ from typing import Any, Callable, Collection, ContextManager, Generic, Iterator,
 from .._eventloop import _loop
 from .._eventloop._wakeup import LoopCalls
 from .._net import SocketMap
-from .._relay._connection import ConnectionObserver
-from .._relay._copy import Connection, cut
+from .._relay._connection import Connection, ConnectionObserver, cut
 from .._values._rules import Rule
 from ._link import Toxic
 from ._set import DIRECTIONS, ToxicHandle, ToxicSet
@@ -219,8 +218,3 @@ class FaultInjection:
     def close_connections(self) -> None:
         """Close every open connection (each peer sees EOF); keep listening.  Safe from any thread."""
         self._faults.close_connections()
-
-    @property
-    def _toxics(self) -> Optional[ToxicSet]:
-        """The toxics acting on the connections (None until one is added)."""
-        return self._faults.toxic_set

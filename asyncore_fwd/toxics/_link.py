@@ -20,7 +20,8 @@ from .._eventloop import _loop
 from .._eventloop._timers import timers_for
 
 if TYPE_CHECKING:
-    from .._relay._copy import Connection, _Pipe
+    from .._relay._connection import Connection
+    from .._relay._copy import _Pipe
 
 __all__ = ["Deliver", "DeliverEof", "Toxic", "UNSENT_LIMIT"]
 

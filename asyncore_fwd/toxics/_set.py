@@ -9,12 +9,13 @@ from .._relay._connection import ConnectionObserver
 from ._link import Toxic, _Link
 
 if TYPE_CHECKING:
-    from .._relay._copy import Connection
+    from .._relay._connection import Connection
 
 __all__ = ["DIRECTIONS", "ToxicHandle", "ToxicSet"]
 
 #: The directions a toxic can act on.
 DIRECTIONS = ("upstream", "downstream", "both")
+
 
 class ToxicHandle:
     """What ``add_toxic`` returns: the toxic and the direction it acts on."""
