@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -152,6 +153,7 @@ def test_a_worker_that_dies_is_started_again(spawn, echo_server) -> None:
     """A worker killed from outside is replaced, and the port keeps serving."""
     proc = start_workers(spawn, echo_server.port)
     port = proc.start_port()
+    proc.wait_line(r"with 2 workers")  # all listen: the supervisor now replaces the ones that die
     victim = worker_pids(proc)[0]
     os.kill(victim, signal.SIGKILL)
     proc.wait_line(rf"worker 0 \(pid {victim}\) exited \(killed by SIGKILL\); starting it again")
@@ -230,6 +232,33 @@ def test_workers_drain_open_connections_when_their_supervisor_is_killed(spawn, e
     wait_for(lambda: not any(alive(pid) for pid in pids), what="the workers to exit once the connection ended")
 
 
+SUPERVISE_A_WORKER_THAT_DIES_AT_START = """
+import time
+from asyncore_fwd._service import _workers
+
+def run_worker(index, ready, lifeline):
+    if index == 0:
+        return 3  # exits before it listens, every time
+    ready()
+    time.sleep(30)  # until the supervisor's SIGTERM
+    return 0
+
+started = time.monotonic()
+status = _workers.supervise(2, run_worker, on_ready=lambda: None, drain_timeout=0.5)
+print(status, time.monotonic() - started)
+"""
+
+
+def test_a_worker_that_exits_before_it_listens_does_not_hold_the_start() -> None:
+    """The start waits for the workers that listen, not START_WAIT s for one that died; the
+    loop then replaces it (here, until it has died too often)."""
+    result = subprocess.run([sys.executable, "-c", SUPERVISE_A_WORKER_THAT_DIES_AT_START],
+                            capture_output=True, text=True, timeout=60)
+    status, seconds = result.stdout.split()
+    assert status == "1", result.stderr  # worker 0 kept exiting
+    assert float(seconds) < _workers.START_WAIT / 2, result.stderr
+
+
 def test_readiness_wait_takes_a_pipe_past_descriptor_1023(caplog: pytest.LogCaptureFixture) -> None:
     """The supervisor waits for its workers with poll(): a ready pipe past select()'s limit
     (with a reserving socket per rule, 1100 rules put it there) is read, not a ValueError."""
@@ -240,7 +269,7 @@ def test_readiness_wait_takes_a_pipe_past_descriptor_1023(caplog: pytest.LogCapt
         os.dup2(reader, 1100)
         os.write(writer, b"..")
         started = time.monotonic()
-        _workers._wait_ready(1100, 2)
+        _workers._wait_ready(1100, {os.getpid(): 0, os.getppid(): 1})  # two workers, both ready
         assert time.monotonic() - started < _workers.START_WAIT
     finally:
         for fd in (reader, writer, 1100):

@@ -49,6 +49,8 @@ AVAILABLE = hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")
 STOP_MARGIN = 3.0
 #: Seconds to wait for every worker to listen before announcing the service anyway.
 START_WAIT = 10.0
+#: How often the start's wait looks for workers that exited before they listened (seconds).
+READY_CHECK = 0.1
 #: A worker that dies this many times within RESTART_WINDOW seconds is not restarted again.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 10.0
@@ -202,7 +204,7 @@ def supervise(count: int, run_worker: Callable[[int, Callable[[], None], int], i
     try:
         for index in range(count):
             _spawn(index, run_worker, workers, ready_writer, lifeline)
-        _wait_ready(ready_reader, count)
+        _wait_ready(ready_reader, workers)
         try:
             if not any(signum in (signal.SIGINT, signal.SIGTERM) for signum in received):
                 on_ready()
@@ -255,8 +257,10 @@ def _pass_on(received: List[int], workers: Dict[int, int], on_hangup: Optional[C
     return None
 
 
-def _wait_ready(ready_reader: int, count: int) -> None:
-    """Wait until ``count`` workers have said they listen (one byte each), within START_WAIT s."""
+def _wait_ready(ready_reader: int, workers: Dict[int, int]) -> None:
+    """Wait until every worker of ``workers`` has said it listens (one byte each), within
+    START_WAIT s; one that exits first is not waited for (the loop then replaces it)."""
+    count = len(workers)
     deadline = time.monotonic() + START_WAIT
     received = 0
     # poll(), not select(): with a reserving socket per rule, the pipe may be past descriptor 1023.
@@ -264,10 +268,21 @@ def _wait_ready(ready_reader: int, count: int) -> None:
     poller.register(ready_reader, select.POLLIN)
     while received < count:
         left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):
+        if left <= 0:
             log.warning("only %d of %d workers are listening after %g s", received, count, START_WAIT)
             return
-        received += len(os.read(ready_reader, count - received))
+        if poller.poll(min(left, READY_CHECK) * 1000):
+            received += len(os.read(ready_reader, count - received))
+        elif received + sum(_exited(pid) for pid in workers) >= count:
+            return
+
+
+def _exited(pid: int) -> bool:
+    """Whether the child ``pid`` has exited, without reaping it: its status is the loop's to read."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _say_ready(ready_writer: int) -> None:
