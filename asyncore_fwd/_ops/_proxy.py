@@ -78,4 +78,5 @@ class ProxyHeader(ConnectionObserver):
         return cls(rule.send_proxy) if rule.send_proxy is not None else None
 
     def opened(self, conn: Connection) -> None:
+        """Queue the header: the server connect has not started, so it goes before the client's bytes."""
         conn.queue_for_server(proxy_header(self.version, conn.client_address, conn.local_address()))
