@@ -18,6 +18,7 @@ from typing import List, Optional, Set, Tuple, Type
 from .._eventloop._timers import Timers
 from .._net import RemoteAddresses, SockAddr, format_address
 from .._ops._access import AccessControl, RefusalLog
+from .._ops._proxy import ProxyHeader
 from .._ops._stats import RuleStats, log_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
@@ -69,8 +70,9 @@ class ConnectionOwnerBase:
         self.access = AccessControl.for_rule(self.rule, timers)
         #: The rate-limited log of refused clients (by access control or any other admission step).
         self.refusals = self.access.refusals if self.access is not None else RefusalLog(self.rule.label, timers)
-        #: What follows every connection, told before the hooks: counters, limits, timeouts (toxics join later).
-        observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule))
+        #: What follows every connection, told before the hooks: counters, limits, timeouts, the PROXY
+        #: header (toxics join later).
+        observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule), ProxyHeader.for_rule(self.rule))
         self.observers: Tuple[ConnectionObserver, ...] = tuple(obs for obs in observers if obs is not None)
         #: The steps between accept and the server connect: who may connect, and how many.
         self.admission: Tuple[AdmissionStep, ...] = (self.access,) if self.access is not None else ()

@@ -212,6 +212,11 @@ class Connection:
     def bytes_to_client(self) -> int:
         return self.receiver.bytes_sent
 
+    def local_address(self) -> SockAddr:
+        """The address the client connected to: its socket's own end (asked, not kept)."""
+        assert self.receiver.socket is not None
+        return self.receiver.socket.getsockname()
+
     @property
     def duration(self) -> float:
         """Seconds from accept to close (or until now, while open)."""

@@ -8,6 +8,7 @@ sides' own handlers.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable, Optional, Protocol, Sized
 
 __all__ = ["ServerSide", "Side"]
@@ -20,6 +21,8 @@ class Side(Protocol):
     peer: Any
     #: The same, for the loop: it asks a side again after its partner's events (set by the connection).
     partner: Any
+    #: Its socket (asyncore's attribute; None only before it has one).
+    socket: Optional[socket.socket]
 
     @property
     def role(self) -> str:

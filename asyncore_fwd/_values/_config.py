@@ -41,7 +41,7 @@ from ._parse import (
     shorten,
     show_value,
 )
-from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, Rule
+from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, PROXY_VERSIONS, Rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,6 +91,15 @@ def _network(value: object) -> str:
     raise BadValue("expected an address or a network, like 10.0.0.0/8, 192.0.2.7 or ::1")
 
 
+def _proxy_version(value: object) -> Optional[str]:
+    """A PROXY protocol version to send, or None for "none" (a rule's way out of ``[defaults]``'s)."""
+    if value == "none":
+        return None
+    if isinstance(value, str) and value in PROXY_VERSIONS:
+        return value
+    raise BadValue('expected "v1", "v2" or "none"')
+
+
 #: Every key a rule takes, with what checks and converts its value.
 _PARSERS: Dict[str, Callable[[object], Any]] = {
     "name": _name,
@@ -105,6 +114,7 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "half_closed_timeout": lambda value: parse_seconds(value, zero_ok=True),
     "backlog": lambda value: parse_integer(value, 0, 65535),
     "high_water": parse_size,
+    "send_proxy": _proxy_version,
 }
 KEYS = tuple(_PARSERS)
 _LISTS = ("allow", "deny")
@@ -361,6 +371,7 @@ def describe_rule(rule: Rule) -> str:
         "half_closed_timeout": f"{rule.half_closed_timeout:g}",
         "backlog": rule.backlog,
         "high_water": format_size(rule.high_water),
+        "send_proxy": rule.send_proxy or "none",
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 

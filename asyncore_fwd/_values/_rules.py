@@ -10,14 +10,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 from .._net import SPLICE_AVAILABLE, format_address, strip_brackets
 from ._parse import is_integer, is_seconds
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-__all__ = ["DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_READ_SIZE", "KiB", "Rule"]
+__all__ = ["DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_READ_SIZE", "KiB",
+           "PROXY_VERSIONS", "Rule"]
 
 KiB = 1024
 #: Stop reading from a side while this many bytes wait for the other side.
@@ -31,6 +32,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 #: article's 5 drops SYNs, and each dropped one waits a second to retry).
 #: The kernel caps it at net.core.somaxconn.
 DEFAULT_BACKLOG = 4096
+#: The PROXY protocol's versions a rule may send to its server (``send_proxy``).
+PROXY_VERSIONS = ("v1", "v2")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Rule:
     #: Once one direction has ended, close the pair if the other stays quiet
     #: this long (0 = never).
     half_closed_timeout: float = 0.0
+    #: Send the server a PROXY protocol header, "v1" (text) or "v2" (binary), ahead of the client's bytes.
+    send_proxy: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -99,6 +104,8 @@ class Rule:
         for name in ("splice", "reuse_port"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
+            raise ValueError(f"send_proxy must be 'v1', 'v2' or None, not {self.send_proxy!r}")
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
         if self.splice and not SPLICE_AVAILABLE:
