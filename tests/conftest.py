@@ -45,6 +45,17 @@ def has_ipv6() -> bool:
 needs_ipv6 = pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 
 
+def has_dual_stack() -> bool:
+    """Whether a socket bound to ``::`` takes IPv4 clients too (net.ipv6.bindv6only=0)."""
+    if not has_ipv6():
+        return False
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        return not probe.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+
+
+needs_dual_stack = pytest.mark.skipif(not has_dual_stack(), reason="no dual-stack [::] listener")
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = WAIT, what: str = "condition") -> None:
     """Poll ``predicate`` until it is true; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout

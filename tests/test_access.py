@@ -13,7 +13,7 @@ from asyncore_fwd import Rule
 from asyncore_fwd._eventloop._timers import Timers
 from asyncore_fwd._ops import _access
 from asyncore_fwd._ops._access import AccessControl, client_ip, is_loopback
-from conftest import WAIT, connect_until_reset, has_ipv6, needs_ipv6, recv_exactly, wait_for
+from conftest import WAIT, connect_until_reset, needs_dual_stack, needs_ipv6, recv_exactly, wait_for
 
 
 @pytest.fixture
@@ -39,15 +39,6 @@ def refusals(caplog: pytest.LogCaptureFixture) -> list:
     return [r for r in caplog.records if getattr(r, "event", None) == "refused"]
 
 
-def has_dual_stack() -> bool:
-    """Whether a socket bound to ``::`` takes IPv4 clients too (net.ipv6.bindv6only=0)."""
-    if not has_ipv6():
-        return False
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-        return not probe.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-
-
-needs_dual_stack = pytest.mark.skipif(not has_dual_stack(), reason="no dual-stack [::] listener")
 #: Overrides start_forwarder's loops and relay modes with one of each: the
 #: lists are checked at accept, before either plays a part.
 one_loop = pytest.mark.parametrize(("loop_kind", "splice"), [("poll", False)])

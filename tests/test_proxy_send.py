@@ -12,7 +12,7 @@ import struct
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 
@@ -24,7 +24,7 @@ from conftest import (
     ForwarderProcess,
     ScriptedServer,
     free_port,
-    has_ipv6,
+    needs_dual_stack,
     needs_ipv6,
     recv_all,
     unless_taken,
@@ -35,26 +35,15 @@ SIGNATURE = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
 
 
-def has_dual_stack() -> bool:
-    """Whether a socket bound to ``::`` takes IPv4 clients too (net.ipv6.bindv6only=0)."""
-    if not has_ipv6():
-        return False
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-        return not probe.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+class Recording:
+    """A server's handler that reads each connection to its EOF and keeps what it received,
+    in the order of accept (``received``)."""
 
-
-needs_dual_stack = pytest.mark.skipif(not has_dual_stack(), reason="no dual-stack [::] listener")
-
-
-class RecordingServer(ScriptedServer):
-    """Reads each connection to its EOF and keeps what it received, in the order of accept."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self) -> None:
         self.received: List[bytes] = []
         self._lock = threading.Lock()
-        super().__init__(self._record, host)
 
-    def _record(self, conn: socket.socket) -> None:
+    def __call__(self, conn: socket.socket) -> None:
         with self._lock:
             index = len(self.received)
             self.received.append(b"")
@@ -66,20 +55,20 @@ class RecordingServer(ScriptedServer):
                 self.received[index] += data
 
 
+#: A scripted server with ``received``: what each connection sent, in the order of accept.
+RecordingServer = ScriptedServer
+
+
 @pytest.fixture
-def recording_server() -> Iterator[Callable[..., RecordingServer]]:
-    servers: List[RecordingServer] = []
-
+def recording_server(scripted_server: Callable[..., ScriptedServer]) -> Callable[..., RecordingServer]:
+    """``recording_server(host)``: a ``RecordingServer``, closed (and its errors raised) by ``scripted_server``."""
     def start(host: str = "127.0.0.1") -> RecordingServer:
-        servers.append(RecordingServer(host))
-        return servers[-1]
+        recording = Recording()
+        server = scripted_server(recording, host)
+        server.received = recording.received  # type: ignore[attr-defined]
+        return server
 
-    yield start
-    for server in servers:
-        server.close()
-    for server in servers:
-        if server.errors:
-            raise server.errors[0]
+    return start
 
 
 def v1(family: str, source: Tuple[str, int], destination: Tuple[str, int]) -> bytes:
