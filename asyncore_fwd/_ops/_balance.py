@@ -15,7 +15,8 @@ failed when every one of them failed.
 Passive health, as nginx's ``max_fails``/``fail_timeout``: ``max_fails``
 failed connects within ``fail_timeout`` seconds mark a target down for
 ``fail_timeout`` seconds, after which it is up again, for the next client to
-try.  Active checks (``_health``) mark targets down and up through
+try: on probation, as in nginx, so that one more failed connect (before a
+success) marks it down again at once.  Active checks (``_health``) mark targets down and up through
 ``check_passed``/``check_failed``.  Every change of state is one INFO line,
 event ``target``.
 
@@ -50,7 +51,7 @@ class TargetState:
     """
 
     __slots__ = ("name", "index", "addresses", "up", "active", "connect_failures", "_recent_failures",
-                 "_down_timer")
+                 "_down_timer", "_probation")
 
     def __init__(self, index: int, addresses: RemoteAddresses) -> None:
         #: "host:port" as configured: in log lines, the ``target`` event and the metrics.
@@ -67,6 +68,8 @@ class TargetState:
         self.connect_failures = 0
         self._recent_failures: List[float] = []
         self._down_timer: Optional[Timer] = None
+        #: Up again after a down time: the next failed connect marks it down at once.
+        self._probation = False
 
     def __repr__(self) -> str:
         return f"<TargetState {self.name} {'up' if self.up else 'down'} active={self.active}>"
@@ -143,13 +146,16 @@ class TargetSet(ConnectionObserver):
         window = self.rule.fail_timeout
         recent = [when for when in target._recent_failures if now - when < window] + [now]
         target._recent_failures = recent
-        if len(recent) >= self.rule.max_fails:
+        if target._probation:
+            self._mark_down(target, f"a failed connect after its down time: {describe_error(error)}", window)
+        elif len(recent) >= self.rule.max_fails:
             count = f"{len(recent)} failed connects" if len(recent) > 1 else "a failed connect"
             self._mark_down(target, f"{count} within {window:g} s, the last: {describe_error(error)}", window)
 
     def connected(self, conn: Connection, target: TargetState) -> None:
         """``conn`` relays through ``target``: name it on the connection (the close line, the metrics)."""
         conn.target = target.name
+        target._probation = False
 
     def closed(self, conn: Connection) -> None:
         """Every close of the rule's connections (a client gone mid-connect too): leave its target's count."""
@@ -165,6 +171,7 @@ class TargetSet(ConnectionObserver):
     def check_passed(self, target: TargetState) -> None:
         """An active check reached ``target``: up, whatever the failed connects said."""
         target._recent_failures = []
+        target._probation = False
         if not target.up:
             self._mark_up(target, "health check passed")
 
@@ -179,6 +186,7 @@ class TargetSet(ConnectionObserver):
     def _mark_down(self, target: TargetState, reason: str, for_seconds: Optional[float]) -> None:
         target.up = False
         target._recent_failures = []
+        target._probation = False
         if target._down_timer is not None:
             target._down_timer.cancel()
             target._down_timer = None
@@ -189,6 +197,7 @@ class TargetSet(ConnectionObserver):
     def _down_time_over(self, target: TargetState) -> None:
         target._down_timer = None
         if not target.up:
+            target._probation = True
             self._mark_up(target, f"down for fail_timeout ({self.rule.fail_timeout:g} s): to be tried again")
 
     def _mark_up(self, target: TargetState, reason: str) -> None:

@@ -97,8 +97,11 @@ class Service:
         if rule.read_size > len(self._scratch):
             self._scratch = memoryview(bytearray(rule.read_size))
         fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
-        details = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
-        log.info("%s: forwarding %s to %s", fwd.label, details["listen"], rule.remote,
+        details: Dict[str, Any] = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
+        if rule.targets:
+            details.update(targets=rule.connect.split(","), balance=rule.balance)
+        log.info("%s: forwarding %s to %s", fwd.label, details["listen"],
+                 f"{rule.connect} ({rule.balance})" if rule.targets else rule.remote,
                  extra={"event": "start", "details": details})
         return fwd
 

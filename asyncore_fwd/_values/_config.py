@@ -39,7 +39,6 @@ import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .._net import format_address
 from ._parse import (
     BadValue,
     format_size,
@@ -384,7 +383,7 @@ def describe_rule(rule: Rule) -> str:
     values = {
         "name": rule.label,
         "listen": rule.listen,
-        "connect": ",".join(format_address(target) for target in rule.all_targets),
+        "connect": rule.connect,
         "allow": networks(rule.allow, "all"),
         "deny": networks(rule.deny, "none"),
         "max_connections": rule.max_connections,

@@ -149,6 +149,11 @@ class Rule:
         return ((self.remote_host, self.remote_port),) + self.targets
 
     @property
+    def connect(self) -> str:
+        """Every target as written in logs and configs: ``host:port``, comma-separated."""
+        return ",".join(format_address(target) for target in self.all_targets)
+
+    @property
     def listen(self) -> str:
         """Where it listens, as written in logs and configs: ``host:port``."""
         return format_address((self.local_host, self.local_port))
