@@ -71,6 +71,7 @@ def test_a_target_that_goes_away_is_marked_down_without_any_client_and_up_when_b
     name = f"{LOCAL}:{backend.port}"
     assert target_lines(caplog) == [(name, "down", "health check failed: Connection refused"),
                                     (name, "up", "health check passed")]
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
     assert first.connect_failures == 0  # the checks are not the clients' connects
 
 

@@ -136,6 +136,12 @@ class _Probe(Dispatcher):
         else:
             self._finish(None)
 
+    def handle_write(self) -> None:
+        """Called after each write event: nothing to write (the connect was all)."""
+
+    def handle_read(self) -> None:
+        """Never reads: a byte the server sends at once is left unread, and the reset drops it."""
+
     def handle_close(self) -> None:
         self.try_next(os_error(pending_error(self.socket) or errno.ECONNREFUSED))
 
