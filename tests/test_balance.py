@@ -16,7 +16,9 @@ from typing import Any, Callable, Iterator, List, Tuple
 import pytest
 
 from asyncore_fwd import Forwarder, Rule, Service
+from asyncore_fwd._eventloop._timers import Timers
 from asyncore_fwd._eventloop._wakeup import LoopCalls
+from asyncore_fwd._ops._balance import TargetSet
 from asyncore_fwd.cli._logging import JsonFormatter
 from conftest import (
     WAIT,
@@ -419,3 +421,15 @@ def test_sighup_sends_new_connections_to_the_new_targets_and_leaves_open_ones(
         assert old.recv(10) == b" still"
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert [server.accepted for server in echo_servers] == [1, 1, 1]
+
+
+def test_our_own_lack_of_descriptors_is_no_fault_of_the_target() -> None:
+    """A connect that failed for want of a descriptor neither counts against the target nor marks it down."""
+    targets = TargetSet(Rule(LOCAL, 0, LOCAL, 1, targets=[(LOCAL, 2)]), Timers())
+    conn: Any = object()
+    targets.started(conn, targets[0])
+    targets.connect_failed(conn, targets[0], OSError(errno.EMFILE, "Too many open files"))
+    assert [(target.up, target.active, target.connect_failures) for target in targets] == [(True, 0, 0)] * 2
+    targets.started(conn, targets[0])
+    targets.connect_failed(conn, targets[0], OSError(errno.ECONNREFUSED, "Connection refused"))
+    assert [(target.up, target.active, target.connect_failures) for target in targets] == [(False, 0, 1), (True, 0, 0)]

@@ -33,7 +33,7 @@ import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .._eventloop._timers import Timer, Timers
-from .._net import RemoteAddresses, SockAddr, describe_error, format_address
+from .._net import OUT_OF_RESOURCES, RemoteAddresses, SockAddr, describe_error, format_address
 from .._relay._connection import Connection, ConnectionObserver
 from .._relay._targets import Target
 from .._values._rules import Rule
@@ -137,8 +137,11 @@ class TargetSet(ConnectionObserver):
         target.active += 1
 
     def connect_failed(self, conn: Connection, target: TargetState, error: OSError) -> None:
-        """Every address of ``target`` failed for ``conn``: count it, maybe mark the target down."""
+        """Every address of ``target`` failed for ``conn``: count it, maybe mark the target down.
+        (Not for our own lack of descriptors or memory: that is no fault of the target's.)"""
         self._leave(conn)
+        if error.errno in OUT_OF_RESOURCES:
+            return
         target.connect_failures += 1
         if not self.rule.max_fails or not target.up:
             return
