@@ -433,3 +433,30 @@ def test_our_own_lack_of_descriptors_is_no_fault_of_the_target() -> None:
     targets.started(conn, targets[0])
     targets.connect_failed(conn, targets[0], OSError(errno.ECONNREFUSED, "Connection refused"))
     assert [(target.up, target.active, target.connect_failures) for target in targets] == [(False, 0, 1), (True, 0, 0)]
+
+
+def test_a_target_that_leads_back_to_the_forwarder_is_given_up_for_the_next(echo_server: EchoServer) -> None:
+    """The loop-back guard works target by target: the connect that came back is never forwarded again."""
+    fwd = several(dead_port(), dead_port(), echo_server.port)
+    assert fwd.targets is not None
+    fwd.targets[1].addresses._addresses = [(socket.AF_INET, fwd.address)]  # a name that resolved to us
+    with fwd.running():
+        assert echo_through(fwd) == b"ping"
+        wait_for(lambda: not fwd.connections and not fwd.loopback.turned_back, what="the pair and the turned back")
+        assert fwd.stats.accepted == 1
+        assert states(fwd) == [(False, 0, 1), (False, 0, 1), (True, 0, 0)]
+
+
+def test_a_health_check_never_reaches_the_forwarder_itself(echo_server: EchoServer,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    fwd = several(echo_server.port, dead_port(), health_check_interval=0.05)
+    assert fwd.targets is not None
+    fwd.targets[1].addresses._addresses = [(socket.AF_INET, fwd.address)]
+    with fwd.running():
+        wait_for(lambda: fwd.targets is not None and not fwd.targets[1].up, what="the check to fail")
+        time.sleep(0.2)  # more checks
+    assert fwd.stats.accepted == 0
+    assert target_lines(caplog) == [(f"{LOCAL}:{fwd.targets[1].addresses.port}", "down")]
+    (line,) = [record.getMessage() for record in caplog.records if getattr(record, "event", None) == "target"]
+    assert line.endswith("is down: health check failed: it leads back to this forwarder")
