@@ -1,21 +1,17 @@
-"""Several targets: failover, balance, passive health, the close line, reload; real sockets on loopback."""
+"""Several targets: failover, balance, passive health, the close line, the loop-back guard; real sockets on loopback."""
 
 from __future__ import annotations
 
 import errno
 import json
 import logging
-import signal
 import socket
-import sys
-import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
-from asyncore_fwd import Forwarder, Rule, Service
+from asyncore_fwd import Forwarder, Rule
 from asyncore_fwd._eventloop._timers import Timers
 from asyncore_fwd._eventloop._wakeup import LoopCalls
 from asyncore_fwd._ops._balance import TargetSet
@@ -23,7 +19,6 @@ from asyncore_fwd.cli._logging import JsonFormatter
 from conftest import (
     WAIT,
     EchoServer,
-    ForwarderProcess,
     connect_until_reset,
     dead_port,
     free_port,
@@ -33,7 +28,6 @@ from conftest import (
 )
 
 LOCAL = "127.0.0.1"
-MODULE = [sys.executable, "-m", "asyncore_fwd"]
 
 
 def several(first: int, *others: int, **options: Any) -> Forwarder:
@@ -329,38 +323,6 @@ def test_a_target_that_is_the_listener_itself_is_refused_at_start(echo_server: E
     assert raised.value.errno == errno.ELOOP and f"cannot forward to {LOCAL}:{port}" in str(raised.value)
 
 
-# -- reload -------------------------------------------------------------------------
-
-
-def test_a_reload_sends_new_connections_to_the_new_targets_and_leaves_open_ones(
-        echo_servers: List[EchoServer]) -> None:
-    port = free_port()
-    old_rule = Rule(LOCAL, port, LOCAL, dead_port(), targets=[(LOCAL, echo_servers[0].port)], name="r")
-    service = unless_taken(lambda: Service([old_rule], map={}))
-    thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        address = service.forwarders["r"].address
-        with socket.create_connection(address, timeout=WAIT) as old:
-            old.sendall(b"old")
-            old.settimeout(WAIT)
-            assert old.recv(10) == b"old"
-            service.reload([Rule(LOCAL, port, LOCAL, echo_servers[1].port, targets=[(LOCAL, echo_servers[2].port)],
-                                 name="r", balance="roundrobin")])
-            wait_for(lambda: service.forwarders["r"].rule.balance == "roundrobin", what="the reload")
-            for _ in range(2):
-                with socket.create_connection(address, timeout=WAIT) as new:
-                    new.sendall(b"new")
-                    new.shutdown(socket.SHUT_WR)
-                    assert recv_all(new) == b"new"
-            old.sendall(b" still")  # the open one relays through its old target
-            assert old.recv(10) == b" still"
-    finally:
-        service.stop()
-        thread.join(WAIT)
-    assert [server.accepted for server in echo_servers] == [1, 1, 1]
-
-
 def test_after_its_down_time_one_more_failed_connect_marks_a_target_down_again(echo_server: EchoServer) -> None:
     """As nginx: a target back from its down time is on probation, whatever max_fails says."""
     fwd = several(dead_port(), echo_server.port, max_fails=2, fail_timeout=0.3)
@@ -372,55 +334,6 @@ def test_after_its_down_time_one_more_failed_connect_marks_a_target_down_again(e
         assert echo_through(fwd) == b"ping"
         wait_for(lambda: not fwd.connections, what="the pair to close")
         assert states(fwd)[0] == (False, 0, 3)
-
-
-# -- the command ---------------------------------------------------------------------
-
-
-def test_the_command_takes_connect_options_and_logs_target_events_in_json(
-        echo_server: EchoServer, spawn: Callable[..., ForwarderProcess]) -> None:
-    dead = dead_port()
-    spec = f"0:{LOCAL}:{dead},connect={LOCAL}:{echo_server.port},name=pool"
-    proc = spawn(MODULE + ["--log-format", "json", "-L", spec])
-    start = json.loads(proc.wait_line(r'"event": "start"').string)
-    assert (start["target"], start["targets"], start["balance"]) == (
-        f"{LOCAL}:{dead}", [f"{LOCAL}:{dead}", f"{LOCAL}:{echo_server.port}"], "first")
-    port = int(start["listen"].rsplit(":", 1)[1])
-    with socket.create_connection((LOCAL, port), timeout=WAIT) as client:
-        client.sendall(b"json")
-        client.shutdown(socket.SHUT_WR)
-        assert recv_all(client) == b"json"
-    event = json.loads(proc.wait_line(r'"event": "target"').string)
-    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
-    assert (event["level"], event["rule"], event["target"], event["state"]) == ("info", "pool", f"{LOCAL}:{dead}",
-                                                                               "down")
-
-
-def test_sighup_sends_new_connections_to_the_new_targets_and_leaves_open_ones(
-        echo_servers: List[EchoServer], spawn: Callable[..., ForwarderProcess], tmp_path: Path) -> None:
-    port = free_port()
-    config = tmp_path / "fwd.toml"
-    rule = f'[[rule]]\nname = "r"\nlisten = "{LOCAL}:{port}"\n'
-    config.write_text(rule + f'connect = "{LOCAL}:{echo_servers[0].port}"\n')
-    proc = spawn(MODULE + ["-c", str(config)])
-    proc.wait_line(r"r: forwarding ")
-    with socket.create_connection((LOCAL, port), timeout=WAIT) as old:
-        old.sendall(b"old")
-        old.settimeout(WAIT)
-        assert old.recv(10) == b"old"
-        config.write_text(rule + f'connect = ["{LOCAL}:{echo_servers[1].port}", "{LOCAL}:{echo_servers[2].port}"]\n'
-                                 'balance = "roundrobin"\n')
-        proc.process.send_signal(signal.SIGHUP)
-        proc.wait_line(r"reloaded: 0 added, 0 removed, 1 changed")
-        for _ in range(2):
-            with socket.create_connection((LOCAL, port), timeout=WAIT) as new:
-                new.sendall(b"new")
-                new.shutdown(socket.SHUT_WR)
-                assert recv_all(new) == b"new"
-        old.sendall(b" still")
-        assert old.recv(10) == b" still"
-    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
-    assert [server.accepted for server in echo_servers] == [1, 1, 1]
 
 
 def test_our_own_lack_of_descriptors_is_no_fault_of_the_target() -> None:

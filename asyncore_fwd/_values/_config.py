@@ -16,14 +16,8 @@ per rule::
     [[rule]]
     name = "web"
     listen = "127.0.0.1:8080"
-    connect = "example.org:80"
+    connect = ["example.org:80", "example.net:80"]
     idle_timeout = 300
-
-    [[rule]]
-    name = "db"
-    listen = "127.0.0.1:5432"
-    connect = ["db1.example.org:5432", "db2.example.org:5432"]
-    balance = "first"
 
 A ``-L`` flag is ssh's ``[BIND:]PORT:HOST:HOSTPORT`` followed by the same
 keys as ``,key=value`` options, a list key repeated once per entry:
