@@ -5,10 +5,10 @@ lists.  ``ConnectionOwnerBase`` keeps most of it for one rule: the side
 classes (the splice ones with ``splice=True``), the read buffer the sides
 share, the live connections, the rule's observers and admission steps
 (counters, limits, timeouts), the remote's addresses and the target
-choice (over the rule's ``targets`` when it has several: ``_ops._balance``,
-with their active checks, ``_ops._health``), and the hooks that log each connection's life.  The listener that
-accepts the clients (``Forwarder``) adds the rest: the loop-back guard and
-the accept pause.
+choice (over the rule's targets when it has several: ``_ops._balance``),
+and the hooks that log each connection's life.  The listener that accepts
+the clients (``Forwarder``) adds the rest: the loop-back guard, the accept
+pause and the targets' active checks (``_ops._health``).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Service:
         fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
         details: Dict[str, Any] = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
         if rule.targets:
-            details.update(targets=rule.connect.split(","), balance=rule.balance)
+            details.update(targets=[format_address(target) for target in rule.all_targets], balance=rule.balance)
         log.info("%s: forwarding %s to %s", fwd.label, details["listen"],
                  f"{rule.connect} ({rule.balance})" if rule.targets else rule.remote,
                  extra={"event": "start", "details": details})

@@ -149,7 +149,8 @@ def run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: List
             for rule in rules:
                 details = {"rule": rule.label, "listen": rule.listen, "target": rule.remote, "workers": args.workers}
                 if rule.targets:
-                    details.update(targets=rule.connect.split(","), balance=rule.balance)
+                    details.update(targets=[format_address(target) for target in rule.all_targets],
+                                   balance=rule.balance)
                 log.info("%s: forwarding %s to %s with %d workers", rule.label, rule.listen,
                          f"{rule.connect} ({rule.balance})" if rule.targets else rule.remote,
                          args.workers, extra={"event": "start", "details": details})
