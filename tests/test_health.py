@@ -12,7 +12,7 @@ import pytest
 from asyncore_fwd import Forwarder
 from asyncore_fwd._eventloop._timers import existing_timers
 from asyncore_fwd._ops._health import _Probe
-from conftest import WAIT, EchoServer, dead_port, recv_all, wait_for
+from conftest import WAIT, EchoServer, connect_until_reset, dead_port, recv_all, wait_for
 
 LOCAL = "127.0.0.1"
 
@@ -181,3 +181,15 @@ def test_a_rule_with_one_target_may_have_checks(backend: Backend, caplog: pytest
         backend.go_away()
         wait_for(lambda: fwd.targets is not None and not fwd.targets[0].up, what="the check to mark it down")
     assert target_lines(caplog)[0][:2] == (f"{LOCAL}:{backend.port}", "down")
+
+
+def test_a_rule_with_one_target_and_checks_keeps_its_close_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncore_fwd")
+    dead = dead_port()
+    fwd = Forwarder(LOCAL, 0, LOCAL, dead, map={}, health_check_interval=60)
+    with fwd.running():
+        assert connect_until_reset(fwd.address) == b""
+        wait_for(lambda: caplog.records, what="the close line")
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert f" -> {LOCAL}:{dead} 0/0 - " in line
+    assert line.endswith(f"forwarder closed first: cannot connect to {LOCAL}:{dead}: Connection refused")

@@ -261,6 +261,8 @@ class TargetTry:
         self._set.connected(self._conn, self._order[self._index])
 
     def describe_failure(self, last: OSError) -> str:
-        """Why the client is reset: every target tried, and how each failed."""
+        """Why the client is reset: every target tried, and how each failed (one target: as without checks)."""
+        if len(self._order) == 1:
+            return f"cannot connect to {self._order[0].name}: {describe_error(last)}"
         tried = "; ".join(f"{target.name}: {describe_error(error)}" for target, error in self._failures)
         return f"cannot connect to any target ({tried or describe_error(last)})"
