@@ -38,9 +38,12 @@ from .._relay._connection import Connection, ConnectionObserver
 from .._relay._targets import Target
 from .._values._rules import Rule
 
-__all__ = ["TargetSet", "TargetState", "TargetTry"]
+__all__ = ["TARGET_COUNTERS", "TargetSet", "TargetState", "TargetTry"]
 
 log = logging.getLogger("asyncore_fwd")
+
+#: The keys of a target's snapshot, in the order they are reported.
+TARGET_COUNTERS = ("up", "active", "connect_failures")
 
 
 class TargetState:
@@ -110,6 +113,11 @@ class TargetSet(ConnectionObserver):
 
     def __getitem__(self, index: int) -> TargetState:
         return self.targets[index]
+
+    def snapshot(self) -> Dict[str, Dict[str, int]]:
+        """Per target, by name: ``TARGET_COUNTERS`` now (up as 1 or 0)."""
+        return {target.name: {"up": int(target.up), "active": target.active,
+                              "connect_failures": target.connect_failures} for target in self.targets}
 
     # -- the choice of each connection ---------------------------------------
 
