@@ -429,3 +429,26 @@ def test_metrics_on_a_wildcard_address_log_one_warning(host, caplog) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", pytest.param("::1", marks=needs_ipv6)])
 def test_metrics_on_loopback_log_no_warning(host, caplog) -> None:
     assert metrics_warnings(host, caplog) == []
+
+
+def test_target_failures_go_on_across_a_reload_that_changes_the_rule(start_service, echo_server) -> None:
+    """The new forwarder of a changed rule starts with every target up, but its counters go on."""
+    refused = dead_port()
+    rule = Rule("127.0.0.1", 0, "127.0.0.1", refused, name="web", targets=[("127.0.0.1", echo_server.port)])
+    service = start_service([rule])
+    address = service.forwarders["web"].address
+    dead = f"127.0.0.1:{refused}"
+
+    def one_client() -> None:
+        with socket.create_connection(address, timeout=WAIT) as client:
+            client.sendall(b"x")
+            assert recv_exactly(client, 1) == b"x"
+
+    one_client()
+    assert service.target_stats()["web"][dead] == {"up": 0, "active": 0, "connect_failures": 1}
+    service.reload([Rule("127.0.0.1", 0, "127.0.0.1", refused, name="web", idle_timeout=60,
+                         targets=[("127.0.0.1", echo_server.port)])])
+    wait_for(lambda: service.forwarders["web"].rule.idle_timeout == 60, what="the reload")
+    assert service.target_stats()["web"][dead]["connect_failures"] == 1
+    one_client()  # the new forwarder's targets start up: the refused one is tried first again
+    assert service.target_stats()["web"][dead]["connect_failures"] == 2

@@ -74,7 +74,7 @@ class ConnectionOwnerBase:
         self.refusals = self.access.refusals if self.access is not None else RefusalLog(self.rule.label, timers)
         #: The rule's targets, their state (up, open connections, failed connects) and balance;
         #: None for a rule with one target and no active checks (its connects go to the remote).
-        self.targets = TargetSet.for_rule(self.rule, timers, self._remote)
+        self.targets = TargetSet.for_rule(self.rule, timers, self._remote, self.stats.target_failures)
         #: What follows every connection, told before the hooks: counters, limits, timeouts, the PROXY
         #: header, the targets' counts (toxics join later).
         observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule), ProxyHeader.for_rule(self.rule),

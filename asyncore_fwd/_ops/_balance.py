@@ -51,12 +51,14 @@ class TargetState:
 
     ``connect_failures`` counts the clients' failed connects to it (every
     address failed), passive and total; the active checks do not count there.
+    The count is kept by name in ``failures``, which a reloaded rule's
+    forwarders share (``RuleStats.target_failures``): it never goes back.
     """
 
-    __slots__ = ("name", "index", "addresses", "up", "active", "connect_failures", "_recent_failures",
+    __slots__ = ("name", "index", "addresses", "up", "active", "failures", "_recent_failures",
                  "_down_timer", "_probation")
 
-    def __init__(self, index: int, addresses: RemoteAddresses) -> None:
+    def __init__(self, index: int, addresses: RemoteAddresses, failures: Dict[str, int]) -> None:
         #: "host:port" as configured: in log lines, the ``target`` event and the metrics.
         self.name = format_address((addresses.host, addresses.port))
         #: Its place in the rule's list (0: the first target).
@@ -67,12 +69,17 @@ class TargetState:
         self.up = True
         #: Connections connecting to it or relaying through it now.
         self.active = 0
-        #: Failed connects of clients to it, in all (not the active checks).
-        self.connect_failures = 0
+        #: Failed connects of clients, by target name, in all (not the active checks).
+        self.failures = failures
         self._recent_failures: List[float] = []
         self._down_timer: Optional[Timer] = None
         #: Up again after a down time: the next failed connect marks it down at once.
         self._probation = False
+
+    @property
+    def connect_failures(self) -> int:
+        """Failed connects of clients to it, in all (not the active checks)."""
+        return self.failures.get(self.name, 0)
 
     def __repr__(self) -> str:
         return f"<TargetState {self.name} {'up' if self.up else 'down'} active={self.active}>"
@@ -83,14 +90,16 @@ class TargetSet(ConnectionObserver):
 
     __slots__ = ("rule", "label", "targets", "_timers", "_turn", "_serving", "_closed")
 
-    def __init__(self, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None) -> None:
+    def __init__(self, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None,
+                 failures: Optional[Dict[str, int]] = None) -> None:
         self.rule = rule
         #: The rule's name in the log lines (the forwarder sets it once its port is known).
         self.label = rule.label
         addresses = [first or RemoteAddresses(rule.remote_host, rule.remote_port)]
         addresses += [RemoteAddresses(host, port) for host, port in rule.targets]  # OSError: an unknown host
         #: Every target, in the rule's order.
-        self.targets: Tuple[TargetState, ...] = tuple(TargetState(index, each)
+        failures = {} if failures is None else failures  # a reloaded rule's counts go on
+        self.targets: Tuple[TargetState, ...] = tuple(TargetState(index, each, failures)
                                                       for index, each in enumerate(addresses))
         self._timers = timers
         self._turn = 0  # roundrobin's next start
@@ -99,11 +108,13 @@ class TargetSet(ConnectionObserver):
         self._closed = False
 
     @classmethod
-    def for_rule(cls, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None) -> Optional[TargetSet]:
-        """The targets of ``rule``, or None when it has one and no active checks (the plain path)."""
+    def for_rule(cls, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None,
+                 failures: Optional[Dict[str, int]] = None) -> Optional[TargetSet]:
+        """The targets of ``rule``, or None when it has one and no active checks (the plain path).
+        ``failures`` keeps the failed connects per target name (a reloaded rule's go on)."""
         if not rule.targets and not rule.health_check_interval:
             return None
-        return cls(rule, timers, first)
+        return cls(rule, timers, first, failures)
 
     def __iter__(self) -> Iterator[TargetState]:
         return iter(self.targets)
@@ -150,7 +161,7 @@ class TargetSet(ConnectionObserver):
         self._leave(conn)
         if error.errno in OUT_OF_RESOURCES:
             return
-        target.connect_failures += 1
+        target.failures[target.name] = target.connect_failures + 1
         if not self.rule.max_fails or not target.up:
             return
         now = time.monotonic()

@@ -42,7 +42,7 @@ class RuleStats(ConnectionObserver):
     """
 
     __slots__ = ("accepted", "refused_acl", "refused_limit", "failed_connects", "bytes_to_server",
-                 "bytes_to_client")
+                 "bytes_to_client", "target_failures")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -52,6 +52,8 @@ class RuleStats(ConnectionObserver):
         #: Bytes of the connections that have closed.
         self.bytes_to_server = 0
         self.bytes_to_client = 0
+        #: Failed connects per target name, for a rule with several targets (kept by ``_balance``).
+        self.target_failures: Dict[str, int] = {}
 
     def opened(self, conn: Connection) -> None:
         """A client was accepted."""
