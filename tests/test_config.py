@@ -22,7 +22,8 @@ from conftest import needs_ipv6
 
 PROG = "asyncore-fwd"
 KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
-         "half_closed_timeout, backlog, high_water, send_proxy")
+         "half_closed_timeout, backlog, high_water, send_proxy, balance, max_fails, fail_timeout, "
+         "health_check_interval")
 GOOD_RULE = '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = "127.0.0.1:80"\n'
 
 
@@ -155,6 +156,21 @@ CONFIG_ERRORS = [
      "fwd.toml: arrays or tables nested too deeply to read"),
     ("nested-inline-tables", GOOD_RULE + "x = " + "{a=" * 5000 + "1" + "}" * 5000 + "\n",
      "fwd.toml: arrays or tables nested too deeply to read"),
+    # Several targets, their balance and health.
+    ("empty-connect-list", '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = []\n',
+     'fwd.toml: rule 1: connect: expected "host:port" or a list of at least one, got []'),
+    ("bad-connect-entry", '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = ["127.0.0.1:80", "b"]\n',
+     'fwd.toml: rule 1: connect: expected "host:port", like "127.0.0.1:8080", got "b"'),
+    ("connect-not-a-list", '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = 80\n',
+     'fwd.toml: rule 1: connect: expected a list of "host:port", got 80'),
+    ("unknown-balance", GOOD_RULE + 'balance = "random"\n',
+     'fwd.toml: rule 1: balance: expected "first", "roundrobin" or "leastconn", got "random"'),
+    ("negative-max-fails", GOOD_RULE + "max_fails = -1\n",
+     "fwd.toml: rule 1: max_fails: expected an integer >= 0, got -1"),
+    ("zero-fail-timeout", '[defaults]\nfail_timeout = 0\n' + GOOD_RULE,
+     "fwd.toml: [defaults]: fail_timeout: expected a positive number of seconds, got 0"),
+    ("bad-health-check-interval", GOOD_RULE + 'health_check_interval = "often"\n',
+     'fwd.toml: rule 1: health_check_interval: expected a number of seconds >= 0, got "often"'),
 ]
 
 
@@ -203,6 +219,11 @@ FLAG_ERRORS = [
     (["-L", "8080:h:80,name=a,name=b"], '-L "8080:h:80,name=a,name=b": name: given twice, got "b"'),
     (["-L", "8080:h:80,listen=127.0.0.1:1"],
      '-L "8080:h:80,listen=127.0.0.1:1": listen: given by [BIND:]PORT:HOST:HOSTPORT, not as an option'),
+    (["-L", "8080:h:80,connect=g"], '-L "8080:h:80,connect=g": connect: expected "host:port", like '
+                                    '"127.0.0.1:8080", got "g"'),
+    (["-L", "8080:h:80,balance=rr"],
+     '-L "8080:h:80,balance=rr": balance: expected "first", "roundrobin" or "leastconn", got "rr"'),
+    (["-L", "8080:h:80,max_fails=x"], '-L "8080:h:80,max_fails=x": max_fails: expected an integer >= 0, got "x"'),
     (["-L", "http:h:80"], '-L "http:h:80": listen: expected "host:port" with a port from 0 to 65535, '
                           'got "127.0.0.1:http"'),
     (["-L", "8080:h:80,allow=bad"], '-L "8080:h:80,allow=bad": allow: expected an address or a network, '
@@ -362,14 +383,40 @@ def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.
     assert out.splitlines() == [
         "name=127.0.0.1:0 listen=127.0.0.1:0 connect=127.0.0.1:90 allow=all deny=192.0.2.1/32 max_connections=0 "
         "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
-        "high_water=1M send_proxy=none",
+        "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0",
         "name=web listen=0.0.0.0:0 connect=localhost:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 "
-        "high_water=1M send_proxy=none",
+        "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0",
         "name=[::1]:0 listen=[::1]:0 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
-        "high_water=2M send_proxy=none",
+        "high_water=2M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0",
     ]
+
+
+def test_check_config_shows_every_target_and_their_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    """Several targets: connect=a,b,c in order (the -L address's first, then each connect= option; a config's list)."""
+    write('[defaults]\nbalance = "leastconn"\nmax_fails = 0\n'
+          '[[rule]]\nname = "db"\nlisten = "127.0.0.1:0"\nconnect = ["localhost:5432", "127.0.0.2:5433"]\n'
+          'fail_timeout = 0.5\nhealth_check_interval = 2\n')
+    status, out, err = run(["-L", "0:127.0.0.1:1,connect=127.0.0.1:2,connect=localhost:3,balance=roundrobin,name=l",
+                            "-c", "fwd.toml", "--check-config"], capsys)
+    assert (status, err) == (0, "")
+    fields = [dict(field.split("=", 1) for field in line.split()) for line in out.splitlines()]
+    assert [(f["connect"], f["balance"], f["max_fails"], f["fail_timeout"], f["health_check_interval"])
+            for f in fields] == [("127.0.0.1:1,127.0.0.1:2,localhost:3", "roundrobin", "1", "10", "0"),
+                                 ("localhost:5432,127.0.0.2:5433", "leastconn", "0", "0.5", "2")]
+
+
+def test_connect_options_and_lists_make_the_rule_s_targets(tmp_path: Path) -> None:
+    """The -L address is the first target, each connect= adds one; a config's list, its first then the rest."""
+    rule = parse_forward_spec("0:a:1,connect=b:2,connect=[::1]:3")
+    assert (rule.remote_host, rule.remote_port, rule.targets) == ("a", 1, (("b", 2), ("::1", 3)))
+    assert rule.all_targets == (("a", 1), ("b", 2), ("::1", 3))
+    config = tmp_path / "fwd.toml"
+    config.write_text('[[rule]]\nlisten = "127.0.0.1:0"\nconnect = ["a:1", "b:2"]\n'
+                      '[[rule]]\nlisten = "127.0.0.1:1"\nconnect = "c:3"\n')
+    several, one = load_config(str(config))
+    assert (several.all_targets, one.all_targets, one.targets) == ((("a", 1), ("b", 2)), (("c", 3),), ())
 
 
 def test_check_config_shows_the_one_rule_form_too(capsys: pytest.CaptureFixture[str]) -> None:

@@ -166,7 +166,8 @@ def test_log_stats_writes_one_info_line_per_rule(echo_server, caplog) -> None:
 # One line of the text format 0.0.4: a comment, or a sample with labels.
 HELP = re.compile(r"# HELP (asyncore_fwd_[a-z_]+) \S.*")
 TYPE = re.compile(r"# TYPE (asyncore_fwd_[a-z_]+) (counter|gauge)")
-SAMPLE = re.compile(r'(asyncore_fwd_[a-z_]+)\{rule="((?:[^"\\\n]|\\[\\"n])*)"\} (\d+)')
+LABEL_VALUE = r'"((?:[^"\\\n]|\\[\\"n])*)"'
+SAMPLE = re.compile(rf'(asyncore_fwd_[a-z_]+)\{{rule={LABEL_VALUE}(?:,target={LABEL_VALUE})?\}} (\d+)')
 
 
 def parse_prometheus(text: str) -> dict:
@@ -185,7 +186,9 @@ def parse_prometheus(text: str) -> dict:
         name = sample.group(1)
         assert name in types, f"{name} has no TYPE line before it"
         assert name.endswith("_total") == (types[name] == "counter")
-        samples[name, sample.group(2)] = int(sample.group(3))
+        assert name.startswith("asyncore_fwd_target_") == (sample.group(3) is not None)
+        key = (name, sample.group(2)) if sample.group(3) is None else (name, sample.group(2), sample.group(3))
+        samples[key] = int(sample.group(4))
     return samples
 
 
@@ -198,6 +201,62 @@ def test_prometheus_text_parses_with_escaped_rule_names(echo_server) -> None:
     assert samples[("asyncore_fwd_connections_accepted_total", 'odd \\"name\\"\\\\')] == 0
     assert samples[("asyncore_fwd_connections_active", 'odd \\"name\\"\\\\')] == 0
     assert len(samples) == 7
+
+
+def test_prometheus_text_has_no_target_metrics_for_a_rule_with_one_target(echo_server) -> None:
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="one")])
+    try:
+        assert "asyncore_fwd_target_" not in render_prometheus(service)
+        assert service.target_stats() == {}
+    finally:
+        service.close()
+
+
+def test_target_metrics_count_each_targets_connections_failures_and_state(start_service, echo_server) -> None:
+    """A refused first target: the client is served by the second; the first is marked down
+    (max_fails=1), its failure counted, and the second holds the open connection."""
+    refused = dead_port()
+    service = start_service([Rule("127.0.0.1", 0, "127.0.0.1", refused, name="web",
+                                  targets=[("127.0.0.1", echo_server.port)])])
+    metrics = MetricsServer(service)
+    with socket.create_connection(service.forwarders["web"].address, timeout=WAIT) as client:
+        client.sendall(b"abc")
+        assert recv_exactly(client, 3) == b"abc"
+        body = http_get(metrics.address, b"GET /metrics HTTP/1.0\r\n\r\n").partition(b"\r\n\r\n")[2]
+        samples = parse_prometheus(body.decode())
+    dead, alive = f"127.0.0.1:{refused}", f"127.0.0.1:{echo_server.port}"
+    assert samples[("asyncore_fwd_target_up", "web", dead)] == 0
+    assert samples[("asyncore_fwd_target_up", "web", alive)] == 1
+    assert samples[("asyncore_fwd_target_connect_failures_total", "web", dead)] == 1
+    assert samples[("asyncore_fwd_target_connect_failures_total", "web", alive)] == 0
+    assert samples[("asyncore_fwd_target_connections_active", "web", dead)] == 0
+    assert samples[("asyncore_fwd_target_connections_active", "web", alive)] == 1
+    wait_for(lambda: service.target_stats()["web"][alive]["active"] == 0, what="the connection to close")
+
+
+def test_target_metrics_escape_the_rule_label(echo_server) -> None:
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name='odd "name"\\',
+                            targets=[("127.0.0.1", echo_server.port + 0)], health_check_interval=0)])
+    try:
+        samples = parse_prometheus(render_prometheus(service))
+    finally:
+        service.close()
+    assert samples[("asyncore_fwd_target_up", 'odd \\"name\\"\\\\', f"127.0.0.1:{echo_server.port}")] == 1
+
+
+def test_log_stats_adds_one_line_per_target_of_a_rule_with_several(echo_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    second = dead_port()
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name="web",
+                            targets=[("127.0.0.1", second)])])
+    try:
+        service.log_stats()
+    finally:
+        service.close()
+    rule_line, *target_lines = events(caplog, "stats")
+    assert rule_line.details["rule"] == "web" and "target" not in rule_line.details
+    assert [r.details["target"] for r in target_lines] == [f"127.0.0.1:{echo_server.port}", f"127.0.0.1:{second}"]
+    assert target_lines[1].getMessage() == f"web: target 127.0.0.1:{second} up=1 active=0 connect_failures=0"
 
 
 def http_get(address, request: bytes) -> bytes:
@@ -370,3 +429,26 @@ def test_metrics_on_a_wildcard_address_log_one_warning(host, caplog) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", pytest.param("::1", marks=needs_ipv6)])
 def test_metrics_on_loopback_log_no_warning(host, caplog) -> None:
     assert metrics_warnings(host, caplog) == []
+
+
+def test_target_failures_go_on_across_a_reload_that_changes_the_rule(start_service, echo_server) -> None:
+    """The new forwarder of a changed rule starts with every target up, but its counters go on."""
+    refused = dead_port()
+    rule = Rule("127.0.0.1", 0, "127.0.0.1", refused, name="web", targets=[("127.0.0.1", echo_server.port)])
+    service = start_service([rule])
+    address = service.forwarders["web"].address
+    dead = f"127.0.0.1:{refused}"
+
+    def one_client() -> None:
+        with socket.create_connection(address, timeout=WAIT) as client:
+            client.sendall(b"x")
+            assert recv_exactly(client, 1) == b"x"
+
+    one_client()
+    assert service.target_stats()["web"][dead] == {"up": 0, "active": 0, "connect_failures": 1}
+    service.reload([Rule("127.0.0.1", 0, "127.0.0.1", refused, name="web", idle_timeout=60,
+                         targets=[("127.0.0.1", echo_server.port)])])
+    wait_for(lambda: service.forwarders["web"].rule.idle_timeout == 60, what="the reload")
+    assert service.target_stats()["web"][dead]["connect_failures"] == 1
+    one_client()  # the new forwarder's targets start up: the refused one is tried first again
+    assert service.target_stats()["web"][dead]["connect_failures"] == 2

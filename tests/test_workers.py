@@ -16,7 +16,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 import pytest
 
 from asyncore_fwd._service import _workers
-from conftest import WAIT, ForwarderProcess, raise_fd_limit, recv_all, recv_exactly, recv_until_reset, wait_for
+from conftest import (
+    WAIT,
+    ForwarderProcess,
+    dead_port,
+    raise_fd_limit,
+    recv_all,
+    recv_exactly,
+    recv_until_reset,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(not _workers.AVAILABLE, reason="no SO_REUSEPORT or fork() here")
 
@@ -349,3 +358,35 @@ def test_metrics_port_in_use_with_workers_fails_before_forking(spawn) -> None:
         assert proc.process.wait(timeout=WAIT) == 1
     proc.kill()
     assert len(proc.lines) == 1 and "metrics" in proc.lines[0] and "in use" in proc.lines[0].lower(), proc.stderr
+
+
+def test_metrics_with_workers_sum_each_targets_counters(spawn, echo_server) -> None:
+    """A rule with a refused first target: the parent's endpoint sums every worker's failed connects
+    to it, and shows it down (each worker that met the refusal marked it so)."""
+    refused = dead_port()
+    proc = spawn(MODULE + ["-L", f"0:127.0.0.1:{refused},connect=127.0.0.1:{echo_server.port},name=web",
+                           "--workers", "2", "-v", "--metrics", "0"])
+    for index in range(2):
+        proc.wait_line(rf"worker {index} started \(pid \d+\)")
+    port = proc.start_port()
+    url = proc.wait_line(r"metrics at (http://127\.0\.0\.1:\d+/metrics)").group(1)
+    for _ in range(20):
+        assert echo_through(port, b"x") == b"x"
+    wait_for(lambda: both_workers_accepted(proc), what="both workers to accept connections")
+    dead, alive = f"127.0.0.1:{refused}", f"127.0.0.1:{echo_server.port}"
+    last: List[Dict[tuple, int]] = [{}]
+
+    def summed() -> bool:
+        with urllib.request.urlopen(url, timeout=WAIT) as response:
+            body = response.read().decode()
+        last[0] = {(name, target): int(value) for name, target, value in
+                   re.findall(r'^(asyncore_fwd_target_\w+)\{rule="web",target="([^"]*)"\} (\d+)$', body, re.MULTILINE)}
+        time.sleep(0.05)
+        # max_fails=1: each worker tries the refused target once, then prefers the other.
+        return (last[0].get(("asyncore_fwd_target_connect_failures_total", dead)) == 2
+                and last[0].get(("asyncore_fwd_target_up", dead)) == 0
+                and last[0].get(("asyncore_fwd_target_up", alive)) == 1
+                and last[0].get(("asyncore_fwd_target_connections_active", alive)) == 0)
+
+    wait_for(summed, what=f"the summed target counters (last scrape: {last[0]})")
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr

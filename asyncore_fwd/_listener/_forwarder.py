@@ -36,6 +36,7 @@ from .._eventloop._runner import LoopRunner
 from .._eventloop._timers import forget, timers_for
 from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, os_error, pending_error, reset
 from .._ops._access import warn_if_open
+from .._ops._health import HealthChecks
 from .._ops._stats import RuleStats
 from .._relay._connection import STOPPED, Connection, cut
 from .._relay._copy import Receiver
@@ -75,6 +76,12 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     The other keyword arguments are the operations fields of ``Rule``:
     ``name``, ``allow``, ``deny``, ``max_connections``, ``max_per_client``,
     ``idle_timeout``, ``half_closed_timeout``, ``send_proxy`` (``from_rule`` takes a ``Rule``).
+
+    Several targets: ``remoteip:remoteport`` stays the first, and
+    ``targets=[(host, port), ...]`` lists the targets after it; ``balance``
+    ("first", "roundrobin", "leastconn"), ``max_fails``, ``fail_timeout`` and
+    ``health_check_interval`` say how connections are spread over them and
+    when one is down (see ``Rule``; ``targets`` holds their state).
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).
@@ -116,6 +123,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self._runner = LoopRunner(self._map, self)
         self._timers = timers_for(self._map)
         self._pause = AcceptPause(self, self._timers, PAUSE_LOG_INTERVAL)
+        #: The active checks of the targets (None: the rule has none); they run while it listens.
+        self.health: Optional[HealthChecks] = None
         self._set_up_operations(self._timers)
         if listener is not None:
             self.take_over(listener)
@@ -129,15 +138,24 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self.refusals.label = self._label  # made before the port was known
         #: Keeps our connects from leading back to this very listener.
         self.loopback = LoopbackGuard(self, rule.reuse_port)
+        self.health = HealthChecks.for_rule(rule, self.targets, self._map, self.loopback)
         try:
-            self.loopback.refuse_remote(self._remote.last_answer,
-                                        f"{self._label}: cannot forward to {self.rule.remote}")
+            if self.targets is None:
+                self.loopback.refuse_remote(self._remote.last_answer,
+                                            f"{self._label}: cannot forward to {self.rule.remote}")
+            else:
+                self.targets.label = self._label
+                for target in self.targets:
+                    self.loopback.refuse_remote(target.addresses.last_answer,
+                                                f"{self._label}: cannot forward to {target.name}")
         except OSError:
             if listener is not None:
                 self.release_listener()  # still the caller's, to serve the old rule
             else:
                 self.close()
             raise
+        if self.health is not None:
+            self.health.start()
         warn_if_open(rule, self._address, self._label)
 
     def take_over(self, listener: socket.socket) -> None:
@@ -145,6 +163,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         a successor's at a reload, or this forwarder's own given back when that failed."""
         self.set_socket(listener)
         self.accepting = True
+        if self.health is not None:  # given back after a failed reload: check again
+            self.health.start()
         try:
             listener.listen(self.rule.backlog)  # the backlog may have changed
         except OSError:
@@ -222,13 +242,17 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self.stop_accepting()
         cut(self.connections, reason)
         self.refusals.close()
+        if self.targets is not None:
+            self.targets.close()
         if not self._map:
             forget(self._map)
 
     def stop_accepting(self) -> None:
-        """Close the listening socket; the connections go on (to drain them)."""
+        """Close the listening socket; the connections go on (to drain them).  The active checks stop."""
         asyncore.dispatcher.close(self)
         self._pause.cancel()
+        if self.health is not None:
+            self.health.stop()
 
     def release_listener(self) -> socket.socket:
         """Stop accepting and hand the listening socket, still open, to a successor."""
@@ -237,6 +261,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self.socket = None
         self.accepting = False
         self._pause.cancel()
+        if self.health is not None:
+            self.health.stop()
         return listener
 
     @property

@@ -5,9 +5,10 @@ lists.  ``ConnectionOwnerBase`` keeps most of it for one rule: the side
 classes (the splice ones with ``splice=True``), the read buffer the sides
 share, the live connections, the rule's observers and admission steps
 (counters, limits, timeouts), the remote's addresses and the target
-choice, and the hooks that log each connection's life.  The listener that
-accepts the clients (``Forwarder``) adds the rest: the loop-back guard and
-the accept pause.
+choice (over the rule's targets when it has several: ``_ops._balance``),
+and the hooks that log each connection's life.  The listener that accepts
+the clients (``Forwarder``) adds the rest: the loop-back guard, the accept
+pause and the targets' active checks (``_ops._health``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import List, Optional, Set, Tuple, Type
 from .._eventloop._timers import Timers
 from .._net import RemoteAddresses, SockAddr, format_address
 from .._ops._access import AccessControl, RefusalLog
+from .._ops._balance import TargetSet
 from .._ops._proxy import ProxyHeader
 from .._ops._stats import RuleStats, log_close
 from .._ops._timeouts import TimeoutWatch
@@ -70,9 +72,13 @@ class ConnectionOwnerBase:
         self.access = AccessControl.for_rule(self.rule, timers)
         #: The rate-limited log of refused clients (by access control or any other admission step).
         self.refusals = self.access.refusals if self.access is not None else RefusalLog(self.rule.label, timers)
+        #: The rule's targets, their state (up, open connections, failed connects) and balance;
+        #: None for a rule with one target and no active checks (its connects go to the remote).
+        self.targets = TargetSet.for_rule(self.rule, timers, self._remote, self.stats.target_failures)
         #: What follows every connection, told before the hooks: counters, limits, timeouts, the PROXY
-        #: header (toxics join later).
-        observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule), ProxyHeader.for_rule(self.rule))
+        #: header, the targets' counts (toxics join later).
+        observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule), ProxyHeader.for_rule(self.rule),
+                     self.targets)
         self.observers: Tuple[ConnectionObserver, ...] = tuple(obs for obs in observers if obs is not None)
         #: The steps between accept and the server connect: who may connect, and how many.
         self.admission: Tuple[AdmissionStep, ...] = (self.access,) if self.access is not None else ()
@@ -95,9 +101,12 @@ class ConnectionOwnerBase:
         return self._remote.current()
 
     def target_choice(self, conn: Connection) -> TargetChoice:
-        """Whom ``conn`` connects to: the remote's addresses in order (looked up again once stale).
-        Override to choose differently (see ``TargetChoice``)."""
-        return InOrder(self.remote_addresses())
+        """Whom ``conn`` connects to: the remote's addresses in order (looked up again once stale),
+        or, with several targets, the rule's balance over them.  Override to choose differently
+        (see ``TargetChoice``)."""
+        if self.targets is None:
+            return InOrder(self.remote_addresses())
+        return self.targets.choice(conn)
 
     # -- events: override to log, count or trace differently ---------------
     # (the base methods write the log lines; the counters and limits are kept
@@ -110,7 +119,8 @@ class ConnectionOwnerBase:
     def connection_established(self, conn: Connection) -> None:
         """The server side connected; bytes flow both ways."""
         assert conn.server_address is not None
-        log.debug("#%d connected to %s (%s)", conn.id, self.rule.remote, format_address(conn.server_address))
+        log.debug("#%d connected to %s (%s)", conn.id, conn.target or self.rule.remote,
+                  format_address(conn.server_address))
 
     def connection_closed(self, conn: Connection) -> None:
         """The pair closed: log one line with what it moved and why it ended.

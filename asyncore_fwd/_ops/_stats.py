@@ -12,7 +12,8 @@ The close line, HAProxy-tcplog-like, one per connection::
     web 127.0.0.1:50418 -> 127.0.0.1:8000 0/0 - 0.001s forwarder closed first: cannot connect to ...
 
 ``TARGET`` is the server address connected to (the rule's remote if none
-was); ``CONNECT_MS`` is ``-`` when the server was never reached;
+was; with several targets, the one that served it as configured, ``host:port``);
+``CONNECT_MS`` is ``-`` when the server was never reached;
 ``CLOSED_FIRST`` is ``client``, ``server`` or ``forwarder``; ``REASON`` is
 left out for a clean close.  The same fields are in the record's ``details``.
 """
@@ -41,7 +42,7 @@ class RuleStats(ConnectionObserver):
     """
 
     __slots__ = ("accepted", "refused_acl", "refused_limit", "failed_connects", "bytes_to_server",
-                 "bytes_to_client")
+                 "bytes_to_client", "target_failures")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -51,6 +52,8 @@ class RuleStats(ConnectionObserver):
         #: Bytes of the connections that have closed.
         self.bytes_to_server = 0
         self.bytes_to_client = 0
+        #: Failed connects per target name, for a rule with several targets (kept by ``_balance``).
+        self.target_failures: Dict[str, int] = {}
 
     def opened(self, conn: Connection) -> None:
         """A client was accepted."""
@@ -88,7 +91,10 @@ def close_details(conn: Connection, label: str) -> Dict[str, Any]:
     connect_ms = None
     if conn.connected_at is not None:
         connect_ms = round((conn.connected_at - conn.opened_at) * 1000, 3)
-    target = format_address(conn.server_address) if conn.server_address is not None else conn.rule.remote
+    if conn.target is not None and conn.rule.targets:  # several: the one that served it, as configured
+        target = conn.target
+    else:
+        target = format_address(conn.server_address) if conn.server_address is not None else conn.rule.remote
     return {"rule": label, "client": format_address(conn.client_address), "target": target,
             "bytes_to_server": conn.bytes_to_server, "bytes_to_client": conn.bytes_to_client,
             "connect_ms": connect_ms, "duration_s": round(conn.duration, 6),

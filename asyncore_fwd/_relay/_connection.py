@@ -150,6 +150,9 @@ class Connection:
         self.client_address = client_address
         #: The server address actually connected to, once connected.
         self.server_address: Optional[SockAddr] = None
+        #: The target that served it, "host:port" as configured, on a rule with several targets
+        #: or active checks (None on a rule with one target, or before the connect).
+        self.target: Optional[str] = None
         self.opened_at = time.monotonic()
         #: When the server connect succeeded (None until then).
         self.connected_at: Optional[float] = None

@@ -158,7 +158,9 @@ class Sender(_Pipe):
                 asyncore.dispatcher.close(self)
         if not self.conn.closed:
             last = self._last_error or os_error(errno.EHOSTUNREACH)
-            self.conn.error = f"cannot connect to {self.conn.rule.remote}: {describe_error(last)}"
+            describe = getattr(self._choice, "describe_failure", None)  # a choice may tell it (several targets)
+            self.conn.error = (describe(last) if describe is not None
+                               else f"cannot connect to {self.conn.rule.remote}: {describe_error(last)}")
             self.conn.connect_failed = True
             self.conn.out_of_resources = last.errno in OUT_OF_RESOURCES
             self.conn.receiver.reset_on_close()

@@ -7,7 +7,9 @@ forwarder makes one choice per connection (``Forwarder.target_choice``).
 Today's is ``InOrder``: the remote's resolved addresses, each tried once,
 in order.  A choice that spreads connections over several targets, or
 skips one a health check found dead, answers differently; the Sender does
-not change.
+not change.  A choice may also have ``describe_failure(last_error) -> str``:
+then the close line's reason, when nothing is left, is its answer (every
+target tried and its error) instead of the remote's name and the last error.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Any, Collection, Optional, Protocol, Sequence, Tuple
 
 from .._listener._forwarder import Forwarder
 from .._net import SocketMap
+from .._ops._balance import TargetSet
 from .._ops._stats import RuleStats
 from .._values._rules import Rule
 from ..toxics import Toxic
@@ -42,6 +43,11 @@ class Listener(Protocol):
     @property
     def stats(self) -> RuleStats:
         """The rule's counters, carried on to the listener that takes over after a reload."""
+        ...
+
+    @property
+    def targets(self) -> Optional[TargetSet]:
+        """The state of the rule's targets, when it has several (or active checks); else None."""
         ...
 
     @property

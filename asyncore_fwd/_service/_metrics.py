@@ -63,6 +63,11 @@ class StatsSource(Protocol):
         """Per rule label, the counters named in ``_stats.COUNTERS``."""
         ...
 
+    def target_stats(self) -> Dict[str, Dict[str, Dict[str, int]]]:
+        """Per rule label and target name, the counters named in ``_balance.TARGET_COUNTERS``
+        (only for rules with several targets, or active checks)."""
+        ...
+
 
 # (stats key, metric name, type, help text)
 _METRICS: List[Tuple[str, str, str, str]] = [
@@ -77,6 +82,14 @@ _METRICS: List[Tuple[str, str, str, str]] = [
     ("bytes_to_client", "asyncore_fwd_bytes_to_client_total", "counter", "Bytes relayed from servers to clients."),
 ]
 
+# The same for each target of a rule that has several (labels rule and target).
+_TARGET_METRICS: List[Tuple[str, str, str, str]] = [
+    ("up", "asyncore_fwd_target_up", "gauge", "1 if the target is up (tried first), 0 if marked down."),
+    ("active", "asyncore_fwd_target_connections_active", "gauge", "Connections open now through the target."),
+    ("connect_failures", "asyncore_fwd_target_connect_failures_total", "counter",
+     "Clients' connects to the target that failed (health checks not counted)."),
+]
+
 
 def escape_label(value: str) -> str:
     """A label value as the text format writes it: backslash, quote and newline escaped."""
@@ -84,7 +97,7 @@ def escape_label(value: str) -> str:
 
 
 def render_prometheus(service: StatsSource) -> str:
-    """The service's per-rule counters in the Prometheus text format 0.0.4."""
+    """The service's per-rule (and per-target) counters in the Prometheus text format 0.0.4."""
     stats: Dict[str, Dict[str, int]] = service.stats()
     lines = []
     for key, name, kind, help_text in _METRICS:
@@ -92,6 +105,14 @@ def render_prometheus(service: StatsSource) -> str:
         lines.append(f"# TYPE {name} {kind}")
         for label, counters in stats.items():
             lines.append(f'{name}{{rule="{escape_label(label)}"}} {counters[key]}')
+    targets = service.target_stats()
+    for key, name, kind, help_text in _TARGET_METRICS if targets else ():
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for label, per_target in targets.items():
+            for target, counters in per_target.items():
+                lines.append(f'{name}{{rule="{escape_label(label)}",target="{escape_label(target)}"}} '
+                             f'{counters[key]}')
     return "\n".join(lines) + "\n"
 
 

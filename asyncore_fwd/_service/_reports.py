@@ -20,11 +20,12 @@ import logging
 import os
 import socket
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._timers import Timer, timers_for
 from .._net import SocketMap, describe_error
+from .._ops._balance import TARGET_COUNTERS
 from .._ops._stats import COUNTERS
 from ._metrics import StatsSource
 
@@ -55,6 +56,10 @@ class WorkerStats:
         self.latest: Dict[int, Dict[str, Dict[str, int]]] = {}
         #: The counters (all but "active") of the workers that exited, per rule.
         self.retired: Dict[str, Dict[str, int]] = {}
+        #: The same for the targets of rules with several: each live worker's latest, and the
+        #: failed connects of those that exited, per rule and target.
+        self.latest_targets: Dict[int, Dict[str, Dict[str, Dict[str, int]]]] = {}
+        self.retired_targets: Dict[str, Dict[str, int]] = {}
         parent_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         worker_end.setblocking(False)  # a worker never waits to report: it skips one
         self._worker_end: Optional[socket.socket] = worker_end
@@ -74,10 +79,14 @@ class WorkerStats:
             pid = int(report["pid"])
             stats = {str(label): {key: int(counters.get(key, 0)) for key in COUNTERS}
                      for label, counters in report["stats"].items()}
+            targets = {str(label): {str(name): {key: int(counters.get(key, 0)) for key in TARGET_COUNTERS}
+                                    for name, counters in per_target.items()}
+                       for label, per_target in report.get("targets", {}).items()}
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             log.warning("metrics: bad report from a worker (%s): %s", describe_error(error), data[:80])
             return
         self.latest[pid] = stats
+        self.latest_targets[pid] = targets
 
     def worker_exited(self, pid: int) -> None:
         """The worker ``pid`` exited: its counters become retired totals (its last report may still be queued)."""
@@ -88,6 +97,10 @@ class WorkerStats:
             for key in COUNTERS:
                 if key != "active":
                     retired[key] += counters[key]
+        for label, per_target in self.latest_targets.pop(pid, {}).items():
+            retired_failures = self.retired_targets.setdefault(label, {})
+            for name, counters in per_target.items():
+                retired_failures[name] = retired_failures.get(name, 0) + counters["connect_failures"]
 
     def stats(self) -> Dict[str, Dict[str, int]]:
         """Per rule label: the retired totals plus every live worker's latest report."""
@@ -97,6 +110,26 @@ class WorkerStats:
                 total = totals.setdefault(label, dict.fromkeys(COUNTERS, 0))
                 for key in COUNTERS:
                     total[key] += counters[key]
+        return totals
+
+    def target_stats(self) -> Dict[str, Dict[str, Dict[str, int]]]:
+        """Per rule and target: active and connect_failures summed over the workers (with those that
+        exited); up only while every live worker has it up (each keeps its own health state)."""
+        totals = {label: {name: {"up": 0, "active": 0, "connect_failures": failures}
+                          for name, failures in per_target.items()}
+                  for label, per_target in self.retired_targets.items()}
+        seen: Dict[Tuple[str, str], int] = {}  # how many live workers report each target as up
+        reporting: Dict[Tuple[str, str], int] = {}
+        for report in list(self.latest_targets.values()):
+            for label, per_target in report.items():
+                for name, counters in per_target.items():
+                    total = totals.setdefault(label, {}).setdefault(name, dict.fromkeys(TARGET_COUNTERS, 0))
+                    total["active"] += counters["active"]
+                    total["connect_failures"] += counters["connect_failures"]
+                    reporting[label, name] = reporting.get((label, name), 0) + 1
+                    seen[label, name] = seen.get((label, name), 0) + (1 if counters["up"] else 0)
+        for (label, name), count in reporting.items():
+            totals[label][name]["up"] = int(seen[label, name] == count)
         return totals
 
     def close(self) -> None:
@@ -151,7 +184,8 @@ class StatsReporter:
 
     def send(self) -> None:
         """Send one report now; skipped when the supervisor's queue is full."""
-        report = {"worker": self.worker, "pid": os.getpid(), "stats": self.service.stats()}
+        report = {"worker": self.worker, "pid": os.getpid(), "stats": self.service.stats(),
+                  "targets": self.service.target_stats()}
         try:
             self.socket.send(json.dumps(report, separators=(",", ":")).encode("utf-8"))
         except (BlockingIOError, InterruptedError):

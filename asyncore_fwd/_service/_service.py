@@ -36,6 +36,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from .._eventloop._runner import STOPPED, LoopRunner
 from .._eventloop._timers import forget
 from .._net import SocketMap, describe_error, format_address
+from .._ops._balance import TARGET_COUNTERS
 from .._ops._stats import COUNTERS
 from .._relay._connection import cut
 from .._values._rules import DEFAULT_READ_SIZE, Rule
@@ -97,8 +98,11 @@ class Service:
         if rule.read_size > len(self._scratch):
             self._scratch = memoryview(bytearray(rule.read_size))
         fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
-        details = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
-        log.info("%s: forwarding %s to %s", fwd.label, details["listen"], rule.remote,
+        details: Dict[str, Any] = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
+        if rule.targets:
+            details.update(targets=[format_address(target) for target in rule.all_targets], balance=rule.balance)
+        log.info("%s: forwarding %s to %s", fwd.label, details["listen"],
+                 f"{rule.connect} ({rule.balance})" if rule.targets else rule.remote,
                  extra={"event": "start", "details": details})
         return fwd
 
@@ -166,22 +170,47 @@ class Service:
 
     # -- stats ------------------------------------------------------------
 
-    def stats(self) -> Dict[str, Dict[str, int]]:
-        """Per rule, by the label of its log lines: active, accepted, refused_acl, refused_limit,
-        failed_connects, bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
+    def _by_rule(self) -> List[List[Listener]]:
+        """Each rule's listeners: the one serving it now, then those retiring after a reload."""
         groups: Dict[str, List[Listener]] = {label: [fwd] for label, fwd in self.forwarders.items()}
         for fwd in list(self.retiring):
             groups.setdefault(fwd.rule.label, []).append(fwd)
+        return list(groups.values())
+
+    def stats(self) -> Dict[str, Dict[str, int]]:
+        """Per rule, by the label of its log lines: active, accepted, refused_acl, refused_limit,
+        failed_connects, bytes_to_server, bytes_to_client (with the live connections' bytes so far)."""
         # Grouped by the rule's own label; shown by the forwarder's, which names
         # the port bound when the rule asked for port 0, as the log lines do.
         return {fwds[0].label: fwds[0].stats.snapshot([conn for fwd in fwds for conn in list(fwd.connections)])
-                for fwds in groups.values()}
+                for fwds in self._by_rule()}
+
+    def target_stats(self) -> Dict[str, Dict[str, Dict[str, int]]]:
+        """Per rule with a target set (several targets, or active checks), per target as configured:
+        up (1 or 0), active and connect_failures (``TARGET_COUNTERS``)."""
+        totals: Dict[str, Dict[str, Dict[str, int]]] = {}
+        for fwds in self._by_rule():
+            if fwds[0].targets is None:
+                continue
+            # The serving listener's view of up and down; the retiring ones' open connections still count.
+            rule = totals[fwds[0].label] = fwds[0].targets.snapshot()
+            for fwd in fwds[1:]:
+                for name, counters in (fwd.targets.snapshot() if fwd.targets is not None else {}).items():
+                    if name in rule:
+                        rule[name]["active"] += counters["active"]
+        return totals
 
     def log_stats(self) -> None:
-        """Log one INFO line per rule with its counters (event "stats"): for SIGUSR1."""
+        """Log one INFO line per rule with its counters (event "stats"), then one per target of a
+        rule with several: for SIGUSR1."""
+        targets = self.target_stats()
         for label, counters in self.stats().items():
             text = " ".join(f"{key}={counters[key]}" for key in COUNTERS)
             log.info("%s: %s", label, text, extra={"event": "stats", "details": {"rule": label, **counters}})
+            for target, target_counters in targets.get(label, {}).items():
+                text = " ".join(f"{key}={target_counters[key]}" for key in TARGET_COUNTERS)
+                log.info("%s: target %s %s", label, target, text,
+                         extra={"event": "stats", "details": {"rule": label, "target": target, **target_counters}})
 
     # -- requests, carried out by the loop -------------------------------
 

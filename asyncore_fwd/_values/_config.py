@@ -16,12 +16,14 @@ per rule::
     [[rule]]
     name = "web"
     listen = "127.0.0.1:8080"
-    connect = "example.org:80"
+    connect = ["example.org:80", "example.net:80"]
     idle_timeout = 300
 
 A ``-L`` flag is ssh's ``[BIND:]PORT:HOST:HOSTPORT`` followed by the same
 keys as ``,key=value`` options, a list key repeated once per entry:
-``-L 8080:example.org:80,name=web,allow=10.0.0.0/8,allow=::1``.
+``-L 8080:example.org:80,name=web,allow=10.0.0.0/8,allow=::1``.  There,
+``HOST:HOSTPORT`` is the first target and each ``connect=HOST:PORT`` option
+adds one.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from ._parse import (
     shorten,
     show_value,
 )
-from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, PROXY_VERSIONS, Rule
+from ._rules import BALANCES, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, PROXY_VERSIONS, Rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,6 +102,12 @@ def _proxy_version(value: object) -> Optional[str]:
     raise BadValue('expected "v1", "v2" or "none"')
 
 
+def _balance(value: object) -> str:
+    if isinstance(value, str) and value in BALANCES:
+        return value
+    raise BadValue('expected "first", "roundrobin" or "leastconn"')
+
+
 #: Every key a rule takes, with what checks and converts its value.
 _PARSERS: Dict[str, Callable[[object], Any]] = {
     "name": _name,
@@ -115,9 +123,15 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "backlog": lambda value: parse_integer(value, 0, 65535),
     "high_water": parse_size,
     "send_proxy": _proxy_version,
+    "balance": _balance,
+    "max_fails": lambda value: parse_integer(value, 0),
+    "fail_timeout": parse_seconds,
+    "health_check_interval": lambda value: parse_seconds(value, zero_ok=True),
 }
 KEYS = tuple(_PARSERS)
-_LISTS = ("allow", "deny")
+#: Keys whose value is a list (one entry, or several; in ``-L``, the key repeated once per entry).
+_LISTS = ("connect", "allow", "deny")
+_LIST_OF = {"connect": '"host:port"', "allow": "addresses or networks", "deny": "addresses or networks"}
 #: Keys that only a rule may have: each rule has its own.
 _OWN = ("name", "listen", "connect")
 
@@ -136,7 +150,9 @@ def _check(key: str, value: object) -> Any:
     if key in _LISTS:
         entries = [value] if isinstance(value, str) else value
         if not isinstance(entries, list):
-            raise ConfigError(f"{key}: expected a list of addresses or networks, got {show_value(value)}")
+            raise ConfigError(f"{key}: expected a list of {_LIST_OF[key]}, got {show_value(value)}")
+        if key == "connect" and not entries:
+            raise ConfigError(f'{key}: expected "host:port" or a list of at least one, got {show_value(value)}')
         checked = []
         for entry in entries:
             try:
@@ -159,8 +175,8 @@ def _make_rule(settings: Mapping[str, Any], base: Mapping[str, Any]) -> Rule:
     for key, value in settings.items():
         if key == "listen":
             fields["local_host"], fields["local_port"] = value
-        elif key == "connect":
-            fields["remote_host"], fields["remote_port"] = value
+        elif key == "connect":  # the first target, then the others
+            (fields["remote_host"], fields["remote_port"]), fields["targets"] = value[0], value[1:]
         else:
             fields[key] = value
     try:
@@ -220,7 +236,7 @@ def parse_forward_spec(text: str, base: Optional[Mapping[str, Any]] = None) -> R
         key, equals, value = option.partition("=")
         if not equals:
             raise ConfigError(f"expected key=value after the address, got {show_value(option)}")
-        if key in ("listen", "connect"):
+        if key == "listen":
             raise ConfigError(f"{key}: given by [BIND:]PORT:HOST:HOSTPORT, not as an option")
         checked = _check(key, value)
         if key in _LISTS:
@@ -361,7 +377,7 @@ def describe_rule(rule: Rule) -> str:
     values = {
         "name": rule.label,
         "listen": rule.listen,
-        "connect": rule.remote,
+        "connect": rule.connect,
         "allow": networks(rule.allow, "all"),
         "deny": networks(rule.deny, "none"),
         "max_connections": rule.max_connections,
@@ -372,6 +388,10 @@ def describe_rule(rule: Rule) -> str:
         "backlog": rule.backlog,
         "high_water": format_size(rule.high_water),
         "send_proxy": rule.send_proxy or "none",
+        "balance": rule.balance,
+        "max_fails": rule.max_fails,
+        "fail_timeout": f"{rule.fail_timeout:g}",
+        "health_check_interval": f"{rule.health_check_interval:g}",
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 

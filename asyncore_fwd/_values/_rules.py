@@ -17,8 +17,8 @@ from ._parse import is_integer, is_seconds
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-__all__ = ["DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_READ_SIZE", "KiB",
-           "PROXY_VERSIONS", "Rule"]
+__all__ = ["BALANCES", "DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_FAIL_TIMEOUT", "DEFAULT_HIGH_WATER",
+           "DEFAULT_READ_SIZE", "KiB", "PROXY_VERSIONS", "Rule"]
 
 KiB = 1024
 #: Stop reading from a side while this many bytes wait for the other side.
@@ -34,6 +34,11 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_BACKLOG = 4096
 #: The PROXY protocol's versions a rule may send to its server (``send_proxy``).
 PROXY_VERSIONS = ("v1", "v2")
+#: How new connections are spread over a rule's targets (``balance``): the first that is up
+#: (failover), each in turn, or the one with the fewest open connections.
+BALANCES = ("first", "roundrobin", "leastconn")
+#: How long the failed connects that mark a target down are counted, and how long it stays down.
+DEFAULT_FAIL_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,16 @@ class Rule:
     half_closed_timeout: float = 0.0
     #: Send the server a PROXY protocol header, "v1" (text) or "v2" (binary), ahead of the client's bytes.
     send_proxy: Optional[str] = None
+    #: The targets after the first (``remote_host:remote_port``), as (host, port) pairs: tried
+    #: when the first is down or failed, or spread over by ``balance``.
+    targets: Tuple[Tuple[str, int], ...] = ()
+    #: "first" (failover, in order), "roundrobin" or "leastconn": see ``BALANCES``.
+    balance: str = "first"
+    #: Failed connects within ``fail_timeout`` that mark a target down for ``fail_timeout`` (0 = never).
+    max_fails: int = 1
+    fail_timeout: float = DEFAULT_FAIL_TIMEOUT
+    #: Seconds between the active checks (a TCP connect) of every target (0 = none).
+    health_check_interval: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -106,6 +121,18 @@ class Rule:
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
             raise ValueError(f"send_proxy must be 'v1', 'v2' or None, not {self.send_proxy!r}")
+        object.__setattr__(self, "targets", _targets(self.targets))
+        if not isinstance(self.balance, str) or self.balance not in BALANCES:
+            raise ValueError(f"balance must be 'first', 'roundrobin' or 'leastconn', not {self.balance!r}")
+        if not is_integer(self.max_fails, 0):
+            raise ValueError(f"max_fails must be an integer >= 0 (0 = never down), not {self.max_fails!r}")
+        if not is_seconds(self.fail_timeout):
+            raise ValueError(f"fail_timeout must be a positive number of seconds, not {self.fail_timeout!r}")
+        object.__setattr__(self, "fail_timeout", float(self.fail_timeout))
+        if not is_seconds(self.health_check_interval, zero_ok=True):
+            raise ValueError(f"health_check_interval must be a number of seconds >= 0 (0 = off), "
+                             f"not {self.health_check_interval!r}")
+        object.__setattr__(self, "health_check_interval", float(self.health_check_interval))
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
         if self.splice and not SPLICE_AVAILABLE:
@@ -117,6 +144,16 @@ class Rule:
         return format_address((self.remote_host, self.remote_port))
 
     @property
+    def all_targets(self) -> Tuple[Tuple[str, int], ...]:
+        """Every target, in order: the first (``remote_host``, ``remote_port``), then ``targets``."""
+        return ((self.remote_host, self.remote_port),) + self.targets
+
+    @property
+    def connect(self) -> str:
+        """Every target as written in logs and configs: ``host:port``, comma-separated."""
+        return ",".join(format_address(target) for target in self.all_targets)
+
+    @property
     def listen(self) -> str:
         """Where it listens, as written in logs and configs: ``host:port``."""
         return format_address((self.local_host, self.local_port))
@@ -125,6 +162,20 @@ class Rule:
     def label(self) -> str:
         """The rule's name, or where it listens if it has none."""
         return self.name or self.listen
+
+
+def _targets(value: Any) -> Tuple[Tuple[str, int], ...]:
+    """``targets`` as a tuple of (host, port) pairs, brackets stripped; ValueError naming a bad entry."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+        raise ValueError(f"targets must be a list of (host, port) pairs, not {value!r}")
+    checked = []
+    for entry in value:
+        if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
+                or not strip_brackets(entry[0]) or not is_integer(entry[1], 1, 65535)):
+            raise ValueError(f"targets entries must be (host, port) pairs with a port from 1 to 65535, "
+                             f"not {entry!r}")
+        checked.append((strip_brackets(entry[0]), entry[1]))
+    return tuple(checked)
 
 
 def _network(key: str, value: Any) -> Network:

@@ -148,7 +148,11 @@ def run_workers(args: argparse.Namespace, rules: List[Rule], forward_rules: List
         def announce() -> None:  # once every worker listens: connects are not refused from here on
             for rule in rules:
                 details = {"rule": rule.label, "listen": rule.listen, "target": rule.remote, "workers": args.workers}
-                log.info("%s: forwarding %s to %s with %d workers", rule.label, rule.listen, rule.remote,
+                if rule.targets:
+                    details.update(targets=[format_address(target) for target in rule.all_targets],
+                                   balance=rule.balance)
+                log.info("%s: forwarding %s to %s with %d workers", rule.label, rule.listen,
+                         f"{rule.connect} ({rule.balance})" if rule.targets else rule.remote,
                          args.workers, extra={"event": "start", "details": details})
             if totals is not None:
                 log.info("metrics at http://%s/metrics (the workers' sums, up to %g s old)",
