@@ -21,7 +21,7 @@ per rule::
 
 A ``-L`` flag is ssh's ``[BIND:]PORT:HOST:HOSTPORT`` followed by the same
 keys as ``,key=value`` options, a list key repeated once per entry:
-``-L 8080:example.org:80,name=web,allow=10.0.0.0/8,allow=::1``.
+``-L 8080:example.org:80,name=web,allow=10.0.0.0/8,allow=::1`` (``accept_proxy`` too).
 """
 
 from __future__ import annotations
@@ -115,9 +115,10 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "backlog": lambda value: parse_integer(value, 0, 65535),
     "high_water": parse_size,
     "send_proxy": _proxy_version,
+    "accept_proxy": _network,
 }
 KEYS = tuple(_PARSERS)
-_LISTS = ("allow", "deny")
+_LISTS = ("allow", "deny", "accept_proxy")
 #: Keys that only a rule may have: each rule has its own.
 _OWN = ("name", "listen", "connect")
 
@@ -372,6 +373,7 @@ def describe_rule(rule: Rule) -> str:
         "backlog": rule.backlog,
         "high_water": format_size(rule.high_water),
         "send_proxy": rule.send_proxy or "none",
+        "accept_proxy": networks(rule.accept_proxy, "none"),
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 

@@ -71,6 +71,9 @@ class Rule:
     half_closed_timeout: float = 0.0
     #: Send the server a PROXY protocol header, "v1" (text) or "v2" (binary), ahead of the client's bytes.
     send_proxy: Optional[str] = None
+    #: Front balancers (networks): only clients from these are served, and each must open with a PROXY
+    #: header (v1 or v2) naming the real client, who is then the client for everything (empty: off).
+    accept_proxy: Tuple[Network, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -90,7 +93,7 @@ class Rule:
                 raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a string, not {self.name!r}")
-        for name in ("allow", "deny"):
+        for name in ("allow", "deny", "accept_proxy"):
             object.__setattr__(self, name, tuple(_network(name, value) for value in getattr(self, name)))
         for name in ("max_connections", "max_per_client"):
             value = getattr(self, name)
