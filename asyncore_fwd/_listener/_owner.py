@@ -90,6 +90,11 @@ class ConnectionOwnerBase:
         (see ``AdmissionStep``).  Call it in the loop's thread."""
         self.admission += (step,)
 
+    def client_refused(self, client_address: SockAddr, reason: str) -> None:
+        """A step turned an open connection's client away: counted and logged as refused at accept."""
+        self.stats.refused(reason)
+        self.refusals.refused(client_address, reason)
+
     def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
         """(family, sockaddr) of the remote to try, in order."""
         return self._remote.current()
