@@ -33,7 +33,7 @@ LAYERS: List[Tuple[str, Set[str]]] = [
      {"_relay", "_relay._sides", "_relay._targets", "_relay._loopback", "_relay._connection", "_relay._copy",
       "_relay._sender", "_relay._splice"}),
     ("operations: what acts on connections",
-     {"_ops", "_ops._access", "_ops._timeouts", "_ops._stats", "_ops._proxy",
+     {"_ops", "_ops._access", "_ops._timeouts", "_ops._stats", "_ops._proxy", "_ops._proxy_accept",
       "toxics", "toxics._link", "toxics._kinds", "toxics._set", "toxics._spec", "toxics._controls"}),
     ("listener: the forwarder",
      {"_listener", "_listener._listening", "_listener._owner", "_listener._pause", "_listener._forwarder"}),

@@ -74,7 +74,7 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     lets other processes listen on the same port (see ``--workers``).
     The other keyword arguments are the operations fields of ``Rule``:
     ``name``, ``allow``, ``deny``, ``max_connections``, ``max_per_client``,
-    ``idle_timeout``, ``half_closed_timeout``, ``send_proxy`` (``from_rule`` takes a ``Rule``).
+    ``idle_timeout``, ``half_closed_timeout``, ``send_proxy``, ``accept_proxy`` (``from_rule`` takes a ``Rule``).
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).

@@ -19,6 +19,7 @@ from .._eventloop._timers import Timers
 from .._net import RemoteAddresses, SockAddr, format_address
 from .._ops._access import AccessControl, RefusalLog
 from .._ops._proxy import ProxyHeader
+from .._ops._proxy_accept import ProxyAccept
 from .._ops._stats import RuleStats, log_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
@@ -74,8 +75,10 @@ class ConnectionOwnerBase:
         #: header (toxics join later).
         observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule), ProxyHeader.for_rule(self.rule))
         self.observers: Tuple[ConnectionObserver, ...] = tuple(obs for obs in observers if obs is not None)
-        #: The steps between accept and the server connect: who may connect, and how many.
-        self.admission: Tuple[AdmissionStep, ...] = (self.access,) if self.access is not None else ()
+        #: The steps between accept and the server connect: the PROXY header of a trusted balancer (which
+        #: names the client), who may connect, and how many.
+        steps = (ProxyAccept.for_rule(self.rule), self.access)
+        self.admission: Tuple[AdmissionStep, ...] = tuple(step for step in steps if step is not None)
 
     def add_observer(self, observer: ConnectionObserver) -> None:
         """Tell ``observer`` of every connection's life from now on (see ``ConnectionObserver``).

@@ -59,8 +59,9 @@ class RuleStats(ConnectionObserver):
         self.accepted += 1
 
     def refused(self, reason: str) -> None:
-        """A client was turned away: by the access lists ("acl") or a limit."""
-        if reason == "acl":
+        """A client was turned away: by the access lists ("acl") or ``accept_proxy`` (not a trusted
+        balancer), or else a limit or an admission step (a bad PROXY header)."""
+        if reason == "acl" or reason == "accept_proxy":
             self.refused_acl += 1
         else:
             self.refused_limit += 1
