@@ -7,9 +7,12 @@ test's own socket, which sends the header the way a balancer would.
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Callable, List, Optional, Tuple
@@ -24,6 +27,7 @@ from asyncore_fwd._values._config import describe_rule, parse_forward_spec
 from conftest import (
     WAIT,
     EchoServer,
+    ForwarderProcess,
     ScriptedServer,
     connect_until_reset,
     free_port,
@@ -339,6 +343,29 @@ def test_a_local_header_with_send_proxy_sends_the_balancer_s_address(
     assert echoed == b""
     header = f"PROXY TCP4 {balancer[0]} {fwd.address[0]} {balancer[1]} {fwd.address[1]}\r\n".encode()
     assert received == [header + b"check"]
+
+
+def test_the_json_close_line_names_the_header_s_client_and_the_balancer(
+        spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
+    proc = spawn([sys.executable, "-m", "asyncore_fwd", "-v", "--log-format", "json",
+                  "-L", f"0:127.0.0.1:{echo_server.port},name=lb,accept_proxy=127.0.0.1"])
+    proc.wait_line(r'"event": "start"')
+    port = int(json.loads(proc.lines[0])["listen"].rsplit(":", 1)[1])
+    echoed, balancer = round_trip(("127.0.0.1", port), V2_TCP4, b"json")
+    assert echoed == b"json"
+    proc.wait_line(r'"event": "close"')
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    close = next(entry for entry in map(json.loads, proc.lines) if entry["event"] == "close")
+    assert (close["client"], close["proxied_by"]) == ("192.168.0.1:56324", f"{balancer[0]}:{balancer[1]}")
+    assert close["message"].startswith("lb 192.168.0.1:56324 -> ")
+
+
+def test_a_listener_open_to_all_but_serving_balancers_only_does_not_warn(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="asyncore_fwd"):
+        Forwarder("0.0.0.0", 0, "127.0.0.1", echo_server.port, map={}, accept_proxy=["10.0.0.0/8"]).close()
+        Forwarder("0.0.0.0", 0, "127.0.0.1", echo_server.port, map={}).close()
+    assert len([record for record in caplog.records if "allow list" in record.getMessage()]) == 1
 
 
 def test_a_rule_without_accept_proxy_has_no_step(echo_server: EchoServer) -> None:
