@@ -18,6 +18,8 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_proxy_send import SIGNATURE, Recording
 
 from asyncore_fwd import Forwarder, Rule, Service, cli
@@ -112,6 +114,44 @@ def test_every_beginning_of_a_header_asks_for_more(header: bytes) -> None:
 def test_what_cannot_be_a_header_is_an_error(data: bytes, error: str) -> None:
     with pytest.raises(ProxyHeaderError, match=error):
         parse_proxy_header(data)
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> Tuple[bytes, ReceivedHeader]:
+    """A valid header of either version and family, with its parse written out by hand."""
+    family = draw(st.sampled_from([4, 6]))
+    ip = st.ip_addresses(v=family)
+    hosts, ports = [draw(ip), draw(ip)], [draw(st.integers(0, 65535)), draw(st.integers(0, 65535))]
+    tail = (0, 0) if family == 6 else ()
+    source, destination = (str(hosts[0]), ports[0]) + tail, (str(hosts[1]), ports[1]) + tail
+    if draw(st.booleans()):
+        header = f"PROXY TCP{family} {hosts[0]} {hosts[1]} {ports[0]} {ports[1]}\r\n".encode()
+        return header, ReceivedHeader(1, len(header), source, destination)
+    tlvs = b"".join(bytes([kind]) + struct.pack("!H", len(value)) + value
+                    for kind, value in draw(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)),
+                                                     max_size=5)))
+    body = hosts[0].packed + hosts[1].packed + struct.pack("!HH", *ports) + tlvs
+    header = v2(0x21, 0x11 if family == 4 else 0x21, body)
+    return header, ReceivedHeader(2, len(header), source, destination)
+
+
+@given(case=headers(), rest=st.binary(max_size=64), cut=st.integers(0, 200))
+def test_any_valid_header_is_read_whole_and_none_of_its_beginnings_is(
+        case: Tuple[bytes, ReceivedHeader], rest: bytes, cut: int) -> None:
+    header, parsed = case
+    assert parse_proxy_header(header + rest) == parsed
+    assert parse_proxy_header(header[:min(cut, len(header) - 1)]) is None
+
+
+@given(data=st.one_of(st.binary(max_size=300), st.builds(bytes.__add__, st.sampled_from([SIGNATURE, b"PROXY "]),
+                                                         st.binary(max_size=300))))
+def test_any_bytes_are_a_header_more_wanted_or_a_header_error(data: bytes) -> None:
+    """Never another exception: what a hostile balancer sends cannot raise out of the step."""
+    try:
+        parsed = parse_proxy_header(data)
+    except ProxyHeaderError:
+        return
+    assert parsed is None or parsed.length <= len(data)
 
 
 # -- through a forwarder ---------------------------------------------------------------------------

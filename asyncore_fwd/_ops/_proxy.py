@@ -80,8 +80,7 @@ class ProxyHeader(ConnectionObserver):
 
     def opened(self, conn: Connection) -> None:
         """Queue the header: the server connect has not started, so it goes before the client's bytes."""
-        self.queue(conn)
-
-    def queue(self, conn: Connection) -> None:
-        """Queue the header of ``conn``'s client for its server, ahead of anything else not yet queued."""
         conn.queue_for_server(proxy_header(self.version, conn.client_address, conn.local_address()))
+
+    #: Queue the header of ``conn``'s client now: ``accept_proxy``'s step, once its header named the client.
+    queue = opened
