@@ -15,6 +15,7 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import pytest
@@ -470,3 +471,28 @@ def test_a_reload_asks_new_connections_only_for_a_header(echo_server: EchoServer
     finally:
         service.stop()
         thread.join(WAIT)
+
+
+def test_sighup_turns_accept_proxy_on_for_new_connections(
+        echo_server: EchoServer, spawn: Callable[..., ForwarderProcess], tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "fwd.toml"
+    rule = f'[[rule]]\nname = "r"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:{echo_server.port}"\n'
+    config.write_text(rule)
+    proc = spawn([sys.executable, "-m", "asyncore_fwd", "-c", str(config)])
+    proc.wait_line(r"r: forwarding ")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as old:
+        old.sendall(b"old")
+        assert recv_exactly(old, 3) == b"old"
+        config.write_text(rule + 'accept_proxy = ["127.0.0.1"]\n')
+        proc.process.send_signal(signal.SIGHUP)
+        proc.wait_line(r"reloaded: 0 added, 0 removed, 1 changed")
+        assert round_trip(("127.0.0.1", port), V2_TCP4, b"new")[0] == b"new"
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as no_header:
+            no_header.sendall(b"new, without a header")
+            with pytest.raises(ConnectionResetError):
+                no_header.recv(10)
+        old.sendall(b" and on")
+        assert recv_exactly(old, 7) == b" and on"
+    proc.wait_line(r"refused 127\.0\.0\.1:\d+ \(bad PROXY header: not a PROXY header\)")
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
