@@ -103,6 +103,7 @@ def test_every_beginning_of_a_header_asks_for_more(header: bytes) -> None:
     (b"PROXY TCP4 192.0.2.1 198.51.100.1 65536 443\r\n", "bad port"),
     (b"PROXY TCP4 192.0.2.1 198.51.100.1 -1 443\r\n", "bad port"),
     (v2(0x11, 0x11, bytes(12)), "of version 1"),
+    (SIGNATURE + b"\x31", "of version 3"),  # known at its 13th byte
     (v2(0x22, 0x11, bytes(12)), "command 2"),
     (v2(0x21, 0x11, bytes(8)), "too short for its addresses"),
     (v2(0x21, 0x21, bytes(12)), "too short for its addresses"),
@@ -110,7 +111,8 @@ def test_every_beginning_of_a_header_asks_for_more(header: bytes) -> None:
     (v2(0x21, 0x11, bytes(12) + b"\x02\x00\x05abc"), "TLV longer than the header"),
     (SIGNATURE + b"\x21\x11\x08\x01", "more than the 2064 taken"),
 ], ids=["http", "v2-signature-wrong", "v1-too-long", "v1-lf-only", "v1-nul", "v1-family", "v1-fields",
-        "v1-spaces", "v1-ipv6-as-tcp4", "v1-scope", "v1-port", "v1-negative-port", "v2-version", "v2-command",
+        "v1-spaces", "v1-ipv6-as-tcp4", "v1-scope", "v1-port", "v1-negative-port", "v2-version", "v2-version-early",
+        "v2-command",
         "v2-short-ipv4", "v2-short-ipv6", "v2-tlv-cut", "v2-tlv-long", "v2-too-long"])
 def test_what_cannot_be_a_header_is_an_error(data: bytes, error: str) -> None:
     with pytest.raises(ProxyHeaderError, match=error):

@@ -122,14 +122,16 @@ def _v1_port(field: str) -> int:
 
 
 def _parse_v2(data: bytes) -> Optional[ReceivedHeader]:
+    if len(data) > len(V2_SIGNATURE):  # the version and command can be judged already
+        version_command = data[len(V2_SIGNATURE)]
+        if version_command >> 4 != 2:
+            raise ProxyHeaderError(f"v2 header of version {version_command >> 4}")
+        if version_command & 0x0F > 1:
+            raise ProxyHeaderError(f"v2 header with command {version_command & 0x0F} (neither LOCAL nor PROXY)")
     if len(data) < _V2_FIXED:
         return None
     version_command, family, length = struct.unpack_from("!BBH", data, len(V2_SIGNATURE))
-    if version_command >> 4 != 2:
-        raise ProxyHeaderError(f"v2 header of version {version_command >> 4}")
     command = version_command & 0x0F
-    if command > 1:
-        raise ProxyHeaderError(f"v2 header with command {command} (neither LOCAL nor PROXY)")
     if length > V2_MAX_BODY:
         raise ProxyHeaderError(f"v2 header of {_V2_FIXED + length} bytes, more than the "
                                f"{_V2_FIXED + V2_MAX_BODY} taken")
