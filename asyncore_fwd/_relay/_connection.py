@@ -292,7 +292,7 @@ class Connection:
         self._hold_timer = None
         if self.held and not self.closed and self._holding is not None:
             self._holding.timed_out(self)
-            if self.held and not self.closed:  # the step's verdict must end the hold
+            if self.held and not self.closed and self._hold_timer is None:  # its verdict must end the hold
                 AdmissionStep.timed_out(self._holding, self)
 
     def _stop_holding(self) -> None:
