@@ -166,3 +166,42 @@ def test_a_hook_that_raises_at_open_leaves_no_connection_behind(echo_server: Ech
         assert connect_until_reset(fwd.address) == b""  # (on loopback, maybe before connect() returns)
         wait_for(lambda: not fwd.connections and len(fwd._map) == 2, what="the pair to leave the map")
     assert echo_server.accepted == 0
+
+
+class TurnsAwayWhenTimedOut(AdmissionStep):
+    """Holds every connect; at the time-out turns the client away as at accept."""
+
+    def admit(self, conn: Connection) -> bool:
+        return False
+
+    def timed_out(self, conn: Connection) -> None:
+        conn.turn_away("too slow")
+
+
+class IgnoresItsTimeOut(NeverDecides):
+    def timed_out(self, conn: Connection) -> None:
+        pass
+
+
+def test_a_step_decides_what_its_time_out_means(echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Turned away: a reset, counted and logged as a refusal (one line), the close line at DEBUG only."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, connect_timeout=0.2)
+    fwd.add_admission_step(TurnsAwayWhenTimedOut())
+    with fwd.running():
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            assert stream_end(client) == "reset"
+        wait_for(lambda: not fwd.connections, what="the pair to close")
+    assert fwd.stats.refused_limit == 1 and echo_server.accepted == 0
+    [line] = [record.getMessage() for record in caplog.records]
+    assert re.search(r"refused 127\.0\.0\.1:\d+ \(too slow\)$", line)
+
+
+def test_a_step_whose_time_out_decides_nothing_still_loses_the_client(echo_server: EchoServer) -> None:
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", echo_server.port, map={}, connect_timeout=0.2)
+    fwd.add_admission_step(IgnoresItsTimeOut())
+    with fwd.running():
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            assert stream_end(client) == "reset"
+        wait_for(lambda: not fwd.connections, what="the pair to close")
+    assert echo_server.accepted == 0

@@ -23,7 +23,7 @@ from conftest import needs_ipv6
 PROG = "asyncore-fwd"
 KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
          "half_closed_timeout, backlog, high_water, send_proxy, balance, max_fails, fail_timeout, "
-         "health_check_interval")
+         "health_check_interval, accept_proxy")
 GOOD_RULE = '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = "127.0.0.1:80"\n'
 
 
@@ -105,6 +105,14 @@ CONFIG_ERRORS = [
      'got "10.0.0.300"'),
     ("allow-not-a-list", GOOD_RULE + 'allow = 10\n',
      "fwd.toml: rule 1: allow: expected a list of addresses or networks, got 10"),
+    ("bad-accept-proxy", GOOD_RULE + 'accept_proxy = ["10.0.0.0/33"]\n',
+     'fwd.toml: rule 1: accept_proxy: expected an address or a network, like 10.0.0.0/8, 192.0.2.7 or ::1, '
+     'got "10.0.0.0/33"'),
+    ("accept-proxy-not-a-list", GOOD_RULE + 'accept_proxy = true\n',
+     "fwd.toml: rule 1: accept_proxy: expected a list of addresses or networks, got true"),
+    ("defaults-bad-accept-proxy", '[defaults]\naccept_proxy = ["balancer"]\n' + GOOD_RULE,
+     'fwd.toml: [defaults]: accept_proxy: expected an address or a network, like 10.0.0.0/8, 192.0.2.7 or ::1, '
+     'got "balancer"'),
     ("bool-limit", GOOD_RULE + "max_per_client = true\n",
      "fwd.toml: rule 1: max_per_client: expected an integer >= 0 (0 = no limit), got true"),
     ("negative-limit", GOOD_RULE + "max_connections = -1\n",
@@ -228,6 +236,9 @@ FLAG_ERRORS = [
                           'got "127.0.0.1:http"'),
     (["-L", "8080:h:80,allow=bad"], '-L "8080:h:80,allow=bad": allow: expected an address or a network, '
                                     'like 10.0.0.0/8, 192.0.2.7 or ::1, got "bad"'),
+    (["-L", "8080:h:80,accept_proxy=10.0.0.1/8,accept_proxy=10.0.0.0/99"],
+     '-L "8080:h:80,accept_proxy=10.0.0.1/8,accept_proxy=10.0.0.0/99": accept_proxy: expected an address or a '
+     'network, like 10.0.0.0/8, 192.0.2.7 or ::1, got "10.0.0.0/99"'),
     (["-L", "8080:h:80,high_water=1T"], '-L "8080:h:80,high_water=1T": high_water: expected a positive number '
                                         'of bytes, like 65536, 512K, 1M or 1G, got "1T"'),
     (["-L", "8080:h:80,max_connections=" + "9" * 5000],
@@ -314,12 +325,13 @@ def test_forward_spec_options_set_every_key_and_repeat_list_keys() -> None:
     """Options after commas: every config key; allow/deny repeated once per entry."""
     rule = parse_forward_spec("8080:h:80,name=web,allow=10.0.0.0/8,allow=::1,deny=10.9.0.0/16,max_connections=5,"
                               "max_per_client=2,connect_timeout=1.5,idle_timeout=60,half_closed_timeout=5,"
-                              "backlog=128,high_water=1M")
+                              "backlog=128,high_water=1M,accept_proxy=10.1.0.0/16,accept_proxy=fd00::/8")
     assert rule.name == "web"
     assert rule.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))
     assert rule.deny == (ipaddress.ip_network("10.9.0.0/16"),)
     assert (rule.max_connections, rule.max_per_client, rule.backlog, rule.high_water) == (5, 2, 128, 1 << 20)
     assert (rule.connect_timeout, rule.idle_timeout, rule.half_closed_timeout) == (1.5, 60.0, 5.0)
+    assert rule.accept_proxy == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("fd00::/8"))
 
 
 def test_forward_spec_error_is_a_config_error() -> None:
@@ -362,6 +374,18 @@ def test_rule_allow_replaces_the_defaults_allow() -> None:
     assert second.deny == ()
 
 
+def test_rule_accept_proxy_replaces_the_defaults_accept_proxy() -> None:
+    """accept_proxy is a list key like allow: in [defaults] too, and a rule's own list (even empty) replaces it."""
+    path = write('[defaults]\naccept_proxy = ["10.0.0.0/8", "::1"]\n'
+                 '[[rule]]\nlisten = "127.0.0.1:1"\nconnect = "h:1"\n'
+                 '[[rule]]\nlisten = "127.0.0.1:2"\nconnect = "h:1"\naccept_proxy = "192.0.2.7"\n'
+                 '[[rule]]\nlisten = "127.0.0.1:3"\nconnect = "h:1"\naccept_proxy = []\n')
+    first, second, third = load_config(path)
+    assert first.accept_proxy == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))
+    assert second.accept_proxy == (ipaddress.ip_network("192.0.2.7/32"),)
+    assert third.accept_proxy == ()
+
+
 def test_port_0_may_repeat_with_names() -> None:
     """Two named rules on port 0 of one address do not collide: each gets its own free port."""
     path = write('[[rule]]\nname = "a"\nlisten = "127.0.0.1:0"\nconnect = "h:1"\n'
@@ -383,13 +407,16 @@ def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.
     assert out.splitlines() == [
         "name=127.0.0.1:0 listen=127.0.0.1:0 connect=127.0.0.1:90 allow=all deny=192.0.2.1/32 max_connections=0 "
         "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
-        "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0",
+        "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
+        "accept_proxy=none",
         "name=web listen=0.0.0.0:0 connect=localhost:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 "
-        "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0",
+        "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
+        "accept_proxy=none",
         "name=[::1]:0 listen=[::1]:0 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
-        "high_water=2M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0",
+        "high_water=2M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
+        "accept_proxy=none",
     ]
 
 

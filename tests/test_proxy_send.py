@@ -216,8 +216,8 @@ def test_check_config_shows_send_proxy(capsys: pytest.CaptureFixture[str]) -> No
     status = cli.main(["-L", "0:127.0.0.1:80,name=a,send_proxy=v2", "-L", "0:127.0.0.1:80,name=b", "--check-config"])
     out, err = capsys.readouterr()
     assert (status, err) == (0, "")
-    assert [[key for key in line.split() if key.startswith("send_proxy=")] for line in out.splitlines()] == [
-        ["send_proxy=v2"], ["send_proxy=none"]]
+    shown = [[item for item in line.split() if item.startswith("send_proxy=")] for line in out.splitlines()]
+    assert shown == [["send_proxy=v2"], ["send_proxy=none"]]
     assert " send_proxy=v1" in describe_rule(parse_forward_spec("0:127.0.0.1:80,send_proxy=v1"))
 
 

@@ -75,7 +75,7 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     lets other processes listen on the same port (see ``--workers``).
     The other keyword arguments are the operations fields of ``Rule``:
     ``name``, ``allow``, ``deny``, ``max_connections``, ``max_per_client``,
-    ``idle_timeout``, ``half_closed_timeout``, ``send_proxy`` (``from_rule`` takes a ``Rule``).
+    ``idle_timeout``, ``half_closed_timeout``, ``send_proxy``, ``accept_proxy`` (``from_rule`` takes a ``Rule``).
 
     Several targets: ``remoteip:remoteport`` stays the first, and
     ``targets=[(host, port), ...]`` lists the targets after it; ``balance``

@@ -21,6 +21,7 @@ from .._net import RemoteAddresses, SockAddr, format_address
 from .._ops._access import AccessControl, RefusalLog
 from .._ops._balance import TargetSet
 from .._ops._proxy import ProxyHeader
+from .._ops._proxy_accept import ProxyAccept
 from .._ops._stats import RuleStats, log_close
 from .._ops._timeouts import TimeoutWatch
 from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
@@ -80,8 +81,10 @@ class ConnectionOwnerBase:
         observers = (self.stats, self.access, TimeoutWatch.for_rule(self.rule), ProxyHeader.for_rule(self.rule),
                      self.targets)
         self.observers: Tuple[ConnectionObserver, ...] = tuple(obs for obs in observers if obs is not None)
-        #: The steps between accept and the server connect: who may connect, and how many.
-        self.admission: Tuple[AdmissionStep, ...] = (self.access,) if self.access is not None else ()
+        #: The steps between accept and the server connect: the PROXY header of a trusted balancer (which
+        #: names the client), who may connect, and how many.
+        steps = (ProxyAccept.for_rule(self.rule), self.access)
+        self.admission: Tuple[AdmissionStep, ...] = tuple(step for step in steps if step is not None)
 
     def add_observer(self, observer: ConnectionObserver) -> None:
         """Tell ``observer`` of every connection's life from now on (see ``ConnectionObserver``).
@@ -95,6 +98,11 @@ class ConnectionOwnerBase:
         """Ask ``step`` about every client from now on, after the steps already there
         (see ``AdmissionStep``).  Call it in the loop's thread."""
         self.admission += (step,)
+
+    def client_refused(self, client_address: SockAddr, reason: str) -> None:
+        """A step turned an open connection's client away: counted and logged as refused at accept."""
+        self.stats.refused(reason)
+        self.refusals.refused(client_address, reason)
 
     def remote_addresses(self) -> List[Tuple[int, SockAddr]]:
         """(family, sockaddr) of the remote to try, in order."""

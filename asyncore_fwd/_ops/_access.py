@@ -13,6 +13,9 @@ refused client is reset at once and never connected to the target.
   than /96 (``::/0``) matches IPv6 clients only.
 * **Limits.**  ``max_connections`` counts this forwarder's open
   connections; ``max_per_client`` those of each client IP.
+* **Behind a balancer** (``accept_proxy``), the client is the one its
+  PROXY header names: the lists and ``max_per_client`` judge it once the
+  header is read (``AccessAfterHeader``, an admission step after the header's).
 * **Log.**  A scan must not flood the log: the first refusal of a rule is
   logged, then at most one summary line per ``REFUSAL_LOG_INTERVAL``
   seconds with the number left out (``RefusalLog``).
@@ -30,7 +33,7 @@ from .._relay._connection import AdmissionStep, Connection, ConnectionObserver
 from .._relay._loopback import is_loopback
 from .._values._rules import Rule
 
-__all__ = ["AccessControl", "RefusalLog", "client_ip", "is_loopback", "warn_if_open"]
+__all__ = ["AccessAfterHeader", "AccessControl", "RefusalLog", "client_ip", "is_loopback", "warn_if_open"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -50,8 +53,9 @@ def client_ip(address: SockAddr) -> IPAddress:
 
 
 def warn_if_open(rule: Rule, address: SockAddr, label: str) -> None:
-    """Warn, at start, of a rule that listens beyond this machine with no allow list."""
-    if not rule.allow and not is_loopback(address[0]):
+    """Warn, at start, of a rule that listens beyond this machine with no allow list (nor
+    ``accept_proxy``, which serves its balancers only)."""
+    if not rule.allow and not rule.accept_proxy and not is_loopback(address[0]):
         log.warning("%s: listening on %s with no allow list: anyone who can reach it may connect",
                     label, format_address(address))
 
@@ -106,7 +110,7 @@ class AccessControl(AdmissionStep, ConnectionObserver):
     def for_rule(cls, rule: Rule, timers: Timers) -> Optional[AccessControl]:
         """The rule's access control, or None when it has no lists and no limits."""
         if rule.allow or rule.deny or rule.max_connections or rule.max_per_client:
-            return cls(rule, timers)
+            return (AccessAfterHeader if rule.accept_proxy else cls)(rule, timers)
         return None
 
     def permits(self, ip: IPAddress) -> bool:
@@ -138,9 +142,51 @@ class AccessControl(AdmissionStep, ConnectionObserver):
     def closed(self, conn: Connection) -> None:
         """A connection closed: its client may open another."""
         if self.max_per_client:
+            self._uncount(client_ip(conn.client_address))
+
+    def _uncount(self, ip: IPAddress) -> None:
+        left = self.per_client.get(ip, 0) - 1
+        if left > 0:
+            self.per_client[ip] = left
+        else:
+            self.per_client.pop(ip, None)
+
+
+class AccessAfterHeader(AccessControl):
+    """The access control of a rule with ``accept_proxy``: the lists and ``max_per_client``
+    judge the client a PROXY header names, once read (a step after the header's).
+
+    A client it refuses then is turned away as at accept: a reset, a refusal line, a count.
+    """
+
+    def __init__(self, rule: Rule, timers: Timers) -> None:
+        super().__init__(rule, timers)
+        #: The client IP each admitted connection was counted for (only with ``max_per_client``).
+        self.counted: Dict[Connection, IPAddress] = {}
+
+    def refusal(self, client: SockAddr, open_connections: int) -> Optional[str]:
+        """At accept the client is a balancer: only ``max_connections`` can be judged."""
+        if self.max_connections and open_connections >= self.max_connections:
+            return "max_connections"
+        return None
+
+    def admit(self, conn: Connection) -> bool:
+        """The header named the client: judge it, and count it for ``max_per_client``."""
+        reason = AccessControl.refusal(self, conn.client_address, 0)  # (max_connections was judged at accept)
+        if reason is not None:
+            conn.turn_away(reason)
+            return False
+        if self.max_per_client:
             ip = client_ip(conn.client_address)
-            left = self.per_client.get(ip, 0) - 1
-            if left > 0:
-                self.per_client[ip] = left
-            else:
-                self.per_client.pop(ip, None)
+            self.counted[conn] = ip
+            self.per_client[ip] = self.per_client.get(ip, 0) + 1
+        return True
+
+    def opened(self, conn: Connection) -> None:
+        """Not yet: the client is the balancer until its header is read (``admit``)."""
+
+    def closed(self, conn: Connection) -> None:
+        """A connection closed: its client, if counted, may open another."""
+        ip = self.counted.pop(conn, None)
+        if ip is not None:
+            self._uncount(ip)

@@ -74,9 +74,13 @@ class ProxyHeader(ConnectionObserver):
 
     @classmethod
     def for_rule(cls, rule: Rule) -> Optional[ProxyHeader]:
-        """The rule's header observer, or None when it sends none (nothing is done per connection)."""
-        return cls(rule.send_proxy) if rule.send_proxy is not None else None
+        """The rule's header observer, or None when it sends none (nothing is done per connection)
+        or takes one first (``accept_proxy``: that step sends this header once it knows the client)."""
+        return cls(rule.send_proxy) if rule.send_proxy is not None and not rule.accept_proxy else None
 
     def opened(self, conn: Connection) -> None:
         """Queue the header: the server connect has not started, so it goes before the client's bytes."""
         conn.queue_for_server(proxy_header(self.version, conn.client_address, conn.local_address()))
+
+    #: Queue the header of ``conn``'s client now: ``accept_proxy``'s step, once its header named the client.
+    queue = opened

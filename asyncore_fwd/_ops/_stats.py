@@ -12,7 +12,9 @@ The close line, HAProxy-tcplog-like, one per connection::
     web 127.0.0.1:50418 -> 127.0.0.1:8000 0/0 - 0.001s forwarder closed first: cannot connect to ...
 
 ``TARGET`` is the server address connected to (the rule's remote if none
-was; with several targets, the one that served it as configured, ``host:port``);
+was; with several targets, the one that served it as configured,
+``host:port``); ``CLIENT`` is the one a front balancer's PROXY header named
+(``accept_proxy``; the balancer is then the details' ``proxied_by``);
 ``CONNECT_MS`` is ``-`` when the server was never reached;
 ``CLOSED_FIRST`` is ``client``, ``server`` or ``forwarder``; ``REASON`` is
 left out for a clean close.  The same fields are in the record's ``details``.
@@ -60,8 +62,9 @@ class RuleStats(ConnectionObserver):
         self.accepted += 1
 
     def refused(self, reason: str) -> None:
-        """A client was turned away: by the access lists ("acl") or a limit."""
-        if reason == "acl":
+        """A client was turned away: by the access lists ("acl") or ``accept_proxy`` (not a trusted
+        balancer), or else a limit or an admission step (a bad PROXY header)."""
+        if reason == "acl" or reason == "accept_proxy":
             self.refused_acl += 1
         else:
             self.refused_limit += 1
@@ -98,7 +101,8 @@ def close_details(conn: Connection, label: str) -> Dict[str, Any]:
     return {"rule": label, "client": format_address(conn.client_address), "target": target,
             "bytes_to_server": conn.bytes_to_server, "bytes_to_client": conn.bytes_to_client,
             "connect_ms": connect_ms, "duration_s": round(conn.duration, 6),
-            "closed_first": conn.closed_first or "forwarder", "reason": conn.error}
+            "closed_first": conn.closed_first or "forwarder", "reason": conn.error,
+            **({"proxied_by": format_address(conn.proxied_by)} if conn.proxied_by is not None else {})}
 
 
 def format_close(details: Dict[str, Any]) -> str:
@@ -111,8 +115,9 @@ def format_close(details: Dict[str, Any]) -> str:
 
 def log_close(conn: Connection, label: str) -> None:
     """Log the close line of ``conn``: DEBUG for a clean close (or a client reset for lack of
-    descriptors), INFO when the forwarder ended it, WARNING for an error."""
-    if not conn.error or conn.out_of_resources:
+    descriptors, or turned away: a refusal line says so), INFO when the forwarder ended it,
+    WARNING for an error."""
+    if not conn.error or conn.out_of_resources or conn.turned_away:
         level = logging.DEBUG
     else:
         level = logging.INFO if conn.cut else logging.WARNING

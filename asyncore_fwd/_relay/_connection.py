@@ -66,12 +66,13 @@ class AdmissionStep:
 
     The owner asks its ``admission`` steps in order.  ``refusal`` comes
     before anything is made for the client: a reason turns it away with a
-    reset, logged as a refusal and counted (``refused_acl`` for "acl",
-    ``refused_limit`` for any other reason).  ``admit`` comes once its
-    ``Connection`` is open, before the server connect: False holds the
-    connect until the step calls ``conn.let_go()`` (the next steps, then
-    the connect) or ``conn.refuse(reason)``, for the rule's connect timeout
-    at most (then the client is refused).  The defaults let everyone in.
+    reset, logged as a refusal and counted (``refused_acl`` for "acl" and
+    "accept_proxy", ``refused_limit`` for any other reason).  ``admit`` comes
+    once its ``Connection`` is open, before the server connect: False holds
+    the connect until the step calls ``conn.let_go()`` (the next steps, then
+    the connect), ``conn.refuse(reason)`` or ``conn.turn_away(reason)``, for
+    the rule's connect timeout at most (then ``timed_out``).  The defaults
+    let everyone in.
     """
 
     __slots__ = ()
@@ -83,6 +84,10 @@ class AdmissionStep:
     def admit(self, conn: Connection) -> bool:
         """True to go on; False to hold the connect (``conn.read_client()`` reads the client meanwhile)."""
         return True
+
+    def timed_out(self, conn: Connection) -> None:
+        """This step held the connect for the rule's connect timeout: the client must go."""
+        conn.refuse(f"admission timed out after {conn.rule.connect_timeout:g} s")
 
 
 class ConnectionOwner(Protocol):
@@ -125,6 +130,9 @@ class ConnectionOwner(Protocol):
     def pause_accepting(self, error: BaseException) -> None:
         """Out of descriptors (or memory): stop taking clients for a while."""
 
+    def client_refused(self, client_address: SockAddr, reason: str) -> None:
+        """A step turned a client away (``turn_away``): count and log it as refused at accept."""
+
     # The hooks, told after the observers: they log.
     def connection_opened(self, conn: Connection) -> None: ...
 
@@ -142,6 +150,13 @@ class Connection:
     """
 
     _ids = itertools.count(1)
+    # (Class attributes: a connection without a PROXY header or a step's hold pays nothing for them.)
+    #: The front balancer's address when a PROXY header named the client (``proxied``), else None.
+    proxied_by: Optional[SockAddr] = None
+    #: True once a step turned the client away as a refusal (``turn_away``): its close line is DEBUG.
+    turned_away = False
+    _proxied_to: Optional[SockAddr] = None
+    _holding: Optional[AdmissionStep] = None
 
     def __init__(self, forwarder: ConnectionOwner, sock: socket.socket, client_address: SockAddr) -> None:
         self.id = next(self._ids)
@@ -216,9 +231,17 @@ class Connection:
         return self.receiver.bytes_sent
 
     def local_address(self) -> SockAddr:
-        """The address the client connected to: its socket's own end (asked, not kept)."""
+        """The address the client connected to: its socket's own end (asked, not kept), or the one
+        a front balancer's PROXY header named (``proxied``)."""
+        if self._proxied_to is not None:
+            return self._proxied_to
         assert self.receiver.socket is not None
         return self.receiver.socket.getsockname()
+
+    def proxied(self, source: SockAddr, destination: SockAddr) -> None:
+        """A balancer's PROXY header named the client, before the connect: ``source`` is the client from
+        now on, ``destination`` the address it connected to; ``proxied_by`` keeps the balancer's."""
+        self.proxied_by, self.client_address, self._proxied_to = self.client_address, source, destination
 
     @property
     def duration(self) -> float:
@@ -255,6 +278,7 @@ class Connection:
             self._steps_passed += 1
             if not step.admit(self):
                 self.held = not (self._connect_started or self.closed)  # (unless it let go or refused at once)
+                self._holding = step
                 if self.held and self._hold_timer is None:
                     self._hold_timer = timers_for(self.forwarder._map).call_later(
                         self.rule.connect_timeout, self._held_too_long)
@@ -269,8 +293,10 @@ class Connection:
         # A step that never decides (a client that sends nothing) must not keep
         # the pair, and a place under the limits, for ever: it gets the connect timeout.
         self._hold_timer = None
-        if self.held and not self.closed:
-            self.refuse(f"admission timed out after {self.rule.connect_timeout:g} s")
+        if self.held and not self.closed and self._holding is not None:
+            self._holding.timed_out(self)
+            if self.held and not self.closed and self._hold_timer is None:  # its verdict must end the hold
+                AdmissionStep.timed_out(self._holding, self)
 
     def _stop_holding(self) -> None:
         self.held = False
@@ -281,6 +307,15 @@ class Connection:
     def refuse(self, reason: str) -> None:
         """Turn the client away before the server connect: reset it, and close the pair with
         ``reason`` in its close line (a step holding the connect gives its verdict)."""
+        self.close_early(reason)
+
+    def turn_away(self, reason: str) -> None:
+        """Refuse the client as at accept, from a step holding the connect: a reset, counted and
+        logged (rate-limited) by the owner as a refusal; the close line adds nothing (DEBUG)."""
+        if self.closed:
+            return
+        self.turned_away = True
+        self.forwarder.client_refused(self.client_address, reason)
         self.close_early(reason)
 
     def read_client(self, received: Optional[Callable[[bytes], None]]) -> None:

@@ -127,11 +127,13 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "max_fails": lambda value: parse_integer(value, 0),
     "fail_timeout": parse_seconds,
     "health_check_interval": lambda value: parse_seconds(value, zero_ok=True),
+    "accept_proxy": _network,
 }
 KEYS = tuple(_PARSERS)
 #: Keys whose value is a list (one entry, or several; in ``-L``, the key repeated once per entry).
-_LISTS = ("connect", "allow", "deny")
-_LIST_OF = {"connect": '"host:port"', "allow": "addresses or networks", "deny": "addresses or networks"}
+_LISTS = ("connect", "allow", "deny", "accept_proxy")
+_LIST_OF = {"connect": '"host:port"', "allow": "addresses or networks", "deny": "addresses or networks",
+            "accept_proxy": "addresses or networks"}
 #: Keys that only a rule may have: each rule has its own.
 _OWN = ("name", "listen", "connect")
 
@@ -392,6 +394,7 @@ def describe_rule(rule: Rule) -> str:
         "max_fails": rule.max_fails,
         "fail_timeout": f"{rule.fail_timeout:g}",
         "health_check_interval": f"{rule.health_check_interval:g}",
+        "accept_proxy": networks(rule.accept_proxy, "none"),
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 

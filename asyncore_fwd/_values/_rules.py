@@ -86,6 +86,9 @@ class Rule:
     fail_timeout: float = DEFAULT_FAIL_TIMEOUT
     #: Seconds between the active checks (a TCP connect) of every target (0 = none).
     health_check_interval: float = 0.0
+    #: Front balancers (networks): only clients from these are served, and each must open with a PROXY
+    #: header (v1 or v2) naming the real client, who is then the client for everything (empty: off).
+    accept_proxy: Tuple[Network, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -105,7 +108,7 @@ class Rule:
                 raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a string, not {self.name!r}")
-        for name in ("allow", "deny"):
+        for name in ("allow", "deny", "accept_proxy"):
             object.__setattr__(self, name, tuple(_network(name, value) for value in getattr(self, name)))
         for name in ("max_connections", "max_per_client"):
             value = getattr(self, name)
