@@ -216,8 +216,9 @@ def test_check_config_shows_send_proxy(capsys: pytest.CaptureFixture[str]) -> No
     status = cli.main(["-L", "0:127.0.0.1:80,name=a,send_proxy=v2", "-L", "0:127.0.0.1:80,name=b", "--check-config"])
     out, err = capsys.readouterr()
     assert (status, err) == (0, "")
-    assert [line.split()[-1] for line in out.splitlines()] == ["send_proxy=v2", "send_proxy=none"]
-    assert describe_rule(parse_forward_spec("0:127.0.0.1:80,send_proxy=v1")).endswith(" send_proxy=v1")
+    assert [word for line in out.splitlines() for word in line.split() if word.startswith("send_proxy=")] == [
+        "send_proxy=v2", "send_proxy=none"]
+    assert " send_proxy=v1 " in describe_rule(parse_forward_spec("0:127.0.0.1:80,send_proxy=v1"))
 
 
 # -- a reload applies to new connections only ------------------------------------------------------------

@@ -4,7 +4,8 @@ Strategy: every value is checked here, before a ``Rule`` is made, so that an
 error can name where it came from -- the file, the rule (its name or its
 index), the key and the value as written -- in one line.  The values are read
 by ``_parse``, as the command's flags are.  ``Rule`` checks again; its
-``ValueError`` can only show up here as a bug.
+``ValueError`` shows up here only for keys that must agree (a ``source``
+of another family than the target's).
 
 A config file has an optional ``[defaults]`` table and one ``[[rule]]`` table
 per rule::
@@ -27,6 +28,7 @@ keys as ``,key=value`` options, a list key repeated once per entry:
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -41,7 +43,15 @@ from ._parse import (
     shorten,
     show_value,
 )
-from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, PROXY_VERSIONS, Rule
+from ._rules import (
+    DEFAULT_BACKLOG,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HIGH_WATER,
+    MAX_KEEPALIVE,
+    PROXY_VERSIONS,
+    Rule,
+    source_ip,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,6 +110,28 @@ def _proxy_version(value: object) -> Optional[str]:
     raise BadValue('expected "v1", "v2" or "none"')
 
 
+def _source(value: object) -> Optional[str]:
+    """An IP address to connect from, or None for "none" (a rule's way out of ``[defaults]``'s)."""
+    if value == "none":
+        return None
+    try:
+        return source_ip(value)
+    except ValueError:
+        raise BadValue('expected an IP address of this machine, like 192.0.2.7 or ::1 (a host name is not '
+                       'accepted), or "none"') from None
+
+
+def _keepalive(value: object) -> float:
+    """Seconds before keepalive probes, 0 for off (a fraction is rounded up by ``Rule``)."""
+    try:
+        seconds = parse_seconds(value, zero_ok=True)
+    except BadValue:
+        seconds = math.inf
+    if seconds > MAX_KEEPALIVE:
+        raise BadValue(f"expected a number of seconds from 0 to {MAX_KEEPALIVE} (0 = off)")
+    return seconds
+
+
 #: Every key a rule takes, with what checks and converts its value.
 _PARSERS: Dict[str, Callable[[object], Any]] = {
     "name": _name,
@@ -115,6 +147,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "backlog": lambda value: parse_integer(value, 0, 65535),
     "high_water": parse_size,
     "send_proxy": _proxy_version,
+    "source": _source,
+    "tcp_keepalive": _keepalive,
 }
 KEYS = tuple(_PARSERS)
 _LISTS = ("allow", "deny")
@@ -165,7 +199,7 @@ def _make_rule(settings: Mapping[str, Any], base: Mapping[str, Any]) -> Rule:
             fields[key] = value
     try:
         return Rule(**fields)
-    except ValueError as error:  # pragma: no cover - every key was checked above
+    except ValueError as error:  # keys that do not go together (a source not of the target's family)
         raise ConfigError(str(error)) from None
 
 
@@ -372,6 +406,8 @@ def describe_rule(rule: Rule) -> str:
         "backlog": rule.backlog,
         "high_water": format_size(rule.high_water),
         "send_proxy": rule.send_proxy or "none",
+        "source": rule.source or "none",
+        "tcp_keepalive": f"{rule.tcp_keepalive:g}",
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 

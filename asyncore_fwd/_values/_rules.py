@@ -8,9 +8,10 @@ where to connect, and its limits -- so that rules can come from anywhere
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Iterable, Optional, Tuple, Union
 
 from .._net import SPLICE_AVAILABLE, format_address, strip_brackets
 from ._parse import is_integer, is_seconds
@@ -18,7 +19,7 @@ from ._parse import is_integer, is_seconds
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 __all__ = ["DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_READ_SIZE", "KiB",
-           "PROXY_VERSIONS", "Rule"]
+           "MAX_KEEPALIVE", "PROXY_VERSIONS", "Rule", "check_source_family", "source_ip"]
 
 KiB = 1024
 #: Stop reading from a side while this many bytes wait for the other side.
@@ -34,6 +35,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_BACKLOG = 4096
 #: The PROXY protocol's versions a rule may send to its server (``send_proxy``).
 PROXY_VERSIONS = ("v1", "v2")
+#: The longest keepalive idle time, in seconds: Linux refuses a TCP_KEEPIDLE above it.
+MAX_KEEPALIVE = 32767
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class Rule:
     half_closed_timeout: float = 0.0
     #: Send the server a PROXY protocol header, "v1" (text) or "v2" (binary), ahead of the client's bytes.
     send_proxy: Optional[str] = None
+    #: Connect to the server from this local IP address (the kernel picks the port); None: the kernel's choice.
+    source: Optional[str] = None
+    #: Keepalive probes on both sockets after this many seconds without a byte (0 = off); a
+    #: fraction rounds up to whole seconds, as the kernel counts them.
+    tcp_keepalive: float = 0
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -106,6 +114,13 @@ class Rule:
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
             raise ValueError(f"send_proxy must be 'v1', 'v2' or None, not {self.send_proxy!r}")
+        if self.source is not None:
+            object.__setattr__(self, "source", source_ip(self.source))
+            check_source_family(self.source, (self.remote_host,))
+        if not is_seconds(self.tcp_keepalive, zero_ok=True) or self.tcp_keepalive > MAX_KEEPALIVE:
+            raise ValueError(f"tcp_keepalive must be a number of seconds from 0 to {MAX_KEEPALIVE} (0 = off), "
+                             f"not {self.tcp_keepalive!r}")
+        object.__setattr__(self, "tcp_keepalive", math.ceil(self.tcp_keepalive))
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
         if self.splice and not SPLICE_AVAILABLE:
@@ -125,6 +140,30 @@ class Rule:
     def label(self) -> str:
         """The rule's name, or where it listens if it has none."""
         return self.name or self.listen
+
+
+def source_ip(value: Any) -> str:
+    """``value``, an IPv4 or IPv6 address to connect from, as the address's own text; ValueError else."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(strip_brackets(value)))
+        except ValueError:
+            pass
+    raise ValueError(f"source must be an IP address (a host name is not accepted), not {value!r}")
+
+
+def check_source_family(source: str, hosts: Iterable[str]) -> None:
+    """ValueError if a target host written as an IP address is not of the family of ``source``
+    (a host name is not checked: only its addresses of that family are used)."""
+    source_version = ipaddress.ip_address(source).version
+    for host in hosts:
+        try:
+            version = ipaddress.ip_address(strip_brackets(host)).version
+        except ValueError:
+            continue  # a name
+        if version != source_version:
+            raise ValueError(f"source {source} is IPv{source_version} but the target {host} is IPv{version}: "
+                             f"a connect needs both of one family")
 
 
 def _network(key: str, value: Any) -> Network:
