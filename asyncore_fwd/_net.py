@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import struct
@@ -124,8 +125,9 @@ def tune(sock: socket.socket) -> None:
             pass
 
 
-def set_keepalive(sock: socket.socket, seconds: int) -> None:
-    """Turn TCP keepalive on: probes after ``seconds`` without a byte either way.
+def set_keepalive(sock: socket.socket, seconds: float) -> None:
+    """Turn TCP keepalive on: probes after ``seconds`` without a byte either way (rounded up:
+    the kernel counts whole seconds).
 
     Only the idle time is set (TCP_KEEPIDLE); the probes' interval and count
     are the kernel's.  Where TCP_KEEPIDLE does not exist, SO_KEEPALIVE alone
@@ -134,7 +136,7 @@ def set_keepalive(sock: socket.socket, seconds: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, math.ceil(seconds))
     except OSError:
         pass  # closed already: the error shows on the next read or write
 

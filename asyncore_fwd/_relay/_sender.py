@@ -159,8 +159,9 @@ class Sender(_Pipe):
                 else:
                     # asyncore's connect() words an error as its errno's name (ECONNREFUSED): the system's
                     # words instead.  Other errors keep theirs (a source bind's names the address).
-                    named = bool(failure.errno) and failure.strerror == errno.errorcode.get(failure.errno)
-                    self._last_error = os_error(failure.errno) if named else failure
+                    code = failure.errno
+                    named = code is not None and failure.strerror == errno.errorcode.get(code)
+                    self._last_error = os_error(code) if code is not None and named else failure
                 self._target = None
                 self._choice.failed(target, self._last_error)
                 asyncore.dispatcher.close(self)

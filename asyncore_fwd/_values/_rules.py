@@ -156,9 +156,9 @@ def check_source_family(source: str, hosts: Iterable[str]) -> None:
     """ValueError if a target host written as an IP address is not of the family of ``source``
     (a host name is not checked: only its addresses of that family are used)."""
     source_version = ipaddress.ip_address(source).version
-    for host in hosts:
+    for host in map(strip_brackets, hosts):
         try:
-            version = ipaddress.ip_address(strip_brackets(host)).version
+            version = ipaddress.ip_address(host).version
         except ValueError:
             continue  # a name
         if version != source_version:
