@@ -449,6 +449,21 @@ def test_a_reload_turns_keepalive_on_for_new_connections_only(service_on) -> Non
         assert keepalive_of(old_conn.receiver.socket)[0] == keepalive_of(old_conn.sender.socket)[0] == 0
 
 
+@needs_address_not_here
+def test_a_reload_to_a_source_not_on_this_machine_keeps_the_old_rule(
+        service_on, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    service, server, recording, port = service_on()
+    old = service.forwarders["r"]
+    service.reload([Rule("127.0.0.1", port, "127.0.0.1", server.port, name="r", source=NOT_HERE)])
+    wait_for(lambda: any("reloaded:" in record.getMessage() for record in caplog.records), what="the reload")
+    assert service.forwarders["r"] is old
+    [line] = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert line.startswith(f"r: cannot start: cannot bind to source address {NOT_HERE}: "), line
+    echo_once(old.address)  # still listening, with its old settings
+    assert recording.peers == ["127.0.0.1"]
+
+
 @needs_second_loopback
 def test_sighup_changes_the_source_for_new_connections(
         peer_server, spawn: Callable[..., ForwarderProcess], tmp_path: Path) -> None:
