@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Any, Dict, Generic, List, Optional, Tuple, TypeVar
@@ -32,6 +33,10 @@ __all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_IN
 SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
 log = logging.getLogger("asyncore_fwd")
+
+#: The option that defers a bound socket's port to its connect (Linux 4.2; named by Python 3.12, 24 on Linux).
+_BIND_NO_PORT: Optional[int] = getattr(socket, "IP_BIND_ADDRESS_NO_PORT",
+                                       24 if sys.platform.startswith("linux") else None)
 
 #: How long a resolved remote hostname is trusted before it is looked up again.
 RESOLVE_INTERVAL = 60.0
@@ -148,8 +153,19 @@ def family_of(ip: str) -> int:
 
 def bind_source(sock: socket.socket, ip: str) -> None:
     """Bind ``sock``, before its connect, to the local address ``ip`` (the kernel picks the port);
-    OSError with a one-line message naming the address."""
+    OSError with a one-line message naming the address.
+
+    Where the system has IP_BIND_ADDRESS_NO_PORT (Linux), the port is picked at
+    the connect, as without a bind: a port is then shared by connects to
+    different servers, instead of one port per connect from the address, which
+    would cap them at the size of the ephemeral range (HAProxy and nginx do the same).
+    """
     try:
+        if _BIND_NO_PORT is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, _BIND_NO_PORT, 1)
+            except OSError:
+                pass  # an older kernel: one port per connect, as with a plain bind
         sock.bind((ip, 0))
     except OSError as error:
         raise OSError(error.errno, f"cannot bind to source address {ip}: {describe_error(error)}") from None

@@ -166,6 +166,20 @@ def test_an_ipv6_source_connects_to_an_ipv6_target(peer_server) -> None:
     assert recording.peers == ["::1"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="IP_BIND_ADDRESS_NO_PORT is Linux's")
+@pytest.mark.parametrize("source", ["127.0.0.1", pytest.param("::1", marks=needs_ipv6)])
+def test_a_source_bind_leaves_the_port_to_the_connect(source: str, echo_server: EchoServer) -> None:
+    """Ports are then shared by connects to different servers, not taken one per connect."""
+    from asyncore_fwd._net import bind_source
+
+    with socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        bind_source(sock, source)
+        assert sock.getsockname()[:2] == (source, 0)
+        if ":" not in source:
+            sock.connect(("127.0.0.1", echo_server.port))
+            assert sock.getsockname()[0] == source and sock.getsockname()[1] != 0
+
+
 @pytest.mark.parametrize("source, target", [("127.0.0.1", "::1"), ("::1", "127.0.0.1")],
                          ids=["ipv4-source-ipv6-target", "ipv6-source-ipv4-target"])
 def test_a_source_of_another_family_than_the_target_is_a_value_error(source: str, target: str) -> None:
