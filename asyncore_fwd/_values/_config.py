@@ -28,7 +28,6 @@ keys as ``,key=value`` options, a list key repeated once per entry:
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -38,20 +37,13 @@ from ._parse import (
     format_size,
     parse_host_port,
     parse_integer,
+    parse_ip_address,
     parse_seconds,
     parse_size,
     shorten,
     show_value,
 )
-from ._rules import (
-    DEFAULT_BACKLOG,
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_HIGH_WATER,
-    MAX_KEEPALIVE,
-    PROXY_VERSIONS,
-    Rule,
-    source_ip,
-)
+from ._rules import DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, MAX_KEEPALIVE, PROXY_VERSIONS, Rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,28 +102,6 @@ def _proxy_version(value: object) -> Optional[str]:
     raise BadValue('expected "v1", "v2" or "none"')
 
 
-def _source(value: object) -> Optional[str]:
-    """An IP address to connect from, or None for "none" (a rule's way out of ``[defaults]``'s)."""
-    if value == "none":
-        return None
-    try:
-        return source_ip(value)
-    except ValueError:
-        raise BadValue('expected an IP address of this machine, like 192.0.2.7 or ::1 (a host name is not '
-                       'accepted), or "none"') from None
-
-
-def _keepalive(value: object) -> float:
-    """Seconds before keepalive probes, 0 for off (a fraction is rounded up by ``Rule``)."""
-    try:
-        seconds = parse_seconds(value, zero_ok=True)
-    except BadValue:
-        seconds = math.inf
-    if seconds > MAX_KEEPALIVE:
-        raise BadValue(f"expected a number of seconds from 0 to {MAX_KEEPALIVE} (0 = off)")
-    return seconds
-
-
 #: Every key a rule takes, with what checks and converts its value.
 _PARSERS: Dict[str, Callable[[object], Any]] = {
     "name": _name,
@@ -147,8 +117,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "backlog": lambda value: parse_integer(value, 0, 65535),
     "high_water": parse_size,
     "send_proxy": _proxy_version,
-    "source": _source,
-    "tcp_keepalive": _keepalive,
+    "source": lambda value: None if value == "none" else parse_ip_address(value),  # "none": unset [defaults]'s
+    "tcp_keepalive": lambda value: parse_seconds(value, zero_ok=True, highest=MAX_KEEPALIVE),
 }
 KEYS = tuple(_PARSERS)
 _LISTS = ("allow", "deny")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Tuple, Union
 
 from .._net import SPLICE_AVAILABLE, format_address, strip_brackets
-from ._parse import is_integer, is_seconds
+from ._parse import is_integer, is_seconds, parse_ip_address
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -144,12 +144,10 @@ class Rule:
 
 def source_ip(value: Any) -> str:
     """``value``, an IPv4 or IPv6 address to connect from, as the address's own text; ValueError else."""
-    if isinstance(value, str):
-        try:
-            return str(ipaddress.ip_address(strip_brackets(value)))
-        except ValueError:
-            pass
-    raise ValueError(f"source must be an IP address (a host name is not accepted), not {value!r}")
+    try:
+        return parse_ip_address(value)
+    except ValueError:
+        raise ValueError(f"source must be an IP address (a host name is not accepted), not {value!r}") from None
 
 
 def check_source_family(source: str, hosts: Iterable[str]) -> None:
