@@ -1,17 +1,20 @@
 """Small network helpers shared by the relay and the listener.
 
 Socket-address formatting, one-line error descriptions, reading a socket's
-pending error, the remote's addresses (resolved at start, refreshed off
-the loop), and a registry of one object per socket map.
+pending error, the options of a relayed socket (keepalive, the source
+address of a connect), the remote's addresses (resolved at start,
+refreshed off the loop), and a registry of one object per socket map.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Any, Dict, Generic, List, Optional, Tuple, TypeVar
@@ -22,13 +25,18 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["OUT_OF_RESOURCES", "acknowledge_urgent", "LINGER_ABORT", "RESOLVE_INTERVAL", "PerMap", "RemoteAddresses",
-           "SPLICE_AVAILABLE", "SockAddr", "SocketMap", "describe_error", "end_key", "format_address",
-           "listen_address", "os_error", "pending_error", "reset", "strip_brackets", "tune"]
+           "SPLICE_AVAILABLE", "SockAddr", "SocketMap", "bind_source", "check_source", "describe_error", "end_key",
+           "family_of", "format_address", "listen_address", "os_error", "pending_error", "reset", "set_keepalive",
+           "strip_brackets", "tune"]
 
 #: True where os.splice() and pipe sizing exist (Linux, Python 3.10+): what the splice relay needs.
 SPLICE_AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
 log = logging.getLogger("asyncore_fwd")
+
+#: The option that defers a bound socket's port to its connect (Linux 4.2; named by Python 3.12, 24 on Linux).
+_BIND_NO_PORT: Optional[int] = getattr(socket, "IP_BIND_ADDRESS_NO_PORT",
+                                       24 if sys.platform.startswith("linux") else None)
 
 #: How long a resolved remote hostname is trusted before it is looked up again.
 RESOLVE_INTERVAL = 60.0
@@ -122,6 +130,54 @@ def tune(sock: socket.socket) -> None:
             pass
 
 
+def set_keepalive(sock: socket.socket, seconds: float) -> None:
+    """Turn TCP keepalive on: probes after ``seconds`` without a byte either way (rounded up:
+    the kernel counts whole seconds).
+
+    Only the idle time is set (TCP_KEEPIDLE); the probes' interval and count
+    are the kernel's.  Where TCP_KEEPIDLE does not exist, SO_KEEPALIVE alone
+    (the system's idle time, two hours by default).
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, math.ceil(seconds))
+    except OSError:
+        pass  # closed already: the error shows on the next read or write
+
+
+def family_of(ip: str) -> int:
+    """AF_INET6 for an IPv6 address, AF_INET for an IPv4 one."""
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def bind_source(sock: socket.socket, ip: str) -> None:
+    """Bind ``sock``, before its connect, to the local address ``ip`` (the kernel picks the port);
+    OSError with a one-line message naming the address.
+
+    Where the system has IP_BIND_ADDRESS_NO_PORT (Linux), the port is picked at
+    the connect, as without a bind: a port is then shared by connects to
+    different servers, instead of one port per connect from the address, which
+    would cap them at the size of the ephemeral range (HAProxy and nginx do the same).
+    """
+    try:
+        if _BIND_NO_PORT is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, _BIND_NO_PORT, 1)
+            except OSError:
+                pass  # an older kernel: one port per connect, as with a plain bind
+        sock.bind((ip, 0))
+    except OSError as error:
+        raise OSError(error.errno, f"cannot bind to source address {ip}: {describe_error(error)}") from None
+
+
+def check_source(ip: str) -> None:
+    """OSError, in one line, unless connects can be made from ``ip``: one throwaway socket
+    is bound to it (an address not on this machine fails with EADDRNOTAVAIL)."""
+    with socket.socket(family_of(ip), socket.SOCK_STREAM) as probe:
+        bind_source(probe, ip)
+
+
 def reset(sock: socket.socket) -> None:
     """Close ``sock`` with a reset (RST) instead of a FIN."""
     try:
@@ -159,11 +215,13 @@ class RemoteAddresses:
     at once), then again in a background thread when the answer is older than
     ``RESOLVE_INTERVAL``; until the new answer arrives the old one is used, so
     a slow DNS server never stalls the loop.  A failed refresh keeps the old
-    answer.  An IP literal is never looked up again.
+    answer.  An IP literal is never looked up again.  With ``family`` (a
+    source address's), only the addresses of that family are kept, and a
+    name with none of them fails as an unknown one does.
     """
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, family: int = socket.AF_UNSPEC) -> None:
+        self.host, self.port, self.family = host, port, family
         self._addresses = self._resolve()
         self._resolved_at = time.monotonic()
         self._refreshing = False
@@ -182,8 +240,12 @@ class RemoteAddresses:
             raise OSError(errno.EINVAL, f"cannot resolve remote host {self.host!r}: not a valid host name") from None
         addresses: List[Tuple[int, SockAddr]] = []
         for family, _, _, _, sockaddr in infos:
-            if (family, sockaddr) not in addresses:
+            if (family, sockaddr) not in addresses and self.family in (socket.AF_UNSPEC, family):
                 addresses.append((family, sockaddr))
+        if not addresses:  # (getaddrinfo never answers with nothing: the family filtered them all out)
+            version = "IPv6" if self.family == socket.AF_INET6 else "IPv4"
+            raise OSError(errno.EADDRNOTAVAIL, f"remote host {self.host!r} has no {version} address, "
+                                               f"and the source address is {version}")
         return addresses
 
     @property

@@ -75,7 +75,9 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     lets other processes listen on the same port (see ``--workers``).
     The other keyword arguments are the operations fields of ``Rule``:
     ``name``, ``allow``, ``deny``, ``max_connections``, ``max_per_client``,
-    ``idle_timeout``, ``half_closed_timeout``, ``send_proxy``, ``accept_proxy`` (``from_rule`` takes a ``Rule``).
+    ``idle_timeout``, ``half_closed_timeout``, ``send_proxy``, ``accept_proxy``, ``source`` (an IP address to connect
+    from: ``OSError`` here if it is not this machine's, or if a remote hostname has no address of its
+    family) and ``tcp_keepalive`` (``from_rule`` takes a ``Rule``).
 
     Several targets: ``remoteip:remoteport`` stays the first, and
     ``targets=[(host, port), ...]`` lists the targets after it; ``balance``

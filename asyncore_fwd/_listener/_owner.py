@@ -14,10 +14,11 @@ pause and the targets' active checks (``_ops._health``).
 from __future__ import annotations
 
 import logging
+import socket
 from typing import List, Optional, Set, Tuple, Type
 
 from .._eventloop._timers import Timers
-from .._net import RemoteAddresses, SockAddr, format_address
+from .._net import RemoteAddresses, SockAddr, check_source, family_of, format_address
 from .._ops._access import AccessControl, RefusalLog
 from .._ops._balance import TargetSet
 from .._ops._proxy import ProxyHeader
@@ -65,7 +66,10 @@ class ConnectionOwnerBase:
         self.stats = stats if stats is not None else RuleStats()
         #: One read buffer for every connection: the loop runs one handler at a time.
         self.scratch = read_buffer(scratch, rule.read_size)
-        self._remote = RemoteAddresses(rule.remote_host, rule.remote_port)
+        if rule.source is not None:  # an address not on this machine fails the start, in one line
+            check_source(rule.source)
+        self._remote = RemoteAddresses(rule.remote_host, rule.remote_port,
+                                       socket.AF_UNSPEC if rule.source is None else family_of(rule.source))
 
     def _set_up_operations(self, timers: Timers) -> None:
         """The rule's access control (its first admission step), and what observes its connections."""

@@ -29,11 +29,12 @@ mid-connect included), which is what ``leastconn`` compares.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .._eventloop._timers import Timer, Timers
-from .._net import OUT_OF_RESOURCES, RemoteAddresses, SockAddr, describe_error, format_address
+from .._net import OUT_OF_RESOURCES, RemoteAddresses, SockAddr, describe_error, family_of, format_address
 from .._relay._connection import Connection, ConnectionObserver
 from .._relay._targets import Target
 from .._values._rules import Rule
@@ -95,8 +96,10 @@ class TargetSet(ConnectionObserver):
         self.rule = rule
         #: The rule's name in the log lines (the forwarder sets it once its port is known).
         self.label = rule.label
-        addresses = [first or RemoteAddresses(rule.remote_host, rule.remote_port)]
-        addresses += [RemoteAddresses(host, port) for host, port in rule.targets]  # OSError: an unknown host
+        # Only the addresses of the source's family, with a source (OSError: an unknown host, or none of them).
+        family = socket.AF_UNSPEC if rule.source is None else family_of(rule.source)
+        addresses = [first or RemoteAddresses(rule.remote_host, rule.remote_port, family)]
+        addresses += [RemoteAddresses(host, port, family) for host, port in rule.targets]
         #: Every target, in the rule's order.
         failures = {} if failures is None else failures  # a reloaded rule's counts go on
         self.targets: Tuple[TargetState, ...] = tuple(TargetState(index, each, failures)

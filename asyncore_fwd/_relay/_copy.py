@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Optional
 from .._compat import asyncore
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
-from .._net import LINGER_ABORT, acknowledge_urgent, os_error, pending_error, tune
+from .._net import LINGER_ABORT, acknowledge_urgent, os_error, pending_error, set_keepalive, tune
 from ._connection import STOPPED, Connection, cut
 
 __all__ = ["Receiver"]
@@ -67,8 +67,10 @@ class _Pipe(Dispatcher):
         self.write_closed = False
         self.bytes_sent = 0
         super().__init__(sock, map=conn.forwarder._map)
-        if sock is not None:
+        if sock is not None:  # the client's (the server's is made by its connect)
             tune(sock)
+            if conn.rule.tcp_keepalive:
+                set_keepalive(sock, conn.rule.tcp_keepalive)
 
     # -- select() predicates --------------------------------------------
 

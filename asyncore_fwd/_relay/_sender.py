@@ -18,7 +18,7 @@ from typing import Optional
 from .._compat import asyncore
 from .._eventloop import _loop
 from .._eventloop._timers import Timer, timers_for
-from .._net import OUT_OF_RESOURCES, describe_error, os_error, pending_error, tune
+from .._net import OUT_OF_RESOURCES, bind_source, describe_error, os_error, pending_error, set_keepalive, tune
 from ._connection import Connection
 from ._copy import _Pipe
 from ._loopback import LEADS_BACK
@@ -140,6 +140,11 @@ class Sender(_Pipe):
                 self.create_socket(family, socket.SOCK_STREAM)
                 _loop.check_watchable(self._map, self.socket)
                 tune(self.socket)
+                rule = self.conn.rule
+                if rule.source is not None:  # (an address gone since the start fails this connect)
+                    bind_source(self.socket, rule.source)
+                if rule.tcp_keepalive:
+                    set_keepalive(self.socket, rule.tcp_keepalive)
                 self._connect_timer = timers_for(self._map).call_later(
                     self.conn.rule.connect_timeout, self._connect_timed_out)
                 self.connect(address)
@@ -152,7 +157,11 @@ class Sender(_Pipe):
                     self.conn.forwarder.pause_accepting(failure)
                     self._last_error = failure  # in its own words: select()'s limit has some
                 else:
-                    self._last_error = os_error(failure.errno) if failure.errno else failure
+                    # asyncore's connect() words an error as its errno's name (ECONNREFUSED): the system's
+                    # words instead.  Other errors keep theirs (a source bind's names the address).
+                    code = failure.errno
+                    named = code is not None and failure.strerror == errno.errorcode.get(code)
+                    self._last_error = os_error(code) if code is not None and named else failure
                 self._target = None
                 self._choice.failed(target, self._last_error)
                 asyncore.dispatcher.close(self)

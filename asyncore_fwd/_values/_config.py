@@ -4,7 +4,8 @@ Strategy: every value is checked here, before a ``Rule`` is made, so that an
 error can name where it came from -- the file, the rule (its name or its
 index), the key and the value as written -- in one line.  The values are read
 by ``_parse``, as the command's flags are.  ``Rule`` checks again; its
-``ValueError`` can only show up here as a bug.
+``ValueError`` shows up here only for keys that must agree (a ``source``
+of another family than the target's).
 
 A config file has an optional ``[defaults]`` table and one ``[[rule]]`` table
 per rule::
@@ -38,12 +39,21 @@ from ._parse import (
     format_size,
     parse_host_port,
     parse_integer,
+    parse_ip_address,
     parse_seconds,
     parse_size,
     shorten,
     show_value,
 )
-from ._rules import BALANCES, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HIGH_WATER, PROXY_VERSIONS, Rule
+from ._rules import (
+    BALANCES,
+    DEFAULT_BACKLOG,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HIGH_WATER,
+    MAX_KEEPALIVE,
+    PROXY_VERSIONS,
+    Rule,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -128,6 +138,8 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "fail_timeout": parse_seconds,
     "health_check_interval": lambda value: parse_seconds(value, zero_ok=True),
     "accept_proxy": _network,
+    "source": lambda value: None if value == "none" else parse_ip_address(value),  # "none": unset [defaults]'s
+    "tcp_keepalive": lambda value: parse_seconds(value, zero_ok=True, highest=MAX_KEEPALIVE),
 }
 KEYS = tuple(_PARSERS)
 #: Keys whose value is a list (one entry, or several; in ``-L``, the key repeated once per entry).
@@ -183,7 +195,7 @@ def _make_rule(settings: Mapping[str, Any], base: Mapping[str, Any]) -> Rule:
             fields[key] = value
     try:
         return Rule(**fields)
-    except ValueError as error:  # pragma: no cover - every key was checked above
+    except ValueError as error:  # keys that do not go together (a source not of the target's family)
         raise ConfigError(str(error)) from None
 
 
@@ -395,6 +407,8 @@ def describe_rule(rule: Rule) -> str:
         "fail_timeout": f"{rule.fail_timeout:g}",
         "health_check_interval": f"{rule.health_check_interval:g}",
         "accept_proxy": networks(rule.accept_proxy, "none"),
+        "source": rule.source or "none",
+        "tcp_keepalive": f"{rule.tcp_keepalive:g}",
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 

@@ -13,13 +13,15 @@ or ``shorten()``, which keep an error to one readable line.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
 from typing import Optional, Tuple, TypeGuard
 
 __all__ = ["MAX_INTEGER", "BadValue", "decimal_integer", "format_size", "is_decimal", "is_integer", "is_seconds",
-           "parse_decimal", "parse_duration", "parse_host_port", "parse_integer", "parse_seconds", "parse_size",
+           "parse_decimal", "parse_duration", "parse_host_port", "parse_integer", "parse_ip_address", "parse_seconds",
+           "parse_size",
            "shorten", "show_value", "split_host_port"]
 
 #: The largest count or size taken anywhere (what a C ``ssize_t`` holds): more is never meant,
@@ -123,13 +125,15 @@ def _number(value: object) -> float:
     return number + 0.0  # -0.0 is 0.0
 
 
-def parse_seconds(value: object, zero_ok: bool = False) -> float:
-    """A number of seconds, above 0 or, if ``zero_ok``, from 0: ``5``, ``0.25``, ``"1.5"``."""
+def parse_seconds(value: object, zero_ok: bool = False, highest: float = math.inf) -> float:
+    """A number of seconds, above 0 or, if ``zero_ok``, from 0 (to ``highest``): ``5``, ``0.25``, ``"1.5"``."""
     try:
         seconds = _number(value)
     except BadValue:
         seconds = math.nan
-    if not is_seconds(seconds, zero_ok):
+    if not is_seconds(seconds, zero_ok) or seconds > highest:
+        if highest < math.inf:
+            raise BadValue(f"expected a number of seconds from {0 if zero_ok else 'above 0'} to {highest:g}")
         raise BadValue("expected a number of seconds >= 0" if zero_ok else "expected a positive number of seconds")
     return seconds
 
@@ -190,6 +194,16 @@ def split_host_port(text: str) -> Tuple[str, str]:
     if ":" in host:
         raise BadValue('expected "host:port" with an IPv6 address in brackets, like "[::1]:8080"')
     return host, port
+
+
+def parse_ip_address(value: object) -> str:
+    """An IPv4 or IPv6 address (in brackets or not), as the address's own text; never a host name."""
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value[1:-1] if value.startswith("[") and value.endswith("]") else value))
+        except ValueError:
+            pass
+    raise BadValue("expected an IP address, like 192.0.2.7 or ::1 (a host name is not accepted)")
 
 
 def parse_host_port(value: object, lowest_port: int, default_host: Optional[str] = None) -> Tuple[str, int]:

@@ -8,17 +8,19 @@ where to connect, and its limits -- so that rules can come from anywhere
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Iterable, Optional, Tuple, Union
 
 from .._net import SPLICE_AVAILABLE, format_address, strip_brackets
-from ._parse import is_integer, is_seconds
+from ._parse import is_integer, is_seconds, parse_ip_address
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 __all__ = ["BALANCES", "DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_FAIL_TIMEOUT", "DEFAULT_HIGH_WATER",
-           "DEFAULT_READ_SIZE", "KiB", "PROXY_VERSIONS", "Rule"]
+           "DEFAULT_READ_SIZE", "KiB", "MAX_KEEPALIVE", "PROXY_VERSIONS", "Rule", "check_source_family",
+           "source_ip"]
 
 KiB = 1024
 #: Stop reading from a side while this many bytes wait for the other side.
@@ -39,6 +41,8 @@ PROXY_VERSIONS = ("v1", "v2")
 BALANCES = ("first", "roundrobin", "leastconn")
 #: How long the failed connects that mark a target down are counted, and how long it stays down.
 DEFAULT_FAIL_TIMEOUT = 10.0
+#: The longest keepalive idle time, in seconds: Linux refuses a TCP_KEEPIDLE above it.
+MAX_KEEPALIVE = 32767
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,11 @@ class Rule:
     #: Front balancers (networks): only clients from these are served, and each must open with a PROXY
     #: header (v1 or v2) naming the real client, who is then the client for everything (empty: off).
     accept_proxy: Tuple[Network, ...] = ()
+    #: Connect to the server from this local IP address (the kernel picks the port); None: the kernel's choice.
+    source: Optional[str] = None
+    #: Keepalive probes on both sockets after this many seconds without a byte (0 = off); a
+    #: fraction rounds up to whole seconds, as the kernel counts them.
+    tcp_keepalive: float = 0
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -136,6 +145,13 @@ class Rule:
             raise ValueError(f"health_check_interval must be a number of seconds >= 0 (0 = off), "
                              f"not {self.health_check_interval!r}")
         object.__setattr__(self, "health_check_interval", float(self.health_check_interval))
+        if self.source is not None:
+            object.__setattr__(self, "source", source_ip(self.source))
+            check_source_family(self.source, (host for host, _ in self.all_targets))
+        if not is_seconds(self.tcp_keepalive, zero_ok=True) or self.tcp_keepalive > MAX_KEEPALIVE:
+            raise ValueError(f"tcp_keepalive must be a number of seconds from 0 to {MAX_KEEPALIVE} (0 = off), "
+                             f"not {self.tcp_keepalive!r}")
+        object.__setattr__(self, "tcp_keepalive", math.ceil(self.tcp_keepalive))
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
         if self.splice and not SPLICE_AVAILABLE:
@@ -179,6 +195,28 @@ def _targets(value: Any) -> Tuple[Tuple[str, int], ...]:
                              f"not {entry!r}")
         checked.append((strip_brackets(entry[0]), entry[1]))
     return tuple(checked)
+
+
+def source_ip(value: Any) -> str:
+    """``value``, an IPv4 or IPv6 address to connect from, as the address's own text; ValueError else."""
+    try:
+        return parse_ip_address(value)
+    except ValueError:
+        raise ValueError(f"source must be an IP address (a host name is not accepted), not {value!r}") from None
+
+
+def check_source_family(source: str, hosts: Iterable[str]) -> None:
+    """ValueError if a target host written as an IP address is not of the family of ``source``
+    (a host name is not checked: only its addresses of that family are used)."""
+    source_version = ipaddress.ip_address(source).version
+    for host in map(strip_brackets, hosts):
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            continue  # a name
+        if version != source_version:
+            raise ValueError(f"source {source} is IPv{source_version} but the target {host} is IPv{version}: "
+                             f"a connect needs both of one family")
 
 
 def _network(key: str, value: Any) -> Network:
