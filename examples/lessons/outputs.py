@@ -1,0 +1,277 @@
+"""What the lesson pages show as output, produced by running the real code.
+
+    python examples/lessons/outputs.py ID      print the output the pages show for ID
+    python examples/lessons/outputs.py --list  the IDs
+
+The documentation's build (docs/hooks/include.py) replaces each line
+``<!-- output: ID -->`` of a page with what this prints for ID, in a text
+block, and ``<!-- count: stepNN -->`` inside a line with the pass and xfail
+counts of ``pytest tests/test_lessons.py -k stepNN``.  So a page cannot show
+an output that the code no longer prints: a change to the code changes the
+page at the next build, and a recipe that fails fails the build.
+
+Each recipe is a function of no argument returning the text, registered
+under its ID by ``@recipe``.  It runs the step the way the page says
+(its tests with pytest, a race with race.py, a client scripted round by
+round) and makes the result stable: ``normalise`` replaces what differs from
+one run to the next (ports, object addresses, paths, durations).  Where the
+outcome itself is a matter of luck, the recipe measures a rate instead of
+showing one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+LESSONS = Path(__file__).resolve().parent
+ROOT = LESSONS.parent.parent
+RECIPES: Dict[str, Callable[[], str]] = {}
+#: How many runs a rate on a page is measured over.
+RACE_RUNS = 20
+#: The last lesson step (stepNN_*.py).
+LAST_STEP = max(int(path.name[4:6]) for path in LESSONS.glob("step[0-9][0-9]_*.py"))
+
+#: A port the kernel picks (Linux's ephemeral range starts at 32768); the fixed ports of the pages stay.
+EPHEMERAL = r"(?:3276[89]|327[7-9]\d|32[89]\d\d|3[3-9]\d{3}|[45]\d{4}|6[0-5]\d{3})\b"
+#: What differs from one run to the next, and what the pages show instead.
+UNSTABLE = [
+    (re.compile(r"\b(127\.0\.0\.1|::1|localhost):" + EPHEMERAL), r"\1:PORT"),  # ephemeral ports
+    (re.compile(r"\bport " + EPHEMERAL), "port PORT"),                               # ... as the logs say them
+    (re.compile(r"\bat 0x[0-9a-f]+"), "at 0x..."),                      # object addresses in reprs
+    (re.compile(r"[^\s\[\]|()<>]*/python[23]\.\d+/(site-packages/)?"), ".../"),  # the interpreter's files
+    (re.compile(re.escape(str(ROOT)) + "/"), ""),                      # the checkout
+    (re.compile(r" in \d+\.\d+s\b"), ""),                               # pytest's durations
+]
+
+
+def normalise(text: str) -> str:
+    """``text`` with what changes from run to run replaced (see ``UNSTABLE``)."""
+    for pattern, replacement in UNSTABLE:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def recipe(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+    """Register the decorated function as the recipe for ``name``."""
+    def register(func: Callable[[], str]) -> Callable[[], str]:
+        RECIPES[name] = func
+        return func
+    return register
+
+
+# -- the tests: counts, the -v listing, the failures the next step fixes ------
+
+
+def run_pytest(args: List[str], keep: Optional[Callable[[object], bool]] = None) -> str:
+    """Run pytest on tests/test_lessons.py in this process; return what it printed.
+
+    ``keep`` (an item -> bool), if given, deselects the other collected tests.
+    """
+    import pytest
+
+    class Select:
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_modifyitems(self, items: list, config: object) -> None:
+            if keep is not None:
+                items[:] = [item for item in items if keep(item)]
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pytest.main(["-p", "no:cacheprovider", "--rootdir", str(ROOT), "tests/test_lessons.py", *args],
+                     plugins=[Select()])
+    return out.getvalue()
+
+
+def collected(step: int) -> list:
+    """The tests ``-k stepNN`` selects, collected but not run."""
+    items: list = []
+
+    def keep(item: object) -> bool:
+        items.append(item)
+        return False
+
+    run_pytest(["--collect-only", "-q", "-k", f"step{step:02d}"], keep)
+    return items
+
+
+def counts(step: int) -> str:
+    """``N passed, M xfailed`` of ``pytest tests/test_lessons.py -k stepNN``.
+
+    The xfails are the tests marked so (strict, from FIXED_IN): the suite
+    fails if one of them passes, or if another one does not.
+    """
+    items = collected(step)
+    xfailed = sum(1 for item in items if item.get_closest_marker("xfail") is not None)  # type: ignore[attr-defined]
+    passed = len(items) - xfailed
+    return f"{passed} passed, {xfailed} xfailed" if xfailed else f"{passed} passed"
+
+
+def verbose(step: int) -> str:
+    """The result lines of ``pytest tests/test_lessons.py -v -k stepNN``."""
+    printed = run_pytest(["-v", "-k", f"step{step:02d}"])
+    return "\n".join(line for line in printed.splitlines() if line.startswith("tests/test_lessons.py::"))
+
+
+def failures(step: int, test: str = "", captured: bool = False) -> str:
+    """How the tests that step ``step`` fixes fail at the step before, with ``--runxfail``.
+
+    One line per failure (the first ``E`` line of its traceback), then the
+    ``FAILED`` lines of the short summary.  ``test`` keeps only the tests
+    whose name starts with it; ``captured`` adds, before each ``E`` line,
+    what the step printed or logged (``error: ...``, ``WARNING ...``).
+    """
+    fixed_here = f"fixed in step{step:02d}"
+
+    def keep(item: object) -> bool:
+        marker = item.get_closest_marker("xfail")  # type: ignore[attr-defined]
+        return (marker is not None and str(marker.kwargs.get("reason", "")).endswith(fixed_here)
+                and item.name.startswith(test))  # type: ignore[attr-defined]
+
+    printed = run_pytest(["-q", "--runxfail", "--tb=short", "-rf", "-k", f"step{step - 1:02d}"], keep)
+    blocks: Dict[str, List[str]] = {}
+    failed: List[str] = []
+    block = ""
+    for line in printed.splitlines():
+        heading = re.match(r"_{2,} (\S+) _{2,}$", line)
+        if heading:
+            block = heading.group(1)
+            blocks[block] = []
+        elif line.startswith("E   ") and block and not any(seen.startswith("E   ") for seen in blocks[block]):
+            blocks[block].append(line)
+        elif captured and block and line.startswith(("error: ", "WARNING ")):
+            blocks[block].insert(len(blocks[block]) - 1 if blocks[block] else 0, line)
+        elif line.startswith("FAILED "):
+            failed.append(line.split(" - ")[0])
+    return "\n".join([line for lines in blocks.values() for line in lines] + failed)
+
+
+for _step in range(0, LAST_STEP + 1):
+    recipe(f"counts-step{_step:02d}")(lambda step=_step: counts(step))
+    recipe(f"tests-step{_step:02d}")(lambda step=_step: verbose(step))
+    if _step:
+        recipe(f"failures-step{_step:02d}")(lambda step=_step: failures(step))
+recipe("failure-step08-none")(lambda: failures(8, "test_keeps_accepting_after_accept_returns_none", captured=True))
+recipe("failure-step08-emfile")(lambda: failures(8, "test_pauses_accepting_while_out_of_descriptors", captured=True))
+recipe("failure-step10-logged")(lambda: failures(10, captured=True))
+
+
+# -- races, as rates ------------------------------------------------------------
+
+
+def race(step: int, scenario: str) -> str:
+    """What ``race.py STEP SCENARIO -n 20`` prints."""
+    done = subprocess.run([sys.executable, str(LESSONS / "race.py"), str(step), scenario, "-n", str(RACE_RUNS)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    return done.stdout.strip()
+
+
+for _step, _scenario in [(0, "curl"), (0, "nc"), (1, "curl"), (1, "nc"), (4, "nc"), (5, "nc"), (6, "nc"),
+                         (7, "nc"), (7, "curl")]:
+    recipe(f"race-step{_step:02d}-{_scenario}")(lambda step=_step, scenario=_scenario: race(step, scenario))
+
+
+# -- CPU over an interval -------------------------------------------------------
+
+
+def cpu_while_waiting(step: int) -> str:
+    """What cpu.py says of the step while a half-closed client waits for a slow server."""
+    sys.path.insert(0, str(LESSONS))
+    import cpu
+    import race
+
+    def slow(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(4096):
+                pass
+            race.time.sleep(3)
+
+    with race.server(slow) as server_port, race.forwarder(step, server_port) as (port, process):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"hello\n")
+            client.shutdown(socket.SHUT_WR)
+            race.time.sleep(0.5)
+            share = cpu.busy_share(process.pid, 1.0)
+    return f"{share:.0%} of one CPU over 1.0 s"
+
+
+for _step in (4, 5, 6):
+    recipe(f"cpu-step{_step:02d}")(lambda step=_step: cpu_while_waiting(step))
+
+
+# -- traces, driven round by round ----------------------------------------------
+
+
+def load_step(step: int) -> object:
+    """Import step ``step``'s script as a module (its main block does not run)."""
+    import importlib.util
+
+    path = next(LESSONS.glob(f"step{step:02d}_*.py"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def out_of_the_way(sock: socket.socket, fd: int) -> socket.socket:
+    """``sock`` moved to descriptor ``fd``, so that the step's own get 3, 4, 5 as when run alone."""
+    import os
+
+    moved = socket.socket(sock.family, sock.type, fileno=os.dup2(sock.fileno(), fd))
+    sock.close()
+    return moved
+
+
+def trace_half_closing_client(step: int) -> str:
+    """The trace of one `nc -N` request through the step, one client move before each round.
+
+    Round 1 accepts the client, round 2 reads its request, round 3 sees its
+    EOF.  The listener's own readable()/writable() lines are left out.
+    """
+    import asyncore_fwd.trace as trace
+
+    lesson = load_step(step)
+    with out_of_the_way(socket.create_server(("127.0.0.1", 0)), 100) as server:
+        fwd = lesson.forwarder("127.0.0.1", 0, "127.0.0.1", server.getsockname()[1])  # type: ignore[attr-defined]
+        lines = io.StringIO()
+        trace.enable(lines)
+        client = out_of_the_way(socket.socket(), 101)
+        try:
+            client.connect(fwd.socket.getsockname())
+            lesson.serve(30, 1)  # type: ignore[attr-defined]
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            lesson.serve(30, 1)  # type: ignore[attr-defined]
+            client.shutdown(socket.SHUT_WR)
+            lesson.serve(30, 1)  # type: ignore[attr-defined]
+        finally:
+            trace.disable()
+            client.close()
+            lesson.asyncore.close_all()  # type: ignore[attr-defined]
+    shown = [line for line in lines.getvalue().splitlines() if " forwarder#1 readable()" not in line
+             and " forwarder#1 writable()" not in line]
+    return "\n".join(shown)
+
+
+recipe("trace-step01-nc")(lambda: trace_half_closing_client(1))
+
+
+def main(argv: List[str]) -> int:
+    if argv == ["--list"]:
+        print("\n".join(sorted(RECIPES)))
+        return 0
+    if len(argv) != 1 or argv[0] not in RECIPES:
+        print(f"usage: outputs.py ID | --list  (unknown: {' '.join(argv)})", file=sys.stderr)
+        return 2
+    print(normalise(RECIPES[argv[0]]()).rstrip("\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
