@@ -27,8 +27,9 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 LESSONS = Path(__file__).resolve().parent
 ROOT = LESSONS.parent.parent
@@ -173,8 +174,22 @@ def race(step: int, scenario: str) -> str:
 
 
 for _step, _scenario in [(0, "curl"), (0, "nc"), (1, "curl"), (1, "nc"), (4, "nc"), (5, "nc"), (6, "nc"),
-                         (7, "nc"), (7, "curl")]:
+                         (7, "nc"), (7, "curl"), (5, "big"), (6, "big"), (7, "big")]:
     recipe(f"race-step{_step:02d}-{_scenario}")(lambda step=_step, scenario=_scenario: race(step, scenario))
+
+
+def asyncore_source(name: str) -> str:
+    """The source of one of asyncore's functions, in the asyncore this Python imports."""
+    import inspect
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import asyncore
+    return inspect.getsource(getattr(asyncore, name))
+
+
+recipe("asyncore-readwrite")(lambda: asyncore_source("readwrite"))
 
 
 # -- CPU over an interval -------------------------------------------------------
@@ -229,37 +244,179 @@ def out_of_the_way(sock: socket.socket, fd: int) -> socket.socket:
     return moved
 
 
-def trace_half_closing_client(step: int) -> str:
-    """The trace of one `nc -N` request through the step, one client move before each round.
+class Scene:
+    """A step's forwarder, a client and a server in this process, moved one loop round at a time.
 
-    Round 1 accepts the client, round 2 reads its request, round 3 sees its
-    EOF.  The listener's own readable()/writable() lines are left out.
+    Each move of the client or the server is followed by one round of the
+    step's loop (``serve(30, 1)``), traced; a move must leave the loop
+    something to do, or the round waits its 30 s.  The client and the
+    server sit on descriptors 101 and up, so that the step's sockets are
+    numbered as when it runs alone: 3 the listener, 4 the receiver, 5 the
+    sender.
     """
+
+    def __init__(self, step: int) -> None:
+        self.lesson: Any = load_step(step)
+        self.listener = out_of_the_way(socket.create_server(("127.0.0.1", 0)), 100)
+        self.forwarder = self.lesson.forwarder("127.0.0.1", 0, "127.0.0.1", self.listener.getsockname()[1])
+        self.client = out_of_the_way(socket.socket(), 101)
+        self.server: Optional[socket.socket] = None
+        self.lines = io.StringIO()
+        self.printed = io.StringIO()  # what the step prints (asyncore's error lines): not part of the trace
+
+    def round(self) -> None:
+        """One round of the step's loop, after the sockets' moves have reached the kernel."""
+        time.sleep(0.02)
+        with contextlib.redirect_stdout(self.printed):
+            if hasattr(self.lesson, "serve"):
+                self.lesson.serve(30, 1)
+            else:  # the article's code has no serve(): its main block calls asyncore.loop()
+                self.lesson.asyncore.loop(30, count=1)
+
+    def connect(self) -> None:
+        self.client.connect(self.forwarder.socket.getsockname())
+
+    def accept(self) -> None:
+        """The server takes the step's connection (it is in the backlog since the step's connect)."""
+        conn, _ = self.listener.accept()
+        self.server = out_of_the_way(conn, 102)
+
+    def close(self) -> None:
+        self.lesson.asyncore.close_all(ignore_all=True)
+        for sock in (self.client, self.server, self.listener):
+            if sock is not None:
+                sock.close()
+
+
+def traced(step: int, moves: List[Callable[[Scene], object]], first: int = 1, last: int = 0,
+           listener: bool = False, rounds: Optional[Callable[[int, int], bool]] = None) -> str:
+    """The trace of ``moves`` (one round after each), rounds ``first`` to ``last`` (0: to the end).
+
+    ``rounds(number, last_round)``, if given, chooses the rounds to show instead.
+
+    Without ``listener``, the listener's own readable()/writable() lines are
+    left out, as the pages do.
+    """
+    import warnings
+
     import asyncore_fwd.trace as trace
 
-    lesson = load_step(step)
-    with out_of_the_way(socket.create_server(("127.0.0.1", 0)), 100) as server:
-        fwd = lesson.forwarder("127.0.0.1", 0, "127.0.0.1", server.getsockname()[1])  # type: ignore[attr-defined]
-        lines = io.StringIO()
-        trace.enable(lines)
-        client = out_of_the_way(socket.socket(), 101)
-        try:
-            client.connect(fwd.socket.getsockname())
-            lesson.serve(30, 1)  # type: ignore[attr-defined]
-            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            lesson.serve(30, 1)  # type: ignore[attr-defined]
-            client.shutdown(socket.SHUT_WR)
-            lesson.serve(30, 1)  # type: ignore[attr-defined]
-        finally:
-            trace.disable()
-            client.close()
-            lesson.asyncore.close_all()  # type: ignore[attr-defined]
-    shown = [line for line in lines.getvalue().splitlines() if " forwarder#1 readable()" not in line
-             and " forwarder#1 writable()" not in line]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scene = Scene(step)
+    trace.enable(scene.lines)
+    try:
+        for move in moves:
+            move(scene)
+            scene.round()
+    finally:
+        trace.disable()
+        scene.close()
+    if rounds is None:
+        def rounds(number: int, final: int) -> bool:
+            return first <= number and (not last or number <= last)
+    traced_lines = scene.lines.getvalue().splitlines()
+    final = max((int(found.group(1)) for found in map(re.compile(r"r(\d+) ").match, traced_lines) if found),
+                default=0)
+    shown = []
+    for line in traced_lines:
+        number = re.match(r"r(\d+) ", line)
+        if number and not rounds(int(number.group(1)), final):
+            continue
+        if not listener and re.search(r" forwarder#1 (readable|writable)\(\)", line):
+            continue
+        shown.append(line)
     return "\n".join(shown)
 
 
-recipe("trace-step01-nc")(lambda: trace_half_closing_client(1))
+REQUEST = b"GET / HTTP/1.0\r\n\r\n"
+
+
+def send_request(scene: Scene) -> None:
+    scene.client.sendall(REQUEST)
+
+
+def half_close(scene: Scene) -> None:
+    scene.client.shutdown(socket.SHUT_WR)
+
+
+def server_replies(scene: Scene) -> None:
+    """The server reads the request and sends a reply (617 bytes, the size of the lessons' page)."""
+    scene.accept()
+    assert scene.server is not None
+    scene.server.recv(4096)
+    scene.server.sendall(b"x" * 616 + b"\n")
+
+
+def server_answers_and_closes(scene: Scene) -> None:
+    """The server reads the request to its EOF, then sends a line and closes (the slow server of step 05)."""
+    scene.accept()
+    assert scene.server is not None
+    while scene.server.recv(4096):
+        pass
+    scene.server.sendall(b"reply after 3 s\n")
+    scene.server.close()
+
+
+def server_closes(scene: Scene) -> None:
+    assert scene.server is not None
+    scene.server.close()
+
+
+def connect(scene: Scene) -> None:
+    scene.connect()
+
+
+def nothing(scene: Scene) -> None:
+    """No move: the round has what the step itself left to do."""
+
+
+def step00_on_python3(*python_options: str) -> str:
+    """What the article's code prints on this Python 3 when a client sends a request (stdout and stderr)."""
+    sys.path.insert(0, str(LESSONS))
+    import race
+
+    script = race.step_file(0).relative_to(ROOT)
+    with race.server(race.reply_after_eof) as server_port:
+        port = race.free_port()
+        process = subprocess.Popen([sys.executable, "-u", *python_options, str(script), "-l", "127.0.0.1",
+                                    "-p", str(port), "-r", "127.0.0.1", "-P", str(server_port)],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + race.WAIT
+            while True:
+                try:
+                    race.fetch(port, half_close=True)
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            time.sleep(0.2)
+        finally:
+            process.terminate()
+            printed, _ = process.communicate(timeout=race.WAIT)
+    return printed
+
+
+recipe("error-step00-python3")(lambda: step00_on_python3())
+recipe("error-step00")(lambda: step00_on_python3("-W", "ignore"))
+
+
+#: An nc -N request: accept, the request, the client's EOF.
+HALF_CLOSING_CLIENT = [connect, send_request, half_close]
+#: A curl request: accept, the request, the connect completes and the request goes out, the reply, the server's EOF.
+CURL = [connect, send_request, nothing, server_replies, server_closes]
+
+#: An nc -N request to a slow server: the loop goes round (spinning or waiting) until the server answers.
+SLOW_SERVER = [connect, send_request, nothing, half_close, nothing, nothing, nothing, server_answers_and_closes]
+
+recipe("trace-step05-spin")(lambda: traced(5, SLOW_SERVER, first=6, last=7))
+recipe("trace-step05-end")(lambda: traced(5, SLOW_SERVER, rounds=lambda number, final: number == final))
+recipe("trace-step00")(lambda: traced(0, [connect, send_request], listener=True))
+recipe("trace-step00-nc-z")(lambda: traced(0, [connect, half_close], first=2))
+recipe("trace-step01-nc")(lambda: traced(1, HALF_CLOSING_CLIENT))
+recipe("trace-step01-curl")(lambda: traced(1, CURL, first=4))
 
 
 def main(argv: List[str]) -> int:

@@ -11,6 +11,9 @@ STEP is a step number (00 .. 10); SCENARIO is one of:
          reads until that EOF, thinks a moment, replies and closes.  The
          races: the client's EOF against the request (steps 00-04), the
          server's FIN against the reply (steps 05-06).
+  big    as nc, but the server answers at once with 1,000,000 bytes and
+         closes: the reply is still arriving when the FIN does, so a step
+         that closes on the hang-up (steps 05-06) loses its tail.
 
 The script starts its own server and the step itself (as a reader would,
 step 00 with python2.7), runs the scenario N times one after the other, and
@@ -37,6 +40,8 @@ LESSONS = Path(__file__).resolve().parent
 PAGE = b"x" * 616 + b"\n"
 #: What the nc scenario's server answers once it has the whole request.
 THOUGHT = b"reply after a moment\n"
+#: What the big scenario's server answers: more than one round's reads, as the lessons' bulk server.
+BIG = bytes(range(256)) * 3906 + b"x" * 64
 #: How long the nc scenario's server thinks before it answers (the lessons' slow server takes 3 s).
 THINK = 0.05
 WAIT = 10.0
@@ -117,6 +122,17 @@ def reply_after_eof(conn: socket.socket) -> None:
             conn.sendall(THOUGHT)
 
 
+def reply_big_after_eof(conn: socket.socket) -> None:
+    """The big scenario's server: read until EOF, send 1,000,000 bytes at once, close."""
+    with conn:
+        try:
+            while conn.recv(4096):
+                pass
+            conn.sendall(BIG)
+        except ConnectionError:
+            return
+
+
 @contextlib.contextmanager
 def forwarder(step: int, server_port: int) -> Iterator[Tuple[int, subprocess.Popen]]:
     """The step's script forwarding a free port to ``server_port``; yields (port, process)."""
@@ -155,7 +171,8 @@ def fetch(port: int, half_close: bool) -> bytes:
     return bytes(reply)
 
 
-SCENARIOS = {"curl": (reply_at_once, False, PAGE), "nc": (reply_after_eof, True, THOUGHT)}
+SCENARIOS = {"curl": (reply_at_once, False, PAGE), "nc": (reply_after_eof, True, THOUGHT),
+             "big": (reply_big_after_eof, True, BIG)}
 
 
 def measure(step: int, scenario: str, runs: int) -> int:
