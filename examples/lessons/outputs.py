@@ -262,11 +262,13 @@ class Scene:
         self.client = out_of_the_way(socket.socket(), 101)
         self.server: Optional[socket.socket] = None
         self.lines = io.StringIO()
+        self.rounds = 0
         self.printed = io.StringIO()  # what the step prints (asyncore's error lines): not part of the trace
 
     def round(self) -> None:
         """One round of the step's loop, after the sockets' moves have reached the kernel."""
         time.sleep(0.02)
+        self.rounds += 1
         with contextlib.redirect_stdout(self.printed):
             if hasattr(self.lesson, "serve"):
                 self.lesson.serve(30, 1)
@@ -308,7 +310,10 @@ def traced(step: int, moves: List[Callable[[Scene], object]], first: int = 1, la
     try:
         for move in moves:
             move(scene)
-            scene.round()
+            if move is not finish:
+                scene.round()
+            while move is finish and len(scene.lesson.asyncore.socket_map) > 1 and scene.rounds < MOST_ROUNDS:
+                scene.round()
     finally:
         trace.disable()
         scene.close()
@@ -348,14 +353,19 @@ def server_replies(scene: Scene) -> None:
     scene.server.sendall(b"x" * 616 + b"\n")
 
 
-def server_answers_and_closes(scene: Scene) -> None:
-    """The server reads the request to its EOF, then sends a line and closes (the slow server of step 05)."""
+def server_answers(scene: Scene) -> None:
+    """The server reads the request to its EOF, then sends a line (the slow server of step 05)."""
     scene.accept()
     assert scene.server is not None
     while scene.server.recv(4096):
         pass
     scene.server.sendall(b"reply after 3 s\n")
-    scene.server.close()
+
+
+def server_answers_and_closes(scene: Scene) -> None:
+    """The same, and the server closes at once: its reply and its FIN arrive together."""
+    server_answers(scene)
+    server_closes(scene)
 
 
 def server_closes(scene: Scene) -> None:
@@ -365,6 +375,26 @@ def server_closes(scene: Scene) -> None:
 
 def connect(scene: Scene) -> None:
     scene.connect()
+
+
+def finish(scene: Scene) -> None:
+    """No move, and rounds until the step has closed the pair (``traced`` knows this move)."""
+
+
+#: Where ``finish`` gives up: a step that never closes the pair.
+MOST_ROUNDS = 200
+#: The big reply of step 07's traces: about 25 reads of 4096 bytes.
+BIG_REPLY = 100_000
+
+
+def server_answers_big_and_closes(scene: Scene) -> None:
+    """The server reads the request to its EOF, sends 100,000 bytes and closes at once."""
+    scene.accept()
+    assert scene.server is not None
+    while scene.server.recv(4096):
+        pass
+    scene.server.sendall(b"x" * BIG_REPLY)
+    scene.server.close()
 
 
 def nothing(scene: Scene) -> None:
@@ -413,6 +443,17 @@ SLOW_SERVER = [connect, send_request, nothing, half_close, nothing, nothing, not
 
 recipe("trace-step05-spin")(lambda: traced(5, SLOW_SERVER, first=6, last=7))
 recipe("trace-step05-end")(lambda: traced(5, SLOW_SERVER, rounds=lambda number, final: number == final))
+#: The slow server answers, and closes a round later.
+ANSWER_THEN_FIN = [connect, send_request, half_close, server_answers, nothing, server_closes]
+recipe("trace-step06-slow")(lambda: traced(6, ANSWER_THEN_FIN, first=3, last=5))
+recipe("trace-step06-fin")(lambda: traced(6, ANSWER_THEN_FIN, first=6))
+recipe("trace-step06-together")(lambda: traced(6, [connect, send_request, half_close, server_answers_and_closes],
+                                               first=3))
+#: A half-closed request, answered with 100,000 bytes and the server's FIN right behind them.
+BIG_THEN_FIN = [connect, send_request, half_close, server_answers_big_and_closes, finish]
+recipe("trace-step07-fails")(lambda: traced(6, BIG_THEN_FIN, first=4))
+recipe("trace-step07-hup")(lambda: traced(7, BIG_THEN_FIN, first=4, last=5))
+recipe("trace-step07-end")(lambda: traced(7, BIG_THEN_FIN, rounds=lambda number, final: number >= final - 1))
 recipe("trace-step00")(lambda: traced(0, [connect, send_request], listener=True))
 recipe("trace-step00-nc-z")(lambda: traced(0, [connect, half_close], first=2))
 recipe("trace-step01-nc")(lambda: traced(1, HALF_CLOSING_CLIENT))
