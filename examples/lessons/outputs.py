@@ -46,6 +46,7 @@ UNSTABLE = [
     (re.compile(r"\b(127\.0\.0\.1|::1|localhost):" + EPHEMERAL), r"\1:PORT"),  # ephemeral ports
     (re.compile(r"\bport " + EPHEMERAL), "port PORT"),                               # ... as the logs say them
     (re.compile(r"\bat 0x[0-9a-f]+"), "at 0x..."),                      # object addresses in reprs
+    (re.compile(r"\.\.\.[0-9a-f]*>"), "...>"),                            # ... cut short by pytest
     (re.compile(r"[^\s\[\]|()<>]*/python[23]\.\d+/(site-packages/)?"), ".../"),  # the interpreter's files
     (re.compile(re.escape(str(ROOT)) + "/"), ""),                      # the checkout
     (re.compile(r" in \d+\.\d+s\b"), ""),                               # pytest's durations
@@ -140,7 +141,7 @@ def failures(step: int, test: str = "", captured: bool = False) -> str:
     failed: List[str] = []
     block = ""
     for line in printed.splitlines():
-        heading = re.match(r"_{2,} (\S+) _{2,}$", line)
+        heading = re.match(r"_+ (\S+) _+$", line)
         if heading:
             block = heading.group(1)
             blocks[block] = []
@@ -248,8 +249,8 @@ class Scene:
     """A step's forwarder, a client and a server in this process, moved one loop round at a time.
 
     Each move of the client or the server is followed by one round of the
-    step's loop (``serve(30, 1)``), traced; a move must leave the loop
-    something to do, or the round waits its 30 s.  The client and the
+    step's loop (``serve(count=1)``), traced; a move must leave the loop
+    something to do, or the round waits its timeout (30 s; 1 s from step 08).  The client and the
     server sit on descriptors 101 and up, so that the step's sockets are
     numbered as when it runs alone: 3 the listener, 4 the receiver, 5 the
     sender.
@@ -271,7 +272,7 @@ class Scene:
         self.rounds += 1
         with contextlib.redirect_stdout(self.printed):
             if hasattr(self.lesson, "serve"):
-                self.lesson.serve(30, 1)
+                self.lesson.serve(count=1)  # with the step's own timeout
             else:  # the article's code has no serve(): its main block calls asyncore.loop()
                 self.lesson.asyncore.loop(30, count=1)
 
@@ -458,6 +459,93 @@ recipe("trace-step00")(lambda: traced(0, [connect, send_request], listener=True)
 recipe("trace-step00-nc-z")(lambda: traced(0, [connect, half_close], first=2))
 recipe("trace-step01-nc")(lambda: traced(1, HALF_CLOSING_CLIENT))
 recipe("trace-step01-curl")(lambda: traced(1, CURL, first=4))
+
+
+def trace_out_of_descriptors() -> str:
+    """Step 08 with room for the listener and two connections: a third client, a pause, a close, the third accepted.
+
+    The server runs in a child process, so that its sockets take none of
+    this process's descriptors; then the limit is lowered to 8 (0-2, the
+    listener, two pairs).
+    """
+    import resource
+
+    import asyncore_fwd.trace as trace
+
+    child = subprocess.Popen([sys.executable, "-c", SERVER_CHILD, str(LESSONS)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        server_port = int(child.stdout.readline())
+        child.stdout.close()  # its descriptor is the one the listener should get
+        lesson: Any = load_step(8)
+        fwd = lesson.forwarder("127.0.0.1", 0, "127.0.0.1", server_port)
+        clients = [out_of_the_way(socket.socket(), 101 + number) for number in range(3)]
+        lines, printed = io.StringIO(), io.StringIO()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8, hard))
+        trace.enable(lines)
+        rounds = 0
+
+        def one_round() -> None:
+            nonlocal rounds
+            rounds += 1
+            time.sleep(0.05)
+            with contextlib.redirect_stdout(printed):
+                lesson.serve(count=1)
+
+        try:
+            for client in clients:
+                client.connect(fwd.socket.getsockname())
+                one_round()
+            one_round()  # paused: the listener is not watched, nothing else happens
+            clients[0].shutdown(socket.SHUT_WR)  # the first client is done
+            while not accepted(lesson, clients[2]) and rounds < MOST_ROUNDS:
+                one_round()
+        finally:
+            trace.disable()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            lesson.asyncore.close_all(ignore_all=True)
+            for client in clients:
+                client.close()
+    finally:
+        child.kill()
+        child.wait()
+    return lines.getvalue()
+
+
+def accepted(lesson: Any, client: socket.socket) -> bool:
+    """Whether the step has a receiver for ``client``."""
+    return any(isinstance(obj, lesson.receiver) and obj.addr == client.getsockname()
+               for obj in lesson.asyncore.socket_map.values())
+
+
+#: The server of trace_out_of_descriptors, in a child process: race.py's, answering after the client's EOF.
+SERVER_CHILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import race
+race.THINK = 0
+with race.server(race.reply_after_eof) as port:
+    print(port, flush=True)
+    time.sleep(60)
+"""
+
+
+def only_rounds(text: str, keep: Callable[[int, int], bool]) -> str:
+    """The lines of ``text`` (a trace) of the rounds ``keep(number, last)`` chooses."""
+    numbered = [(re.match(r"r(\d+) ", line), line) for line in text.splitlines()]
+    final = max((int(found.group(1)) for found, _ in numbered if found), default=0)
+    return "\n".join(line for found, line in numbered if not found or keep(int(found.group(1)), final))
+
+
+def without_predicates(text: str) -> str:
+    """``text`` (a trace) without the readable()/writable() lines."""
+    return "\n".join(line for line in text.splitlines() if not re.search(r" (readable|writable)\(\) -> ", line))
+
+
+recipe("trace-step08-pause")(lambda: only_rounds(trace_out_of_descriptors(), lambda number, final: 3 <= number <= 4))
+recipe("trace-step08-resume")(lambda: without_predicates(only_rounds(trace_out_of_descriptors(),
+                                                                     lambda number, final: number >= final - 2)))
 
 
 def main(argv: List[str]) -> int:
