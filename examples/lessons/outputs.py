@@ -315,6 +315,9 @@ def traced(step: int, moves: List[Callable[[Scene], object]], first: int = 1, la
                 scene.round()
             while move is finish and len(scene.lesson.asyncore.socket_map) > 1 and scene.rounds < MOST_ROUNDS:
                 scene.round()
+            while isinstance(move, Until) and not move.done(scene) and scene.rounds < MOST_ROUNDS:
+                move.step(scene)
+                scene.round()
     finally:
         trace.disable()
         scene.close()
@@ -380,6 +383,17 @@ def connect(scene: Scene) -> None:
 
 def finish(scene: Scene) -> None:
     """No move, and rounds until the step has closed the pair (``traced`` knows this move)."""
+
+
+class Until:
+    """A move repeated, a round after each, until ``done(scene)``; then ``rounds_after`` more rounds."""
+
+    def __init__(self, step: Callable[[Scene], object], done: Callable[[Scene], bool]) -> None:
+        self.step, self.done = step, done
+
+    def __call__(self, scene: Scene) -> None:
+        """The first move: ``traced`` runs the rest."""
+        self.step(scene)
 
 
 #: Where ``finish`` gives up: a step that never closes the pair.
@@ -455,6 +469,59 @@ BIG_THEN_FIN = [connect, send_request, half_close, server_answers_big_and_closes
 recipe("trace-step07-fails")(lambda: traced(6, BIG_THEN_FIN, first=4))
 recipe("trace-step07-hup")(lambda: traced(7, BIG_THEN_FIN, first=4, last=5))
 recipe("trace-step07-end")(lambda: traced(7, BIG_THEN_FIN, rounds=lambda number, final: number >= final - 1))
+def server_sends_big(scene: Scene) -> None:
+    """The server reads the request and starts a long reply (100,000 bytes), and keeps the connection open."""
+    scene.accept()
+    assert scene.server is not None
+    scene.server.recv(4096)
+    scene.server.sendall(b"x" * BIG_REPLY)
+
+
+def server_keeps_sending(scene: Scene) -> None:
+    """The server sends what its socket takes now (the first time: reads the request); it never blocks."""
+    if scene.server is None:
+        scene.accept()
+        assert scene.server is not None
+        scene.server.recv(4096)
+        scene.server.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        scene.server.send(b"x" * 65536)
+
+
+def slow_client(scene: Scene) -> None:
+    """A client that reads nothing; small kernel buffers on its way (its receive buffer, the send buffer
+    the step's accepted socket inherits from the listener), so that the step's own buffer fills soon."""
+    scene.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    scene.forwarder.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    scene.connect()
+
+
+def around_first(text: str, needle: str, before: int = 1, after: int = 0) -> str:
+    """The rounds of ``text`` (a trace) from ``before`` before the first round with ``needle`` to ``after`` after."""
+    first = next(int(line.split()[0][1:]) for line in text.splitlines() if needle in line)
+    return only_rounds(text, lambda number, final: first - before <= number <= first + after)
+
+
+def buffer_for_client_full(scene: Scene) -> bool:
+    """Whether the step holds BUFFER_LIMIT bytes for the client (its sender is about to stop reading)."""
+    return any(isinstance(obj, scene.lesson.receiver) and len(obj.to_remote_buffer) >= scene.lesson.BUFFER_LIMIT
+               for obj in scene.lesson.asyncore.socket_map.values())
+
+
+def client_reads_some(scene: Scene) -> None:
+    """The slow client reads a little (16 KiB at most)."""
+    scene.client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(4):
+            scene.client.recv(4096)
+
+
+recipe("trace-step03-limit")(lambda: around_first(traced(3, [slow_client, send_request, nothing, Until(
+    server_keeps_sending, buffer_for_client_full), client_reads_some, nothing]), "sender#1 readable() -> False",
+    before=1, after=1))
+recipe("trace-step04-curl")(lambda: traced(4, CURL, last=2, listener=True))
+recipe("trace-step02-download")(lambda: traced(2, [connect, send_request, nothing, server_sends_big,
+                                                   nothing, nothing, nothing], first=5, last=7))
 recipe("trace-step00")(lambda: traced(0, [connect, send_request], listener=True))
 recipe("trace-step00-nc-z")(lambda: traced(0, [connect, half_close], first=2))
 recipe("trace-step01-nc")(lambda: traced(1, HALF_CLOSING_CLIENT))
