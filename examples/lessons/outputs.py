@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import os
 import re
 import socket
 import subprocess
@@ -50,6 +52,7 @@ UNSTABLE = [
     (re.compile(r"[^\s\[\]|()<>]*/python[23]\.\d+/(site-packages/)?"), ".../"),  # the interpreter's files
     (re.compile(re.escape(str(ROOT)) + "/"), ""),                      # the checkout
     (re.compile(r" in \d+\.\d+s\b"), ""),                               # pytest's durations
+    (re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\b"), "YYYY-MM-DD hh:mm:ss,mmm"),  # log times
 ]
 
 
@@ -146,7 +149,7 @@ def failures(step: int, test: str = "", captured: bool = False) -> str:
             block = heading.group(1)
             blocks[block] = []
         elif line.startswith("E   ") and block and not any(seen.startswith("E   ") for seen in blocks[block]):
-            blocks[block].append(line)
+            blocks[block].append(line.rstrip())
         elif captured and block and line.startswith(("error: ", "WARNING ")):
             blocks[block].insert(len(blocks[block]) - 1 if blocks[block] else 0, line)
         elif line.startswith("FAILED "):
@@ -292,10 +295,11 @@ class Scene:
 
 
 def traced(step: int, moves: List[Callable[[Scene], object]], first: int = 1, last: int = 0,
-           listener: bool = False, rounds: Optional[Callable[[int, int], bool]] = None) -> str:
+           listener: bool = False, rounds: Optional[Callable[[int, int], bool]] = None, logs: bool = False) -> str:
     """The trace of ``moves`` (one round after each), rounds ``first`` to ``last`` (0: to the end).
 
     ``rounds(number, last_round)``, if given, chooses the rounds to show instead.
+    ``logs`` mixes in the step's log lines, formatted as its main block does.
 
     Without ``listener``, the listener's own readable()/writable() lines are
     left out, as the pages do.
@@ -307,6 +311,11 @@ def traced(step: int, moves: List[Callable[[Scene], object]], first: int = 1, la
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scene = Scene(step)
+    if logs:
+        handler = logging.StreamHandler(scene.lines)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
     trace.enable(scene.lines)
     try:
         for move in moves:
@@ -520,6 +529,9 @@ recipe("trace-step03-limit")(lambda: around_first(traced(3, [slow_client, send_r
     server_keeps_sending, buffer_for_client_full), client_reads_some, nothing]), "sender#1 readable() -> False",
     before=1, after=1))
 recipe("trace-step04-curl")(lambda: traced(4, CURL, last=2, listener=True))
+recipe("trace-step09")(lambda: traced(9, [connect, send_request], last=2, logs=True))
+recipe("trace-step10")(lambda: traced(10, [connect, send_request], listener=True, logs=True))
+recipe("trace-step10-quiet")(lambda: traced(10, [connect, send_request]))
 recipe("trace-step02-download")(lambda: traced(2, [connect, send_request, nothing, server_sends_big,
                                                    nothing, nothing, nothing], first=5, last=7))
 recipe("trace-step00")(lambda: traced(0, [connect, send_request], listener=True))
@@ -613,6 +625,63 @@ def without_predicates(text: str) -> str:
 recipe("trace-step08-pause")(lambda: only_rounds(trace_out_of_descriptors(), lambda number, final: 3 <= number <= 4))
 recipe("trace-step08-resume")(lambda: without_predicates(only_rounds(trace_out_of_descriptors(),
                                                                      lambda number, final: number >= final - 2)))
+
+
+# -- a step run as a reader runs it --------------------------------------------
+
+
+def run_script(step: int, remote_port: int, *args: str) -> str:
+    """What the step's script prints (stdout and stderr) when one client sends a request and half-closes.
+
+    The script listens on a free port (``-p 0``) and says which: "listening
+    on port N" (steps 01-08) or its "forwarding ... port N" log line.
+    """
+    sys.path.insert(0, str(LESSONS))
+    import race
+
+    script = race.step_file(step).relative_to(ROOT)
+    process = subprocess.Popen([sys.executable, "-u", "-W", "ignore", str(script), "-l", "127.0.0.1", "-p", "0",
+                                "-r", "127.0.0.1", "-P", str(remote_port), *args],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        port = re.search(r"port (\d+)", first)
+        if port is None:
+            raise RuntimeError(f"{script}: no port in its first line: {first!r}")
+        race.fetch(int(port.group(1)), half_close=True)
+        time.sleep(0.3)
+    finally:
+        process.terminate()
+        rest, _ = process.communicate(timeout=race.WAIT)
+    return first + rest
+
+
+def script_help(step: int) -> str:
+    """``python stepNN_*.py --help``."""
+    sys.path.insert(0, str(LESSONS))
+    import race
+
+    script = race.step_file(step)
+    done = subprocess.run([sys.executable, "-W", "ignore", str(script), "--help"], capture_output=True, text=True,
+                          timeout=60, check=True, env=dict(os.environ, COLUMNS="80"))  # optparse's width
+    return done.stdout
+
+
+def lines_from(text: str, start: str, count: int) -> str:
+    """``count`` lines of ``text`` from the first that contains ``start``."""
+    lines = text.splitlines()
+    first = next(number for number, line in enumerate(lines) if start in line)
+    return "\n".join(lines[first:first + count])
+
+
+#: A port where nothing listens on this machine (discard), as on the pages.
+NOBODY = 9
+
+recipe("run-step08-refused")(lambda: run_script(8, NOBODY))
+recipe("run-step09-refused")(lambda: run_script(9, NOBODY))
+recipe("help-step08-remote")(lambda: lines_from(script_help(8), "--remote-ip", 4))
+recipe("help-step09")(lambda: script_help(9))
 
 
 def main(argv: List[str]) -> int:
