@@ -49,7 +49,7 @@ UNSTABLE = [
     (re.compile(r"\bport " + EPHEMERAL), "port PORT"),                               # ... as the logs say them
     (re.compile(r"\bat 0x[0-9a-f]+"), "at 0x..."),                      # object addresses in reprs
     (re.compile(r"\.\.\.[0-9a-f]*>"), "...>"),                            # ... cut short by pytest
-    (re.compile(r"[^\s\[\]|()<>]*/python[23]\.\d+/(site-packages/)?"), ".../"),  # the interpreter's files
+    (re.compile(r"[^\s\[\]|()<>\"']*/python[23]\.\d+/(site-packages/)?"), ".../"),  # the interpreter's files
     (re.compile(re.escape(str(ROOT)) + "/"), ""),                      # the checkout
     (re.compile(r" in \d+\.\d+s\b"), ""),                               # pytest's durations
     (re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\b"), "YYYY-MM-DD hh:mm:ss,mmm"),  # log times
@@ -673,6 +673,65 @@ def lines_from(text: str, start: str, count: int) -> str:
     lines = text.splitlines()
     first = next(number for number, line in enumerate(lines) if start in line)
     return "\n".join(lines[first:first + count])
+
+
+def many_clients(step: int, count: int = 600) -> List[str]:
+    """The 600-client run of step 04's page: [what the clients print, what the forwarder prints].
+
+    The step runs with 4096 descriptors allowed; its server side is a
+    listening socket that never accepts, so that the step's connects stay
+    in its backlog and use no descriptor of this process.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    sys.path.insert(0, str(LESSONS))
+    import race
+
+    def more_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+
+    script = race.step_file(step).relative_to(ROOT)
+    with socket.create_server(("127.0.0.1", 0), backlog=count + 100) as server:
+        process = subprocess.Popen([sys.executable, "-u", "-W", "ignore", str(script), "-l", "127.0.0.1", "-p", "0",
+                                    "-r", "127.0.0.1", "-P", str(server.getsockname()[1])], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   preexec_fn=more_descriptors)
+        clients: List[socket.socket] = []
+        try:
+            assert process.stdout is not None
+            first = process.stdout.readline()
+            port = int(re.search(r"port (\d+)", first).group(1))  # type: ignore[union-attr]
+            said = f"{count} clients connected"
+            for number in range(count):
+                try:
+                    clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                except OSError as error:
+                    said = f"client {number + 1}: {error}"
+                    break
+                time.sleep(0.003)  # the step accepts one client a round: do not overflow its backlog of 5
+            time.sleep(1)
+        finally:
+            process.terminate()
+            rest, _ = process.communicate(timeout=race.WAIT)
+            for client in clients:
+                client.close()
+    return [said, first + rest]
+
+
+def evidence(script: str, *args: str) -> str:
+    """What one of the Chinese pages' evidence scripts (docs/zh/evidence/) prints."""
+    done = subprocess.run([sys.executable, "-W", "ignore", f"docs/zh/evidence/{script}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout
+
+
+recipe("select-limit-step03")(lambda: evidence("select_limit.py", "examples/lessons", "step03_backpressure"))
+recipe("select-limit-step04")(lambda: evidence("select_limit.py", "examples/lessons", "step04_poll"))
+recipe("many-clients-step03-client")(lambda: many_clients(3)[0])
+recipe("many-clients-step03")(lambda: many_clients(3)[1])
+recipe("many-clients-step04-client")(lambda: many_clients(4)[0])
 
 
 #: A port where nothing listens on this machine (discard), as on the pages.
