@@ -39,6 +39,10 @@ TYPED_IN = {
     "a count": re.compile(r"\b\d+ passed\b"),
     "a rate": re.compile(r"\b\d+ (times )?out of \d+\b|\b\d+/\d+ replies"),
     "a lifetime CPU average": re.compile(r"ps -o %cpu"),
+    "a trace line": re.compile(r"^\s*r(\d+|-) +(fd|select|poll|epoll)", re.M),
+    "a traceback's E line": re.compile(r"^\s*E   \S", re.M),
+    "asyncore's error line": re.compile(r"^\s*error: uncaptured python exception", re.M),
+    "a log line": re.compile(r"^\s*\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.M),
 }
 
 
@@ -135,6 +139,8 @@ def python27_available() -> bool:
     pytest.param("06", "nc", False, id="step06-nc"),
     pytest.param("07", "nc", True, id="step07-nc"),
     pytest.param("07", "curl", True, id="step07-curl"),
+    pytest.param("06", "big", False, id="step06-big"),
+    pytest.param("07", "big", True, id="step07-big"),
 ])
 def test_race_prints_how_many_replies_came_back_short(step: str, scenario: str, never: bool) -> None:
     if step == "00" and not python27_available():

@@ -727,6 +727,80 @@ def evidence(script: str, *args: str) -> str:
     return done.stdout
 
 
+def emfile_evidence(step_script: str) -> List[str]:
+    """docs/zh/evidence/emfile.sh against a web server of this run: [what it prints, the step's log]."""
+    import tempfile
+
+    sys.path.insert(0, str(LESSONS))
+    import race
+
+    web = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+                            "--directory", str(ROOT / "docs" / "zh" / "evidence")],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert web.stdout is not None
+        server_port = re.search(r"port (\d+)", web.stdout.readline()).group(1)  # type: ignore[union-attr]
+        with tempfile.TemporaryDirectory() as scratch:
+            log = Path(scratch) / "step.log"
+            env = dict(os.environ, PORT=str(race.free_port()), SERVER=server_port, LOG=str(log),
+                       PYTHON=sys.executable)
+            done = subprocess.run(["bash", "docs/zh/evidence/emfile.sh", step_script], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120, check=True)
+            return [done.stdout, log.read_text()]
+    finally:
+        web.kill()
+        web.wait()
+
+
+recipe("emfile-step07")(lambda: emfile_evidence("step07_poll_hangup.py")[0])
+recipe("emfile-step07-log")(lambda: emfile_evidence("step07_poll_hangup.py")[1])
+recipe("emfile-step08")(lambda: emfile_evidence("step08_accept.py")[0])
+def three_clients_and_a_fourth(step: int) -> List[str]:
+    """Step 08's page: the step with 8 descriptors, three clients holding on for 2 s, a request 3 s in.
+
+    Returns [what the step printed, what the fourth client got].
+    """
+    import resource
+
+    sys.path.insert(0, str(LESSONS))
+    import race
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    script = race.step_file(step).relative_to(ROOT)
+    with race.server(race.reply_after_eof) as server_port:
+        process = subprocess.Popen([sys.executable, "-u", "-W", "ignore", str(script), "-l", "127.0.0.1", "-p", "0",
+                                    "-r", "127.0.0.1", "-P", str(server_port)], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, preexec_fn=few_descriptors)
+        holding: List[socket.socket] = []
+        try:
+            assert process.stdout is not None
+            first = process.stdout.readline()
+            port = int(re.search(r"port (\d+)", first).group(1))  # type: ignore[union-attr]
+            for _ in range(3):
+                holding.append(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(2)
+            for client in holding:
+                with contextlib.suppress(OSError):  # the one the step could not take was reset
+                    client.shutdown(socket.SHUT_WR)
+            time.sleep(1)
+            try:
+                fourth = race.fetch(port, half_close=True).decode() or "(nothing)"
+            except ConnectionError as error:
+                fourth = f"({error})"
+            time.sleep(0.3)
+        finally:
+            process.terminate()
+            rest, _ = process.communicate(timeout=race.WAIT)
+            for client in holding:
+                client.close()
+    return [first + rest, fourth]
+
+
+recipe("ulimit8-step07")(lambda: three_clients_and_a_fourth(7)[0])
+recipe("ulimit8-step07-fourth")(lambda: three_clients_and_a_fourth(7)[1])
+recipe("ulimit8-step08-fourth")(lambda: three_clients_and_a_fourth(8)[1])
 recipe("select-limit-step03")(lambda: evidence("select_limit.py", "examples/lessons", "step03_backpressure"))
 recipe("select-limit-step04")(lambda: evidence("select_limit.py", "examples/lessons", "step04_poll"))
 recipe("many-clients-step03-client")(lambda: many_clients(3)[0])
