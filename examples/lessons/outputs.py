@@ -801,6 +801,55 @@ def three_clients_and_a_fourth(step: int) -> List[str]:
 recipe("ulimit8-step07")(lambda: three_clients_and_a_fourth(7)[0])
 recipe("ulimit8-step07-fourth")(lambda: three_clients_and_a_fourth(7)[1])
 recipe("ulimit8-step08-fourth")(lambda: three_clients_and_a_fourth(8)[1])
+def resident_kib(pid: int) -> int:
+    """VmRSS of ``pid``, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def memory_of_a_slow_client(step: int, megabytes: int, wait: float) -> List[int]:
+    """[VmRSS before, VmRSS ``wait`` s after] a client that reads nothing asks for ``megabytes`` MB."""
+    sys.path.insert(0, str(LESSONS))
+    import race
+
+    def send_megabytes(conn: socket.socket) -> None:
+        chunk = b"x" * 65536
+        with contextlib.suppress(OSError), conn:
+            conn.recv(4096)
+            for _ in range(megabytes * 16):
+                conn.sendall(chunk)
+
+    with race.server(send_megabytes) as server_port, race.forwarder(step, server_port) as (port, process):
+        before = resident_kib(process.pid)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            time.sleep(wait)
+            after = resident_kib(process.pid)
+    return [before, after]
+
+
+def memory_table() -> str:
+    """Step 03's English page: steps 02 and 03, before and 2 s into a 20 MB download nobody reads."""
+    rows = []
+    for step, name in ((2, "step02_buffers"), (3, "step03_backpressure")):
+        before, after = memory_of_a_slow_client(step, 20, 2.0)
+        rows.append(f"{name + ':':21}{before:6d} -> {after} KiB")
+    return "\n".join(rows)
+
+
+recipe("memory-steps02-03")(memory_table)
+recipe("vmrss-step02")(lambda: f"VmRSS:\t{memory_of_a_slow_client(2, 300, 2.0)[1]:8d} kB")
+recipe("vmrss-step03")(lambda: f"VmRSS:\t{memory_of_a_slow_client(3, 300, 2.0)[1]:8d} kB")
+def run_python(*args: str) -> str:
+    """What ``python ARGS`` prints, run from the repository root."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=True).stdout
+
+
+recipe("copy-cost")(lambda: run_python("examples/lessons/copy_cost.py"))
+recipe("timeit-bytes")(lambda: run_python("-m", "timeit", "-s", "buf = b'x' * 10_000_000", "buf[4096:]"))
+recipe("timeit-bytearray")(lambda: run_python("-m", "timeit", "-s", "buf = bytearray(b'x' * 10_000_000)",
+                                              "del buf[:4096]; buf += b'x' * 4096"))
 recipe("select-limit-step03")(lambda: evidence("select_limit.py", "examples/lessons", "step03_backpressure"))
 recipe("select-limit-step04")(lambda: evidence("select_limit.py", "examples/lessons", "step04_poll"))
 recipe("many-clients-step03-client")(lambda: many_clients(3)[0])
