@@ -171,10 +171,11 @@ recipe("failure-step10-logged")(lambda: failures(10, captured=True))
 
 
 def race(step: int, scenario: str) -> str:
-    """What ``race.py STEP SCENARIO -n 20`` prints."""
-    done = subprocess.run([sys.executable, str(LESSONS / "race.py"), str(step), scenario, "-n", str(RACE_RUNS)],
+    """``race.py STEP SCENARIO -n 20`` and what it prints, as on a terminal."""
+    args = [f"{step:02d}", scenario, "-n", str(RACE_RUNS)]
+    done = subprocess.run([sys.executable, str(LESSONS / "race.py"), *args],
                           capture_output=True, text=True, timeout=300, check=True)
-    return done.stdout.strip()
+    return f"$ python examples/lessons/race.py {' '.join(args)}\n{done.stdout.strip()}"
 
 
 for _step, _scenario in [(0, "curl"), (0, "nc"), (1, "curl"), (1, "nc"), (4, "nc"), (5, "nc"), (6, "nc"),
@@ -200,7 +201,7 @@ recipe("asyncore-readwrite")(lambda: asyncore_source("readwrite"))
 
 
 def cpu_while_waiting(step: int) -> str:
-    """What cpu.py says of the step while a half-closed client waits for a slow server."""
+    """cpu.py on the step while a half-closed client waits for a slow server, and what it says."""
     sys.path.insert(0, str(LESSONS))
     import cpu
     import race
@@ -217,7 +218,8 @@ def cpu_while_waiting(step: int) -> str:
             client.shutdown(socket.SHUT_WR)
             race.time.sleep(0.5)
             share = cpu.busy_share(process.pid, 1.0)
-    return f"{share:.0%} of one CPU over 1.0 s"
+    name = race.step_file(step).stem
+    return f"$ python examples/lessons/cpu.py $(pgrep -f {name})\n{share:.0%} of one CPU over 1.0 s"
 
 
 for _step in (4, 5, 6):
