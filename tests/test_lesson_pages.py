@@ -192,10 +192,16 @@ def test_hook_puts_a_recipes_output_in_a_block_and_a_count_in_the_line() -> None
     include = load_hook()
     page = "Step 10: <!-- count: step10 -->.\n\n<!-- output: counts-step10 -->\n"
     counted = run("outputs.py", "counts-step10").stdout.strip()
-    assert include.expand(page, ROOT) == f"Step 10: {counted}.\n\n```text\n{counted}\n```\n"
+    assert include.expand(page, ROOT, run_outputs=True) == f"Step 10: {counted}.\n\n```text\n{counted}\n```\n"
 
 
 def test_hook_names_the_page_and_line_of_an_unknown_recipe() -> None:
     include = load_hook()
-    with pytest.raises(include.DirectiveError, match=r"step99\.md, line 2: .*no-such-output"):
-        include.expand("text\n<!-- output: no-such-output -->", ROOT, "step99.md")
+    for run_outputs in (False, True):
+        with pytest.raises(include.DirectiveError, match=r"step99\.md, line 2: .*no-such-output"):
+            include.expand("text\n<!-- output: no-such-output -->", ROOT, "step99.md", run_outputs=run_outputs)
+
+
+def test_hook_checks_an_outputs_name_without_running_it_unless_asked() -> None:
+    include = load_hook()
+    assert include.expand("<!-- output: race-step01-nc -->", ROOT) == "```text\n(the output of race-step01-nc)\n```"

@@ -21,8 +21,11 @@ that returns the text, register it with ``@recipe("ID")`` (check it with
 ``python examples/lessons/outputs.py ID``), and put the directive on the
 page; the same ID serves the English and the Chinese page.  The recipes run
 in a child process with this interpreter (it needs pytest), once per ID and
-build; a recipe that fails fails the build.  tests/test_lesson_pages.py checks
-that every directive names a recipe and runs the quick ones.
+build; a recipe that fails fails the build.  ``expand()`` runs them only when
+asked (``run_outputs=True``, as the build does); otherwise it checks that the
+ID names a recipe and puts a placeholder, so that the tests that resolve
+every page stay quick.  tests/test_lesson_pages.py checks that every
+directive names a recipe and runs the quick ones.
 
 A missing file or symbol fails the build, naming the page and the line.
 The functions below are plain Python so that the tests can run them without
@@ -133,6 +136,21 @@ def recipe_output(root: Path, recipe_id: str) -> str:
     return done.stdout.rstrip("\n")
 
 
+@functools.lru_cache(maxsize=None)
+def recipe_ids(root: Path) -> frozenset:
+    """The IDs ``examples/lessons/outputs.py --list`` knows."""
+    return frozenset(recipe_output(root, "--list").split())
+
+
+def output_of(root: Path, recipe_id: str, run_outputs: bool) -> str:
+    """What the recipe prints, or (without ``run_outputs``) a placeholder once its ID is known."""
+    if run_outputs:
+        return recipe_output(root, recipe_id)
+    if recipe_id not in recipe_ids(root):
+        raise DirectiveError(f"output {recipe_id}: no such recipe in {OUTPUTS}")
+    return f"(the output of {recipe_id})"
+
+
 def fenced(code: str, language: str) -> str:
     """``code`` as a fenced block, with a fence longer than any backtick run inside it."""
     longest = max((len(run) for run in re.findall(r"`{3,}", code)), default=2)
@@ -141,7 +159,7 @@ def fenced(code: str, language: str) -> str:
     return "\n".join(lines)
 
 
-def render_directive(name: str, args: str, root: Path) -> str:
+def render_directive(name: str, args: str, root: Path, run_outputs: bool = False) -> str:
     """The code block for one directive (without indentation)."""
     words = args.split()
     if name == "cli-help":
@@ -151,7 +169,7 @@ def render_directive(name: str, args: str, root: Path) -> str:
     if name == "output":
         if len(words) != 1:
             raise DirectiveError("output takes one recipe: <!-- output: ID -->")
-        return fenced(recipe_output(root, words[0]), "text")
+        return fenced(output_of(root, words[0], run_outputs), "text")
     if name == "diff":
         if len(words) != 2:
             raise DirectiveError("diff takes two paths: <!-- diff: OLD NEW -->")
@@ -166,8 +184,8 @@ def render_directive(name: str, args: str, root: Path) -> str:
     return fenced(source, language_for(path))
 
 
-def expand(markdown: str, root: Path, page: str = "<page>") -> str:
-    """``markdown`` with every directive line replaced by its code block."""
+def expand(markdown: str, root: Path, page: str = "<page>", run_outputs: bool = False) -> str:
+    """``markdown`` with every directive line replaced by its code block (outputs: see the module's doc)."""
     out = []
     open_fence = ""
     for number, line in enumerate(markdown.split("\n"), 1):
@@ -182,7 +200,8 @@ def expand(markdown: str, root: Path, page: str = "<page>") -> str:
         if match is None:
             if not open_fence and not fence and COUNT.search(line):
                 try:
-                    line = COUNT.sub(lambda count: recipe_output(root, f"counts-{count.group('step')}"), line)
+                    line = COUNT.sub(lambda count: output_of(root, f"counts-{count.group('step')}", run_outputs),
+                                     line)
                 except DirectiveError as error:
                     raise DirectiveError(f"{page}, line {number}: {error}") from None
             out.append(line)
@@ -191,7 +210,7 @@ def expand(markdown: str, root: Path, page: str = "<page>") -> str:
         if args.startswith(":"):
             args = args[1:]
         try:
-            block = render_directive(match.group("name"), args, root)
+            block = render_directive(match.group("name"), args, root, run_outputs)
         except (DirectiveError, SyntaxError) as error:
             raise DirectiveError(f"{page}, line {number}: {line.strip()}: {error}") from None
         out.append(fenced_indent(block, match.group("indent")))
@@ -211,6 +230,6 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # type: ignore
 
     root = Path(config["config_file_path"]).resolve().parent
     try:
-        return expand(markdown, root, page.file.src_uri)
+        return expand(markdown, root, page.file.src_uri, run_outputs=True)
     except DirectiveError as error:
         raise PluginError(f"code include: {error}") from None
