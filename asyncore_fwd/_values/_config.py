@@ -51,6 +51,7 @@ from ._rules import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HIGH_WATER,
     MAX_KEEPALIVE,
+    PROTOS,
     PROXY_VERSIONS,
     Rule,
 )
@@ -112,6 +113,12 @@ def _proxy_version(value: object) -> Optional[str]:
     raise BadValue('expected "v1", "v2" or "none"')
 
 
+def _proto(value: object) -> str:
+    if isinstance(value, str) and value in PROTOS:
+        return value
+    raise BadValue('expected "tcp" or "udp"')
+
+
 def _balance(value: object) -> str:
     if isinstance(value, str) and value in BALANCES:
         return value
@@ -140,6 +147,7 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "accept_proxy": _network,
     "source": lambda value: None if value == "none" else parse_ip_address(value),  # "none": unset [defaults]'s
     "tcp_keepalive": lambda value: parse_seconds(value, zero_ok=True, highest=MAX_KEEPALIVE),
+    "proto": _proto,
 }
 KEYS = tuple(_PARSERS)
 #: Keys whose value is a list (one entry, or several; in ``-L``, the key repeated once per entry).
@@ -409,6 +417,7 @@ def describe_rule(rule: Rule) -> str:
         "accept_proxy": networks(rule.accept_proxy, "none"),
         "source": rule.source or "none",
         "tcp_keepalive": f"{rule.tcp_keepalive:g}",
+        "proto": rule.proto,
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 
