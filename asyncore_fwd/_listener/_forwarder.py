@@ -117,6 +117,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
                stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
                scratch: Optional[memoryview] = None) -> None:
+        if rule.proto != "tcp":  # (a listener of another kind: _listener._udp)
+            raise ValueError("a Forwarder serves TCP rules: serve a UDP rule (proto='udp') with Service([rule])")
         self._own_connections(rule, stats, scratch)
         #: Toxics and down() (fault injection): see ``add_toxic``.
         self._faults = FaultControls(self, seed)

@@ -69,6 +69,9 @@ log = logging.getLogger("asyncore_fwd")
 
 # A listening socket handed over by ``release_listener``, with the listener that let it go: its
 # successor adopts that one's sessions (weak: a socket nobody took over is not kept open by this).
+#: The receive buffer the listening socket asks for (bytes).
+LISTEN_RECEIVE_BUFFER = 4 * 1024 * 1024
+
 _released: "weakref.WeakKeyDictionary[socket.socket, DatagramListener]" = weakref.WeakKeyDictionary()
 
 
@@ -143,6 +146,9 @@ class DatagramListener(Dispatcher):
             # take part of the datagrams.  (SO_REUSEPORT, asked for, spreads clients over --workers.)
             if self.rule.reuse_port:
                 self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # Every client's datagrams queue here between two rounds of the loop: room for a burst
+            # (the kernel caps it at net.core.rmem_max; past it, the kernel drops, as UDP may).
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RECEIVE_BUFFER)
             self.bind(address)
             _loop.check_watchable(self._map, self.socket)
         except OSError as error:
