@@ -61,6 +61,7 @@ def test_hundreds_of_clients_each_get_exactly_their_own_replies_whole_from_the_a
                 assert reply == sent[index][round_]
                 assert sender[:2] == address
         assert service.stats("dns")["active"] == 200
+        wait_for(lambda: service.stats("dns")["datagrams_to_client"] == 600, what="the last reply counted")
         counters = service.stats("dns")
         assert counters["datagrams_to_server"] == counters["datagrams_to_client"] == 600
         assert counters["bytes_to_server"] == counters["bytes_to_client"] == sum(map(len, sum(sent.values(), [])))

@@ -120,7 +120,7 @@ class DatagramListener(Dispatcher):
             self._listen()
         self._address: Tuple[str, int] = self.socket.getsockname()[:2]
         self.addr = self._address
-        self._label = rule.name or format_address((rule.local_host, self._address[1]))
+        self._label = rule.name or format_address((rule.local_host, self._address[1])) + "/udp"
         self.refusals.label = self._label
         #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
         self.loopback = LoopbackGuard(self, rule.reuse_port)

@@ -358,13 +358,14 @@ def load_config(path: str, base: Optional[Mapping[str, Any]] = None) -> List[Rul
 
 
 def check_unique(rules: Sequence[Rule], places: Sequence[str]) -> None:
-    """ConfigError if two rules share a name or a listen address (``places[i]`` names rule i).
+    """ConfigError if two rules share a name or a listen address and proto (``places[i]`` names rule i).
 
     Rules on port 0 may share an address (each gets its own free port), but
     then they need names: a rule without one is known by where it listens.
+    A TCP and a UDP rule may listen on one address (their ports are apart).
     """
     names: Dict[str, int] = {}
-    listens: Dict[Tuple[str, int], int] = {}
+    listens: Dict[Tuple[str, str, int], int] = {}
     for index, rule in enumerate(rules):
         if not rule.name and not rule.local_port and rule.label in names:
             raise ConfigError(f"{places[index]}: name: missing, and {show_value(rule.listen)} is already where "
@@ -376,7 +377,7 @@ def check_unique(rules: Sequence[Rule], places: Sequence[str]) -> None:
                 raise ConfigError(f"{places[index]}: name: {show_value(rule.name)} is already the name of "
                                   f"{_strip_file(places[names[rule.name]])}")
             names[rule.name] = index
-        where = (rule.local_host, rule.local_port)
+        where = (rule.proto, rule.local_host, rule.local_port)
         if rule.local_port:  # port 0: each rule gets its own free port
             if where in listens:
                 raise ConfigError(f"{places[index]}: listen: {show_value(rule.listen)} is already where "

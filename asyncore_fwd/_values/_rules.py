@@ -210,8 +210,9 @@ class Rule:
 
     @property
     def label(self) -> str:
-        """The rule's name, or where it listens if it has none."""
-        return self.name or self.listen
+        """The rule's name, or where it listens if it has none (a UDP rule's with "/udp" after it:
+        a TCP and a UDP rule may listen on one port, as DNS does)."""
+        return self.name or (f"{self.listen}/udp" if self.proto == "udp" else self.listen)
 
 
 def _targets(value: Any) -> Tuple[Tuple[str, int], ...]:
