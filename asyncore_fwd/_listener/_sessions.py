@@ -25,6 +25,7 @@ client sent to.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import sys
@@ -45,6 +46,11 @@ DATAGRAMS_PER_EVENT = 64
 #: The read size: the largest UDP payload there is (65535 less the UDP header: 65527 over IPv6,
 #: 65507 over IPv4); a larger buffer is never filled.
 MAX_DATAGRAM = 65535
+
+#: The errors an ICMP message from the target's side reports on a connected UDP socket: the target's
+#: failure, for passive health (not EMSGSIZE and the like, which are the datagram's).
+TARGET_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+                           errno.ENETDOWN})
 
 _ids = itertools.count(1)
 
@@ -118,7 +124,8 @@ class Session(Dispatcher):
             return
         except OSError as error:
             self.owner.stats.dropped("error")
-            self.target_failed(error)
+            if error.errno in TARGET_ERRORS:  # an ICMP error for an earlier datagram
+                self.target_failed(error)
             return
         self.datagrams_to_server += 1
         self.bytes_to_server += len(data)
@@ -135,7 +142,10 @@ class Session(Dispatcher):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as error:  # an ICMP error for an earlier datagram: the next may still be there
-                self.target_failed(error)
+                if error.errno in TARGET_ERRORS:
+                    self.target_failed(error)
+                else:
+                    log.debug("#%d recv: %s", self.id, describe_error(error))
                 continue
             if not self._replied:
                 self._replied = True
