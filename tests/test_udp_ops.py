@@ -12,13 +12,13 @@ import urllib.request
 from typing import Callable, Iterator, List
 
 import pytest
-from udp_helpers import RunningUdp, UdpEcho, ask, client, no_reply, udp_rule
+from udp_helpers import RunningUdp, UdpEcho, ask, client, free_udp_port, no_reply, udp_rule
 
 from asyncore_fwd import Rule, Service, cli
 from asyncore_fwd._service._metrics import render_prometheus
 from asyncore_fwd._service._reports import WorkerStats
 from asyncore_fwd.cli._parser import PROG
-from conftest import WAIT, EchoServer, ForwarderProcess, free_port, wait_for
+from conftest import WAIT, EchoServer, ForwarderProcess, wait_for
 
 MODULE = [sys.executable, "-m", "asyncore_fwd"]
 Spawn = Callable[..., ForwarderProcess]
@@ -52,7 +52,7 @@ def test_a_changed_target_serves_new_sessions_and_the_old_ones_keep_theirs(
         echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
     """Same listen, new target: the socket is taken over, the open session is adopted and stays on
     the old target; a new client goes to the new one; the counters go on."""
-    port = free_port()
+    port = free_udp_port()
     old_rule = Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="u", proto="udp")
     service = RunningUdp([old_rule])
     running.append(service)
@@ -69,7 +69,7 @@ def test_a_changed_target_serves_new_sessions_and_the_old_ones_keep_theirs(
 
 def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
     """Removed: no new session, the open one served until it idles out.  Added: serving at once."""
-    a_port, b_port = free_port(), free_port()
+    a_port, b_port = free_udp_port(), free_udp_port()
     service = RunningUdp([Rule("127.0.0.1", a_port, "127.0.0.1", echoes[0].port, name="a", proto="udp",
                                idle_timeout=0.5)])
     running.append(service)
@@ -88,7 +88,7 @@ def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: Lis
 
 def test_a_reload_from_udp_to_tcp_on_one_address_keeps_the_sessions_answered(
         echoes: List[UdpEcho], echo_server: EchoServer, running: List[RunningUdp]) -> None:
-    port = free_port()
+    port = free_udp_port()
     service = RunningUdp([Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="x", proto="udp")])
     running.append(service)
     with client() as sock:
@@ -244,7 +244,7 @@ def test_sigusr1_and_v_log_a_udp_rules_sessions_and_counters(spawn: Spawn, echoe
 
 
 def test_workers_serve_a_udp_rule_and_the_metrics_sum_it(spawn: Spawn, echoes: List[UdpEcho]) -> None:
-    port, metrics = free_port(), free_port()
+    port, metrics = free_udp_port(), free_udp_port()
     proc = spawn(MODULE + ["--workers", "2", "--drain-timeout", "0.5", "--metrics", f"127.0.0.1:{metrics}",
                            "-L", f"{port}:127.0.0.1:{echoes[0].port},proto=udp,name=dns"])
     proc.wait_line(r"w0 dns: forwarding ")

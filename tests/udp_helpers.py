@@ -83,6 +83,20 @@ class RunningUdp:
         assert self.error is None, self.error
 
 
+def free_udp_port() -> int:
+    """A loopback port free a moment ago for UDP and for TCP alike (a rule may turn from one to the other)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port: int = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
 def client(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.bind((host, 0))

@@ -26,7 +26,6 @@ client sent to.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import sys
 import time
@@ -36,6 +35,7 @@ from .._eventloop._dispatcher import Dispatcher
 from .._net import SockAddr, SocketMap, describe_error, format_address, os_error, pending_error
 from .._ops._balance import TargetSet, TargetState
 from .._ops._stats import RuleStats
+from .._relay._connection import Connection
 
 __all__ = ["DATAGRAMS_PER_EVENT", "MAX_DATAGRAM", "Session", "SessionOwner", "log_session_end"]
 
@@ -52,7 +52,6 @@ MAX_DATAGRAM = 65535
 TARGET_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
                            errno.ENETDOWN})
 
-_ids = itertools.count(1)
 
 
 class SessionOwner(Protocol):
@@ -83,7 +82,7 @@ class Session(Dispatcher):
                  now: float) -> None:
         #: The listener that reads the client's datagrams and sends the replies (a reload's successor may adopt it).
         self.owner = owner
-        self.id = next(_ids)
+        self.id = next(Connection._ids)  # one count with the TCP connections: each #N in the logs is one
         self.client_address = client_address
         self.server_address = server_address
         #: The target as configured ("host:port"), fixed for the session.
@@ -152,9 +151,12 @@ class Session(Dispatcher):
                 if self._targets is not None and self._target_state is not None:
                     # (ends a probation: it answers)
                     self._targets.connected(self, self._target_state)  # type: ignore[arg-type]
-            if owner.to_client(self, scratch[:size]):
-                self.datagrams_to_client += 1
-                self.bytes_to_client += size
+            # Counted first: whoever reads the reply may read the counters next (another thread).
+            self.datagrams_to_client += 1
+            self.bytes_to_client += size
+            if not owner.to_client(self, scratch[:size]):
+                self.datagrams_to_client -= 1
+                self.bytes_to_client -= size
             self.last_active = now
         if self.closed_reason is None and self.client_address in owner.sessions:
             owner.sessions.move_to_end(self.client_address)  # the sweep's order: least recently active first
