@@ -179,6 +179,11 @@ CONFIG_ERRORS = [
      "fwd.toml: [defaults]: fail_timeout: expected a positive number of seconds, got 0"),
     ("bad-health-check-interval", GOOD_RULE + 'health_check_interval = "often"\n',
      'fwd.toml: rule 1: health_check_interval: expected a number of seconds >= 0, got "often"'),
+    ("bad-proto", GOOD_RULE + 'proto = "sctp"\n', 'fwd.toml: rule 1: proto: expected "tcp" or "udp", got "sctp"'),
+    ("udp-with-send-proxy", GOOD_RULE + 'proto = "udp"\nsend_proxy = "v2"\n',
+     "fwd.toml: rule 1: send_proxy: not for a UDP rule (proto=udp): a UDP rule sends no PROXY header"),
+    ("udp-with-defaults-keepalive", '[defaults]\ntcp_keepalive = 60\n' + GOOD_RULE + 'proto = "udp"\n',
+     "fwd.toml: rule 1: tcp_keepalive: not for a UDP rule (proto=udp): a UDP socket has no keepalive"),
 ]
 
 
@@ -274,6 +279,12 @@ FLAG_ERRORS = [
                                           "like 9100 or 127.0.0.1:9100 ([::1]:9100 for IPv6)"),
     (["-L", "1:h:2", "--log-format", "xml"], "argument --log-format: invalid choice: 'xml' (choose from 'text', "
                                              "'json')"),
+    (["-L", "8080:h:80,proto=udp,half_closed_timeout=5"], '-L "8080:h:80,proto=udp,half_closed_timeout=5": '
+     "half_closed_timeout: not for a UDP rule (proto=udp): a UDP session has no half-close"),
+    (["-L", "8080:h:80,proto=udp", "--splice"], '-L "8080:h:80,proto=udp": splice (--splice): not for a UDP rule '
+                                                "(proto=udp): datagrams are relayed whole, not spliced"),
+    (["-L", "53:h:53,proto=udp", "-L", "53:g:53,proto=udp"],
+     '-L "53:g:53,proto=udp": listen: "127.0.0.1:53" is already where -L "53:h:53,proto=udp" listens'),
 ]
 
 
