@@ -308,6 +308,19 @@ def test_a_datagram_the_target_socket_cannot_take_now_is_dropped_and_counted(
         assert ask(sock, service.address("u"), b"next")[0] == b"next"
 
 
+def test_a_datagram_whose_forged_source_is_the_listener_itself_starts_no_session(udp_echo: UdpEcho) -> None:
+    """Answering it would send the reply to this very socket, as a new client, again and again.
+    (A forged source needs raw sockets: the listener is asked directly, as its handler would.)"""
+    service = Service([udp_rule("u", udp_echo.port)], map={})
+    try:
+        listener = service.forwarders["u"]
+        assert listener._start_session(listener.address, time.monotonic()) is None
+        assert listener._start_session(("127.0.0.1", listener.address[1] ^ 1), time.monotonic()) is not None
+        assert (service.stats()["u"]["dropped_acl"], service.stats()["u"]["accepted"]) == (1, 1)
+    finally:
+        service.close()
+
+
 def test_a_forwarder_refuses_a_udp_rule_and_names_service() -> None:
     with pytest.raises(ValueError, match=r"Service\(\[rule\]\)"):
         Forwarder("127.0.0.1", 0, "127.0.0.1", 53, map={}, proto="udp")

@@ -287,6 +287,10 @@ class DatagramListener(Dispatcher):
         if not self.serving_new:
             self.stats.dropped("draining")
             return None
+        if self.loopback.leads_back_here(client):  # a forged source, our own: each reply would come back here
+            self.stats.refused("acl")
+            self._drop(client, "acl", "its source is this listener")
+            return None
         if self.access is not None:
             reason = self.access.refusal(client, len(self.sessions))
             if reason is not None:
