@@ -67,11 +67,11 @@ __all__ = ["DatagramListener", "give_back"]
 
 log = logging.getLogger("asyncore_fwd")
 
-# A listening socket handed over by ``release_listener``, with the listener that let it go: its
-# successor adopts that one's sessions (weak: a socket nobody took over is not kept open by this).
 #: The receive buffer the listening socket asks for (bytes).
 LISTEN_RECEIVE_BUFFER = 4 * 1024 * 1024
 
+# A listening socket handed over by ``release_listener``, with the listener that let it go: its
+# successor adopts that one's sessions (weak: a socket nobody took over is not kept open by this).
 _released: "weakref.WeakKeyDictionary[socket.socket, DatagramListener]" = weakref.WeakKeyDictionary()
 
 
