@@ -190,13 +190,13 @@ class Session(Dispatcher):
 
     def close_early(self, reason: str) -> None:
         """End the session now: a drain's timeout, a stop (``reason`` in its end line)."""
-        self.close(reason, cut=True)
+        self.close(reason)
 
     @property
     def duration(self) -> float:
         return time.monotonic() - self.opened_at
 
-    def close(self, reason: str = "stopped", cut: bool = False) -> None:
+    def close(self, reason: str = "stopped") -> None:
         """Close the socket, leave the listener's table and counts, and log the end line (once)."""
         if self.closed_reason is not None:
             super().close()
@@ -206,7 +206,7 @@ class Session(Dispatcher):
         self.owner.session_closed(self)
         if self._targets is not None:
             self._targets.closed(self)  # type: ignore[arg-type]
-        log_session_end(self, self.owner.label, cut)
+        log_session_end(self, self.owner.label)
 
 
 def session_details(session: Session, label: str) -> Dict[str, Any]:
@@ -218,16 +218,16 @@ def session_details(session: Session, label: str) -> Dict[str, Any]:
             "duration_s": round(session.duration, 6), "reason": session.closed_reason}
 
 
-def log_session_end(session: Session, label: str, cut: bool) -> None:
-    """The session's end line: DEBUG when it idled out, INFO when it was cut (a drain, a stop), WARNING
-    for an internal error::
+def log_session_end(session: Session, label: str) -> None:
+    """The session's end line, at DEBUG (``-v``), WARNING for an internal error::
 
         dns 127.0.0.1:40112 -> 10.0.0.53:53 udp 96/412 bytes 2/2 datagrams 60.004s ended: idle
+
+    A session cut by a drain's timeout or a stop is DEBUG too, unlike a cut TCP connection: a
+    datagram flow has no clean end to miss, and every session is open at a stop (the service
+    logs how many it cut, in one line).
     """
-    if session.closed_reason == "internal error":
-        level = logging.WARNING
-    else:
-        level = logging.INFO if cut else logging.DEBUG
+    level = logging.WARNING if session.closed_reason == "internal error" else logging.DEBUG
     if log.isEnabledFor(level):
         details = session_details(session, label)
         log.log(level, "%s %s -> %s udp %d/%d bytes %d/%d datagrams %.3fs ended: %s", label, details["client"],
