@@ -84,6 +84,9 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     ("first", "roundrobin", "leastconn"), ``max_fails``, ``fail_timeout`` and
     ``health_check_interval`` say how connections are spread over them and
     when one is down (see ``Rule``; ``targets`` holds their state).
+
+    A ``Forwarder`` serves TCP: ``proto="udp"`` raises ``ValueError``, as a UDP
+    rule is served by a ``Service`` (with a datagram listener of its own).
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).

@@ -53,7 +53,7 @@ class Listener(Protocol):
 
     @property
     def connections(self) -> Collection[Any]:
-        """The live connections (``Connection``): drained, counted and cut by the service."""
+        """The live connections (``Connection``; a UDP rule's sessions): drained, counted and cut by the service."""
         ...
 
     def stop_accepting(self) -> None:
