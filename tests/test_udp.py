@@ -12,6 +12,7 @@ import pytest
 from udp_helpers import RunningUdp, UdpEcho, ask, client, no_reply, udp_rule
 
 from asyncore_fwd import Forwarder, Rule, Service
+from asyncore_fwd._listener import _udp
 from conftest import dead_port, needs_dual_stack, needs_ipv6, open_fds, payload, wait_for
 
 
@@ -135,6 +136,20 @@ def test_an_idle_session_ends_and_its_socket_is_closed(udp_echo: UdpEcho, runnin
     assert ends[0].details["reason"] == "idle"
     assert (ends[0].details["datagrams_to_server"], ends[0].details["bytes_to_client"]) == (1, 4)
     assert " udp 4/4 bytes 1/1 datagrams " in ends[0].getMessage()
+
+
+def test_many_sessions_idling_out_at_once_end_over_several_rounds(
+        udp_echo: UdpEcho, running: List[RunningUdp], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_udp, "EXPIRIES_PER_ROUND", 3)
+    service = start(running, udp_rule("u", udp_echo.port, idle_timeout=0.2))
+    clients = [client() for _ in range(10)]
+    try:
+        for sock in clients:
+            ask(sock, service.address("u"), b"x")
+        wait_for(lambda: service.stats("u")["active"] == 0, what="every session to idle out")
+    finally:
+        for sock in clients:
+            sock.close()
 
 
 def test_a_session_active_either_way_does_not_idle_out(udp_echo: UdpEcho, running: List[RunningUdp]) -> None:

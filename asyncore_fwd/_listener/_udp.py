@@ -67,6 +67,8 @@ __all__ = ["DatagramListener", "give_back"]
 
 log = logging.getLogger("asyncore_fwd")
 
+#: Sessions closed per round of the loop at most, when many idle out at once.
+EXPIRIES_PER_ROUND = 1024
 #: The receive buffer the listening socket asks for (bytes).
 LISTEN_RECEIVE_BUFFER = 4 * 1024 * 1024
 
@@ -371,9 +373,14 @@ class DatagramListener(Dispatcher):
         """The first session's deadline: close every session idle for ``idle_timeout``, then wait for the next."""
         self._sweep = None
         stale = time.monotonic() - self.rule.idle_timeout
-        while self.sessions:
+        for _ in range(EXPIRIES_PER_ROUND):
+            if not self.sessions:
+                return
             first = next(iter(self.sessions.values()))
             if first.last_active > stale:
                 break
             first.close("idle")
+        else:  # more due: the rest in the next round, so that the loop serves the others meanwhile
+            self._sweep = self._timers.call_later(0, self._expire)
+            return
         self._arm_sweep()
