@@ -23,7 +23,7 @@ from conftest import needs_ipv6
 PROG = "asyncore-fwd"
 KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
          "half_closed_timeout, backlog, high_water, send_proxy, balance, max_fails, fail_timeout, "
-         "health_check_interval, accept_proxy, source, tcp_keepalive, proto")
+         "health_check_interval, accept_proxy, proto, source, tcp_keepalive")
 GOOD_RULE = '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = "127.0.0.1:80"\n'
 
 
@@ -419,15 +419,15 @@ def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.
         "name=127.0.0.1:0 listen=127.0.0.1:0 connect=127.0.0.1:90 allow=all deny=192.0.2.1/32 max_connections=0 "
         "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
         "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
-        "accept_proxy=none source=none tcp_keepalive=0 proto=tcp",
+        "accept_proxy=none proto=tcp source=none tcp_keepalive=0",
         "name=web listen=0.0.0.0:0 connect=localhost:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 "
         "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
-        "accept_proxy=none source=none tcp_keepalive=0 proto=tcp",
+        "accept_proxy=none proto=tcp source=none tcp_keepalive=0",
         "name=[::1]:0 listen=[::1]:0 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
         "high_water=2M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
-        "accept_proxy=none source=none tcp_keepalive=0 proto=tcp",
+        "accept_proxy=none proto=tcp source=none tcp_keepalive=0",
     ]
 
 

@@ -175,7 +175,7 @@ def run(argv: List[str], capsys: pytest.CaptureFixture[str]) -> tuple:
 def test_check_config_shows_proto_and_the_udp_idle_timeout(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(["-L", "0:127.0.0.1:53,proto=udp,name=dns", "--check-config"], capsys)
     assert (status, err) == (0, "")
-    assert " idle_timeout=60 " in out and out.rstrip().endswith(" proto=udp")
+    assert " idle_timeout=60 " in out and " accept_proxy=none proto=udp source=none " in out
 
 
 @pytest.mark.parametrize("setting, key", [

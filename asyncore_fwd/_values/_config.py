@@ -145,9 +145,9 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "fail_timeout": parse_seconds,
     "health_check_interval": lambda value: parse_seconds(value, zero_ok=True),
     "accept_proxy": _network,
+    "proto": _proto,
     "source": lambda value: None if value == "none" else parse_ip_address(value),  # "none": unset [defaults]'s
     "tcp_keepalive": lambda value: parse_seconds(value, zero_ok=True, highest=MAX_KEEPALIVE),
-    "proto": _proto,
 }
 KEYS = tuple(_PARSERS)
 #: Keys whose value is a list (one entry, or several; in ``-L``, the key repeated once per entry).
@@ -416,9 +416,9 @@ def describe_rule(rule: Rule) -> str:
         "fail_timeout": f"{rule.fail_timeout:g}",
         "health_check_interval": f"{rule.health_check_interval:g}",
         "accept_proxy": networks(rule.accept_proxy, "none"),
+        "proto": rule.proto,
         "source": rule.source or "none",
         "tcp_keepalive": f"{rule.tcp_keepalive:g}",
-        "proto": rule.proto,
     }
     return " ".join(f"{key}={values[key]}" for key in KEYS)
 
