@@ -143,7 +143,15 @@ class _Probe(Dispatcher):
         """Never reads: a byte the server sends at once is left unread, and the reset drops it."""
 
     def handle_close(self) -> None:
-        self.try_next(os_error(pending_error(self.socket) or errno.ECONNREFUSED))
+        if self._ended:
+            return  # the write event of this same poll round ended the check
+        if self.connecting:
+            # A refused connect comes as a write event and a hang-up: the write
+            # event has already started the next address on a new socket, so
+            # only that socket's pending error counts (as for the Sender).
+            self.handle_connect_event()
+        else:
+            self.try_next(os_error(pending_error(self.socket) or errno.ECONNREFUSED))
 
     def handle_error(self) -> None:
         self.try_next(os_error(pending_error(self.socket) or errno.EIO))
