@@ -232,8 +232,8 @@ def test_leastconn_sends_a_new_connection_to_the_target_with_the_fewest_open(
             wait_for(lambda: [target.active for target in fwd.targets or ()] == [2, 1], what="2 and 1 open")
             held.pop(0).close()  # on the first target
             wait_for(lambda: [target.active for target in fwd.targets or ()] == [1, 1], what="1 and 1 open")
-            held.append(socket.create_connection(fwd.address, timeout=WAIT))  # a tie: the first
-            wait_for(lambda: [target.active for target in fwd.targets or ()] == [2, 1], what="2 and 1 open")
+            held.append(socket.create_connection(fwd.address, timeout=WAIT))  # a tie: the one chosen longest ago
+            wait_for(lambda: [target.active for target in fwd.targets or ()] == [1, 2], what="1 and 2 open")
             held.append(socket.create_connection(fwd.address, timeout=WAIT))
             wait_for(lambda: [target.active for target in fwd.targets or ()] == [2, 2], what="2 and 2 open")
         finally:
@@ -242,6 +242,16 @@ def test_leastconn_sends_a_new_connection_to_the_target_with_the_fewest_open(
         wait_for(lambda: not fwd.connections, what="the pairs to close")
         assert [target.active for target in fwd.targets or ()] == [0, 0]
     assert [server.accepted for server in echo_servers[:2]] == [3, 2]
+
+
+def test_leastconn_spreads_sequential_short_connections_over_every_target(echo_servers: List[EchoServer]) -> None:
+    """Each finds every count at 0: the tie goes round, as HAProxy's and nginx's do."""
+    fwd = several(*(server.port for server in echo_servers), balance="leastconn")
+    with fwd.running():
+        for _ in range(9):
+            assert echo_through(fwd) == b"ping"
+            wait_for(lambda: not fwd.connections, what="the pair to close")
+    assert [server.accepted for server in echo_servers] == [3, 3, 3]
 
 
 def test_a_pair_closed_while_connecting_leaves_its_target_s_count(blackhole: int) -> None:

@@ -5,8 +5,9 @@ target (or with active checks), made only then: a rule with one target
 keeps the relay's plain ``InOrder`` choice and pays nothing.  For each new
 connection the set makes a ``TargetTry``, the relay's ``TargetChoice``: the
 targets in the balance's order -- the first that is up (``first``), each in
-turn (``roundrobin``), the fewest open connections (``leastconn``) -- the
-targets that are up first, then those marked down, each once (a down mark is
+turn (``roundrobin``), the fewest open connections (``leastconn``; among as
+few, the one chosen longest ago: round robin, as HAProxy and nginx do) --
+the targets that are up first, then those marked down, each once (a down mark is
 a preference, never a refusal: when all are down a client still tries them
 all).  Within one target's try, each of its addresses is tried in turn (a
 hostname resolves like the remote, ``_net.RemoteAddresses``); the target has
@@ -56,7 +57,7 @@ class TargetState:
     """
 
     __slots__ = ("name", "index", "addresses", "up", "active", "failures", "_recent_failures",
-                 "_down_timer", "_probation")
+                 "_down_timer", "_probation", "_first_at")
 
     def __init__(self, index: int, addresses: RemoteAddresses, failures: Dict[str, int]) -> None:
         #: "host:port" as configured: in log lines, the ``target`` event and the metrics.
@@ -75,6 +76,8 @@ class TargetState:
         self._down_timer: Optional[Timer] = None
         #: Up again after a down time: the next failed connect marks it down at once.
         self._probation = False
+        #: ``leastconn``: the set's turn when a connection last tried it first (0: never).
+        self._first_at = 0
 
     @property
     def connect_failures(self) -> int:
@@ -102,7 +105,7 @@ class TargetSet(ConnectionObserver):
         self.targets: Tuple[TargetState, ...] = tuple(TargetState(index, each, failures)
                                                       for index, each in enumerate(addresses))
         self._timers = timers
-        self._turn = 0  # roundrobin's next start
+        self._turn = 0  # roundrobin's next start; leastconn's count of choices
         #: The target each connection counts in (while connecting to it or relaying through it).
         self._serving: Dict[Connection, TargetState] = {}
         self._closed = False
@@ -145,8 +148,11 @@ class TargetSet(ConnectionObserver):
             start = self._turn % len(up)
             self._turn = start + 1
             up = up[start:] + up[:start]
-        elif balance == "leastconn":
-            up.sort(key=lambda target: target.active)  # stable: ties in the rule's order
+        elif balance == "leastconn" and up:
+            # Ties go to the one tried first longest ago: round robin among them.
+            up.sort(key=lambda target: (target.active, target._first_at))
+            self._turn += 1
+            up[0]._first_at = self._turn
         return up + down
 
     def started(self, conn: Connection, target: TargetState) -> None:
