@@ -312,6 +312,8 @@ def test_a_rule_with_one_target_has_no_target_set() -> None:
     ({"max_fails": -1}, "max_fails must be"),
     ({"fail_timeout": 0}, "fail_timeout must be"),
     ({"health_check_interval": -1}, "health_check_interval must be"),
+    ({"targets": [(LOCAL, 80)]}, "127.0.0.1:80 is listed twice"),
+    ({"targets": [("h", 81), ("H", 81)]}, "H:81 is listed twice"),
 ])
 def test_bad_target_keywords_are_a_value_error(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
