@@ -15,6 +15,7 @@ from asyncore_fwd import Forwarder, Rule
 from asyncore_fwd._eventloop._timers import Timers
 from asyncore_fwd._eventloop._wakeup import LoopCalls
 from asyncore_fwd._ops._balance import TargetSet
+from asyncore_fwd._relay._sender import Sender
 from asyncore_fwd.cli._logging import JsonFormatter
 from conftest import (
     WAIT,
@@ -283,6 +284,32 @@ def test_the_close_line_names_the_target_that_served_as_configured(
     assert close.details["target"] == f"localhost:{echo_server.port}"  # type: ignore[attr-defined]
 
 
+def connect_at_once(sender: Sender, address: Tuple[str, int]) -> None:
+    """``Sender.connect`` as a loopback connect may go on BSD and macOS: the connect event
+    comes inside ``connect()`` (a refusal raises)."""
+    sender.connected, sender.connecting = False, True
+    sender.socket.setblocking(True)
+    try:
+        sender.socket.connect(address)
+    finally:
+        sender.socket.setblocking(False)
+    sender.addr = address
+    sender.handle_connect_event()
+
+
+def test_a_connect_that_completes_at_once_still_names_its_target(
+        echo_servers: List[EchoServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Sender, "connect", connect_at_once)
+    fwd = several(echo_servers[0].port, echo_servers[1].port, balance="roundrobin")
+    with fwd.running():
+        for server in echo_servers[:2]:
+            with socket.create_connection(fwd.address, timeout=WAIT):
+                wait_for(lambda: any(conn.established for conn in fwd.connections), what="the connect")
+                (conn,) = fwd.connections
+                assert conn.target == f"{LOCAL}:{server.port}"  # the target set was told
+            wait_for(lambda: not fwd.connections, what="the pair to close")
+
+
 def test_a_target_event_is_a_json_line_with_rule_target_state_and_reason(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     dead = dead_port()
@@ -370,6 +397,19 @@ def test_a_target_that_leads_back_to_the_forwarder_is_given_up_for_the_next(echo
         wait_for(lambda: not fwd.connections and not fwd.loopback.turned_back, what="the pair and the turned back")
         assert fwd.stats.accepted == 1
         assert states(fwd) == [(False, 0, 1), (False, 0, 1), (True, 0, 0)]
+
+
+def test_a_connect_back_to_the_forwarder_that_completes_at_once_is_given_up_for_the_next(
+        echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Sender, "connect", connect_at_once)
+    fwd = several(dead_port(), echo_server.port)
+    assert fwd.targets is not None
+    fwd.targets[0].addresses._addresses = [(socket.AF_INET, fwd.address)]  # a name that resolved to us
+    with fwd.running():
+        assert echo_through(fwd) == b"ping"
+        wait_for(lambda: not fwd.connections and not fwd.loopback.turned_back, what="the pair and the turned back")
+        assert fwd.stats.accepted == 1 and fwd.loopback.own_ends == {}
+        assert states(fwd) == [(False, 0, 1), (True, 0, 0)]
 
 
 def test_a_health_check_never_reaches_the_forwarder_itself(echo_server: EchoServer,
