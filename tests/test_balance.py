@@ -63,24 +63,6 @@ def echo_servers() -> Iterator[List[EchoServer]]:
         server.close()
 
 
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """A port whose connects are never answered: a listener with its accept queue full."""
-    listener = socket.socket()
-    listener.bind((LOCAL, 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(listener.getsockname())
-        fillers.append(filler)
-    time.sleep(0.1)  # the fillers' handshakes fill the queue
-    yield listener.getsockname()[1]
-    for sock in fillers + [listener]:
-        sock.close()
-
-
 # -- failover ------------------------------------------------------------------
 
 

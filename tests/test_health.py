@@ -229,30 +229,14 @@ def test_a_check_whose_first_address_refuses_passes_on_the_next(
     assert fwd.targets[0].up and target_lines(caplog) == []
 
 
-@pytest.fixture
-def silent_address() -> Iterator[Tuple[str, int]]:
-    """An address whose connects get no answer: a listener with a full accept queue."""
-    listener = socket.socket()
-    listener.bind((LOCAL, 0))
-    listener.listen(0)
-    fillers = [socket.socket() for _ in range(4)]
-    for filler in fillers:
-        filler.setblocking(False)
-        filler.connect_ex(listener.getsockname())
-    time.sleep(0.1)  # the accept queue is full: the kernel drops further SYNs
-    yield listener.getsockname()
-    for sock in fillers + [listener]:
-        sock.close()
-
-
 def test_a_check_whose_first_address_is_silent_passes_on_the_next_after_connect_timeout(
-        echo_server: EchoServer, silent_address: Tuple[str, int], caplog: pytest.LogCaptureFixture,
+        echo_server: EchoServer, blackhole: int, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The timeout is per address, as for a client's connect."""
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     fwd = Forwarder(LOCAL, 0, LOCAL, echo_server.port, map={}, health_check_interval=0.05, connect_timeout=0.2)
     assert fwd.targets is not None
-    fwd.targets[0].addresses._addresses = [(socket.AF_INET, silent_address),
+    fwd.targets[0].addresses._addresses = [(socket.AF_INET, (LOCAL, blackhole)),
                                            (socket.AF_INET, (LOCAL, echo_server.port))]
     verdicts = record_verdicts(monkeypatch)
     started = time.monotonic()

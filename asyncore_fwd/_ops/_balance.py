@@ -91,7 +91,7 @@ class TargetState:
 class TargetSet(ConnectionObserver):
     """The targets of one forwarder's rule, their state, and the balance that orders them."""
 
-    __slots__ = ("rule", "label", "targets", "_timers", "_turn", "_serving", "_closed")
+    __slots__ = ("rule", "label", "targets", "_timers", "_turn", "_serving", "_retired")
 
     def __init__(self, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None,
                  failures: Optional[Dict[str, int]] = None) -> None:
@@ -108,7 +108,8 @@ class TargetSet(ConnectionObserver):
         self._turn = 0  # roundrobin's next start; leastconn's count of choices
         #: The target each connection counts in (while connecting to it or relaying through it).
         self._serving: Dict[Connection, TargetState] = {}
-        self._closed = False
+        #: None while the forwarder accepts; once it stops, the targets whose down time it cut short.
+        self._retired: Optional[List[TargetState]] = None
 
     @classmethod
     def for_rule(cls, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None,
@@ -168,7 +169,7 @@ class TargetSet(ConnectionObserver):
         if error.errno in OUT_OF_RESOURCES:
             return
         target.failures[target.name] = target.connect_failures + 1
-        if not self.rule.max_fails or not target.up:
+        if not self.rule.max_fails or not target.up or self._retired is not None:
             return
         now = time.monotonic()
         window = self.rule.fail_timeout
@@ -218,7 +219,7 @@ class TargetSet(ConnectionObserver):
         if target._down_timer is not None:
             target._down_timer.cancel()
             target._down_timer = None
-        if for_seconds is not None and not self._closed:
+        if for_seconds is not None and self._retired is None:
             target._down_timer = self._timers.call_later(for_seconds, self._down_time_over, target)
         self._log(target, reason)
 
@@ -241,13 +242,24 @@ class TargetSet(ConnectionObserver):
         log.info("%s: target %s is %s: %s", self.label, target.name, state, reason,
                  extra={"event": "target", "details": details})
 
-    def close(self) -> None:
-        """The forwarder closes: no timer of ours is left."""
-        self._closed = True
+    def retire(self) -> None:
+        """The forwarder stops accepting (a reload, a drain, its close): no timer of ours is
+        left, and no state changes or lines come from it; its open connections still count."""
+        if self._retired is not None:
+            return
+        self._retired = []
         for target in self.targets:
             if target._down_timer is not None:
                 target._down_timer.cancel()
                 target._down_timer = None
+                self._retired.append(target)
+
+    def resume(self) -> None:
+        """The forwarder accepts again (its listener given back): the down times cut short start over."""
+        retired, self._retired = self._retired or [], None
+        for target in retired:
+            if not target.up and target._down_timer is None:
+                target._down_timer = self._timers.call_later(self.rule.fail_timeout, self._down_time_over, target)
 
 
 class TargetTry:
