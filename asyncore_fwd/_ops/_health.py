@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._timers import Timer, timers_for
-from .._net import LINGER_ABORT, OUT_OF_RESOURCES, SockAddr, SocketMap, os_error, pending_error
+from .._net import LINGER_ABORT, OUT_OF_RESOURCES, SockAddr, SocketMap, bind_source, os_error, pending_error
 from .._relay._loopback import LEADS_BACK, LoopbackGuard
 from .._values._rules import Rule
 from ._balance import TargetSet, TargetState
@@ -172,6 +172,9 @@ class _Probe(Dispatcher):
             try:
                 self.create_socket(family, socket.SOCK_STREAM)
                 _loop.check_watchable(self._map, self.socket)
+                source = self.checks.targets.rule.source
+                if source is not None:  # from where the clients' connects come: the same firewall rules
+                    bind_source(self.socket, source)
                 self._timer = timers_for(self._map).call_later(self.checks.timeout, self._timed_out)
                 self.connect(address)  # may complete at once: then handle_connect_event has run
                 return
