@@ -85,8 +85,8 @@ with no change to capture.
 """
 
 from ._capture import TRACED_METHODS, disable, is_enabled
+from ._enable import enable
 from ._runner import USAGE as USAGE  # the runner's help text, public as before (not in __all__)
 from ._runner import main
-from ._text import enable
 
 __all__ = ["TRACED_METHODS", "disable", "enable", "is_enabled", "main"]
