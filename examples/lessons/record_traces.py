@@ -9,14 +9,18 @@ jsonl``'s renderer), on port 0, against a small server thread that plays
 the scenario the step's page is about, and a client thread that sends a
 request, half-closes and reads the reply:
 
-- step 01: the server answers after the client's EOF has arrived: the
-  article's recv() calls handle_close() at that EOF, so the reply is lost;
+- step 01: the client's EOF comes 0.1 s after its request, the server's
+  answer after that: the article's recv() calls handle_close() at the EOF,
+  so the reply is lost;
 - step 05: the server thinks for 10 ms before it answers: the receiver sits
   at EOF, readable() stays True, and the loop spins (defect 9);
 - step 07: the server sends 64 KiB and closes at once: POLLHUP comes with
   every read until the reply is through, and handle_close() lets it pass;
-- step 10: its own poll() loop, written by hand, traced all the same;
-  a descriptor freed and reused in one round shows its stale event dropped.
+- step 10: its own poll() loop, written by hand, traced all the same.  A
+  first client's pair is open and its socket readable when, in the same
+  round, the listener closes that pair and accepts a second client onto the
+  freed descriptor (the lower ones are taken, as tests/test_lessons.py
+  does): the round's event for that number is stale, and serve() drops it.
 
 Times differ from run to run; what a step does does not.  ``shape()`` is
 what a test compares between the files kept here and a fresh recording.
@@ -69,9 +73,9 @@ def read_request(conn):
 
 def server_for(step):
     """The server's side of the step's scenario: a function of the accepted socket."""
-    def after_eof(conn):  # step 01: the reply comes once the client's EOF is there
+    def after_eof(conn):  # step 01: the reply comes well after the client's EOF
         read_request(conn)
-        time.sleep(0.1)
+        time.sleep(0.3)
         conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello\n")
 
     def slow(conn):  # step 05: thinks 10 ms; closes only once the reply is through
@@ -84,10 +88,7 @@ def server_for(step):
         read_request(conn)
         conn.sendall(b"x" * 65536)
 
-    def quick(conn):  # step 10
-        read_request(conn)
-        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello\n")
-    return {1: after_eof, 5: slow, 7: big_then_close, 10: quick}[step]
+    return {1: after_eof, 5: slow, 7: big_then_close}[step]
 
 
 def serve_once(listener, handler):
@@ -105,11 +106,12 @@ def serve_once(listener, handler):
             pass
 
 
-def client(port, done):
-    """Send the request, half-close, read the reply to the end."""
+def client(port, done, pause):
+    """Send the request, wait ``pause`` seconds, half-close, read the reply to the end."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
             sock.sendall(REQUEST)
+            time.sleep(pause)
             sock.shutdown(socket.SHUT_WR)
             while sock.recv(65536):
                 pass
@@ -121,18 +123,26 @@ def client(port, done):
 
 def record(step, path):
     """Run the step's scenario traced, writing the JSON lines to ``path``."""
+    if step == 10:
+        return record_stale_event(path)
     module = load_step(step)
     channels = module.asyncore.socket_map
     server = socket.create_server(("127.0.0.1", 0))
     server_thread = threading.Thread(target=serve_once, args=(server, server_for(step)), daemon=True)
     server_thread.start()
     done = threading.Event()
+    # The meta line's argv: what `python -m asyncore_fwd.trace --format jsonl STEP ...` would show.
+    saved_argv = sys.argv
+    sys.argv = [f"examples/lessons/{STEPS[step]}", "-p", "0", "-r", "127.0.0.1", "-P", str(server.getsockname()[1])]
     with open(path, "w", encoding="utf-8") as output:
         trace.enable(output, format="jsonl")
+        sys.argv = saved_argv
         try:
             listener = module.forwarder("127.0.0.1", 0, "127.0.0.1", server.getsockname()[1])
             port = listener.socket.getsockname()[1]
-            threading.Thread(target=client, args=(port, done), daemon=True).start()
+            # Step 01: the request is through to the server before the client's EOF comes.
+            pause = 0.1 if step == 1 else 0.0
+            threading.Thread(target=client, args=(port, done, pause), daemon=True).start()
             deadline = time.monotonic() + WAIT
             # Until the client has its answer and every pair is closed: the listener is left.
             while (not done.is_set() or len(channels) > 1) and time.monotonic() < deadline:
@@ -143,6 +153,110 @@ def record(step, path):
             module.asyncore.close_all(ignore_all=True)
             server.close()
     server_thread.join(WAIT)
+
+
+def echo(listener, kept):
+    """An echo server, for step 10: a thread per connection, until its EOF.  The
+    sockets are kept open until the end, so that no descriptor number this
+    process uses is freed behind the recording's back."""
+    def serve_one(conn):
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    conn.shutdown(socket.SHUT_WR)  # the EOF passed back; the descriptor stays
+                    return
+                conn.sendall(data)
+        except OSError:
+            pass
+
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        kept.append(conn)
+        threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+
+def record_stale_event(path):
+    """Step 10's scenario: a round whose event belongs to a socket closed within it."""
+    module = load_step(10)
+    channels = module.asyncore.socket_map
+    server = socket.create_server(("127.0.0.1", 0))
+    kept = []
+    threading.Thread(target=echo, args=(server, kept), daemon=True).start()
+    stale_pair = []
+    accept = module.forwarder.handle_accept
+
+    def handle_accept(self):
+        # As if another handler had closed the first pair earlier in this round.
+        while stale_pair:
+            stale_pair.pop().close()
+        accept(self)
+
+    module.forwarder.handle_accept = handle_accept  # before tracing starts: traced like the rest
+
+    def run_until(condition):
+        deadline = time.monotonic() + WAIT
+        while not condition() and time.monotonic() < deadline:
+            module.serve(0.05, count=1)
+
+    def answer(sock, size):
+        sock.setblocking(False)
+        received = b""
+
+        def arrived():
+            nonlocal received
+            try:
+                received += sock.recv(size - len(received))
+            except BlockingIOError:
+                pass
+            return len(received) >= size
+        run_until(arrived)
+        return received
+
+    saved_argv = sys.argv
+    sys.argv = ["examples/lessons/step10_stale_events.py", "-p", "0", "-r", "127.0.0.1",
+                "-P", str(server.getsockname()[1])]
+    fillers = []
+    with open(path, "w", encoding="utf-8") as output:
+        trace.enable(output, format="jsonl")
+        sys.argv = saved_argv
+        try:
+            listener = module.forwarder("127.0.0.1", 0, "127.0.0.1", server.getsockname()[1])
+            address = listener.socket.getsockname()
+            first = socket.create_connection(address, timeout=WAIT)
+            first.sendall(b"ping")
+            answer(first, 4)
+            old = [obj for obj in channels.values() if not obj.accepting]
+            second = socket.create_connection(address, timeout=WAIT)  # waits in the backlog
+            first.sendall(b"stale")  # the first client's socket is readable in the next round
+            time.sleep(0.05)
+            top = max(obj.socket.fileno() for obj in old)
+            while True:  # take the lower free numbers: the new pair gets the old one's
+                fd = os.open(os.devnull, os.O_RDONLY)
+                if fd > top:
+                    os.close(fd)
+                    break
+                fillers.append(fd)
+            stale_pair.extend(old)
+            module.serve(0.05, count=1)  # accept closes the old pair; its event is stale
+            second.sendall(b"ping")
+            answer(second, 4)
+            for sock in (first, second):
+                sock.close()
+            run_until(lambda: len(channels) <= 1)
+            listener.close()
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            trace.disable()
+            module.forwarder.handle_accept = accept
+            module.asyncore.close_all(ignore_all=True)
+            server.close()
+            for conn in kept:
+                conn.close()
 
 
 def shape(lines):
