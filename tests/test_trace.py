@@ -642,8 +642,16 @@ def test_step10s_own_poll_loop_is_traced(tmp_path: Path) -> None:
     assert waits and all(event["call"] == "poll" and isinstance(event["round"], int) for event in waits)
     rounds = [event["round"] for event in waits]
     assert rounds == sorted(set(rounds))  # one wait per round
-    assert any(event["kind"] == "io" and event["obj"] == "receiver#1" and event["result"] == "EOF"
+    assert any(event["kind"] == "io" and event["obj"] == "receiver#2" and event["result"] == "EOF"
                for event in events)
+    # The stale event: the round whose wait reported the first pair's descriptor readable,
+    # and whose accept gave that number to the second client: no handle_read() for it.
+    first, second = [event for event in events if event["kind"] == "start" and event["call"] == "handle_accepted"]
+    in_round = [event for event in events if event.get("round") == second["round"]]
+    reused = int(second["args"].split(",")[0].removeprefix("fd"))
+    (wait,) = [event for event in in_round if event["kind"] == "wait"]
+    assert [reused, "r"] in wait["ready"]
+    assert not [event for event in in_round if event["call"] == "handle_read"]
 
 
 def record_lesson(step: int, into: Path) -> Path:

@@ -171,7 +171,8 @@ def view(url: str) -> ViewerState:
     """Load the URL in headless Chromium, let its scripts run, and read the resulting DOM."""
     browser = chromium()
     if browser is None:
-        pytest.skip("no Chromium (chromium, chromium-browser or google-chrome) on PATH: .ci/run installs it with apt-get")
+        pytest.skip("no Chromium (chromium, chromium-browser or google-chrome) on PATH: "
+                    ".ci/run installs it with apt-get")
     result = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-extensions",
                              "--no-first-run", "--virtual-time-budget=10000", "--dump-dom", url],
                             capture_output=True, text=True, timeout=120)
