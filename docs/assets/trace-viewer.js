@@ -23,7 +23,7 @@
   var SVG = "http://www.w3.org/2000/svg";
   var COLUMN = 34, ROW = 64, LEFT = 120, TOP = 34;  // sizes in pixels
   var HANDLER_CODES = {  // the short name each handle_* call gets in a cell
-    handle_accept: "acc", handle_accepted: "acc", handle_connect: "con", handle_connect_event: "con",
+    handle_accept: "acc", handle_accepted: "new", handle_connect: "con", handle_connect_event: "con",
     handle_read: "rd", handle_write: "wr", handle_close: "hc", handle_expt: "ex", handle_expt_event: "ex",
     handle_error: "err", close: "cls"
   };
@@ -176,8 +176,14 @@
     if (column && round.t - trace.rounds[column - 1].t >= 0.1) {  // a long wait: show how long
       el("text", {x: x, y: 26, "class": "tv-gap"}, svg, "+" + (round.t - trace.rounds[column - 1].t).toFixed(1) + "s");
     }
-    var ready = {};
-    (round.wait && round.wait.ready || []).forEach(function (pair) { ready[pair[0]] = pair[1]; });
+    // Whose descriptor each number is in this round: the first dispatcher seen with it
+    // (numbers are reused: a closed socket's number goes to the next one opened).
+    var owners = {};
+    round.events.forEach(function (event) {
+      if (event.obj && event.fd !== null && event.fd !== undefined && !(event.fd in owners)) {
+        owners[event.fd] = trace.byName[event.obj];
+      }
+    });
     var handlers = {};  // lane name -> how many handler marks so far in this cell
     round.events.forEach(function (event) {
       var lane = event.obj && trace.byName[event.obj];
@@ -200,10 +206,11 @@
         drawIo(svg, event, lane, x);
       }
     });
-    trace.lanes.forEach(function (lane) {
-      if (lane.fd !== null && lane.fd !== undefined && ready[lane.fd]) {
+    (round.wait && round.wait.ready || []).forEach(function (pair) {
+      var lane = owners[pair[0]];
+      if (lane) {
         titled(el("rect", {x: x + 1, y: laneY(lane) + ROW - 9, width: COLUMN - 2, height: 6, "class": "tv-ready"}, svg),
-               "the kernel: fd" + lane.fd + " " + ready[lane.fd]);
+               "the kernel: fd" + pair[0] + " " + pair[1]);
       }
     });
   }
