@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -663,3 +664,15 @@ def record_lesson(step: int, into: Path) -> Path:
     path = into / f"step{step:02d}.jsonl"
     module.record(step, path)  # type: ignore[attr-defined]
     return path
+
+
+def test_a_wait_in_a_thread_that_asks_no_dispatcher_is_not_a_round() -> None:
+    """A helper thread's own poll() (a supervisor's, a test server's) is not taken for a loop's round."""
+    mine, theirs = socket.socketpair()
+    with mine, theirs, tracing() as lines:
+        theirs.sendall(b"x")
+        poller = select.poll()
+        poller.register(mine, select.POLLIN)
+        assert poller.poll(WAIT * 1000)
+        assert select.select([mine], [], [], WAIT)[0]
+    assert lines.getvalue() == ""

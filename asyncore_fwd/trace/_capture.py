@@ -120,6 +120,7 @@ def _traced_method(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         state = session.thread_state()
         if name in _PREDICATES and not state.stack and (state.round is None or (state.hand and state.waited)):
             session.begin_hand_round(state)  # asked by a loop written by hand: no round function numbers it
+            state.asks = True
         if ((name in _PREDICATES and state.stack)  # a handler checking itself, not the loop asking
                 or (name == "close" and getattr(self, "socket", None) is None)  # nothing to close
                 or any(obj is self and called == name for obj, called in state.stack)):

@@ -5,8 +5,9 @@ stand-in whose ``select()`` and ``poll()`` are seen (``EpollLoop``'s epoll
 object is wrapped by its round, in ``_capture``).  A loop written by hand
 calls the ``select`` module itself, so its ``select()``, ``poll()`` and
 ``epoll()`` are replaced too; those report a wait only outside the rounds
-that a round function numbers (inside one, the stand-in already does), and
-begin a round of their own for it when the previous wait ended the last.
+that a round function numbers (inside one, the stand-in already does) and
+in a thread that asks dispatchers ``readable()`` itself, and begin a round
+of their own for it when the previous wait ended the last.
 """
 
 from __future__ import annotations
@@ -90,12 +91,14 @@ def _select_events(result: Sequence[Sequence[int]]) -> List[Tuple[int, str]]:
 
 
 def _outside_round_functions() -> bool:
-    """Whether this thread is outside every round a round function numbers (a hand loop's, or none)."""
+    """Whether this wait is a hand-written loop's: outside every round a round function
+    numbers, in a thread that asks dispatchers itself (another thread's wait, a
+    supervisor's or a test server's, is not a loop round)."""
     session = _session.current
     if session is None:
         return False
     state = session.thread_state()
-    return state.round is None or state.hand
+    return (state.round is None or state.hand) and state.asks
 
 
 def _hand_select(original: Any) -> Any:

@@ -45,6 +45,7 @@ class Session:
             state.round = None      # the current round's number, None between rounds
             state.hand = False      # whether that round was begun by a hand-written loop (no round function)
             state.waited = False    # whether this round's kernel call was seen
+            state.asks = False      # whether this thread has asked a dispatcher readable()/writable() itself
             state.stack = []        # (dispatcher, method name) of the traced calls in progress, outermost first
         return state
 
