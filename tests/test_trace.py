@@ -676,3 +676,26 @@ def test_a_wait_in_a_thread_that_asks_no_dispatcher_is_not_a_round() -> None:
         assert poller.poll(WAIT * 1000)
         assert select.select([mine], [], [], WAIT)[0]
     assert lines.getvalue() == ""
+
+
+def test_cli_trace_format_jsonl_writes_json_events_then_the_summary(
+        spawn: Callable[..., ForwarderProcess], echo_server: EchoServer) -> None:
+    """asyncore-fwd --trace --trace-format jsonl: JSON events on stderr; at SIGINT, the summary line."""
+    fwd = spawn([sys.executable, "-W", "error", "-m", "asyncore_fwd", "--trace", "--trace-format", "jsonl",
+                 "--loop", "poll", "-p", "0", "-r", "127.0.0.1", "-P", str(echo_server.port)])
+    with socket.create_connection(("127.0.0.1", fwd.start_port()), timeout=WAIT) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+    found = fwd.wait_line(r'^\{"v":1,"kind":"end",.*"obj":"Receiver#1","call":"handle_read".*"result":"read 4B"')
+    assert json.loads(found.string)["round"] >= 1
+    assert fwd.stop(signal.SIGINT) == 0
+    summary = json.loads(fwd.wait_line(r'^\{"v":1,"kind":"summary"').string)
+    assert any(entry["obj"] == "Receiver#1" and entry["read"] == 4 for entry in summary["objects"])
+
+
+def test_cli_bad_trace_filter_is_one_line_and_exit_2() -> None:
+    result = subprocess.run([sys.executable, "-m", "asyncore_fwd", "--trace", "--trace-filter", "a b",
+                             "-p", "0", "-r", "127.0.0.1", "-P", "9"],
+                            capture_output=True, text=True, timeout=WAIT, cwd=ROOT)
+    assert result.returncode == 2
+    assert "bad trace filter term 'a b'" in result.stderr.splitlines()[-1]
