@@ -699,3 +699,23 @@ def test_cli_bad_trace_filter_is_one_line_and_exit_2() -> None:
                             capture_output=True, text=True, timeout=WAIT, cwd=ROOT)
     assert result.returncode == 2
     assert "bad trace filter term 'a b'" in result.stderr.splitlines()[-1]
+
+
+def test_runner_writes_json_lines_to_a_file(tmp_path: Path) -> None:
+    """--format jsonl --output FILE: meta first, then the events (version 1, time offsets), summary last."""
+    output = tmp_path / "trace.jsonl"
+    result = run_script(tmp_path, TWO_READERS, "--format", "jsonl", "--output", str(output))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    events = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [events[0]["kind"], events[-1]["kind"]] == ["meta", "summary"]
+    assert all(event["v"] == 1 for event in events)
+    offsets = [event["t"] for event in events]
+    assert offsets == sorted(offsets)
+    assert {"kind": "io", "obj": "Reader#1", "call": "recv", "result": "read 2B", "bytes": 2}.items() <= next(
+        event for event in events if event["kind"] == "io").items()
+
+
+def test_runner_rejects_an_unknown_format(tmp_path: Path) -> None:
+    result = run_script(tmp_path, TWO_READERS, "--format", "xml")
+    assert result.returncode == 2
+    assert result.stderr == "python -m asyncore_fwd.trace: bad --format 'xml': expected text or jsonl\n"
