@@ -9,10 +9,11 @@ after asking readable() and writable().  forwarder keeps the listener's
 role: asyncio's loop calls its handle_accept() when a client waits.  (Its
 own server, loop.create_server(), would accept for us, but out of
 descriptors it calls accept() again up to `backlog` times for each event,
-logging each failure, before it pauses: CPython gh-151615.)
+logging each failure with a traceback, before it pauses: python/cpython#151615.)
 Each fix of steps 02-10, as asyncio spells it:
 
-  02 copy per send     transport.write(): asyncio keeps what send() left, in place
+  02 copy per send     transport.write(): the transport keeps what send() left
+                       (3.12+ re-slices the bytes of one read, not all that waits)
   03 backpressure      pause_writing() -> the other side's pause_reading()
   04 select() > 1023   asyncio uses the best selector there is (epoll on Linux)
   05-07 half-close     eof_received() returns True; write_eof() after the rest
@@ -22,8 +23,9 @@ Each fix of steps 02-10, as asyncio spells it:
                        wait_for() gives up after CONNECT_TIMEOUT s
   10 stale events      an event goes to the handle asyncio registered, which
                        closing the transport cancels, not to a number
+  resets               connection_lost(error) -> the other side's abort()
 
-No asyncore: it runs as it is on Python 3.10 to 3.13 (and later).
+No asyncore: it runs as it is on Python 3.10 to 3.13, no pyasyncore needed.
 
 Usage:  python step11_asyncio.py -l 127.0.0.1 -p 8080 -r 127.0.0.1 -P 8000
 """
