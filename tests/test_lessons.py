@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -350,6 +351,27 @@ def test_step11_runs_without_asyncore(run_script, echo_server: EchoServer, tmp_p
     with socket.create_connection(address, timeout=WAIT) as client:
         client.sendall(b"ping")
         assert recv_exactly(client, 4) == b"ping"
+
+
+@pytest.mark.parametrize("step_number", [11])
+def test_step11_passes_a_reset_on_as_a_reset(step: types.ModuleType, sockets: List[socket.socket]) -> None:
+    """The client resets its connection: the server's recv() fails with ECONNRESET, not a clean EOF."""
+    client, server = through(step, sockets)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    outcome: List[object] = []
+
+    def server_saw_the_end() -> bool:
+        try:
+            outcome.append(server.recv(1024))
+        except BlockingIOError:
+            pass
+        except ConnectionResetError as error:
+            outcome.append(error)
+        return bool(outcome)
+
+    pump(step, server_saw_the_end, what="the end at the server")
+    assert isinstance(outcome[0], ConnectionResetError), outcome
 
 
 def find_python27() -> Optional[str]:

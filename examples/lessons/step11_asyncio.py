@@ -23,7 +23,7 @@ Each fix of steps 02-10, as asyncio spells it:
                        wait_for() gives up after CONNECT_TIMEOUT s
   10 stale events      an event goes to the handle asyncio registered, which
                        closing the transport cancels, not to a number
-  resets               connection_lost(error) -> the other side's abort()
+  resets               connection_lost(error) -> reset(): SO_LINGER 0, abort()
 
 No asyncore: it runs as it is on Python 3.10 to 3.13, no pyasyncore needed.
 
@@ -35,6 +35,7 @@ import logging
 import optparse
 import os
 import socket
+import struct
 
 # Stop reading from one side while this much waits to be sent to the other.
 BUFFER_LIMIT = 64 * 1024
@@ -75,6 +76,17 @@ def describe(error):
     if isinstance(error.errno, int) and error.errno > 0:
         return os.strerror(error.errno)
     return str(error)
+
+
+def reset(transport):
+    """Close with a reset (RST): abort() drops what is buffered, but alone it still sends a FIN."""
+    try:
+        # SO_LINGER on, for 0 s: closing the socket sends RST.
+        linger_zero = struct.pack('ii', 1, 0)
+        transport.get_extra_info('socket').setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
+    except OSError:
+        pass  # its socket is closed already
+    transport.abort()
 
 
 class forwarder:
@@ -177,8 +189,8 @@ class receiver(asyncio.Protocol):
             self.sender.transport.resume_reading()
 
     def connection_lost(self, error):
-        # close() sends what is buffered first; a reset is passed on as one:
-        # abort() drops what can no longer be delivered in order.
+        # close() sends what is buffered first; a reset is passed on as one
+        # (a FIN would tell the server the stream ended well).
         if error is not None:
             log.info('client %s port %d: %s', self.addr[0], self.addr[1], describe(error))
         if self.sender is None:
@@ -186,7 +198,7 @@ class receiver(asyncio.Protocol):
         elif error is None:
             self.sender.transport.close()
         else:
-            self.sender.transport.abort()
+            reset(self.sender.transport)
 
 
 class sender(asyncio.Protocol):
@@ -226,7 +238,7 @@ class sender(asyncio.Protocol):
         if error is not None:
             log.info('server %s port %d: %s',
                      self.receiver.remoteip, self.receiver.remoteport, describe(error))
-            self.receiver.transport.abort()
+            reset(self.receiver.transport)
         else:
             self.receiver.transport.close()
 
