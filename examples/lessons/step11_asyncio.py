@@ -61,9 +61,13 @@ def get_loop():
 
 
 def log_loop_error(loop, context):
-    """One line for an error asyncio's loop caught itself, rather than its traceback."""
+    """One line for an error the loop caught itself, not a traceback."""
     error = context.get('exception')
-    log.warning('%s: %s', context['message'], error, exc_info=not isinstance(error, OSError))
+    if error is None:
+        log.warning('%s', context['message'])
+    else:  # a traceback only for what is not an OSError: a bug
+        log.warning('%s: %s', context['message'], error,
+                    exc_info=None if isinstance(error, OSError) else error)
 
 
 def family(host):
@@ -79,11 +83,11 @@ def describe(error):
 
 
 def reset(transport):
-    """Close with a reset (RST): abort() drops what is buffered, but alone it still sends a FIN."""
+    """Close with a reset (RST): abort() drops the buffer, but sends a FIN."""
+    sock = transport.get_extra_info('socket')
+    linger_zero = struct.pack('ii', 1, 0)  # on, for 0 s: closing sends RST
     try:
-        # SO_LINGER on, for 0 s: closing the socket sends RST.
-        linger_zero = struct.pack('ii', 1, 0)
-        transport.get_extra_info('socket').setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
     except OSError:
         pass  # its socket is closed already
     transport.abort()
@@ -103,7 +107,7 @@ class forwarder:
         self.loop.add_reader(self.socket, self.handle_accept)
 
     def accept(self):
-        """A waiting client's (socket, address), or None if it has gone (as asyncore's accept())."""
+        """A waiting client's (socket, address), or None if it has gone."""
         try:
             return self.socket.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -156,14 +160,15 @@ class receiver(asyncio.Protocol):
     async def connect(self):
         """Connect the server's side; close the client's if that fails."""
         loop=asyncio.get_running_loop()
-        connect=loop.create_connection(lambda: sender(self), self.remoteip, self.remoteport)
+        host, port = self.remoteip, self.remoteport
         try:
+            connect=loop.create_connection(lambda: sender(self), host, port)
             await asyncio.wait_for(connect, CONNECT_TIMEOUT)
         except asyncio.TimeoutError:  # before OSError: since 3.11 it is one
-            log.warning('server %s port %d: connect timed out', self.remoteip, self.remoteport)
+            log.warning('server %s port %d: connect timed out', host, port)
             self.transport.abort()
-        except OSError as error:  # refused, unreachable, no such name, EMFILE...
-            log.warning('server %s port %d: %s', self.remoteip, self.remoteport, describe(error))
+        except OSError as error:  # refused, unreachable, no such name...
+            log.warning('server %s port %d: %s', host, port, describe(error))
             self.transport.abort()
 
     def data_received(self, data):
@@ -192,7 +197,8 @@ class receiver(asyncio.Protocol):
         # close() sends what is buffered first; a reset is passed on as one
         # (a FIN would tell the server the stream ended well).
         if error is not None:
-            log.info('client %s port %d: %s', self.addr[0], self.addr[1], describe(error))
+            host, port = self.addr[:2]
+            log.info('client %s port %d: %s', host, port, describe(error))
         if self.sender is None:
             self.connecting.cancel()  # gone while we were connecting
         elif error is None:
