@@ -14,11 +14,12 @@ its loop (the global asyncore map) one round at a time through its
 in this thread.  step00 (the article, Python 2) runs as a child process.
 
 step11 is the forwarder on asyncio: no asyncore map, so its ``serve()`` runs
-the asyncio loop for ``count`` slices of ``timeout`` s, its objects are found
-through the loop's transports, and where a test injects an asyncore-only
+the asyncio loop for ``count`` slices of ``timeout`` s, and its objects are
+found through the loop's transports.  Where a test injects an asyncore-only
 condition, the step11 branch injects asyncio's counterpart (a socket's
-send() or accept() patched, the loop's create_connection(), the loop's own
-rounds counted).  The lessons README's table names each one.
+send() and sendmsg() held back, the loop's create_connection() failing, the
+loop's select() calls counted); the table on docs/lessons/step11.md names
+each one.
 """
 
 from __future__ import annotations
