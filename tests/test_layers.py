@@ -45,7 +45,8 @@ LAYERS: List[Tuple[str, Set[str]]] = [
     ("entry points", {"__init__", "__main__", "cli", "cli._parser", "cli._logging", "cli._rules", "cli._main",
                       "cli._run", "cli._signals", "pytest_plugin", "_shellfiles",
                       "trace", "trace.__main__", "trace._runner", "trace._text", "trace._capture",
-                      "trace._describe", "trace._events"}),
+                      "trace._describe", "trace._events", "trace._session", "trace._kernel", "trace._io",
+                      "trace._summary", "trace._filter", "trace._jsonl", "trace._enable"}),
 ]
 
 LAYER_OF: Dict[str, int] = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -170,7 +170,9 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         a successor's at a reload, or this forwarder's own given back when that failed."""
         self.set_socket(listener)
         self.accepting = True
-        if self.health is not None:  # given back after a failed reload: check again
+        if self.targets is not None:  # given back after a failed reload: down times go on
+            self.targets.resume()
+        if self.health is not None:  # (and checks again)
             self.health.start()
         try:
             listener.listen(self.rule.backlog)  # the backlog may have changed
@@ -249,17 +251,18 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self.stop_accepting()
         cut(self.connections, reason)
         self.refusals.close()
-        if self.targets is not None:
-            self.targets.close()
         if not self._map:
             forget(self._map)
 
     def stop_accepting(self) -> None:
-        """Close the listening socket; the connections go on (to drain them).  The active checks stop."""
+        """Close the listening socket; the connections go on (to drain them).  The active checks
+        and the targets' down timers stop."""
         asyncore.dispatcher.close(self)
         self._pause.cancel()
         if self.health is not None:
             self.health.stop()
+        if self.targets is not None:
+            self.targets.retire()
 
     def release_listener(self) -> socket.socket:
         """Stop accepting and hand the listening socket, still open, to a successor."""
@@ -270,6 +273,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self._pause.cancel()
         if self.health is not None:
             self.health.stop()
+        if self.targets is not None:
+            self.targets.retire()
         return listener
 
     @property

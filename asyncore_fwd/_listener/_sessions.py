@@ -174,6 +174,16 @@ class Session(Dispatcher):
                     describe_error(error or RuntimeError("unknown error")), exc_info=True)
         self.close("internal error")
 
+    def count_in(self, targets: Optional[TargetSet]) -> None:
+        """Adopted by a reloaded rule's listener: count in its ``targets`` (open sessions, failures) if
+        this session's target is one of them, else in none (the old set is retired)."""
+        if self._targets is not None:
+            self._targets.closed(self)  # type: ignore[arg-type]
+        state = next((each for each in targets if each.name == self.target), None) if targets is not None else None
+        self._targets, self._target_state = (targets, state) if state is not None else (None, None)
+        if targets is not None and state is not None:
+            targets.started(self, state)  # type: ignore[arg-type]
+
     def target_failed(self, error: OSError) -> None:
         """The target's address answered with an ICMP error (ECONNREFUSED: no one at that port):
         counted as a failed connect for passive health; the session stays on its target."""

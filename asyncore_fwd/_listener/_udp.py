@@ -181,8 +181,11 @@ class DatagramListener(Dispatcher):
         return False
 
     def stop_accepting(self) -> None:
-        """Start no more sessions; the socket stays, for the open ones' replies, until they end."""
+        """Start no more sessions; the socket stays, for the open ones' replies, until they end.
+        The targets' down timers stop (``TargetSet.retire``): new sessions are another listener's."""
         self.serving_new = False
+        if self.targets is not None:
+            self.targets.retire()
 
     def release_listener(self) -> socket.socket:
         """Hand the socket, still open, to a successor, which adopts the open sessions (``take_over``)."""
@@ -191,6 +194,8 @@ class DatagramListener(Dispatcher):
         self.socket = None
         self.serving_new = False
         self._cancel_sweep()
+        if self.targets is not None:
+            self.targets.retire()
         _released[sock] = self
         return sock
 
@@ -199,9 +204,12 @@ class DatagramListener(Dispatcher):
         previous = _released.pop(listener, None)
         self.set_socket(listener)
         self.serving_new = True
+        if self.targets is not None:  # given back after a failed reload: down times go on
+            self.targets.resume()
         if previous is not None and previous is not self:
             for client, session in previous.sessions.items():
                 session.owner = self
+                session.count_in(self.targets)  # its target, if still one of the rule's, counts here now
                 self.sessions[client] = session
                 if self.access is not None:
                     self.access.opened(session)  # type: ignore[arg-type]  # (counted for max_per_client)
@@ -216,7 +224,7 @@ class DatagramListener(Dispatcher):
         super().close()
         self.refusals.close()
         if self.targets is not None:
-            self.targets.close()
+            self.targets.retire()
         if not self._map:
             forget(self._map)
 

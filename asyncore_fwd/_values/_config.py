@@ -34,6 +34,7 @@ import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .._net import format_address
 from ._parse import (
     BadValue,
     format_size,
@@ -54,6 +55,7 @@ from ._rules import (
     PROTOS,
     PROXY_VERSIONS,
     Rule,
+    repeated_target,
 )
 
 if sys.version_info >= (3, 11):
@@ -193,6 +195,9 @@ def _make_rule(settings: Mapping[str, Any], base: Mapping[str, Any]) -> Rule:
     for key in ("listen", "connect"):
         if key not in settings:
             raise ConfigError(f'{key}: missing (expected "host:port")')
+    repeated = repeated_target(settings["connect"])  # (with -L, the list is whole only now)
+    if repeated is not None:
+        raise ConfigError(f"connect: {show_value(format_address(repeated))} is listed twice (each target once)")
     fields = dict(base)
     for key, value in settings.items():
         if key == "listen":

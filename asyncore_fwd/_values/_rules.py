@@ -20,7 +20,7 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 __all__ = ["BALANCES", "DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_FAIL_TIMEOUT", "DEFAULT_HIGH_WATER",
            "DEFAULT_READ_SIZE", "DEFAULT_UDP_IDLE_TIMEOUT", "KiB", "MAX_KEEPALIVE", "PROTOS", "PROXY_VERSIONS", "Rule",
-           "check_source_family", "source_ip"]
+           "check_source_family", "repeated_target", "source_ip"]
 
 KiB = 1024
 #: Stop reading from a side while this many bytes wait for the other side.
@@ -140,6 +140,9 @@ class Rule:
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
             raise ValueError(f"send_proxy must be 'v1', 'v2' or None, not {self.send_proxy!r}")
         object.__setattr__(self, "targets", _targets(self.targets))
+        repeated = repeated_target(self.all_targets)
+        if repeated is not None:
+            raise ValueError(f"targets must each be listed once: {format_address(repeated)} is listed twice")
         if not isinstance(self.balance, str) or self.balance not in BALANCES:
             raise ValueError(f"balance must be 'first', 'roundrobin' or 'leastconn', not {self.balance!r}")
         if not is_integer(self.max_fails, 0):
@@ -249,6 +252,21 @@ def check_source_family(source: str, hosts: Iterable[str]) -> None:
         if version != source_version:
             raise ValueError(f"source {source} is IPv{source_version} but the target {host} is IPv{version}: "
                              f"a connect needs both of one family")
+
+
+def repeated_target(targets: Iterable[Tuple[str, int]]) -> Optional[Tuple[str, int]]:
+    """The first of ``targets`` that repeats an earlier one, or None.  The same host spelt
+    otherwise is the same (a name's case, an IP's form): its counters would merge."""
+    seen = set()
+    for host, port in targets:
+        try:
+            same = str(ipaddress.ip_address(host))
+        except ValueError:
+            same = host.lower().rstrip(".")
+        if (same, port) in seen:
+            return host, port
+        seen.add((same, port))
+    return None
 
 
 def _network(key: str, value: Any) -> Network:
