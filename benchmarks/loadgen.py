@@ -345,7 +345,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--warm-up", type=float, default=1.0, help="seconds run first and not measured")
+    p.add_argument("--warm-up", type=float, default=1.0,
+                   help="seconds not measured, from when every client has had a reply")
     p.add_argument("--timeout", type=float, default=0.2, help="a reply later than this is counted lost")
     p = sub.add_parser("udp-oneway", parents=[common])
     p.add_argument("--sink-port", type=int, required=True, help="the counting sink, asked directly")

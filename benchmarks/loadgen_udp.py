@@ -6,9 +6,11 @@ subcommands), standard library only.
               and wait for its reply, then the next: requests/s, p50 and p99
               latency.  A reply not back within --timeout is counted lost and
               the client sends the next one; UDP may drop, so losses are a
-              figure, never a hang.  The first --warm-up seconds are not
-              measured (socat forks a process per client address on its first
-              datagram; a forwarder opens its sessions).
+              figure, never a hang.  Measuring starts --warm-up seconds after
+              every client has had its first reply (at most SETUP_LIMIT s
+              after the start): socat forks a process per client address on
+              its first datagram, a forwarder opens its sessions.  What is
+              lost, late or misdelivered before is counted apart.
   udp-oneway  one connected socket sends SIZE-byte datagrams as fast as it can
               (no pacing) for --seconds, through the forwarder to the counting
               sink of echo_server.py; the sink is asked directly (not through
@@ -29,10 +31,11 @@ import socket
 import statistics
 import struct
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 HOST = "127.0.0.1"
 HEADER = struct.Struct("!IQ")  # client number, sequence number
+SETUP_LIMIT = 5.0  # seconds: measure from then on even if some client never had a reply
 
 
 def _percentile(values: List[float], fraction: float) -> Optional[float]:
@@ -69,11 +72,12 @@ class _Client:
 
 def udp_rr(port: int, clients: int, size: int, seconds: float, warm_up: float, timeout: float,
            dead: Callable[[], bool]) -> Dict:
-    """Request/response through ``port`` for ``warm_up`` + ``seconds``."""
+    """Request/response through ``port``: set-up, ``warm_up``, then ``seconds`` measured."""
     size = max(size, HEADER.size)
     selector = selectors.DefaultSelector()
     pool = [_Client(number, port, size) for number in range(clients)]
-    counts = {"lost": 0, "lost_warm_up": 0, "late": 0, "misdelivered": 0, "errors": 0}
+    counts = dict.fromkeys(("lost", "late", "misdelivered", "lost_warm_up", "late_warm_up", "misdelivered_warm_up",
+                            "errors"), 0)
     first_error = ""
     latencies: List[float] = []
 
@@ -84,8 +88,8 @@ def udp_rr(port: int, clients: int, size: int, seconds: float, warm_up: float, t
             first_error = first_error or why
 
     started = time.perf_counter()
-    measure_from = started + warm_up
-    stop_sending = measure_from + seconds
+    measure_from = stop_sending = float("inf")  # set once every client has had a reply
+    answered: Set[int] = set()
     for client in pool:
         selector.register(client.sock, selectors.EVENT_READ, client)
         failed(client.send_next(time.perf_counter()))
@@ -94,6 +98,9 @@ def udp_rr(port: int, clients: int, size: int, seconds: float, warm_up: float, t
     # is answered or lost within ``timeout``.
     while not dead():
         now = time.perf_counter()
+        if measure_from == float("inf") and (len(answered) == clients or now - started > SETUP_LIMIT):
+            measure_from = now + warm_up
+            stop_sending = measure_from + seconds
         if now >= stop_sending and (now > stop_sending + timeout + 1 or not any(c.waiting for c in pool)):
             break
         for key, _ in selector.select(min(0.05, timeout / 4)):
@@ -108,12 +115,14 @@ def udp_rr(port: int, clients: int, size: int, seconds: float, warm_up: float, t
                     break
                 now = time.perf_counter()
                 number, seq = HEADER.unpack_from(reply) if len(reply) >= HEADER.size else (-1, 0)
+                phase = "" if now >= measure_from else "_warm_up"
                 if number != client.number or len(reply) != size:
-                    counts["misdelivered"] += 1
+                    counts["misdelivered" + phase] += 1
                 elif not client.waiting or seq != client.seq:
-                    counts["late"] += 1
+                    counts["late" + phase] += 1
                 else:
                     client.waiting = False
+                    answered.add(client.number)
                     if client.sent_at >= measure_from:
                         latencies.append(now - client.sent_at)
                     if now < stop_sending:
