@@ -10,7 +10,9 @@ only), and optionally modes in brackets:
     asyncore_fwd[trace]               a word not in ASYNCORE_FWD_MODES is a flag:
                                       trace -> --trace, workers=2 -> --workers 2
 
-Each workload run gets a fresh forwarder (``forwarding()``).
+Each workload run gets a fresh forwarder (``forwarding()``).  The UDP
+workloads start a peer's UDP mode (``PeerKind.udp_argv``) instead: a peer
+without one is skipped for them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from benchlib import BENCH, HOST, ROOT, Failed, PeakRss, Proc, free_port
+from benchlib import BENCH, HOST, ROOT, Failed, PeakRss, Proc, Skipped, free_port
 
 if TYPE_CHECKING:
     from workloads import Context
@@ -44,7 +47,9 @@ class PeerKind:
     port; started with port 0), or "chosen" (a free port is passed to it and
     the harness waits until it listens).  ``source``: for another version of
     the package, the directory that holds it; the peer runs there, with it
-    first on PYTHONPATH.
+    first on PYTHONPATH.  ``udp_argv``: the same for a UDP forwarding
+    (same arguments; always given a chosen free UDP port), None if the peer
+    has no UDP mode; ``udp_note`` says how it forwards UDP.
     """
     argv: Optional[Callable[[int, int, Path, Sequence[str]], List[str]]]
     port_from: str = "chosen"
@@ -54,6 +59,8 @@ class PeerKind:
     note: str = ""
     source: Optional[Path] = None
     counts_cpu: bool = True  # False: its CPU time escapes the process-group figures
+    udp_argv: Optional[Callable[[int, int, Path, Sequence[str]], List[str]]] = None
+    udp_note: str = ""
 
 
 def first_line(argv: Sequence[str], pattern: str = "", source: Optional[Path] = None) -> str:
@@ -126,11 +133,18 @@ def _asyncore_fwd_argv(remote: int, listen: int, tmp: Path, extra: Sequence[str]
     return [PY, "-m", "asyncore_fwd", "-p", "0", "-r", HOST, "-P", str(remote), *extra]
 
 
+def _asyncore_fwd_udp_argv(remote: int, listen: int, tmp: Path, extra: Sequence[str]) -> List[str]:
+    return [PY, "-m", "asyncore_fwd", "-q", "-L", f"{listen}:{HOST}:{remote},proto=udp", *extra]
+
+
+ASYNCORE_FWD_UDP_NOTE = "UDP: -q -L PORT:127.0.0.1:TARGET,proto=udp (a session per client address, 60 s idle)"
+
 PEER_KINDS: Dict[str, PeerKind] = {
     "direct": PeerKind(argv=None, note="client talks to the server, no forwarder"),
     "asyncore_fwd": PeerKind(
         argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}",
-        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'])} (git {_git_revision()})"),
+        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'])} (git {_git_revision()})",
+        udp_argv=_asyncore_fwd_udp_argv, udp_note=ASYNCORE_FWD_UDP_NOTE),
     # backlog=4096, like asyncore_fwd's default and haproxy's: with socat's own
     # (5), the 50 clients of rr-c50 and http-c50 connecting at once lose SYNs
     # and every run includes a 1-3 s retransmit stall, which is not what
@@ -141,7 +155,13 @@ PEER_KINDS: Dict[str, PeerKind] = {
         needs=("socat",), version=lambda: first_line(["socat", "-V"], "socat version"),
         skip={"held": "skipped: forks a process per connection"},
         note="TCP-LISTEN:P,fork,reuseaddr,bind=127.0.0.1,backlog=4096 (its default backlog, 5, stalls 50 "
-             "simultaneous connects for 1–3 s)"),
+             "simultaneous connects for 1–3 s)",
+        udp_argv=lambda r, listen, tmp, extra: ["socat", f"UDP-LISTEN:{listen},fork,reuseaddr,bind={HOST}",
+                                           f"UDP:{HOST}:{r}", *extra],
+        udp_note="UDP: UDP-LISTEN:P,fork,reuseaddr,bind=127.0.0.1 UDP:127.0.0.1:T — the first datagram from "
+                 "a new client address forks a child that keeps that client (its socket connected to it) "
+                 "until the run stops it: no -T, so an idle child never exits; the parent binds the port "
+                 "afresh after each fork"),
     "haproxy": PeerKind(
         argv=_haproxy_argv, needs=("haproxy",), version=lambda: first_line(["haproxy", "-v"]),
         note="mode tcp, maxconn 20000, default nbthread"),
@@ -235,6 +255,7 @@ def ref_kind(ref: str) -> PeerKind:
     named = "" if commit.startswith(ref) else f" = {ref}"
     return PeerKind(
         argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}", source=tree,
+        udp_argv=_asyncore_fwd_udp_argv, udp_note=ASYNCORE_FWD_UDP_NOTE,
         version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'], source=tree)} "
                         f"(git {commit[:7]}{named})",
         note=f"asyncore_fwd at commit {commit[:12]} ({ref}), extracted with git archive, same Python")
@@ -333,9 +354,11 @@ class Forwarding:
         return fallback
 
 
-def start_peer(ctx: "Context", peer: Peer, remote_port: int) -> Tuple[Proc, int]:
+def start_peer(ctx: "Context", peer: Peer, remote_port: int, proto: str = "tcp") -> Tuple[Proc, int]:
     """Start the forwarder; return it and the port it listens on."""
     kind = peer.kind
+    if proto == "udp":
+        return _start_udp_peer(ctx, peer, remote_port)
     listen = free_port() if kind.port_from == "chosen" else 0
     proc = Proc(kind.argv(remote_port, listen, ctx.tmp, peer.extra), peer.name, ctx.tmp,
                 cwd=kind.source or ROOT, env=source_env(kind.source))
@@ -351,16 +374,31 @@ def start_peer(ctx: "Context", peer: Peer, remote_port: int) -> Tuple[Proc, int]
     return proc, listen
 
 
+def _start_udp_peer(ctx: "Context", peer: Peer, remote_port: int) -> Tuple[Proc, int]:
+    """Start the peer's UDP mode on a chosen free UDP port (Skipped: it has none)."""
+    if peer.kind.udp_argv is None:
+        raise Skipped("skipped: no UDP mode")
+    listen = free_port(socket.SOCK_DGRAM)
+    proc = Proc(peer.kind.udp_argv(remote_port, listen, ctx.tmp, peer.extra), f"{peer.name}-udp", ctx.tmp,
+                cwd=peer.kind.source or ROOT, env=source_env(peer.kind.source))
+    try:
+        proc.wait_listening(listen, proto="udp")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, listen
+
+
 @contextmanager
-def forwarding(ctx: "Context", peer: Peer, remote_port: int) -> Iterator[Forwarding]:
-    """A fresh forwarder in front of ``remote_port`` for one workload run.
+def forwarding(ctx: "Context", peer: Peer, remote_port: int, proto: str = "tcp") -> Iterator[Forwarding]:
+    """A fresh forwarder in front of ``remote_port`` (a UDP one with ``proto="udp"``) for one workload run.
 
     Records its peak RSS in ``ctx.extras`` (kept even if the workload fails).
     """
     if not peer.forwards:
         yield Forwarding(remote_port)
         return
-    proc, port = start_peer(ctx, peer, remote_port)
+    proc, port = start_peer(ctx, peer, remote_port, proto)
     sampler = PeakRss(proc)
     sampler.start()
     try:
