@@ -7,6 +7,8 @@ only), and optionally modes in brackets:
     asyncore_fwd[epoll,splice]        the working tree, --loop epoll --splice
     asyncore_fwd@main~5[epoll]        that commit, extracted with git archive
     asyncore_fwd@v0.1[]               no flags at all (for a CLI without --loop)
+    asyncore_fwd@/path/to/tree[epoll] the package in another checkout (a worktree
+                                      with uncommitted work), as it is now
     asyncore_fwd[trace]               a word not in ASYNCORE_FWD_MODES is a flag:
                                       trace -> --trace, workers=2 -> --workers 2
 
@@ -248,8 +250,25 @@ class SourceTrees:
 SOURCE_TREES = SourceTrees()
 
 
+def tree_kind(path: Path) -> PeerKind:
+    """asyncore_fwd as it is in another checkout, run from there."""
+    tree = path.resolve()
+    rev = first_line(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=normal",
+                            "asyncore_fwd"], capture_output=True, text=True).stdout.strip()
+    state = f"git {rev}{' + uncommitted changes' if dirty else ''}"
+    return PeerKind(
+        argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}", source=tree,
+        udp_argv=_asyncore_fwd_udp_argv, udp_note=ASYNCORE_FWD_UDP_NOTE,
+        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'], source=tree)} ({tree}, {state})",
+        note=f"asyncore_fwd as found in {tree} at the start of the run ({state}), same Python")
+
+
 def ref_kind(ref: str) -> PeerKind:
-    """asyncore_fwd as of git ``ref``, run from an extracted tree."""
+    """asyncore_fwd as of git ``ref``, run from an extracted tree; or, for a
+    directory holding an asyncore_fwd package, from that directory."""
+    if "/" in ref and (Path(ref) / "asyncore_fwd" / "__init__.py").is_file():
+        return tree_kind(Path(ref))
     commit = SourceTrees.resolve(ref)
     tree = SOURCE_TREES.tree(commit)
     named = "" if commit.startswith(ref) else f" = {ref}"
@@ -307,7 +326,8 @@ def parse_peers(text: str) -> List[Peer]:
         if not match or match.group(1) not in PEER_KINDS or (match.group(2) and match.group(1) != "asyncore_fwd"):
             raise SystemExit(f"unknown peer {item!r}; known: {', '.join(PEER_KINDS)} "
                              f"(asyncore_fwd[mode,...] with modes like {', '.join(ASYNCORE_FWD_MODES)}, "
-                             "splice, workers=2; asyncore_fwd@REF for a git commit, branch or tag)")
+                             "splice, workers=2; asyncore_fwd@REF for a git commit, branch or tag, "
+                             "asyncore_fwd@/PATH for another checkout)")
         kind_name, ref, modes = match.groups()
         kind = ref_kind(ref) if ref else PEER_KINDS[kind_name]
         base = f"{kind_name}@{ref}" if ref else kind_name

@@ -181,7 +181,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f"(--workers 2); plain asyncore_fwd means "
                              f"{', '.join(f'asyncore_fwd[{m}]' for m in DEFAULT_ASYNCORE_FWD_MODES)} "
                              "; asyncore_fwd@REF[...] runs the "
-                             "package as of git REF (commit, branch, tag) beside the working tree "
+                             "package as of git REF (commit, branch, tag) beside the working tree, "
+                             "asyncore_fwd@/PATH[...] the one in another checkout as it is "
                              "(default: %(default)s)")
     parser.add_argument("--workloads", default="all",
                         help="comma list of workloads or groups: " + ", ".join(WORKLOADS)
