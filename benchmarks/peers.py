@@ -180,7 +180,10 @@ PEER_KINDS: Dict[str, PeerKind] = {
         argv=lambda r, listen, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--listen-port", "0",
                                        "--remote-port", str(r)],
         port_from=r"stdout:^(\d+)$",
-        version=lambda: f"benchmarks/asyncio_forwarder.py, Python {sys.version.split()[0]}"),
+        version=lambda: f"benchmarks/asyncio_forwarder.py, Python {sys.version.split()[0]}",
+        udp_argv=lambda r, listen, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--udp", "--listen-port",
+                                           str(listen), "--remote-port", str(r)],
+        udp_note="UDP: asyncio_forwarder.py --udp, datagram endpoints, a session per client address, 60 s idle"),
     "article": PeerKind(
         argv=lambda r, listen, tmp, extra: [PY, str(ROOT / "examples" / "article_forwarder.py"), "-p", "0", "-r", HOST,
                                        "-P", str(r)],
