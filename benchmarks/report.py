@@ -39,6 +39,11 @@ def _cpu_per_gb(samples: RepeatSamples) -> Optional[float]:
     return cpu / (moved / 1e9) if moved else None
 
 
+def _udp_cpu_per_gb(samples: RepeatSamples) -> Optional[float]:
+    cpu, moved = _ok(samples, "udp-oneway", "cpu_s"), _ok(samples, "udp-oneway", "bytes")
+    return cpu / (moved / 1e9) if cpu is not None and moved else None
+
+
 def _peak_rss_mib(samples: RepeatSamples) -> Optional[float]:
     peaks = [s["values"]["peak_rss_kib"] for s in samples.values() if s["values"].get("peak_rss_kib")]
     return max(peaks) / 1024 if peaks else None
@@ -84,6 +89,8 @@ ROWS: List[Row] = [
     Row("udp-oneway", ("udp-oneway",), "MB/s", _metric("udp-oneway", "MBps")),
     Row("udp-oneway datagrams", ("udp-oneway",), "dgram/s", _metric("udp-oneway", "dps")),
     Row("udp-oneway lost", ("udp-oneway",), "%", _metric("udp-oneway", "loss_pct"), ratios=False,
+        lower_is_better=True),
+    Row("udp-oneway cpu-per-gb", ("udp-oneway",), "CPU-s/GB", _udp_cpu_per_gb, forwarders_only=True,
         lower_is_better=True),
     Row("rss-peak", tuple(WORKLOADS), "MiB", _peak_rss_mib, forwarders_only=True, lower_is_better=True,
         show_failures=False),
@@ -294,7 +301,8 @@ GROUP_NOTES: Dict[str, Callable[[Sizes, Dict[str, str]], str]] = {
                         f"datagrams as fast as it can (no pacing) for {z.udp_seconds:g} s to a sink that counts "
                         "them; MB/s and dgram/s are what reached the sink per second of sending, lost is the share "
                         "sent that never arrived (wherever it was dropped: a full socket buffer of the forwarder or "
-                        "of the sink; the direct column shows the sink's own limit).",
+                        "of the sink; the direct column shows the sink's own limit); cpu-per-gb: the forwarder's "
+                        "CPU (process group) during the blast, per GB that reached the sink.",
 }
 
 
