@@ -295,7 +295,8 @@ GROUP_NOTES: Dict[str, Callable[[Sizes, Dict[str, str]], str]] = {
                          "conn = (RSS with them held − RSS before) / count.",
     "udp": lambda z, f: f"udp-rr: 1 or 32 clients, each a UDP socket of its own, send a 64-byte datagram and wait "
                         f"for its echo, then the next, for {z.udp_seconds:g} s, measured from 1 s after every "
-                        "client had its first reply (same sockets; losses before are counted apart as warm-up); "
+                        "client had its first reply (or 6 s after the start; same sockets; what goes astray before "
+                        "is counted apart as warm-up); "
                         "a reply not back within 0.2 s is counted lost and the next request sent; req/s = replies "
                         "per second; p50/p99 over the measured replies. udp-oneway: one socket sends 1400-byte "
                         f"datagrams as fast as it can (no pacing) for {z.udp_seconds:g} s to a sink that counts "

@@ -269,6 +269,7 @@ def _udp_rr(ctx: Context, peer: Peer, clients: int) -> Dict:
         result = ctx.loadgen(fwd, "udp-rr", "--clients", str(clients), "--size", str(UDP_RR_SIZE),
                              "--seconds", str(ctx.sizes.udp_seconds), "--warm-up", str(WARM_UP_SECONDS),
                              "--timeout", str(UDP_REPLY_TIMEOUT), timeout=ctx.sizes.udp_seconds + 30)
+        fwd.check_alive()  # figures from a forwarder that died on the way are not its figures
         if not result["requests"]:
             why = f"no reply in {ctx.sizes.udp_seconds:g} s ({result['lost']} lost"
             raise Failed(fwd.why_failed(why + (f", {result['first_error']})" if result["first_error"] else ")")))
@@ -291,6 +292,7 @@ def udp_oneway(ctx: Context, peer: Peer) -> Dict:
         result = ctx.loadgen(fwd, "udp-oneway", "--sink-port", str(sink), "--size", str(UDP_ONEWAY_SIZE),
                              "--seconds", str(ctx.sizes.udp_seconds), timeout=ctx.sizes.udp_seconds + 30)
         cpu = fwd.cpu_seconds()
+        fwd.check_alive()
         if not result["received"]:
             why = f"nothing reached the sink ({result['sent']} sent"
             raise Failed(fwd.why_failed(why + (f", {result['first_error']})" if result["first_error"] else ")")))
