@@ -92,6 +92,9 @@ ROWS: List[Row] = [
         lower_is_better=True),
     Row("udp-oneway cpu-per-gb", ("udp-oneway",), "CPU-s/GB", _udp_cpu_per_gb, forwarders_only=True,
         lower_is_better=True),
+    Row("udp-oneway-64 datagrams", ("udp-oneway-64",), "dgram/s", _metric("udp-oneway-64", "dps")),
+    Row("udp-oneway-64 lost", ("udp-oneway-64",), "%", _metric("udp-oneway-64", "loss_pct"), ratios=False,
+        lower_is_better=True),
     Row("rss-peak", tuple(WORKLOADS), "MiB", _peak_rss_mib, forwarders_only=True, lower_is_better=True,
         show_failures=False),
 ]
@@ -298,7 +301,8 @@ GROUP_NOTES: Dict[str, Callable[[Sizes, Dict[str, str]], str]] = {
                         "client had its first reply (or 6 s after the start; same sockets; what goes astray before "
                         "is counted apart as warm-up); "
                         "a reply not back within 0.2 s is counted lost and the next request sent; req/s = replies "
-                        "per second; p50/p99 over the measured replies. udp-oneway: one socket sends 1400-byte "
+                        "per second; p50/p99 over the measured replies. udp-oneway(-64): one socket sends 1400-byte "
+                        "(64-byte) "
                         f"datagrams as fast as it can (no pacing) for {z.udp_seconds:g} s to a sink that counts "
                         "them; MB/s and dgram/s are what reached the sink per second of sending, lost is the share "
                         "sent that never arrived (wherever it was dropped: a full socket buffer of the forwarder or "

@@ -284,12 +284,12 @@ def udp_rr_c32(ctx: Context, peer: Peer) -> Dict:
     return _udp_rr(ctx, peer, 32)
 
 
-def udp_oneway(ctx: Context, peer: Peer) -> Dict:
-    """One sender, 1400-byte datagrams as fast as it can: what reaches the sink."""
+def _udp_oneway(ctx: Context, peer: Peer, size: int) -> Dict:
+    """One sender, ``size``-byte datagrams as fast as it can: what reaches the sink."""
     sink = ctx.servers.udp_sink()
     with forwarding(ctx, peer, sink, proto="udp") as fwd:
         cpu_before = fwd.cpu_seconds()
-        result = ctx.loadgen(fwd, "udp-oneway", "--sink-port", str(sink), "--size", str(UDP_ONEWAY_SIZE),
+        result = ctx.loadgen(fwd, "udp-oneway", "--sink-port", str(sink), "--size", str(size),
                              "--seconds", str(ctx.sizes.udp_seconds), timeout=ctx.sizes.udp_seconds + 30)
         cpu = fwd.cpu_seconds()
         fwd.check_alive()
@@ -301,6 +301,15 @@ def udp_oneway(ctx: Context, peer: Peer) -> Dict:
     if cpu is not None and cpu_before is not None and peer.kind.counts_cpu:
         values["cpu_s"] = cpu - cpu_before
     return values
+
+
+def udp_oneway(ctx: Context, peer: Peer) -> Dict:
+    return _udp_oneway(ctx, peer, UDP_ONEWAY_SIZE)
+
+
+def udp_oneway_64(ctx: Context, peer: Peer) -> Dict:
+    """Small datagrams: the forwarder's cost per datagram rather than per byte."""
+    return _udp_oneway(ctx, peer, 64)
 
 
 @dataclass(frozen=True)
@@ -326,5 +335,6 @@ WORKLOADS: Dict[str, Workload] = {
     "udp-rr-c1": Workload(udp_rr_c1, "udp", lambda ctx: f"stdlib UDP echo {UDP_RR_SIZE} B", "udp"),
     "udp-rr-c32": Workload(udp_rr_c32, "udp", lambda ctx: f"stdlib UDP echo {UDP_RR_SIZE} B", "udp"),
     "udp-oneway": Workload(udp_oneway, "udp", lambda ctx: f"stdlib UDP {UDP_ONEWAY_SIZE} B → sink", "udp"),
+    "udp-oneway-64": Workload(udp_oneway_64, "udp", lambda ctx: "stdlib UDP 64 B → sink", "udp"),
 }
 
