@@ -167,7 +167,7 @@ def run_all(ctx: Context, peers: List[Peer], workloads: List[str], unusable: Unu
                     continue
                 record = run_sample(ctx, workload, peer, rep, position)
                 samples.append(record)
-                log(f"[{rep + 1}/{repeat}] {workload:<9} {peer.name:<22} {summarize(record)} "
+                log(f"[{rep + 1}/{repeat}] {workload:<13} {peer.name:<22} {summarize(record)} "
                     f"({record['wall_seconds']:.1f} s)")
     return samples
 
