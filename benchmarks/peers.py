@@ -264,7 +264,7 @@ def tree_kind(path: Path) -> PeerKind:
         argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}", source=tree,
         udp_argv=_asyncore_fwd_udp_argv, udp_note=ASYNCORE_FWD_UDP_NOTE,
         version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'], source=tree)} ({tree}, {state})",
-        note=f"asyncore_fwd as found in {tree} at the start of the run ({state}), same Python")
+        note=f"asyncore_fwd from {tree} as it is at each start ({state} when the run began), same Python")
 
 
 def ref_kind(ref: str) -> PeerKind:
