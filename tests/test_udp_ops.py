@@ -67,6 +67,26 @@ def test_a_changed_target_serves_new_sessions_and_the_old_ones_keep_theirs(
     assert service.service.retiring == []  # the old listener handed its sessions over
 
 
+def test_adopted_sessions_count_on_their_targets_in_the_reloaded_rule(
+        echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
+    port = free_udp_port()
+
+    def rule(**options: object) -> Rule:
+        return Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="u", proto="udp",
+                    targets=[("127.0.0.1", echoes[1].port)], balance="roundrobin", **options)
+
+    service = RunningUdp([rule()])
+    running.append(service)
+    with client() as one, client() as two:
+        ask(one, ("127.0.0.1", port), b"1")
+        ask(two, ("127.0.0.1", port), b"2")
+        reload(service, [rule(max_connections=10)])
+        targets = service.service.target_stats()["u"]
+        assert [counters["active"] for counters in targets.values()] == [1, 1]
+        assert ask(one, ("127.0.0.1", port), b"still")[0] == b"still"
+    assert [echo.received for echo in echoes] in ([2, 1], [1, 2])
+
+
 def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
     """Removed: no new session, the open one served until it idles out.  Added: serving at once."""
     a_port, b_port = free_udp_port(), free_udp_port()

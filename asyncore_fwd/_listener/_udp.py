@@ -153,6 +153,7 @@ class DatagramListener(Dispatcher):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RECEIVE_BUFFER)
             self.bind(address)
             _loop.check_watchable(self._map, self.socket)
+            self.connected = True  # (see take_over)
         except OSError as error:
             where = format_address((self.rule.local_host, address[1]))
             self.close()
@@ -203,6 +204,9 @@ class DatagramListener(Dispatcher):
         """Listen on ``listener``, released by ``release_listener``: its sessions become this one's."""
         previous = _released.pop(listener, None)
         self.set_socket(listener)
+        # Ready for datagrams as a connected socket is for bytes: the loop's fast path calls
+        # handle_read() at once, without asyncore's readwrite() and handle_read_event().
+        self.connected = True
         self.serving_new = True
         if self.targets is not None:  # given back after a failed reload: down times go on
             self.targets.resume()
