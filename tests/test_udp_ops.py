@@ -263,6 +263,30 @@ def test_sigusr1_and_v_log_a_udp_rules_sessions_and_counters(spawn: Spawn, echoe
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
 
 
+def test_sighup_changes_a_udp_rules_target_for_new_sessions_only(spawn: Spawn, echoes: List[UdpEcho],
+                                                                  tmp_path) -> None:
+    port = free_udp_port()
+    config = tmp_path / "fwd.toml"
+
+    def write(target: int) -> None:
+        config.write_text(f'[[rule]]\nname = "dns"\nlisten = "127.0.0.1:{port}"\n'
+                          f'connect = "127.0.0.1:{target}"\nproto = "udp"\n')
+
+    write(echoes[0].port)
+    proc = spawn(MODULE + ["--drain-timeout", "0.5", "-c", str(config)])
+    proc.wait_line(r"dns: forwarding ")
+    with client() as old, client() as new:
+        ask(old, ("127.0.0.1", port), b"before")
+        write(echoes[1].port)
+        proc.process.send_signal(signal.SIGHUP)
+        proc.wait_line(r"reloaded: 0 added, 0 removed, 1 changed, 0 unchanged, 0 failed")
+        assert ask(old, ("127.0.0.1", port), b"after") == (b"after", ("127.0.0.1", port))
+        assert ask(new, ("127.0.0.1", port), b"new") == (b"new", ("127.0.0.1", port))
+    assert (echoes[0].received, echoes[1].received) == (2, 1)
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+    assert "drain timeout: cut 2 connections" in proc.stderr  # the sessions, open until then
+
+
 def test_workers_serve_a_udp_rule_and_the_metrics_sum_it(spawn: Spawn, echoes: List[UdpEcho]) -> None:
     port, metrics = free_udp_port(), free_udp_port()
     proc = spawn(MODULE + ["--workers", "2", "--drain-timeout", "0.5", "--metrics", f"127.0.0.1:{metrics}",
