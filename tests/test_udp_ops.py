@@ -287,6 +287,21 @@ def test_sighup_changes_a_udp_rules_target_for_new_sessions_only(spawn: Spawn, e
     assert "drain timeout: cut 2 connections" in proc.stderr  # the sessions, open until then
 
 
+def test_a_sessions_end_is_a_json_close_event_with_its_datagrams(spawn: Spawn, echoes: List[UdpEcho]) -> None:
+    proc = spawn(MODULE + ["-v", "--log-format", "json",
+                           "-L", f"0:127.0.0.1:{echoes[0].port},proto=udp,name=dns,idle_timeout=0.2"])
+    port = int(proc.wait_line(r'"message": "dns: forwarding \S+:(\d+) to ').group(1))
+    with client() as sock:
+        ask(sock, ("127.0.0.1", port), b"abc")
+    line = proc.wait_line(r'"event": "close"').string
+    event = json.loads(line)
+    assert {key: event[key] for key in ("rule", "proto", "target", "bytes_to_server", "bytes_to_client",
+                                        "datagrams_to_server", "datagrams_to_client", "reason")} == {
+        "rule": "dns", "proto": "udp", "target": f"127.0.0.1:{echoes[0].port}", "bytes_to_server": 3,
+        "bytes_to_client": 3, "datagrams_to_server": 1, "datagrams_to_client": 1, "reason": "idle"}
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+
+
 def test_workers_serve_a_udp_rule_and_the_metrics_sum_it(spawn: Spawn, echoes: List[UdpEcho]) -> None:
     port, metrics = free_udp_port(), free_udp_port()
     proc = spawn(MODULE + ["--workers", "2", "--drain-timeout", "0.5", "--metrics", f"127.0.0.1:{metrics}",
