@@ -275,6 +275,21 @@ def test_an_icmp_error_marks_the_target_down_and_the_session_stays_on_it(
                for record in caplog.records)
 
 
+def test_a_target_that_never_answers_leaves_sessions_that_idle_out(udp_echo: UdpEcho,
+                                                                  running: List[RunningUdp]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never read
+        silent.bind(("127.0.0.1", 0))
+        service = start(running, udp_rule("mute", silent.getsockname()[1], idle_timeout=0.3),
+                        udp_rule("echo", udp_echo.port))
+        with client() as sock:
+            for _ in range(50):
+                sock.sendto(b"hello?", service.address("mute"))
+            assert no_reply(sock)
+            assert ask(sock, service.address("echo"), b"other rule")[0] == b"other rule"
+            wait_for(lambda: service.stats("mute")["active"] == 0, what="the session to idle out")
+        assert service.stats("mute")["datagrams_to_server"] == 50
+
+
 def test_roundrobin_spreads_the_sessions_over_the_targets(running: List[RunningUdp]) -> None:
     echoes = [UdpEcho(), UdpEcho()]
     try:
