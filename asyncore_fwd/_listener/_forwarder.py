@@ -84,6 +84,9 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     ("first", "roundrobin", "leastconn"), ``max_fails``, ``fail_timeout`` and
     ``health_check_interval`` say how connections are spread over them and
     when one is down (see ``Rule``; ``targets`` holds their state).
+
+    A ``Forwarder`` serves TCP: ``proto="udp"`` raises ``ValueError``, as a UDP
+    rule is served by a ``Service`` (with a datagram listener of its own).
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).
@@ -117,6 +120,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
                stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
                scratch: Optional[memoryview] = None) -> None:
+        if rule.proto != "tcp":  # (a listener of another kind: _listener._udp)
+            raise ValueError("a Forwarder serves TCP rules: serve a UDP rule (proto='udp') with Service([rule])")
         self._own_connections(rule, stats, scratch)
         #: Toxics and down() (fault injection): see ``add_toxic``.
         self._faults = FaultControls(self, seed)

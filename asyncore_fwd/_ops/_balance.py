@@ -169,6 +169,11 @@ class TargetSet(ConnectionObserver):
         """Every address of ``target`` failed for ``conn``: count it, maybe mark the target down.
         (Not for our own lack of descriptors or memory: that is no fault of the target's.)"""
         self._leave(conn)
+        self.failure(target, error)
+
+    def failure(self, target: TargetState, error: OSError) -> None:
+        """``target`` failed a client, connection or not (a UDP session's ICMP error): count it,
+        maybe mark it down (not for our own lack of descriptors or memory)."""
         if error.errno in OUT_OF_RESOURCES:
             return
         target.failures[target.name] = target.connect_failures + 1

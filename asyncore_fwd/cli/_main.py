@@ -46,6 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--workers above 1 needs SO_REUSEPORT and fork(), which this platform lacks")
     if args.toxic and args.splice:
         parser.error("--toxic needs the copy relay: with --splice the bytes never enter Python")
+    udp_rules = [rule.label for rule in rules if rule.proto == "udp"]
+    if args.toxic and udp_rules:
+        return _config_error(ConfigError(f"--toxic: toxics act on TCP connections, not on a UDP rule's "
+                                         f"datagrams (proto=udp: {', '.join(udp_rules)})"))
     if args.check_config:
         try:
             _try_start(args, rules)
