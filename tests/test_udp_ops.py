@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import urllib.request
 from typing import Callable, Iterator, List
 
@@ -15,6 +16,7 @@ import pytest
 from udp_helpers import RunningUdp, UdpEcho, ask, client, free_udp_port, no_reply, udp_rule
 
 from asyncore_fwd import Rule, Service, cli
+from asyncore_fwd._listener._udp import DRAIN_QUIET
 from asyncore_fwd._service._metrics import render_prometheus
 from asyncore_fwd._service._reports import WorkerStats
 from asyncore_fwd.cli._parser import PROG
@@ -134,6 +136,24 @@ def test_a_drain_starts_no_session_and_ends_when_the_open_ones_idle_out(echoes: 
         thread.join(WAIT)
         assert not thread.is_alive(), "the drain did not end once the session idled out"
     assert service.stats()["u"]["dropped_draining"] == 1
+
+
+def test_a_drain_ends_a_session_once_it_is_quiet_for_a_second_not_at_its_idle_timeout(
+        echoes: List[UdpEcho]) -> None:
+    """A UDP session has no end of its own: with the default idle_timeout (60 s) a drain would
+    wait its whole timeout.  Once draining, a session ends after DRAIN_QUIET without a datagram."""
+    service = Service([udp_rule("u", echoes[0].port)])
+    address = service.forwarders["u"].address
+    thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    with client() as sock:
+        ask(sock, address, b"before")
+        started = time.monotonic()
+        service.drain(30.0)
+        thread.join(WAIT)
+        took = time.monotonic() - started
+    assert not thread.is_alive(), "the drain waited for the idle timeout"
+    assert DRAIN_QUIET <= took < DRAIN_QUIET + 3.0
 
 
 # -- counters -------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ Strategy:
   idled out and is set again for the next: its work is the sessions that end.
 * **Drain and reload.**  ``stop_accepting`` starts no more sessions but
   keeps the socket, which the open ones need for their replies, until they
-  idle out.  A reload that keeps the listen address hands the socket to the
+  have been quiet for ``DRAIN_QUIET`` seconds (or ``idle_timeout``, if
+  shorter): a reply on its way still gets through, and a drain does not wait
+  its whole timeout for sessions that nothing would end.  A reload that keeps the listen address hands the socket to the
   successor (``release_listener``/``take_over``), which *adopts* the open
   sessions: they keep their target, and a changed target serves new ones.
 """
@@ -69,6 +71,9 @@ log = logging.getLogger("asyncore_fwd")
 
 #: Sessions closed per round of the loop at most, when many idle out at once.
 EXPIRIES_PER_ROUND = 1024
+#: Once the listener starts no more sessions (a drain, a removed rule), a session ends after
+#: this long without a datagram either way.
+DRAIN_QUIET = 1.0
 #: The receive buffer the listening socket asks for (bytes).
 LISTEN_RECEIVE_BUFFER = 4 * 1024 * 1024
 
@@ -187,6 +192,8 @@ class DatagramListener(Dispatcher):
         self.serving_new = False
         if self.targets is not None:
             self.targets.retire()
+        self._cancel_sweep()  # the sessions now end once quiet for DRAIN_QUIET
+        self._arm_sweep()
 
     def release_listener(self) -> socket.socket:
         """Hand the socket, still open, to a successor, which adopts the open sessions (``take_over``)."""
@@ -371,10 +378,16 @@ class DatagramListener(Dispatcher):
 
     # -- idle expiry --------------------------------------------------------
 
+    @property
+    def _idle_limit(self) -> float:
+        """How long a session may stay quiet: ``idle_timeout``, or at most ``DRAIN_QUIET`` once
+        no new session starts here."""
+        return self.rule.idle_timeout if self.serving_new else min(self.rule.idle_timeout, DRAIN_QUIET)
+
     def _arm_sweep(self) -> None:
         if self._sweep is None and self.sessions:
             first = next(iter(self.sessions.values()))
-            self._sweep = self._timers.call_at(first.last_active + self.rule.idle_timeout, self._expire)
+            self._sweep = self._timers.call_at(first.last_active + self._idle_limit, self._expire)
 
     def _cancel_sweep(self) -> None:
         if self._sweep is not None:
@@ -384,7 +397,7 @@ class DatagramListener(Dispatcher):
     def _expire(self) -> None:
         """The first session's deadline: close every session idle for ``idle_timeout``, then wait for the next."""
         self._sweep = None
-        stale = time.monotonic() - self.rule.idle_timeout
+        stale = time.monotonic() - self._idle_limit
         for _ in range(EXPIRIES_PER_ROUND):
             if not self.sessions:
                 return
