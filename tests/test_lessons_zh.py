@@ -45,11 +45,11 @@ def width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
-def code_tokens(source: str) -> List[Tuple[int, str]]:
-    """The tokens of ``source`` that make the program: no comment, no docstring, no blank line."""
+def code_tokens(source: str) -> List[Tuple[int, str, int]]:
+    """The tokens of ``source`` that make the program, with their lines: no comment, no docstring, no blank line."""
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     docstrings = {tok.start for tok in copies().docstring_tokens(tokens)}
-    return [(tok.type, tok.string) for tok in tokens
+    return [(tok.type, tok.string, tok.start[0]) for tok in tokens
             if tok.type not in (tokenize.COMMENT, tokenize.NL) and tok.start not in docstrings]
 
 
@@ -66,6 +66,7 @@ def without_docstrings(source: str) -> str:
 
 @pytest.mark.parametrize("name", STEPS)
 def test_chinese_copy_is_the_english_code_token_for_token(name: str) -> None:
+    """And line for line: a line number in a traceback or a log line is the same in both."""
     english = (LESSONS / name).read_text(encoding="utf-8")
     chinese = (LESSONS / "zh" / name).read_text(encoding="utf-8")
     assert code_tokens(chinese) == code_tokens(english)
@@ -113,6 +114,15 @@ def test_every_translation_is_used() -> None:
 def test_a_comment_missing_from_the_table_is_named() -> None:
     with pytest.raises(KeyError, match="a new comment"):
         copies().translate("x = 1  # a new comment\n", {}, "step99.py")
+
+
+def test_a_translation_takes_the_lines_the_english_takes() -> None:
+    module = copies()
+    source = "x = 1\n# one\n# two\n# three\n"
+    table = {"one two three": "读到 EOF 之后 readable() 仍是 True，poll() 每一轮都报告这个套接字。"}
+    assert module.translate(source, table).count("\n") == source.count("\n")
+    with pytest.raises(ValueError, match="does not fit"):
+        module.translate("x = 1\n# one\n", {"one": "很长的译文" * 30})
 
 
 def test_a_chinese_comment_is_wrapped_to_the_width() -> None:

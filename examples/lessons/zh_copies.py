@@ -10,7 +10,9 @@ copies changes the same lines as the English diff). This script finds every
 comment and docstring with tokenize, looks it up in the table and writes
 zh/<the same name>.py; code, strings and layout are copied as they are. A
 comment is re-wrapped to fit 79 columns (a Chinese character takes two); a
-docstring keeps the line breaks the table gives it.
+docstring keeps the line breaks the table gives it. Either takes as many
+lines as the English, so that a line number (in a traceback, a log line, a
+page) is the same in both copies.
 
 A comment or docstring missing from the table is an error that names it; a
 comment that is code left commented out by the article (``# print ...``) is
@@ -117,6 +119,17 @@ def wrap(text: str, columns: int) -> List[str]:
     return lines
 
 
+def wrap_to(text: str, columns: int, count: int) -> Optional[List[str]]:
+    """``text`` in exactly ``count`` lines of at most ``columns`` columns, as even as they come; None if it cannot."""
+    for narrower in range(columns, 9, -1):
+        lines = wrap(text, narrower)
+        if len(lines) > count:
+            return None
+        if len(lines) == count:
+            return lines
+    return None
+
+
 # -- the copy -----------------------------------------------------------------------
 
 
@@ -147,6 +160,7 @@ def translate(source: str, table: Dict[str, str], name: str = "<script>") -> str
     lines = source.split("\n")
     tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
     missing: List[str] = []
+    too_long: List[str] = []
     # (first row, last row, replacement lines); rows are 1-based and inclusive.
     edits: List[Tuple[int, int, List[str]]] = []
 
@@ -160,6 +174,10 @@ def translate(source: str, table: Dict[str, str], name: str = "<script>") -> str
             missing.append(english)
             continue
         body = chinese.split("\n")
+        if len(body) != len(english.split("\n")):
+            too_long.append(f"line {tok.start[0]}: the docstring {body[0]!r} has {len(body)} lines, "
+                            f"the English {len(english.split(chr(10)))}")
+            continue
         new = [f"{indent}{quote}{body[0]}"] + [indent + line if line else "" for line in body[1:]]
         if text.rstrip(" ").endswith("\n"):          # the closing quotes on a line of their own
             new.append(f"{indent}{quote}")
@@ -196,11 +214,17 @@ def translate(source: str, table: Dict[str, str], name: str = "<script>") -> str
             missing.append(english)
         else:
             prefix = " " * column + "# "
-            edits.append((row, group[-1].start[0], [prefix + line for line in wrap(chinese, WIDTH - width(prefix))]))
+            wrapped = wrap_to(chinese, WIDTH - width(prefix), len(group))
+            if wrapped is None:
+                too_long.append(f"line {row}: {chinese!r} in {len(group)} lines of the English's width")
+            else:
+                edits.append((row, group[-1].start[0], [prefix + line for line in wrapped]))
         index += len(group)
 
     if missing:
         raise KeyError(f"{name}: no translation for: " + "; ".join(repr(text) for text in missing))
+    if too_long:
+        raise ValueError(f"{name}: a translation that does not fit: " + "; ".join(too_long))
     for first, last, new in sorted(edits, reverse=True):
         lines[first - 1:last] = new
     return "\n".join(lines)
@@ -220,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for script in scripts():
         try:
             text = translate(script.read_text(encoding="utf-8"), table, script.name)
-        except KeyError as error:
+        except (KeyError, ValueError) as error:
             log.error("%s", error.args[0])
             return 2
         target = copy_path(script)

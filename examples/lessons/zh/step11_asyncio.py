@@ -1,14 +1,15 @@
 """第 11 步：同一个转发器，换到 asyncio 上。
 
-没有新增，也没有新修复：这是用 asyncio 重写的第 10 步，原文的三个类都还在。
-receiver（客户端一侧）和 sender（服务端一侧）是 asyncio.Protocol 的子类：
-asyncore 先问 readable()、writable()，再调用 handle_*()；asyncio 则调用
-它们的 connection_made()、data_received()、eof_received()、
-pause_writing()、resume_writing() 和 connection_lost()。forwarder 仍然
-担当监听的角色：有客户端在等时，asyncio 的循环调用它的 handle_accept()。
-（asyncio 自带的服务器 loop.create_server() 也能替我们接受连接，但描述符
-用完时，它每个事件都会再调用 accept() 最多 backlog 次，每次失败都记一段
-回溯，然后才暂停：python/cpython#151615。）
+没有新增，也没有新修复：这是用 asyncio 重写的第 10 步，原文的三个类
+都还在。receiver（客户端一侧）和 sender（服务端一侧）是
+asyncio.Protocol 的子类：asyncore 先问 readable()、writable()，再调用
+handle_*()；asyncio 则调用它们的 connection_made()、data_received()、
+eof_received()、pause_writing()、resume_writing() 和 connection_lost()。
+forwarder 仍然担当监听的角色：有客户端在等时，asyncio 的循环调用它的
+handle_accept()。（asyncio 自带的服务器 loop.create_server() 也能替
+我们接受连接，但描述符用完时，它每个事件都会再调用 accept()
+最多 backlog 次，每次失败都记一段回溯，然后才暂停：
+python/cpython#151615。）
 第 02-10 步的每一项修复，用 asyncio 的话来说：
 
   02 每次发送都复制    transport.write()：send() 没发完的由传输保存
