@@ -46,10 +46,10 @@ def glossary() -> Dict[str, List[str]]:
 
 
 def glossed_terms() -> Set[str]:
-    """The English of every 中文（english） gloss on the pages, where english is a lower-case term."""
+    """The English of every 中文（english） or *中文*（english，...） gloss on the pages, english in lower case."""
     found = set()
     for page in PAGES:
-        for match in re.finditer(r"[\u4e00-\u9fff]（([a-z][a-z \-]{1,30})）", prose(page)):
+        for match in re.finditer(r"[\u4e00-\u9fff]\**（([a-z][a-z \-]{1,30})[，,）]", prose(page)):
             found.add(match.group(1))
     return found
 
