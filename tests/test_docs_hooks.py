@@ -198,3 +198,26 @@ def test_chinese_pages_take_the_theme_strings_in_chinese() -> None:
     assert 'page.file.src_uri.startswith("zh/")' in template
     assert '"partials/languages/" ~ page_language ~ ".html"' in template
 
+
+
+def load_check_pages() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_check_pages", DOCS / "check_pages.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_page_check_reports_a_scrolling_code_block_and_a_shrunken_diagram() -> None:
+    check = load_check_pages()
+    results = [{"page": "/lessons/step05/", "scrolling": ["        return (len(self.receiver.from_remote_buffer) > 0)"],
+                "diagrams": [{"natural": 1669, "given": 688}, {"natural": 900, "given": 938}]}]
+    found = check.problems(results)
+    assert len(found) == 2
+    assert "scrolls sideways" in found[0] and "diagram 1 is 1669 px wide in 688 px: its text is 6.6 px" in found[1]
+
+
+def test_page_check_passes_a_diagram_drawn_at_twelve_px_or_more() -> None:
+    check = load_check_pages()
+    results = [{"page": "/diagrams/", "scrolling": [], "diagrams": [{"natural": 1200, "given": 938}]}]
+    assert check.problems(results) == []
