@@ -69,6 +69,7 @@ MIXED_UP = {
     "跟踪 for a traceback": re.compile(r"打印[^。；：]{0,8}跟踪|跟踪信息|(ImportError|完整的|精简的)\S{0,2}跟踪"),
     "对端 for the other side": re.compile(r"对端的?(缓冲区|队列|`forward|`handle_write|跟得上|有空间)"
                                           r"|交给对端|关闭它的对端|把对端(指明|也标)|partner` 就是它的对端|对侧|对面"),
+    "another word for a glossary term": re.compile(r"accept 暂停|跟踪信息"),
 }
 
 
