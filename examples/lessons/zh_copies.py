@@ -40,6 +40,8 @@ WIDTH = 79
 CODE_COMMENT = re.compile(r"^print\b")
 #: Punctuation that must not start a line, and that ends a line without a space.
 NO_LINE_START = set("，。、；：？！）》」』,.;:?!)")
+#: How far back (in columns) a full line may end early, at a punctuation mark or a space.
+BREAK_SLACK = 12
 
 log = logging.getLogger("zh_copies")
 
@@ -104,18 +106,29 @@ def units(text: str) -> Iterator[str]:
 
 
 def wrap(text: str, columns: int) -> List[str]:
-    """``text`` in lines of at most ``columns`` columns, not breaking a name nor starting with a comma."""
+    """``text`` in lines of at most ``columns`` columns, not breaking a name nor starting with a comma.
+
+    A full line ends, if it can, after a punctuation mark or a space among its
+    last few columns rather than in the middle of a word (客户|端).
+    """
     lines: List[str] = []
-    line = ""
+    line: List[str] = []
     for unit in units(text):
         hangs = len(unit) == 1 and unit in NO_LINE_START   # may end a full line: keep two columns for it
-        if line and not hangs and width(line + unit.rstrip()) > columns - 2:
-            lines.append(line.rstrip())
-            line = unit.lstrip()
+        if line and not hangs and width("".join(line) + unit.rstrip()) > columns - 2:
+            cut = next((index for index in range(len(line) - 1, 0, -1)
+                        if (line[index - 1] in NO_LINE_START or line[index - 1].isspace())
+                        and width("".join(line[index:])) <= BREAK_SLACK), len(line))
+            lines.append("".join(line[:cut]).rstrip())
+            line = line[cut:]
+            while line and line[0].isspace():
+                line = line[1:]
+            if line or not unit.isspace():
+                line.append(unit)
         else:
-            line += unit
-    if line.strip():
-        lines.append(line.rstrip())
+            line.append(unit)
+    if "".join(line).strip():
+        lines.append("".join(line).rstrip())
     return lines
 
 

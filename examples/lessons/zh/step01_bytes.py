@@ -16,8 +16,8 @@ import warnings
 
 try:
     with warnings.catch_warnings():
-        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore 这个
-        # 向后移植包以同样的名字把它带了回来。
+        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore
+        # 这个向后移植包以同样的名字把它带了回来。
         warnings.simplefilter('ignore', DeprecationWarning)
         import asyncore
 except ImportError:

@@ -21,8 +21,8 @@ import warnings
 
 try:
     with warnings.catch_warnings():
-        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore 这个
-        # 向后移植包以同样的名字把它带了回来。
+        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore
+        # 这个向后移植包以同样的名字把它带了回来。
         warnings.simplefilter('ignore', DeprecationWarning)
         import asyncore
 except ImportError:
@@ -63,8 +63,8 @@ class receiver(asyncore.dispatcher):
         return len(self.from_remote_buffer) < BUFFER_LIMIT
 
     def handle_read(self):
-        # 用 self.socket.recv()，不用 self.recv()：asyncore 的 recv() 读到
-        # EOF 就调用 handle_close()，而它会把两个套接字一起关掉。
+        # 用 self.socket.recv()，不用 self.recv()：asyncore 的 recv()
+        # 读到 EOF 就调用 handle_close()，而它会把两个套接字一起关掉。
         read = self.socket.recv(4096)
         # print('%04i -->'%len(read))
         if read:

@@ -18,8 +18,8 @@ import warnings
 
 try:
     with warnings.catch_warnings():
-        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore 这个
-        # 向后移植包以同样的名字把它带了回来。
+        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore
+        # 这个向后移植包以同样的名字把它带了回来。
         warnings.simplefilter('ignore', DeprecationWarning)
         import asyncore
 except ImportError:
@@ -60,8 +60,8 @@ class receiver(asyncore.dispatcher):
         return not self.eof and len(self.from_remote_buffer) < BUFFER_LIMIT
 
     def handle_read(self):
-        # 用 self.socket.recv()，不用 self.recv()：asyncore 的 recv() 读到
-        # EOF 就调用 handle_close()，而它会把两个套接字一起关掉。
+        # 用 self.socket.recv()，不用 self.recv()：asyncore 的 recv()
+        # 读到 EOF 就调用 handle_close()，而它会把两个套接字一起关掉。
         read = self.socket.recv(4096)
         # print('%04i -->'%len(read))
         if read:
@@ -80,8 +80,8 @@ class receiver(asyncore.dispatcher):
             self.shutdown_write()
 
     def handle_close(self):
-        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，那只是客户
-        # 端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
+        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，
+        # 那只是客户端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
         if self.write_closed:
             return
         self.close()
@@ -132,8 +132,8 @@ class sender(asyncore.dispatcher):
             self.shutdown_write()
 
     def handle_close(self):
-        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，那只是服务
-        # 端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
+        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，
+        # 那只是服务端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
         if self.write_closed:
             return
         self.close()

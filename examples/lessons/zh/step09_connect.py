@@ -21,8 +21,8 @@ import warnings
 
 try:
     with warnings.catch_warnings():
-        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore 这个
-        # 向后移植包以同样的名字把它带了回来。
+        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore
+        # 这个向后移植包以同样的名字把它带了回来。
         warnings.simplefilter('ignore', DeprecationWarning)
         import asyncore
 except ImportError:
@@ -60,8 +60,8 @@ class forwarder(asyncore.dispatcher):
         return time.monotonic() >= self.paused_until
 
     def handle_accepted(self, conn, addr):
-        # asyncore 的 handle_accept() 每接受一个客户端就调用这里一次；客户端
-        # 已经走了、accept() 返回 None 时，它会跳过。
+        # asyncore 的 handle_accept() 每接受一个客户端就调用这里一次；
+        # 客户端已经走了、accept() 返回 None 时，它会跳过。
         log.info('connection from %s port %d', addr[0], addr[1])
         client=receiver(conn)
         try:
@@ -71,9 +71,9 @@ class forwarder(asyncore.dispatcher):
             raise           # handle_error() 会暂停接受
 
     def handle_error(self):
-        # accept() 抛出了异常，比如 EMFILE。默认的 handle_error() 会关闭监听
-        # 套接字；不理它又会空转，因为那个客户端还在 backlog 里等着。那就暂停
-        # 一会儿，其间让别的连接有机会关闭。
+        # accept() 抛出了异常，比如 EMFILE。默认的 handle_error()
+        # 会关闭监听套接字；不理它又会空转，因为那个客户端还在 backlog
+        # 里等着。那就暂停一会儿，其间让别的连接有机会关闭。
         log.warning('accept: %s; pausing for %g s', sys.exc_info()[1], ACCEPT_PAUSE)
         self.paused_until = time.monotonic() + ACCEPT_PAUSE
 
@@ -93,8 +93,8 @@ class receiver(asyncore.dispatcher):
         return not self.eof and len(self.from_remote_buffer) < BUFFER_LIMIT
 
     def handle_read(self):
-        # 用 self.socket.recv()，不用 self.recv()：asyncore 的 recv() 读到
-        # EOF 就调用 handle_close()，而它会把两个套接字一起关掉。
+        # 用 self.socket.recv()，不用 self.recv()：asyncore 的 recv()
+        # 读到 EOF 就调用 handle_close()，而它会把两个套接字一起关掉。
         read = self.socket.recv(4096)
         log.debug('%04i -->', len(read))
         if read:
@@ -113,8 +113,8 @@ class receiver(asyncore.dispatcher):
             self.shutdown_write()
 
     def handle_close(self):
-        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，那只是客户
-        # 端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
+        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，
+        # 那只是客户端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
         if self.write_closed:
             return
         self.close()
@@ -180,8 +180,8 @@ class sender(asyncore.dispatcher):
             self.shutdown_write()
 
     def handle_close(self):
-        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，那只是服务
-        # 端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
+        # poll() 遇到 POLLHUP 也会调用这里：shutdown_write() 之后，
+        # 那只是服务端的 FIN。接着读，轮到时 recv() 自会返回 EOF。
         if self.write_closed:
             return
         self.close()
@@ -206,8 +206,8 @@ class sender(asyncore.dispatcher):
 
 def serve(timeout=1.0, count=None):
     """运行事件循环（测试每次只让它跑一轮）。"""
-    # 超时要短：没有事件时，只有 poll() 返回了，readable() 才会被再问一次，而
-    # 暂停应当按时结束。
+    # 超时要短：没有事件时，只有 poll() 返回了，readable() 才会被再问一次，
+    # 而暂停应当按时结束。
     asyncore.loop(timeout, use_poll=True, count=count)
 
 

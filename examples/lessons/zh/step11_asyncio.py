@@ -46,8 +46,8 @@ CONNECT_TIMEOUT = 10.0
 
 log = logging.getLogger('forwarder')
 
-# 这里一切都跑在这个事件循环上（asyncore 里相当于它的 socket_map）：创建
-# forwarder 时由 get_loop() 创建，由 serve() 运行。
+# 这里一切都跑在这个事件循环上（asyncore 里相当于它的 socket_map）：
+# 创建 forwarder 时由 get_loop() 创建，由 serve() 运行。
 loop = None
 
 
@@ -97,8 +97,8 @@ class forwarder:
     """监听的角色：接受每个客户端，给它配一个 receiver。"""
 
     def __init__(self, ip, port, remoteip, remoteport, backlog=1024):
-        # 这里不解析名字：create_connection() 为每个客户端在线程里解析，循环
-        # 照常运转。
+        # 这里不解析名字：create_connection() 为每个客户端在线程里解析，
+        # 循环照常运转。
         self.remoteip=remoteip
         self.remoteport=remoteport
         self.loop=get_loop()
@@ -128,8 +128,8 @@ class forwarder:
             return
         conn, addr = pair
         log.info('connection from %s port %d', addr[0], addr[1])
-        # connect_accepted_socket() 会在之后的某一轮里创建传输，并调用
-        # receiver 的 connection_made()。
+        # connect_accepted_socket() 会在之后的某一轮里创建传输，
+        # 并调用 receiver 的 connection_made()。
         self.loop.create_task(self.loop.connect_accepted_socket(
             lambda: receiver(self.remoteip, self.remoteport), conn))
 
@@ -149,10 +149,10 @@ class receiver(asyncio.Protocol):
         self.transport=transport
         self.addr=transport.get_extra_info('peername')
         transport.set_write_buffer_limits(high=BUFFER_LIMIT)
-        # 服务端一侧连上之前什么都不读：这期间客户端的数据留在内核里，而不是
-        # 这里。暂停安排在下一轮、任何读取之前：在 3.10 上，传输在
-        # connection_made() 之后才开始读，会抵消在 connection_made() 里做的暂
-        # 停。
+        # 服务端一侧连上之前什么都不读：这期间客户端的数据留在内核里，
+        # 而不是这里。暂停安排在下一轮、任何读取之前：在 3.10 上，
+        # 传输在 connection_made() 之后才开始读，会抵消在 connection_made()
+        # 里做的暂停。
         loop=asyncio.get_running_loop()
         loop.call_soon(transport.pause_reading)
         self.connecting=loop.create_task(self.connect())
@@ -176,8 +176,8 @@ class receiver(asyncio.Protocol):
         self.sender.transport.write(data)
 
     def eof_received(self):
-        # 客户端发来的数据都发出去后，再把它的 EOF 转给服务端（write_eof() 会
-        # 等缓冲区发完）；两个方向都结束就关闭。
+        # 客户端发来的数据都发出去后，再把它的 EOF 转给服务端（write_eof()
+        # 会等缓冲区发完）；两个方向都结束就关闭。
         self.eof=True
         self.sender.transport.write_eof()
         if self.sender.eof:
@@ -194,8 +194,8 @@ class receiver(asyncio.Protocol):
             self.sender.transport.resume_reading()
 
     def connection_lost(self, error):
-        # close() 会先把缓冲的数据发完；重置则原样传成重置（发 FIN 会让服务端
-        # 以为数据流正常结束了）。
+        # close() 会先把缓冲的数据发完；重置则原样传成重置（发 FIN
+        # 会让服务端以为数据流正常结束了）。
         if error is not None:
             host, port = self.addr[:2]
             log.info('client %s port %d: %s', host, port, describe(error))
