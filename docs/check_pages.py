@@ -18,6 +18,7 @@ when there is no Chromium or the harness did not report.
 from __future__ import annotations
 
 import functools
+import html
 import http.server
 import json
 import logging
@@ -149,8 +150,6 @@ def run(site: Path, browser: str) -> Optional[List[Dict]]:
     match = re.search(r'<pre id="out">(.*?)</pre>', completed.stdout, re.DOTALL)
     if match is None or match.group(1) == "pending":
         return None
-    import html
-
     return json.loads(html.unescape(match.group(1)))
 
 
