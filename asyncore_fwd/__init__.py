@@ -12,7 +12,9 @@ connect timeouts, and no traceback or dead listener when a peer misbehaves.
     fwd = Forwarder("127.0.0.1", 8080, "localhost", 8000, map={})
     fwd.serve_forever()       # or in a thread: fwd.stop() ends it
 
-Many rules in one process, on one loop, with drain and reload: ``Service``.
+Many rules in one process, on one loop, with drain and reload: ``Service``,
+which also serves UDP rules (``Rule(..., proto="udp")``: a session per
+client address, on a datagram listener of its own).
 
 Runs on the standard library's asyncore (3.10, 3.11) or the pyasyncore
 backport (3.12+).

@@ -45,31 +45,35 @@ def raise_fd_limit() -> Tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def free_port() -> int:
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     """A port free right now, for servers that cannot bind port 0 and say
-    which port they got (socat, haproxy, redis, nginx, iperf3)."""
-    with socket.socket() as probe:
+    which port they got (socat, haproxy, redis, nginx, iperf3); a UDP one
+    with ``kind=socket.SOCK_DGRAM``."""
+    with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
 
 
-def is_listening(port: int) -> bool:
-    """Is some socket listening on 127.0.0.1:port (or any address)?
+def is_listening(port: int, proto: str = "tcp") -> bool:
+    """Is some socket listening on 127.0.0.1:port (or any address)?  For
+    ``proto="udp"``: is some socket bound there, unconnected.
 
     Read from /proc/net/tcp rather than by connecting: a test connection
-    would count as a client (iperf3 -1 would serve it and exit).
+    would count as a client (iperf3 -1 would serve it and exit; a UDP
+    forwarder would open a session for it).
     """
     addresses = {"0100007F", "00000000",  # 127.0.0.1, 0.0.0.0
                  "0" * 32, "0" * 24 + "01000000", "0" * 16 + "FFFF0000" + "0100007F"}  # ::, ::1, v4-mapped
     suffix = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    state = "0A" if proto == "tcp" else "07"  # TCP_LISTEN; TCP_CLOSE, which an unconnected UDP socket shows
+    for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
         try:
             with open(table) as f:
                 next(f)
                 for line in f:
                     fields = line.split()
                     local = fields[1]
-                    if fields[3] == "0A" and local.endswith(suffix) and local[: -len(suffix)] in addresses:
+                    if fields[3] == state and local.endswith(suffix) and local[: -len(suffix)] in addresses:
                         return True
         except OSError:
             continue
@@ -192,9 +196,9 @@ class Proc:
                 raise Failed(f"{self.name} said nothing matching {pattern!r} within {timeout:g} s")
             time.sleep(0.02)
 
-    def wait_listening(self, port: int, timeout: float = 15.0) -> None:
+    def wait_listening(self, port: int, timeout: float = 15.0, proto: str = "tcp") -> None:
         deadline = time.monotonic() + timeout
-        while not is_listening(port):
+        while not is_listening(port, proto):
             if not self.alive():
                 raise Failed(self.describe_exit())
             if time.monotonic() > deadline:

@@ -2,12 +2,17 @@
 
 Runs in its own process so that it has its own CPU time and descriptor limit
 (9,000 held connections cost it 9,000 descriptors, apart from the client's and
-the forwarder's).  One selectors loop, any number of connections.
+the forwarder's).  One selectors loop, any number of connections; in the UDP
+modes, one socket read in a blocking loop.
 
 Modes:
-  echo    send back whatever arrives (small messages: burst, held, ping-pong);
-  sink    read and discard until EOF, then close (bulk upload fallback);
-  source  send --bytes bytes to each client, then close (bulk download fallback).
+  echo      send back whatever arrives (small messages: burst, held, ping-pong);
+  sink      read and discard until EOF, then close (bulk upload fallback);
+  source    send --bytes bytes to each client, then close (bulk download fallback);
+  udp-echo  UDP: send each datagram back to the address it came from;
+  udp-sink  UDP: count the datagrams and bytes that arrive; a datagram
+            "!reset" zeroes the counts and "!stats" asks for them (answered
+            with "ok" and a JSON object, to the address that asked).
 
 Prints the bound port on stdout, then serves until SIGTERM/SIGINT or until
 --max-seconds have passed (so a forgotten server still goes away).
@@ -18,6 +23,7 @@ Usage: python benchmarks/echo_server.py [--mode echo] [--port 0] [--bytes N]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import selectors
@@ -113,15 +119,72 @@ class Server:
         self.running = False
 
 
+class UdpServer:
+    """One UDP socket: echo or counting sink.  A blocking loop with a short
+    timeout: one process, one socket, nothing to multiplex."""
+
+    CONTROL = b"!"  # the blast's datagrams are b"x" * size: never a control word
+
+    def __init__(self, mode: str, port: int) -> None:
+        self.mode = mode
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # A deep receive queue (the kernel caps it at net.core.rmem_max):
+        # bursts wait here rather than being dropped.  What the sink still
+        # loses shows in the direct column of udp-oneway.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.5)  # to see self.running go false
+        self.datagrams = self.bytes = 0
+        self.running = True
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def serve(self, max_seconds: float) -> None:
+        deadline = time.monotonic() + max_seconds
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        while self.running and time.monotonic() < deadline:
+            try:
+                size, address = self.sock.recvfrom_into(buf)
+            except (socket.timeout, InterruptedError):
+                continue
+            except OSError:  # e.g. ECONNREFUSED left by an earlier reply: not this datagram's fault
+                continue
+            try:
+                if self.mode == "udp-echo":
+                    self.sock.sendto(view[:size], address)
+                elif size and buf[0] == self.CONTROL[0]:
+                    self.control(bytes(view[:size]), address)
+                else:
+                    self.datagrams += 1
+                    self.bytes += size
+            except OSError:  # the client went away: its reply is lost, as UDP allows
+                continue
+
+    def control(self, word: bytes, address: tuple) -> None:
+        if word == b"!reset":
+            self.datagrams = self.bytes = 0
+            self.sock.sendto(b"ok", address)
+        elif word == b"!stats":
+            self.sock.sendto(b"ok" + json.dumps({"datagrams": self.datagrams, "bytes": self.bytes}).encode(),
+                             address)
+
+    def stop(self, *_: object) -> None:
+        self.running = False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("echo", "sink", "source"), default="echo")
+    parser.add_argument("--mode", choices=("echo", "sink", "source", "udp-echo", "udp-sink"), default="echo")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--bytes", type=int, default=1 << 30, help="bytes per client in source mode")
     parser.add_argument("--max-seconds", type=float, default=3600.0)
     args = parser.parse_args()
     raise_fd_limit()
-    server = Server(args.mode, args.port, args.bytes)
+    server = UdpServer(args.mode, args.port) if args.mode.startswith("udp-") else \
+        Server(args.mode, args.port, args.bytes)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
     print(server.port, flush=True)

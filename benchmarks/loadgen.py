@@ -12,7 +12,9 @@ its own, and prints one JSON object on stdout:
   hold      open N connections, check each with one request/reply, print how
             many are held, keep them idle until stdin closes (or --max-hold s);
   bulk      move data through one connection for --seconds, up (to a sink
-            server) or down (from a source server): MB/s.
+            server) or down (from a source server): MB/s;
+  udp-rr, udp-oneway
+            UDP request/response and one-way throughput (loadgen_udp.py).
 
 Every loop has a deadline; --watch-pid stops a run early when the process
 under test has exited (no point waiting for a dead forwarder).
@@ -31,6 +33,8 @@ import statistics
 import sys
 import time
 from typing import Dict, List, Optional
+
+from loadgen_udp import udp_oneway, udp_rr
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
@@ -337,6 +341,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--direction", choices=("up", "down"), required=True)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--deadline", type=float, default=60.0, help="socket timeout")
+    p = sub.add_parser("udp-rr", parents=[common])
+    p.add_argument("--clients", type=int, default=1)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--warm-up", type=float, default=1.0,
+                   help="seconds not measured, from when every client has had a reply")
+    p.add_argument("--timeout", type=float, default=0.2, help="a reply later than this is counted lost")
+    p = sub.add_parser("udp-oneway", parents=[common])
+    p.add_argument("--sink-port", type=int, required=True, help="the counting sink, asked directly")
+    p.add_argument("--size", type=int, default=1400)
+    p.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args(argv)
     raise_fd_limit()
     watch = Watch(args.watch_pid)
@@ -356,6 +371,10 @@ def run(args: argparse.Namespace, watch: Watch) -> None:
     elif args.command == "hold":
         probe = args.probe.replace("\\r", "\r").replace("\\n", "\n").encode()
         hold(args.port, args.conns, probe, args.in_flight, args.deadline, args.max_hold, watch)
+    elif args.command == "udp-rr":
+        emit(udp_rr(args.port, args.clients, args.size, args.seconds, args.warm_up, args.timeout, watch.dead))
+    elif args.command == "udp-oneway":
+        emit(udp_oneway(args.port, args.sink_port, args.size, args.seconds, watch.dead))
     else:
         emit(bulk(args.port, args.direction, args.seconds, args.deadline))
 

@@ -7,10 +7,14 @@ only), and optionally modes in brackets:
     asyncore_fwd[epoll,splice]        the working tree, --loop epoll --splice
     asyncore_fwd@main~5[epoll]        that commit, extracted with git archive
     asyncore_fwd@v0.1[]               no flags at all (for a CLI without --loop)
+    asyncore_fwd@/path/to/tree[epoll] the package in another checkout (a worktree
+                                      with uncommitted work), as it is now
     asyncore_fwd[trace]               a word not in ASYNCORE_FWD_MODES is a flag:
                                       trace -> --trace, workers=2 -> --workers 2
 
-Each workload run gets a fresh forwarder (``forwarding()``).
+Each workload run gets a fresh forwarder (``forwarding()``).  The UDP
+workloads start a peer's UDP mode (``PeerKind.udp_argv``) instead: a peer
+without one is skipped for them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from benchlib import BENCH, HOST, ROOT, Failed, PeakRss, Proc, free_port
+from benchlib import BENCH, HOST, ROOT, Failed, PeakRss, Proc, Skipped, free_port
 
 if TYPE_CHECKING:
     from workloads import Context
@@ -44,7 +49,9 @@ class PeerKind:
     port; started with port 0), or "chosen" (a free port is passed to it and
     the harness waits until it listens).  ``source``: for another version of
     the package, the directory that holds it; the peer runs there, with it
-    first on PYTHONPATH.
+    first on PYTHONPATH.  ``udp_argv``: the same for a UDP forwarding
+    (same arguments; always given a chosen free UDP port), None if the peer
+    has no UDP mode; ``udp_note`` says how it forwards UDP.
     """
     argv: Optional[Callable[[int, int, Path, Sequence[str]], List[str]]]
     port_from: str = "chosen"
@@ -54,6 +61,8 @@ class PeerKind:
     note: str = ""
     source: Optional[Path] = None
     counts_cpu: bool = True  # False: its CPU time escapes the process-group figures
+    udp_argv: Optional[Callable[[int, int, Path, Sequence[str]], List[str]]] = None
+    udp_note: str = ""
 
 
 def first_line(argv: Sequence[str], pattern: str = "", source: Optional[Path] = None) -> str:
@@ -126,11 +135,18 @@ def _asyncore_fwd_argv(remote: int, listen: int, tmp: Path, extra: Sequence[str]
     return [PY, "-m", "asyncore_fwd", "-p", "0", "-r", HOST, "-P", str(remote), *extra]
 
 
+def _asyncore_fwd_udp_argv(remote: int, listen: int, tmp: Path, extra: Sequence[str]) -> List[str]:
+    return [PY, "-m", "asyncore_fwd", "-q", "-L", f"{listen}:{HOST}:{remote},proto=udp", *extra]
+
+
+ASYNCORE_FWD_UDP_NOTE = "UDP: -q -L PORT:127.0.0.1:TARGET,proto=udp (a session per client address, 60 s idle)"
+
 PEER_KINDS: Dict[str, PeerKind] = {
     "direct": PeerKind(argv=None, note="client talks to the server, no forwarder"),
     "asyncore_fwd": PeerKind(
         argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}",
-        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'])} (git {_git_revision()})"),
+        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'])} (git {_git_revision()})",
+        udp_argv=_asyncore_fwd_udp_argv, udp_note=ASYNCORE_FWD_UDP_NOTE),
     # backlog=4096, like asyncore_fwd's default and haproxy's: with socat's own
     # (5), the 50 clients of rr-c50 and http-c50 connecting at once lose SYNs
     # and every run includes a 1-3 s retransmit stall, which is not what
@@ -141,7 +157,13 @@ PEER_KINDS: Dict[str, PeerKind] = {
         needs=("socat",), version=lambda: first_line(["socat", "-V"], "socat version"),
         skip={"held": "skipped: forks a process per connection"},
         note="TCP-LISTEN:P,fork,reuseaddr,bind=127.0.0.1,backlog=4096 (its default backlog, 5, stalls 50 "
-             "simultaneous connects for 1–3 s)"),
+             "simultaneous connects for 1–3 s)",
+        udp_argv=lambda r, listen, tmp, extra: ["socat", f"UDP-LISTEN:{listen},fork,reuseaddr,bind={HOST}",
+                                           f"UDP:{HOST}:{r}", *extra],
+        udp_note="UDP: UDP-LISTEN:P,fork,reuseaddr,bind=127.0.0.1 UDP:127.0.0.1:T — the first datagram from "
+                 "a new client address forks a child that keeps that client (its socket connected to it) "
+                 "until the run stops it: no -T, so an idle child never exits; the parent binds the port "
+                 "afresh after each fork"),
     "haproxy": PeerKind(
         argv=_haproxy_argv, needs=("haproxy",), version=lambda: first_line(["haproxy", "-v"]),
         note="mode tcp, maxconn 20000, default nbthread"),
@@ -158,7 +180,10 @@ PEER_KINDS: Dict[str, PeerKind] = {
         argv=lambda r, listen, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--listen-port", "0",
                                        "--remote-port", str(r)],
         port_from=r"stdout:^(\d+)$",
-        version=lambda: f"benchmarks/asyncio_forwarder.py, Python {sys.version.split()[0]}"),
+        version=lambda: f"benchmarks/asyncio_forwarder.py, Python {sys.version.split()[0]}",
+        udp_argv=lambda r, listen, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--udp", "--listen-port",
+                                           str(listen), "--remote-port", str(r)],
+        udp_note="UDP: asyncio_forwarder.py --udp, datagram endpoints, a session per client address, 60 s idle"),
     "article": PeerKind(
         argv=lambda r, listen, tmp, extra: [PY, str(ROOT / "examples" / "article_forwarder.py"), "-p", "0", "-r", HOST,
                                        "-P", str(r)],
@@ -228,13 +253,31 @@ class SourceTrees:
 SOURCE_TREES = SourceTrees()
 
 
+def tree_kind(path: Path) -> PeerKind:
+    """asyncore_fwd as it is in another checkout, run from there."""
+    tree = path.resolve()
+    rev = first_line(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=normal",
+                            "asyncore_fwd"], capture_output=True, text=True).stdout.strip()
+    state = f"git {rev}{' + uncommitted changes' if dirty else ''}"
+    return PeerKind(
+        argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}", source=tree,
+        udp_argv=_asyncore_fwd_udp_argv, udp_note=ASYNCORE_FWD_UDP_NOTE,
+        version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'], source=tree)} ({tree}, {state})",
+        note=f"asyncore_fwd from {tree} as it is at each start ({state} when the run began), same Python")
+
+
 def ref_kind(ref: str) -> PeerKind:
-    """asyncore_fwd as of git ``ref``, run from an extracted tree."""
+    """asyncore_fwd as of git ``ref``, run from an extracted tree; or, for a
+    directory holding an asyncore_fwd package, from that directory."""
+    if "/" in ref and (Path(ref) / "asyncore_fwd" / "__init__.py").is_file():
+        return tree_kind(Path(ref))
     commit = SourceTrees.resolve(ref)
     tree = SOURCE_TREES.tree(commit)
     named = "" if commit.startswith(ref) else f" = {ref}"
     return PeerKind(
         argv=_asyncore_fwd_argv, port_from=f"stderr:{FORWARDING_LINE}", source=tree,
+        udp_argv=_asyncore_fwd_udp_argv, udp_note=ASYNCORE_FWD_UDP_NOTE,
         version=lambda: f"{first_line([PY, '-m', 'asyncore_fwd', '--version'], source=tree)} "
                         f"(git {commit[:7]}{named})",
         note=f"asyncore_fwd at commit {commit[:12]} ({ref}), extracted with git archive, same Python")
@@ -286,7 +329,8 @@ def parse_peers(text: str) -> List[Peer]:
         if not match or match.group(1) not in PEER_KINDS or (match.group(2) and match.group(1) != "asyncore_fwd"):
             raise SystemExit(f"unknown peer {item!r}; known: {', '.join(PEER_KINDS)} "
                              f"(asyncore_fwd[mode,...] with modes like {', '.join(ASYNCORE_FWD_MODES)}, "
-                             "splice, workers=2; asyncore_fwd@REF for a git commit, branch or tag)")
+                             "splice, workers=2; asyncore_fwd@REF for a git commit, branch or tag, "
+                             "asyncore_fwd@/PATH for another checkout)")
         kind_name, ref, modes = match.groups()
         kind = ref_kind(ref) if ref else PEER_KINDS[kind_name]
         base = f"{kind_name}@{ref}" if ref else kind_name
@@ -333,9 +377,11 @@ class Forwarding:
         return fallback
 
 
-def start_peer(ctx: "Context", peer: Peer, remote_port: int) -> Tuple[Proc, int]:
+def start_peer(ctx: "Context", peer: Peer, remote_port: int, proto: str = "tcp") -> Tuple[Proc, int]:
     """Start the forwarder; return it and the port it listens on."""
     kind = peer.kind
+    if proto == "udp":
+        return _start_udp_peer(ctx, peer, remote_port)
     listen = free_port() if kind.port_from == "chosen" else 0
     proc = Proc(kind.argv(remote_port, listen, ctx.tmp, peer.extra), peer.name, ctx.tmp,
                 cwd=kind.source or ROOT, env=source_env(kind.source))
@@ -351,16 +397,31 @@ def start_peer(ctx: "Context", peer: Peer, remote_port: int) -> Tuple[Proc, int]
     return proc, listen
 
 
+def _start_udp_peer(ctx: "Context", peer: Peer, remote_port: int) -> Tuple[Proc, int]:
+    """Start the peer's UDP mode on a chosen free UDP port (Skipped: it has none)."""
+    if peer.kind.udp_argv is None:
+        raise Skipped("skipped: no UDP mode")
+    listen = free_port(socket.SOCK_DGRAM)
+    proc = Proc(peer.kind.udp_argv(remote_port, listen, ctx.tmp, peer.extra), f"{peer.name}-udp", ctx.tmp,
+                cwd=peer.kind.source or ROOT, env=source_env(peer.kind.source))
+    try:
+        proc.wait_listening(listen, proto="udp")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, listen
+
+
 @contextmanager
-def forwarding(ctx: "Context", peer: Peer, remote_port: int) -> Iterator[Forwarding]:
-    """A fresh forwarder in front of ``remote_port`` for one workload run.
+def forwarding(ctx: "Context", peer: Peer, remote_port: int, proto: str = "tcp") -> Iterator[Forwarding]:
+    """A fresh forwarder in front of ``remote_port`` (a UDP one with ``proto="udp"``) for one workload run.
 
     Records its peak RSS in ``ctx.extras`` (kept even if the workload fails).
     """
     if not peer.forwards:
         yield Forwarding(remote_port)
         return
-    proc, port = start_peer(ctx, peer, remote_port)
+    proc, port = start_peer(ctx, peer, remote_port, proto)
     sampler = PeakRss(proc)
     sampler.start()
     try:

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from benchlib import ROOT
 from peers import PEER_KINDS, PY, Peer, first_line
-from workloads import WORKLOADS, Context, Sizes
+from workloads import UDP_ASTRAY, WORKLOADS, Context, Sizes
 
 # --- report rows ----------------------------------------------------------------
 
@@ -37,6 +37,11 @@ def _cpu_per_gb(samples: RepeatSamples) -> Optional[float]:
             cpu += samples[workload]["values"]["cpu_s"]
             moved += samples[workload]["values"]["bytes"]
     return cpu / (moved / 1e9) if moved else None
+
+
+def _udp_cpu_per_gb(samples: RepeatSamples) -> Optional[float]:
+    cpu, moved = _ok(samples, "udp-oneway", "cpu_s"), _ok(samples, "udp-oneway", "bytes")
+    return cpu / (moved / 1e9) if cpu is not None and moved else None
 
 
 def _peak_rss_mib(samples: RepeatSamples) -> Optional[float]:
@@ -72,6 +77,23 @@ ROWS: List[Row] = [
     Row("held-{held_conns}: rate vs none held", ("held",), "×", _metric("held", "ratio"), ratios=False),
     Row("held-{held_conns}: req/s", ("held",), "req/s", _metric("held", "held_rps")),
     Row("rss per idle conn", ("held",), "KiB", _metric("held", "rss_per_idle_kib"), forwarders_only=True,
+        lower_is_better=True),
+    Row("udp-rr-c1", ("udp-rr-c1",), "req/s", _metric("udp-rr-c1", "rps")),
+    Row("udp-rr-c1 p50", ("udp-rr-c1",), "ms", _metric("udp-rr-c1", "p50_ms"), lower_is_better=True),
+    Row("udp-rr-c1 p99", ("udp-rr-c1",), "ms", _metric("udp-rr-c1", "p99_ms"), lower_is_better=True),
+    Row("udp-rr-c32", ("udp-rr-c32",), "req/s", _metric("udp-rr-c32", "rps")),
+    Row("udp-rr-c32 p50", ("udp-rr-c32",), "ms", _metric("udp-rr-c32", "p50_ms"), lower_is_better=True),
+    Row("udp-rr-c32 p99", ("udp-rr-c32",), "ms", _metric("udp-rr-c32", "p99_ms"), lower_is_better=True),
+    Row("udp-rr-c32 lost", ("udp-rr-c32",), "%", _metric("udp-rr-c32", "loss_pct"), ratios=False,
+        lower_is_better=True),
+    Row("udp-oneway", ("udp-oneway",), "MB/s", _metric("udp-oneway", "MBps")),
+    Row("udp-oneway datagrams", ("udp-oneway",), "dgram/s", _metric("udp-oneway", "dps")),
+    Row("udp-oneway lost", ("udp-oneway",), "%", _metric("udp-oneway", "loss_pct"), ratios=False,
+        lower_is_better=True),
+    Row("udp-oneway cpu-per-gb", ("udp-oneway",), "CPU-s/GB", _udp_cpu_per_gb, forwarders_only=True,
+        lower_is_better=True),
+    Row("udp-oneway-64 datagrams", ("udp-oneway-64",), "dgram/s", _metric("udp-oneway-64", "dps")),
+    Row("udp-oneway-64 lost", ("udp-oneway-64",), "%", _metric("udp-oneway-64", "loss_pct"), ratios=False,
         lower_is_better=True),
     Row("rss-peak", tuple(WORKLOADS), "MiB", _peak_rss_mib, forwarders_only=True, lower_is_better=True,
         show_failures=False),
@@ -274,6 +296,18 @@ GROUP_NOTES: Dict[str, Callable[[Sizes, Dict[str, str]], str]] = {
                          f"{z.held_rr_seconds:g} s; rate vs the mean of the same run just before they were opened "
                          "and just after they were closed (target: a drop under 20 %, i.e. ≥ 0.80×); rss per idle "
                          "conn = (RSS with them held − RSS before) / count.",
+    "udp": lambda z, f: f"udp-rr: 1 or 32 clients, each a UDP socket of its own, send a 64-byte datagram and wait "
+                        f"for its echo, then the next, for {z.udp_seconds:g} s, measured from 1 s after every "
+                        "client had its first reply (or 6 s after the start; same sockets; what goes astray before "
+                        "is counted apart as warm-up); "
+                        "a reply not back within 0.2 s is counted lost and the next request sent; req/s = replies "
+                        "per second; p50/p99 over the measured replies. udp-oneway(-64): one socket sends 1400-byte "
+                        "(64-byte) "
+                        f"datagrams as fast as it can (no pacing) for {z.udp_seconds:g} s to a sink that counts "
+                        "them; MB/s and dgram/s are what reached the sink per second of sending, lost is the share "
+                        "sent that never arrived (wherever it was dropped: a full socket buffer of the forwarder or "
+                        "of the sink; the direct column shows the sink's own limit); cpu-per-gb: the forwarder's "
+                        "CPU (process group) during the blast, per GB that reached the sink.",
 }
 
 
@@ -286,9 +320,12 @@ def notes_for(samples: List[Dict], peers: List[Peer], workloads: List[str], size
                  "once each).")
     kinds_noted = set()
     for peer in peers:
-        if peer.kind.note and peer.kind_name not in kinds_noted:
+        if peer.kind_name not in kinds_noted:
             kinds_noted.add(peer.kind_name)
-            notes.append(f"{peer.kind_name}: {peer.kind.note}.")
+            if peer.kind.note and (not peer.kind.udp_note or any(WORKLOADS[w].proto == "tcp" for w in workloads)):
+                notes.append(f"{peer.kind_name}: {peer.kind.note}.")
+            if peer.kind.udp_note and any(WORKLOADS[w].proto == "udp" for w in workloads):
+                notes.append(f"{peer.kind_name}: {peer.kind.udp_note}.")
         if peer.extra:
             command = "asyncore-fwd" if peer.kind_name.startswith("asyncore_fwd") else "extra arguments:"
             notes.append(f"{peer.name}: {command} {' '.join(peer.extra)}.")
@@ -301,6 +338,10 @@ def notes_for(samples: List[Dict], peers: List[Peer], workloads: List[str], size
                                                                       or s["values"].get("non2xx", 0)):
             what = "wrk counted socket errors or non-2xx replies: " \
                    f"{s['values'].get('errors', 0) + s['values'].get('non2xx', 0):.0f}"
+        elif s["workload"].startswith("udp-rr") and s["status"] == "ok" and any(
+                s["values"].get(k) for k in UDP_ASTRAY):
+            what = "UDP replies lost or astray: " + ", ".join(
+                f"{k.replace('_', ' ')} {s['values'][k]:.0f}" for k in UDP_ASTRAY if s["values"].get(k))
         else:
             continue
         kind, _, detail = what.partition(": ")

@@ -5,8 +5,9 @@
     python benchmarks/run.py --peers direct,asyncore_fwd,socat --workloads bulk,rr --repeat 5
     python benchmarks/run.py --quick --peers 'asyncore_fwd[epoll],asyncore_fwd@main~5[epoll]'
 
-Starts the servers (iperf3, redis, nginx, a stdlib echo server) and each
-forwarder on 127.0.0.1 with ephemeral ports, runs the workloads, and prints
+Starts the servers (iperf3, redis, nginx, a stdlib echo server, a UDP echo
+server and counting sink) and each forwarder on 127.0.0.1 with ephemeral
+ports (the UDP workloads start each peer's UDP mode), runs the workloads, and prints
 one table of medians (min-max range over the repeats) with ratios to a direct
 connection and to socat.  The same table goes to benchmarks/results/latest.md,
 and every raw sample to latest.json.
@@ -77,32 +78,57 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def preflight(ctx: Context, peers: List[Peer]) -> Dict[str, Tuple[str, str]]:
-    """Start and stop each forwarder once; a peer that cannot start is skipped
-    for the whole run (e.g. an asyncore_fwd flag this version does not have).
+# Why a peer is skipped, per (peer name, protocol): (short reason for the
+# table, full reason for the notes).
+Unusable = Dict[Tuple[str, str], Tuple[str, str]]
 
-    Returns peer name -> (short reason for the table, full reason for the notes).
-    """
-    unusable: Dict[str, Tuple[str, str]] = {}
-    target = ctx.servers.echo()
+
+def preflight(ctx: Context, peers: List[Peer], protos: Sequence[str]) -> Unusable:
+    """Start and stop each forwarder once per protocol the workloads use; a
+    peer that cannot start is skipped for the whole run in that protocol (e.g.
+    an asyncore_fwd flag this version does not have, or no UDP rules)."""
+    unusable: Unusable = {}
     for peer in peers:
         missing = [tool for tool in peer.kind.needs if not shutil.which(tool)]
         if missing:
             why = f"skipped: {', '.join(missing)} not installed"
-            unusable[peer.name] = (why, f"{peer.name}: {why}")
+            for proto in protos:
+                unusable[peer.name, proto] = (why, f"{peer.name}: {why}")
             continue
         if not peer.forwards:
             continue
-        try:
-            start_peer(ctx, peer, target)[0].stop()
-        except Failed as error:
-            flags = re.search(r"unrecognized arguments: (.*?)(?: \(see --help\))?$", str(error))
-            if "(status 2)" in str(error):  # the CLI's exit status for bad usage
-                short = f"skipped: CLI rejects {flags.group(1) if flags else ' '.join(peer.extra)}"
-            else:
-                short = "skipped: did not start"
-            unusable[peer.name] = (short, f"{peer.name}: {short} — {error}")
+        for proto in protos:
+            if proto == "udp" and peer.kind.udp_argv is None:
+                unusable[peer.name, proto] = ("skipped: no UDP mode", f"{peer.name} (UDP): skipped: no UDP mode")
+                continue
+            target = ctx.servers.udp_echo() if proto == "udp" else ctx.servers.echo()
+            try:
+                start_peer(ctx, peer, target, proto)[0].stop()
+            except Failed as error:
+                unusable[peer.name, proto] = _why_unusable(peer, proto, str(error))
     return unusable
+
+
+def _why_unusable(peer: Peer, proto: str, error: str) -> Tuple[str, str]:
+    flags = re.search(r"unrecognized arguments: (.*?)(?: \(see --help\))?$", error)
+    if "(status 2)" in error:  # the CLI's exit status for bad usage
+        if flags:
+            rejected = flags.group(1)
+        elif proto == "udp" and "proto" in error:  # a version without UDP rules
+            rejected = "proto=udp"
+        else:
+            rejected = " ".join(peer.extra)
+        short = f"skipped: CLI rejects {rejected}"
+    else:
+        short = "skipped: did not start"
+    label = f"{peer.name} ({proto.upper()})" if proto != "tcp" else peer.name
+    return short, f"{label}: {short} — {error}"
+
+
+def _reasons(unusable: Unusable, peer: str = "") -> List[str]:
+    """The full reasons (of one peer, or of all), each once: a missing tool
+    makes the same one for every protocol."""
+    return list(dict.fromkeys(why for (name, _), (_, why) in unusable.items() if name == peer or not peer))
 
 
 def run_sample(ctx: Context, workload: str, peer: Peer, repeat: int, position: int) -> Dict:
@@ -125,7 +151,7 @@ def run_sample(ctx: Context, workload: str, peer: Peer, repeat: int, position: i
     return record
 
 
-def run_all(ctx: Context, peers: List[Peer], workloads: List[str], unusable: Dict[str, Tuple[str, str]],
+def run_all(ctx: Context, peers: List[Peer], workloads: List[str], unusable: Unusable,
             repeat: int) -> List[Dict]:
     samples: List[Dict] = []
     for rep in range(repeat):
@@ -133,14 +159,15 @@ def run_all(ctx: Context, peers: List[Peer], workloads: List[str], unusable: Dic
             # Rotate the order each repeat: every peer takes every position.
             order = peers[rep % len(peers):] + peers[:rep % len(peers)]
             for position, peer in enumerate(order):
-                if peer.name in unusable:
+                why = unusable.get((peer.name, WORKLOADS[workload].proto))
+                if why:
                     samples.append({"workload": workload, "peer": peer.name, "repeat": rep, "position": position,
                                     "client": "", "values": {}, "status": "skipped",
-                                    "reason": unusable[peer.name][0], "wall_seconds": 0})
+                                    "reason": why[0], "wall_seconds": 0})
                     continue
                 record = run_sample(ctx, workload, peer, rep, position)
                 samples.append(record)
-                log(f"[{rep + 1}/{repeat}] {workload:<9} {peer.name:<22} {summarize(record)} "
+                log(f"[{rep + 1}/{repeat}] {workload:<13} {peer.name:<22} {summarize(record)} "
                     f"({record['wall_seconds']:.1f} s)")
     return samples
 
@@ -154,11 +181,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              f"(--workers 2); plain asyncore_fwd means "
                              f"{', '.join(f'asyncore_fwd[{m}]' for m in DEFAULT_ASYNCORE_FWD_MODES)} "
                              "; asyncore_fwd@REF[...] runs the "
-                             "package as of git REF (commit, branch, tag) beside the working tree "
+                             "package as of git REF (commit, branch, tag) beside the working tree, "
+                             "asyncore_fwd@/PATH[...] the one in another checkout as it is "
                              "(default: %(default)s)")
     parser.add_argument("--workloads", default="all",
                         help="comma list of workloads or groups: " + ", ".join(WORKLOADS)
-                             + "; groups bulk, rr, http, burst, held (default: all)")
+                             + "; groups bulk, rr, http, burst, held, udp (default: all)")
     parser.add_argument("--repeat", type=int, default=None, help="repeats (default: 3; with --quick: 1)")
     parser.add_argument("--out", default=str(BENCH / "results" / "latest.md"),
                         help="Markdown output; the JSON goes beside it (default: %(default)s)")
@@ -204,9 +232,9 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
         ctx = Context(sizes, tmp, Servers(tmp), tools)
         log(f"peers: {', '.join(p.name for p in peers)}; workloads: {', '.join(workloads)}; "
             f"repeat {sizes.repeat}; logs in {tmp}")
-        unusable = preflight(ctx, peers)
-        for name, (_, why) in unusable.items():
-            log(f"{name}: {why}")
+        unusable = preflight(ctx, peers, sorted({WORKLOADS[w].proto for w in workloads}, reverse=True))
+        for why in _reasons(unusable):
+            log(why)
         samples = run_all(ctx, peers, workloads, unusable, sizes.repeat)
     except KeyboardInterrupt:
         log("interrupted: stopping every process started")
@@ -217,8 +245,9 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
         Proc.stop_all()
     table, rows_json = build_table(samples, peers, workloads, ctx, sizes.repeat)
     meta["wall_seconds"] = time.monotonic() - started
-    meta["peers"] = {p.name: {"args": list(p.extra), "unusable": unusable.get(p.name, ("", ""))[1]} for p in peers}
-    notes = [why for _, why in unusable.values()] + notes_for(samples, peers, workloads, sizes, facts)
+    meta["peers"] = {p.name: {"args": list(p.extra), "unusable": "; ".join(_reasons(unusable, p.name))}
+                     for p in peers}
+    notes = _reasons(unusable) + notes_for(samples, peers, workloads, sizes, facts)
     markdown = render_markdown(meta, table, notes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The servers behind the forwarders in benchmarks/run.py: started on first
-use (a stdlib echo/sink/source server, redis, nginx; iperf3 once per run) on
-free ports of 127.0.0.1, and kept for the whole run."""
+use (a stdlib echo/sink/source server, its UDP echo and counting sink, redis,
+nginx; iperf3 once per run) on free ports of 127.0.0.1, and kept for the
+whole run."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ class Servers:
     def source(self) -> int:
         # Endless in practice: the client reads for a fixed time, then closes.
         return self._python_server("source-server", "--mode", "source", "--bytes", str(1 << 50))
+
+    def udp_echo(self) -> int:
+        return self._python_server("udp-echo-server", "--mode", "udp-echo")
+
+    def udp_sink(self) -> int:
+        """A UDP port that counts what arrives (asked with "!stats", see echo_server.py)."""
+        return self._python_server("udp-sink-server", "--mode", "udp-sink")
 
     def redis(self) -> int:
         if "redis" not in self.ports:

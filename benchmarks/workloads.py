@@ -1,5 +1,6 @@
 """The workloads of benchmarks/run.py: bulk streams, request/response (redis or
-echo), HTTP (wrk), a connect burst, held idle connections.
+echo), HTTP (wrk), a connect burst, held idle connections, and UDP
+request/response and one-way throughput through a peer's UDP mode.
 
 Each workload is a function ``(Context, Peer) -> dict of figures``; it starts
 a fresh forwarder for its run and raises Failed, Partial or Skipped (from
@@ -35,15 +36,16 @@ class Sizes:
     held_conns: int
     held_rr_seconds: float     # echo ping-pong by 50 clients, with and without the idle ones
     client_timeout: float      # bound on any one client run
+    udp_seconds: float         # each UDP run, after its warm-up
 
 
 SIZES = {
     "full": Sizes(repeat=3, bulk_seconds=5, rr_c1_requests=50000,
                   rr_c50_requests=100000, http_seconds=5, burst_clients=3000, burst_cap=30.0,
-                  held_conns=9000, held_rr_seconds=5.0, client_timeout=120.0),
+                  held_conns=9000, held_rr_seconds=5.0, client_timeout=120.0, udp_seconds=3.0),
     "quick": Sizes(repeat=1, bulk_seconds=2, rr_c1_requests=10000,
                    rr_c50_requests=50000, http_seconds=2, burst_clients=3000, burst_cap=30.0,
-                   held_conns=2000, held_rr_seconds=3.0, client_timeout=60.0),
+                   held_conns=2000, held_rr_seconds=3.0, client_timeout=60.0, udp_seconds=2.0),
 }
 
 # --- workloads --------------------------------------------------------------------
@@ -252,11 +254,70 @@ def held(ctx: Context, peer: Peer) -> Dict:
     return values
 
 
+# UDP: a reply later than this counts as lost (loopback replies take tens of
+# microseconds; a fork of socat's, a few milliseconds).
+UDP_REPLY_TIMEOUT = 0.2
+UDP_RR_SIZE = 64
+UDP_ONEWAY_SIZE = 1400
+# The counts of a udp-rr run that say a reply did not come back as it should.
+UDP_ASTRAY = ("lost", "late", "misdelivered", "lost_warm_up", "late_warm_up", "misdelivered_warm_up", "errors")
+
+
+def _udp_rr(ctx: Context, peer: Peer, clients: int) -> Dict:
+    """C clients, one 64-byte datagram out and its echo back at a time each."""
+    with forwarding(ctx, peer, ctx.servers.udp_echo(), proto="udp") as fwd:
+        result = ctx.loadgen(fwd, "udp-rr", "--clients", str(clients), "--size", str(UDP_RR_SIZE),
+                             "--seconds", str(ctx.sizes.udp_seconds), "--warm-up", str(WARM_UP_SECONDS),
+                             "--timeout", str(UDP_REPLY_TIMEOUT), timeout=ctx.sizes.udp_seconds + 30)
+        fwd.check_alive()  # figures from a forwarder that died on the way are not its figures
+        if not result["requests"]:
+            why = f"no reply in {ctx.sizes.udp_seconds:g} s ({result['lost']} lost"
+            raise Failed(fwd.why_failed(why + (f", {result['first_error']})" if result["first_error"] else ")")))
+    return {key: result[key] for key in ("rps", "p50_ms", "p99_ms", "requests", "loss_pct", *UDP_ASTRAY)}
+
+
+def udp_rr_c1(ctx: Context, peer: Peer) -> Dict:
+    return _udp_rr(ctx, peer, 1)
+
+
+def udp_rr_c32(ctx: Context, peer: Peer) -> Dict:
+    return _udp_rr(ctx, peer, 32)
+
+
+def _udp_oneway(ctx: Context, peer: Peer, size: int) -> Dict:
+    """One sender, ``size``-byte datagrams as fast as it can: what reaches the sink."""
+    sink = ctx.servers.udp_sink()
+    with forwarding(ctx, peer, sink, proto="udp") as fwd:
+        cpu_before = fwd.cpu_seconds()
+        result = ctx.loadgen(fwd, "udp-oneway", "--sink-port", str(sink), "--size", str(size),
+                             "--seconds", str(ctx.sizes.udp_seconds), timeout=ctx.sizes.udp_seconds + 30)
+        cpu = fwd.cpu_seconds()
+        fwd.check_alive()
+        if not result["received"]:
+            why = f"nothing reached the sink ({result['sent']} sent"
+            raise Failed(fwd.why_failed(why + (f", {result['first_error']})" if result["first_error"] else ")")))
+    values = {key: result[key] for key in ("MBps", "dps", "loss_pct", "sent", "received", "bytes", "seconds",
+                                           "send_errors")}
+    if cpu is not None and cpu_before is not None and peer.kind.counts_cpu:
+        values["cpu_s"] = cpu - cpu_before
+    return values
+
+
+def udp_oneway(ctx: Context, peer: Peer) -> Dict:
+    return _udp_oneway(ctx, peer, UDP_ONEWAY_SIZE)
+
+
+def udp_oneway_64(ctx: Context, peer: Peer) -> Dict:
+    """Small datagrams: the forwarder's cost per datagram rather than per byte."""
+    return _udp_oneway(ctx, peer, 64)
+
+
 @dataclass(frozen=True)
 class Workload:
     run: Callable[[Context, Peer], Dict]
     group: str
     client: Callable[[Context], str]
+    proto: str = "tcp"  # "udp": run against the peers' UDP mode
 
 
 def _real_or(tool: str, real: str, fallback: str) -> Callable[[Context], str]:
@@ -271,5 +332,9 @@ WORKLOADS: Dict[str, Workload] = {
     "http-c50": Workload(http_c50, "http", _real_or("http", "wrk → nginx", "n/a")),
     "burst": Workload(burst, "burst", lambda ctx: "stdlib echo 8 B"),
     "held": Workload(held, "held", lambda ctx: "stdlib echo 100 B, c50"),
+    "udp-rr-c1": Workload(udp_rr_c1, "udp", lambda ctx: f"stdlib UDP echo {UDP_RR_SIZE} B", "udp"),
+    "udp-rr-c32": Workload(udp_rr_c32, "udp", lambda ctx: f"stdlib UDP echo {UDP_RR_SIZE} B", "udp"),
+    "udp-oneway": Workload(udp_oneway, "udp", lambda ctx: f"stdlib UDP {UDP_ONEWAY_SIZE} B → sink", "udp"),
+    "udp-oneway-64": Workload(udp_oneway_64, "udp", lambda ctx: "stdlib UDP 64 B → sink", "udp"),
 }
 

@@ -5,7 +5,8 @@
 # offline: Mermaid, which draws the diagrams, is served from the site itself.
 # It is not kept in git; this script fetches the pinned version from the npm
 # registry once (npm pack, then the sha256 of the file is checked) into
-# docs/assets/vendor/, where mkdocs copies it into the site.
+# docs/assets/vendor/, where mkdocs copies it into the site. Then, with
+# Chromium, docs/check_pages.py looks at the built pages at 1280 px.
 set -euo pipefail
 
 MERMAID_VERSION=12.3.0
@@ -33,4 +34,17 @@ if ! have_mermaid; then
 fi
 
 export NO_MKDOCS_2_WARNING=1  # the theme's notice about its successor, on every build
-exec "${PYTHON:-python}" -m mkdocs build --strict "$@"
+"${PYTHON:-python}" -m mkdocs build --strict "$@"
+
+# Then the pages as a reader sees them at 1280 px: no code block cut off at
+# its edge, no diagram with text under 12 px (docs/check_pages.py, headless
+# Chromium). Only for the default build into site/, and when Chromium is
+# there; SKIP_PAGE_CHECK=1 skips it.
+if [[ $# -gt 0 || -n ${SKIP_PAGE_CHECK:-} ]]; then
+    echo "note: the pages were not checked in a browser (build options given, or SKIP_PAGE_CHECK set)"
+elif command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+        || command -v google-chrome >/dev/null; then
+    "${PYTHON:-python}" docs/check_pages.py site
+else
+    echo "note: no Chromium: the pages were not checked in a browser"
+fi

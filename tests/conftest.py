@@ -399,6 +399,24 @@ class RunningForwarder:
 
 
 @pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port whose connects are never answered: a listener with its accept queue full."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    time.sleep(0.1)  # the fillers' handshakes fill the queue
+    yield listener.getsockname()[1]
+    for sock in fillers + [listener]:
+        sock.close()
+
+
+@pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
     server = EchoServer()
     yield server

@@ -15,6 +15,7 @@ from asyncore_fwd import Forwarder, Rule
 from asyncore_fwd._eventloop._timers import Timers
 from asyncore_fwd._eventloop._wakeup import LoopCalls
 from asyncore_fwd._ops._balance import TargetSet
+from asyncore_fwd._relay._sender import Sender
 from asyncore_fwd.cli._logging import JsonFormatter
 from conftest import (
     WAIT,
@@ -60,24 +61,6 @@ def echo_servers() -> Iterator[List[EchoServer]]:
     yield servers
     for server in servers:
         server.close()
-
-
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """A port whose connects are never answered: a listener with its accept queue full."""
-    listener = socket.socket()
-    listener.bind((LOCAL, 0))
-    listener.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(listener.getsockname())
-        fillers.append(filler)
-    time.sleep(0.1)  # the fillers' handshakes fill the queue
-    yield listener.getsockname()[1]
-    for sock in fillers + [listener]:
-        sock.close()
 
 
 # -- failover ------------------------------------------------------------------
@@ -232,8 +215,8 @@ def test_leastconn_sends_a_new_connection_to_the_target_with_the_fewest_open(
             wait_for(lambda: [target.active for target in fwd.targets or ()] == [2, 1], what="2 and 1 open")
             held.pop(0).close()  # on the first target
             wait_for(lambda: [target.active for target in fwd.targets or ()] == [1, 1], what="1 and 1 open")
-            held.append(socket.create_connection(fwd.address, timeout=WAIT))  # a tie: the first
-            wait_for(lambda: [target.active for target in fwd.targets or ()] == [2, 1], what="2 and 1 open")
+            held.append(socket.create_connection(fwd.address, timeout=WAIT))  # a tie: the one chosen longest ago
+            wait_for(lambda: [target.active for target in fwd.targets or ()] == [1, 2], what="1 and 2 open")
             held.append(socket.create_connection(fwd.address, timeout=WAIT))
             wait_for(lambda: [target.active for target in fwd.targets or ()] == [2, 2], what="2 and 2 open")
         finally:
@@ -242,6 +225,16 @@ def test_leastconn_sends_a_new_connection_to_the_target_with_the_fewest_open(
         wait_for(lambda: not fwd.connections, what="the pairs to close")
         assert [target.active for target in fwd.targets or ()] == [0, 0]
     assert [server.accepted for server in echo_servers[:2]] == [3, 2]
+
+
+def test_leastconn_spreads_sequential_short_connections_over_every_target(echo_servers: List[EchoServer]) -> None:
+    """Each finds every count at 0: the tie goes round, as HAProxy's and nginx's do."""
+    fwd = several(*(server.port for server in echo_servers), balance="leastconn")
+    with fwd.running():
+        for _ in range(9):
+            assert echo_through(fwd) == b"ping"
+            wait_for(lambda: not fwd.connections, what="the pair to close")
+    assert [server.accepted for server in echo_servers] == [3, 3, 3]
 
 
 def test_a_pair_closed_while_connecting_leaves_its_target_s_count(blackhole: int) -> None:
@@ -273,6 +266,32 @@ def test_the_close_line_names_the_target_that_served_as_configured(
     assert close.details["target"] == f"localhost:{echo_server.port}"  # type: ignore[attr-defined]
 
 
+def connect_at_once(sender: Sender, address: Tuple[str, int]) -> None:
+    """``Sender.connect`` as a loopback connect may go on BSD and macOS: the connect event
+    comes inside ``connect()`` (a refusal raises)."""
+    sender.connected, sender.connecting = False, True
+    sender.socket.setblocking(True)
+    try:
+        sender.socket.connect(address)
+    finally:
+        sender.socket.setblocking(False)
+    sender.addr = address
+    sender.handle_connect_event()
+
+
+def test_a_connect_that_completes_at_once_still_names_its_target(
+        echo_servers: List[EchoServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Sender, "connect", connect_at_once)
+    fwd = several(echo_servers[0].port, echo_servers[1].port, balance="roundrobin")
+    with fwd.running():
+        for server in echo_servers[:2]:
+            with socket.create_connection(fwd.address, timeout=WAIT):
+                wait_for(lambda: any(conn.established for conn in fwd.connections), what="the connect")
+                (conn,) = fwd.connections
+                assert conn.target == f"{LOCAL}:{server.port}"  # the target set was told
+            wait_for(lambda: not fwd.connections, what="the pair to close")
+
+
 def test_a_target_event_is_a_json_line_with_rule_target_state_and_reason(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     dead = dead_port()
@@ -302,6 +321,8 @@ def test_a_rule_with_one_target_has_no_target_set() -> None:
     ({"max_fails": -1}, "max_fails must be"),
     ({"fail_timeout": 0}, "fail_timeout must be"),
     ({"health_check_interval": -1}, "health_check_interval must be"),
+    ({"targets": [(LOCAL, 80)]}, "127.0.0.1:80 is listed twice"),
+    ({"targets": [("h", 81), ("H", 81)]}, "H:81 is listed twice"),
 ])
 def test_bad_target_keywords_are_a_value_error(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -358,6 +379,19 @@ def test_a_target_that_leads_back_to_the_forwarder_is_given_up_for_the_next(echo
         wait_for(lambda: not fwd.connections and not fwd.loopback.turned_back, what="the pair and the turned back")
         assert fwd.stats.accepted == 1
         assert states(fwd) == [(False, 0, 1), (False, 0, 1), (True, 0, 0)]
+
+
+def test_a_connect_back_to_the_forwarder_that_completes_at_once_is_given_up_for_the_next(
+        echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Sender, "connect", connect_at_once)
+    fwd = several(dead_port(), echo_server.port)
+    assert fwd.targets is not None
+    fwd.targets[0].addresses._addresses = [(socket.AF_INET, fwd.address)]  # a name that resolved to us
+    with fwd.running():
+        assert echo_through(fwd) == b"ping"
+        wait_for(lambda: not fwd.connections and not fwd.loopback.turned_back, what="the pair and the turned back")
+        assert fwd.stats.accepted == 1 and fwd.loopback.own_ends == {}
+        assert states(fwd) == [(False, 0, 1), (True, 0, 0)]
 
 
 def test_a_health_check_never_reaches_the_forwarder_itself(echo_server: EchoServer,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, List
 
@@ -109,3 +111,86 @@ def test_sighup_sends_new_connections_to_the_new_targets_and_leaves_open_ones(
         assert old.recv(10) == b" still"
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert [server.accepted for server in echo_servers] == [1, 1, 1]
+
+
+def test_a_forwarder_a_reload_retired_logs_no_target_line_for_its_old_state(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Its down timers stop with its listener: no "up" line comes later for a state no one uses,
+    while its open connection still relays and counts in its target."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    port, dead = free_port(), dead_port()
+    rule = Rule(LOCAL, port, LOCAL, dead, targets=[(LOCAL, echo_server.port)], name="r", fail_timeout=0.2)
+    service = unless_taken(lambda: Service([rule], map={}))
+    thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        old_forwarder = service.forwarders["r"]
+        with socket.create_connection((LOCAL, port), timeout=WAIT) as old:
+            old.sendall(b"old")
+            old.settimeout(WAIT)
+            assert old.recv(10) == b"old"  # failed over: the dead target is down for fail_timeout
+            service.reload([Rule(LOCAL, port, LOCAL, dead, targets=[(LOCAL, echo_server.port)], name="r",
+                                 fail_timeout=0.2, balance="roundrobin")])
+            wait_for(lambda: service.forwarders["r"] is not old_forwarder, what="the reload")
+            time.sleep(0.5)  # past the old forwarder's fail_timeout
+            assert old_forwarder.targets is not None and old_forwarder.targets[1].active == 1
+            old.sendall(b" still")
+            assert old.recv(10) == b" still"
+    finally:
+        service.stop()
+        thread.join(WAIT)
+    lines = [record.getMessage() for record in caplog.records if getattr(record, "event", None) == "target"]
+    assert lines == [f"r: target {LOCAL}:{dead} is down: a failed connect within 0.2 s, the last: Connection refused"]
+
+
+def test_a_failed_connect_of_a_forwarder_a_reload_retired_logs_no_target_line(
+        echo_server: EchoServer, blackhole: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Its client still fails over and is served; the failure counts; the new forwarder owns the state."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    port = free_port()
+    rule = Rule(LOCAL, port, LOCAL, blackhole, targets=[(LOCAL, echo_server.port)], name="r", connect_timeout=0.3)
+    service = unless_taken(lambda: Service([rule], map={}))
+    thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        old_forwarder = service.forwarders["r"]
+        with socket.create_connection((LOCAL, port), timeout=WAIT) as client:
+            wait_for(lambda: old_forwarder.targets is not None and old_forwarder.targets[0].active == 1,
+                     what="the connect to the silent target")
+            service.reload([Rule(LOCAL, port, LOCAL, blackhole, targets=[(LOCAL, echo_server.port)], name="r",
+                                 connect_timeout=0.3, balance="roundrobin")])
+            wait_for(lambda: service.forwarders["r"] is not old_forwarder, what="the reload")
+            client.sendall(b"ping")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"ping"  # after connect_timeout, from the second target
+        assert old_forwarder.targets is not None and old_forwarder.targets[0].connect_failures == 1
+    finally:
+        service.stop()
+        thread.join(WAIT)
+    assert [record.getMessage() for record in caplog.records if getattr(record, "event", None) == "target"] == []
+
+
+def test_a_forwarder_a_failed_reload_gives_back_its_listener_tries_a_down_target_again_after_fail_timeout(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    port, dead = free_port(), dead_port()
+    rule = Rule(LOCAL, port, LOCAL, dead, targets=[(LOCAL, echo_server.port)], name="r", fail_timeout=0.3)
+    service = unless_taken(lambda: Service([rule], map={}))
+    thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        forwarder = service.forwarders["r"]
+        assert forwarder.targets is not None
+        with socket.create_connection((LOCAL, port), timeout=WAIT) as client:
+            client.sendall(b"ping")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"ping"  # the dead target is down for fail_timeout
+        service.reload([Rule(LOCAL, port, "no-such-host.invalid", 80, name="r")])  # cannot start: the old stays
+        assert service.forwarders["r"] is forwarder
+        wait_for(lambda: forwarder.targets is not None and forwarder.targets[0].up, what="the down time to end")
+    finally:
+        service.stop()
+        thread.join(WAIT)
+    states = [record.details["state"] for record in caplog.records  # type: ignore[attr-defined]
+              if getattr(record, "event", None) == "target"]
+    assert states == ["down", "up"]

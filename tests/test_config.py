@@ -23,7 +23,7 @@ from conftest import needs_ipv6
 PROG = "asyncore-fwd"
 KNOWN = ("name, listen, connect, allow, deny, max_connections, max_per_client, connect_timeout, idle_timeout, "
          "half_closed_timeout, backlog, high_water, send_proxy, balance, max_fails, fail_timeout, "
-         "health_check_interval, accept_proxy, source, tcp_keepalive")
+         "health_check_interval, accept_proxy, proto, source, tcp_keepalive")
 GOOD_RULE = '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = "127.0.0.1:80"\n'
 
 
@@ -171,6 +171,10 @@ CONFIG_ERRORS = [
      'fwd.toml: rule 1: connect: expected "host:port", like "127.0.0.1:8080", got "b"'),
     ("connect-not-a-list", '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = 80\n',
      'fwd.toml: rule 1: connect: expected a list of "host:port", got 80'),
+    ("connect-twice", '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = ["h:80", "g:80", "h:80"]\n',
+     'fwd.toml: rule 1: connect: "h:80" is listed twice (each target once)'),
+    ("connect-twice-spelt-otherwise", '[[rule]]\nlisten = "127.0.0.1:8080"\nconnect = ["[::1]:80", "[0::1]:80"]\n',
+     'fwd.toml: rule 1: connect: "[0::1]:80" is listed twice (each target once)'),
     ("unknown-balance", GOOD_RULE + 'balance = "random"\n',
      'fwd.toml: rule 1: balance: expected "first", "roundrobin" or "leastconn", got "random"'),
     ("negative-max-fails", GOOD_RULE + "max_fails = -1\n",
@@ -179,6 +183,11 @@ CONFIG_ERRORS = [
      "fwd.toml: [defaults]: fail_timeout: expected a positive number of seconds, got 0"),
     ("bad-health-check-interval", GOOD_RULE + 'health_check_interval = "often"\n',
      'fwd.toml: rule 1: health_check_interval: expected a number of seconds >= 0, got "often"'),
+    ("bad-proto", GOOD_RULE + 'proto = "sctp"\n', 'fwd.toml: rule 1: proto: expected "tcp" or "udp", got "sctp"'),
+    ("udp-with-send-proxy", GOOD_RULE + 'proto = "udp"\nsend_proxy = "v2"\n',
+     "fwd.toml: rule 1: send_proxy: not for a UDP rule (proto=udp): a UDP rule sends no PROXY header"),
+    ("udp-with-defaults-keepalive", '[defaults]\ntcp_keepalive = 60\n' + GOOD_RULE + 'proto = "udp"\n',
+     "fwd.toml: rule 1: tcp_keepalive: not for a UDP rule (proto=udp): a UDP socket has no keepalive"),
 ]
 
 
@@ -229,6 +238,8 @@ FLAG_ERRORS = [
      '-L "8080:h:80,listen=127.0.0.1:1": listen: given by [BIND:]PORT:HOST:HOSTPORT, not as an option'),
     (["-L", "8080:h:80,connect=g"], '-L "8080:h:80,connect=g": connect: expected "host:port", like '
                                     '"127.0.0.1:8080", got "g"'),
+    (["-L", "8080:h:80,connect=H:80"],
+     '-L "8080:h:80,connect=H:80": connect: "H:80" is listed twice (each target once)'),
     (["-L", "8080:h:80,balance=rr"],
      '-L "8080:h:80,balance=rr": balance: expected "first", "roundrobin" or "leastconn", got "rr"'),
     (["-L", "8080:h:80,max_fails=x"], '-L "8080:h:80,max_fails=x": max_fails: expected an integer >= 0, got "x"'),
@@ -274,6 +285,12 @@ FLAG_ERRORS = [
                                           "like 9100 or 127.0.0.1:9100 ([::1]:9100 for IPv6)"),
     (["-L", "1:h:2", "--log-format", "xml"], "argument --log-format: invalid choice: 'xml' (choose from 'text', "
                                              "'json')"),
+    (["-L", "8080:h:80,proto=udp,half_closed_timeout=5"], '-L "8080:h:80,proto=udp,half_closed_timeout=5": '
+     "half_closed_timeout: not for a UDP rule (proto=udp): a UDP session has no half-close"),
+    (["-L", "8080:h:80,proto=udp", "--splice"], '-L "8080:h:80,proto=udp": splice (--splice): not for a UDP rule '
+                                                "(proto=udp): datagrams are relayed whole, not spliced"),
+    (["-L", "53:h:53,proto=udp", "-L", "53:g:53,proto=udp"],
+     '-L "53:g:53,proto=udp": listen: "127.0.0.1:53" is already where -L "53:h:53,proto=udp" listens'),
 ]
 
 
@@ -408,15 +425,15 @@ def test_check_config_prints_every_key_of_every_rule_and_exits_0(capsys: pytest.
         "name=127.0.0.1:0 listen=127.0.0.1:0 connect=127.0.0.1:90 allow=all deny=192.0.2.1/32 max_connections=0 "
         "max_per_client=0 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
         "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
-        "accept_proxy=none source=none tcp_keepalive=0",
+        "accept_proxy=none proto=tcp source=none tcp_keepalive=0",
         "name=web listen=0.0.0.0:0 connect=localhost:80 allow=10.0.0.0/8,::1/128 deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=300 half_closed_timeout=0 backlog=4096 "
         "high_water=1M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
-        "accept_proxy=none source=none tcp_keepalive=0",
+        "accept_proxy=none proto=tcp source=none tcp_keepalive=0",
         "name=[::1]:0 listen=[::1]:0 connect=[2001:db8::5]:5432 allow=all deny=none max_connections=0 "
         "max_per_client=4 connect_timeout=10 idle_timeout=0 half_closed_timeout=0 backlog=4096 "
         "high_water=2M send_proxy=none balance=first max_fails=1 fail_timeout=10 health_check_interval=0 "
-        "accept_proxy=none source=none tcp_keepalive=0",
+        "accept_proxy=none proto=tcp source=none tcp_keepalive=0",
     ]
 
 

@@ -179,3 +179,45 @@ def test_every_test_named_in_the_pages_exists() -> None:
                if not re.search(rf"^def {name}\(", (ROOT / path).read_text(encoding="utf-8"), re.MULTILINE)]
     assert not missing, f"the docs name tests that do not exist: {missing}"
 
+
+def test_english_chrome_is_found_in_a_page() -> None:
+    english = ('<input placeholder="Search">\n<label>\n  Table of contents\n</label>\n'
+               '<span class="md-footer__direction">\n  Previous\n</span>')
+    assert site.english_chrome(english) == ["search box", "table of contents", "footer"]
+
+
+def test_chinese_chrome_is_not_english() -> None:
+    chinese = ('<input placeholder="搜索">\n<nav aria-label="目录">\n<span class="md-footer__direction">上一页</span>'
+               '\n"clipboard.copy": "\\u590d\\u5236"\n<p>Table of contents, Search: the words in the text</p>')
+    assert site.english_chrome(chinese) == []
+
+
+def test_chinese_pages_take_the_theme_strings_in_chinese() -> None:
+    """The theme's language partial, overridden: zh for pages under zh/, the site's language elsewhere."""
+    template = (DOCS / "overrides" / "partials" / "language.html").read_text(encoding="utf-8")
+    assert 'page.file.src_uri.startswith("zh/")' in template
+    assert '"partials/languages/" ~ page_language ~ ".html"' in template
+
+
+
+def load_check_pages() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_check_pages", DOCS / "check_pages.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_page_check_reports_a_scrolling_code_block_and_a_shrunken_diagram() -> None:
+    check = load_check_pages()
+    results = [{"page": "/lessons/step05/", "scrolling": ["        return (len(self.receiver.from_remote_buffer) > 0)"],
+                "diagrams": [{"natural": 1669, "given": 688}, {"natural": 900, "given": 938}]}]
+    found = check.problems(results)
+    assert len(found) == 2
+    assert "scrolls sideways" in found[0] and "diagram 1 is 1669 px wide in 688 px: its text is 6.6 px" in found[1]
+
+
+def test_page_check_passes_a_diagram_drawn_at_twelve_px_or_more() -> None:
+    check = load_check_pages()
+    results = [{"page": "/diagrams/", "scrolling": [], "diagrams": [{"natural": 1200, "given": 938}]}]
+    assert check.problems(results) == []

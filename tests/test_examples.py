@@ -28,6 +28,18 @@ def test_embed_example_prints_the_page_fetched_through_the_forwarder() -> None:
     assert result.stderr == ""
 
 
+def test_udp_example_prints_each_datagram_back_whole_from_the_address_sent_to() -> None:
+    """examples/udp_relay.py sends three datagrams (one empty) through a UDP rule, prints them back,
+    sees the session idle out, exits 0."""
+    result = run_example("udp_relay.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("b'hello' from the address sent to: True\n"
+                             "b'' from the address sent to: True\n"
+                             "b'bye' from the address sent to: True\n"
+                             "sessions=1 open=0 datagrams_to_server=3\n")
+    assert result.stderr == ""
+
+
 @pytest.mark.article
 def test_article_help_describes_the_remote_ip_as_a_local_address() -> None:
     """The article's --help works, and its -r help is its wrong text (defect 8)."""

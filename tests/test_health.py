@@ -11,6 +11,7 @@ import pytest
 
 from asyncore_fwd import Forwarder
 from asyncore_fwd._eventloop._timers import existing_timers
+from asyncore_fwd._ops._balance import TargetSet, TargetState
 from asyncore_fwd._ops._health import _Probe
 from conftest import WAIT, EchoServer, connect_until_reset, dead_port, recv_all, wait_for
 
@@ -193,3 +194,54 @@ def test_a_rule_with_one_target_and_checks_keeps_its_close_line(caplog: pytest.L
     (line,) = [record.getMessage() for record in caplog.records]
     assert f" -> {LOCAL}:{dead} 0/0 - " in line
     assert line.endswith(f"forwarder closed first: cannot connect to {LOCAL}:{dead}: Connection refused")
+
+
+def record_verdicts(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """The checks' verdicts, in order: "passed" or "failed: REASON"."""
+    verdicts: List[str] = []
+    passed, failed = TargetSet.check_passed, TargetSet.check_failed
+
+    def check_passed(targets: TargetSet, target: TargetState) -> None:
+        verdicts.append("passed")
+        passed(targets, target)
+
+    def check_failed(targets: TargetSet, target: TargetState, error: OSError) -> None:
+        verdicts.append(f"failed: {error}")
+        failed(targets, target, error)
+
+    monkeypatch.setattr(TargetSet, "check_passed", check_passed)
+    monkeypatch.setattr(TargetSet, "check_failed", check_failed)
+    return verdicts
+
+
+def test_a_check_whose_first_address_refuses_passes_on_the_next(
+        echo_server: EchoServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for localhost -> ::1 first, with the service on 127.0.0.1 only."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    fwd = Forwarder(LOCAL, 0, LOCAL, echo_server.port, map={}, health_check_interval=0.05, connect_timeout=WAIT)
+    assert fwd.targets is not None
+    fwd.targets[0].addresses._addresses = [(socket.AF_INET, (LOCAL, dead_port())),
+                                           (socket.AF_INET, (LOCAL, echo_server.port))]
+    verdicts = record_verdicts(monkeypatch)
+    with fwd.running():
+        wait_for(lambda: len(verdicts) >= 3, what="three checks")
+    assert set(verdicts) == {"passed"}
+    assert fwd.targets[0].up and target_lines(caplog) == []
+
+
+def test_a_check_whose_first_address_is_silent_passes_on_the_next_after_connect_timeout(
+        echo_server: EchoServer, blackhole: int, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timeout is per address, as for a client's connect."""
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    fwd = Forwarder(LOCAL, 0, LOCAL, echo_server.port, map={}, health_check_interval=0.05, connect_timeout=0.2)
+    assert fwd.targets is not None
+    fwd.targets[0].addresses._addresses = [(socket.AF_INET, (LOCAL, blackhole)),
+                                           (socket.AF_INET, (LOCAL, echo_server.port))]
+    verdicts = record_verdicts(monkeypatch)
+    started = time.monotonic()
+    with fwd.running():
+        wait_for(lambda: len(verdicts) >= 2, what="two checks")
+    assert set(verdicts) == {"passed"}
+    assert time.monotonic() - started >= 0.4  # each waited connect_timeout for the silent address first
+    assert fwd.targets[0].up and target_lines(caplog) == []

@@ -37,14 +37,16 @@ LAYERS: List[Tuple[str, Set[str]]] = [
       "_ops._health",
       "toxics", "toxics._link", "toxics._kinds", "toxics._set", "toxics._spec", "toxics._controls"}),
     ("listener: the forwarder",
-     {"_listener", "_listener._listening", "_listener._owner", "_listener._pause", "_listener._forwarder"}),
+     {"_listener", "_listener._listening", "_listener._owner", "_listener._pause", "_listener._forwarder",
+      "_listener._sessions", "_listener._udp"}),
     ("service: many rules, processes, metrics",
      {"_service", "_service._service", "_service._listeners", "_service._workers", "_service._metrics",
       "_service._reports", "_service._pidfile"}),
     ("entry points", {"__init__", "__main__", "cli", "cli._parser", "cli._logging", "cli._rules", "cli._main",
                       "cli._run", "cli._signals", "pytest_plugin", "_shellfiles",
                       "trace", "trace.__main__", "trace._runner", "trace._text", "trace._capture",
-                      "trace._describe", "trace._events"}),
+                      "trace._describe", "trace._events", "trace._session", "trace._kernel", "trace._io",
+                      "trace._summary", "trace._filter", "trace._jsonl", "trace._enable"}),
 ]
 
 LAYER_OF: Dict[str, int] = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -1,7 +1,7 @@
 """The lessons in examples/lessons: each step fixes what it says, and no more.
 
 Every defect of the article's recipe (the numbers 1-11 of the README's list)
-has a test here, run against every step from step01 to step10.  ``FIXED_IN``
+has a test here, run against every step from step01 to step11.  ``FIXED_IN``
 says which step fixes it; at the steps before, the test is a strict xfail,
 so the lessons, their README and this table cannot drift apart.  Each test
 injects its condition (accept() returning None or raising EMFILE, a slow
@@ -12,22 +12,32 @@ The steps are standalone scripts: a test loads one as a module and drives
 its loop (the global asyncore map) one round at a time through its
 ``serve(timeout, count)``, between the client's and the server's moves, all
 in this thread.  step00 (the article, Python 2) runs as a child process.
+
+step11 is the forwarder on asyncio: no asyncore map, so its ``serve()`` runs
+the asyncio loop for ``count`` slices of ``timeout`` s, and its objects are
+found through the loop's transports.  Where a test injects an asyncore-only
+condition, the step11 branch injects asyncio's counterpart (a socket's
+send() and sendmsg() held back, the loop's create_connection() failing, the
+loop's select() calls counted); the table on docs/lessons/step11.md names
+each one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib.util
 import logging
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -89,12 +99,89 @@ def load_step(step_number: int) -> types.ModuleType:
 
 @pytest.fixture
 def step(step_number: int) -> Iterator[types.ModuleType]:
-    """The step as a module; whatever it left in asyncore's global map is closed at teardown."""
+    """The step as a module; whatever it left in asyncore's global map (or its asyncio loop) is closed at teardown."""
     module = load_step(step_number)
+    if on_asyncio(module):
+        yield from asyncio_step(module)
+        return
     channels = module.asyncore.socket_map
     assert not channels, f"channels left over by an earlier test: {channels}"
     yield module
     module.asyncore.close_all(ignore_all=True)
+
+
+def on_asyncio(step: types.ModuleType) -> bool:
+    """Whether the step runs on asyncio (step11) rather than on asyncore's map."""
+    return not hasattr(step, "asyncore")
+
+
+def asyncio_step(module: types.ModuleType) -> Iterator[types.ModuleType]:
+    """An asyncio step whose forwarders are recorded; its listeners, transports, tasks and loop closed at teardown."""
+    made: List[object] = []
+
+    # asyncio keeps no list of listening sockets: the tests need one, to find and close them.
+    class recorded(module.forwarder):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    recorded.__name__ = "forwarder"
+    module.forwarder = recorded
+    module.forwarders_made = made
+    yield module
+    loop = module.loop
+    if loop is None:
+        return
+    for transport in live_transports(loop):
+        transport.abort()
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+
+    async def cancelled_and_lost() -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the aborted transports' connection_lost() calls
+
+    loop.run_until_complete(cancelled_and_lost())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    for fwd in made:  # after the last run: a paused listener's call_later() must not fire
+        if fwd.socket.fileno() != -1:
+            loop.remove_reader(fwd.socket)
+            fwd.socket.close()
+    loop.close()
+
+
+def live_transports(loop: asyncio.AbstractEventLoop) -> list:
+    """The loop's socket transports not yet closing (asyncio has no public list of them)."""
+    return [transport for transport in list(loop._transports.values())
+            if transport is not None and not transport.is_closing()]
+
+
+def socket_of(transport: asyncio.BaseTransport) -> socket.socket:
+    """The socket.socket under an asyncio transport (its extra info gives only a wrapper)."""
+    return transport._sock
+
+
+def limit_sends(monkeypatch: pytest.MonkeyPatch, sock: socket.socket, limit: List[int]) -> None:
+    """send() and sendmsg() on ``sock`` take at most ``limit[0]`` bytes a call (0: EAGAIN), whatever the kernel says."""
+    real_send = socket.socket.send
+
+    def send(self: socket.socket, data: bytes, *args: int) -> int:
+        if self is not sock:
+            return real_send(self, data, *args)
+        if limit[0] == 0:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return real_send(self, memoryview(data)[:limit[0]], *args)
+
+    real_sendmsg = socket.socket.sendmsg
+
+    def sendmsg(self: socket.socket, buffers: Iterable[bytes], *args: object) -> int:
+        if self is not sock:
+            return real_sendmsg(self, buffers, *args)
+        return send(self, next(iter(buffers)))
+
+    monkeypatch.setattr(socket.socket, "send", send)
+    monkeypatch.setattr(socket.socket, "sendmsg", sendmsg)
 
 
 @pytest.fixture
@@ -141,7 +228,15 @@ class Reader:
 
 
 def channels_of(step: types.ModuleType, cls: type) -> list:
-    return [obj for obj in step.asyncore.socket_map.values() if isinstance(obj, cls)]
+    """The step's live objects of ``cls``: dispatchers in asyncore's map, or an asyncio step's protocols."""
+    if not on_asyncio(step):
+        return [obj for obj in step.asyncore.socket_map.values() if isinstance(obj, cls)]
+    if cls is step.forwarder:
+        return [fwd for fwd in step.forwarders_made if fwd.socket.fileno() != -1]
+    if step.loop is None:
+        return []
+    protocols = [transport.get_protocol() for transport in live_transports(step.loop)]
+    return [protocol for protocol in protocols if isinstance(protocol, cls)]
 
 
 def start(step: types.ModuleType, remote_port: int, remote_host: str = "127.0.0.1",
@@ -205,12 +300,13 @@ def run_script() -> Iterator[Callable[..., Tuple[subprocess.Popen, Tuple[str, in
     """``run_script(python, path, remote_port)`` starts a step as a reader would; killed at teardown."""
     started: List[subprocess.Popen] = []
 
-    def run(python: str, path: Path, remote_port: int) -> Tuple[subprocess.Popen, Tuple[str, int]]:
+    def run(python: str, path: Path, remote_port: int,
+            env: Optional[Dict[str, str]] = None) -> Tuple[subprocess.Popen, Tuple[str, int]]:
         port = free_port()
         process = subprocess.Popen(
             [python, str(path), "-l", "127.0.0.1", "-p", str(port), "-r", "127.0.0.1", "-P", str(remote_port)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         started.append(process)
         deadline = time.monotonic() + WAIT
         while True:  # listening yet?
@@ -246,6 +342,37 @@ def test_step00_fails_at_the_first_recv_on_python3(run_script, echo_server: Echo
     process.kill()
     out, _ = process.communicate(timeout=WAIT)
     assert "TypeError" in out and 'concatenate str (not "bytes")' in out, out
+
+
+def test_step11_runs_without_asyncore(run_script, echo_server: EchoServer, tmp_path: Path) -> None:
+    """Where no asyncore can be imported (3.12+ without the backport), step11 still relays."""
+    (tmp_path / "asyncore.py").write_text("raise ImportError('no asyncore here')\n")
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    _, address = run_script(sys.executable, STEP_FILES[11], echo_server.port, env={"PYTHONPATH": pythonpath})
+    with socket.create_connection(address, timeout=WAIT) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+
+
+@pytest.mark.parametrize("step_number", [11])
+def test_step11_passes_a_reset_on_as_a_reset(step: types.ModuleType, sockets: List[socket.socket]) -> None:
+    """The client resets its connection: the server's recv() fails with ECONNRESET, not a clean EOF."""
+    client, server = through(step, sockets)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    outcome: List[object] = []
+
+    def server_saw_the_end() -> bool:
+        try:
+            outcome.append(server.recv(1024))
+        except BlockingIOError:
+            pass
+        except ConnectionResetError as error:
+            outcome.append(error)
+        return bool(outcome)
+
+    pump(step, server_saw_the_end, what="the end at the server")
+    assert isinstance(outcome[0], ConnectionResetError), outcome
 
 
 def find_python27() -> Optional[str]:
@@ -284,6 +411,8 @@ def test_step00_relays_on_python27(run_script, echo_server: EchoServer) -> None:
 @defect(3, "buffer copied on every send")
 def test_send_consumes_the_buffer_in_place(step: types.ModuleType, sockets: List[socket.socket]) -> None:
     """A partial send leaves the rest where it was: no copy of everything still waiting."""
+    if on_asyncio(step):
+        return receiver_keeps_no_buffer_on_asyncio(step)
     ours, theirs = socket.socketpair()
     sockets += [ours, theirs]
     side = step.receiver(ours)
@@ -296,15 +425,40 @@ def test_send_consumes_the_buffer_in_place(step: types.ModuleType, sockets: List
     assert side.to_remote_buffer is buffer, "the rest was copied into a new buffer"
 
 
+def receiver_keeps_no_buffer_on_asyncio(step: types.ModuleType) -> None:
+    """asyncio: the receiver keeps no buffer to copy; each chunk goes to the sender's transport as it came.
+
+    What a partial send leaves is then the transport's to keep (the step's
+    page says how each Python keeps it).
+    """
+    side = step.receiver("127.0.0.1", 9)
+    written: List[bytes] = []
+    side.sender = types.SimpleNamespace(transport=types.SimpleNamespace(write=written.append))
+    chunk = payload(100_000)
+    side.data_received(chunk)
+    assert len(written) == 1 and written[0] is chunk, "the chunk was copied before the transport got it"
+    kept = [name for name, value in vars(side).items() if isinstance(value, (bytes, bytearray, memoryview))]
+    assert kept == [], f"the receiver keeps bytes of its own: {kept}"
+
+
 @defect(3, "no backpressure")
 def test_stops_reading_while_the_server_takes_nothing(step: types.ModuleType, sockets: List[socket.socket],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """While the server side takes nothing, the client's bytes wait in the kernel, not in our buffer."""
     client, _ = through(step, sockets)
-    monkeypatch.setattr(step.sender, "send", lambda self, data: 0)  # the server's window stays shut
-    receiver, = channels_of(step, step.receiver)
+    if on_asyncio(step):
+        # The sender's transport holds what waits; asyncio reads up to max_size
+        # bytes at a time, and pauses the client's side once past the limit.
+        sender, = channels_of(step, step.sender)
+        limit_sends(monkeypatch, socket_of(sender.transport), [0])  # the server's window stays shut
+        buffered = sender.transport.get_write_buffer_size
+        bound = step.BUFFER_LIMIT + sender.transport.max_size
+    else:
+        monkeypatch.setattr(step.sender, "send", lambda self, data: 0)  # the server's window stays shut
+        receiver, = channels_of(step, step.receiver)
+        buffered = lambda: len(receiver.from_remote_buffer)  # noqa: E731
+        bound = 256 * 1024
     data = payload(1 << 20)
-    bound = 256 * 1024
     sent, most, last_progress = 0, 0, time.monotonic()
     deadline = last_progress + 2.0
     # Until nothing moves for 0.2 s: neither the client's sends nor our buffer.
@@ -316,8 +470,8 @@ def test_stops_reading_while_the_server_takes_nothing(step: types.ModuleType, so
         except BlockingIOError:
             pass
         step.serve(0.01, 1)
-        if len(receiver.from_remote_buffer) > most:
-            most = len(receiver.from_remote_buffer)
+        if buffered() > most:
+            most = buffered()
             last_progress = time.monotonic()
     assert sent > bound, "the client could not even send enough to tell"
     assert most <= bound, f"{most} bytes buffered for a server that takes nothing"
@@ -365,8 +519,12 @@ def test_data_buffered_when_the_server_closes_still_reaches_the_client(
         step: types.ModuleType, sockets: List[socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
     """The client takes 1000 bytes per send, so the reply is still buffered at the server's FIN: all of it arrives."""
     client, server = through(step, sockets)
-    dispatcher_send = step.asyncore.dispatcher.send
-    monkeypatch.setattr(step.receiver, "send", lambda self, data: dispatcher_send(self, data[:1000]))
+    if on_asyncio(step):
+        receiver, = channels_of(step, step.receiver)
+        limit_sends(monkeypatch, socket_of(receiver.transport), [1000])
+    else:
+        dispatcher_send = step.asyncore.dispatcher.send
+        monkeypatch.setattr(step.receiver, "send", lambda self, data: dispatcher_send(self, data[:1000]))
     reply = payload(32 * 1024)
     server.setblocking(True)
     server.settimeout(WAIT)
@@ -383,10 +541,7 @@ def test_half_closed_connection_waits_without_spinning(step: types.ModuleType,
     """While the server thinks, after the client's EOF, the loop sleeps (and the reply still comes)."""
     client, server = through(step, sockets)
     half_close_request(step, client, server)
-    rounds, end = 0, time.monotonic() + 0.3
-    while time.monotonic() < end:
-        step.serve(0.05, 1)  # 6 rounds if it sleeps; thousands if it spins
-        rounds += 1
+    rounds = loop_rounds_in(step, 0.3)
     server.sendall(b"reply")
     reply = Reader(client)
     pump(step, lambda: reply.poll() or reply.data == b"reply", what="reply")
@@ -410,13 +565,40 @@ def test_whole_reply_arrives_when_the_server_closes_right_after_it(step: types.M
     assert len(got.data) == len(reply) and got.data == reply
 
 
+def loop_rounds_in(step: types.ModuleType, seconds: float) -> int:
+    """The rounds the step's loop makes in ``seconds`` with nothing to do: a few if it sleeps; thousands if it spins."""
+    if not on_asyncio(step):
+        rounds, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            step.serve(0.05, 1)
+            rounds += 1
+        return rounds
+    # serve() runs asyncio's loop for a whole slice: count its select() calls.
+    selector = step.loop._selector
+    real_select = selector.select
+    calls: List[int] = []
+
+    def select(timeout: Optional[float] = None) -> list:
+        calls.append(1)
+        return real_select(timeout)
+
+    selector.select = select
+    try:
+        step.serve(seconds, 1)
+    finally:
+        del selector.select
+    return len(calls)
+
+
 # -- defects 5, 6: accept --------------------------------------------------
 
 
 @defect(5, "accept() returning None")
 def test_keeps_accepting_after_accept_returns_none(step: types.ModuleType, sockets: List[socket.socket],
-                                                   echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """asyncore's accept() returns None when the client has gone; the next client is served."""
+                                                   echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """asyncore's accept() returns None when the client has gone; no error, and the next client is served."""
+    caplog.set_level(logging.INFO)
     address = start(step, echo_server.port)
     original = step.forwarder.accept
     calls: List[int] = []
@@ -429,6 +611,8 @@ def test_keeps_accepting_after_accept_returns_none(step: types.ModuleType, socke
     client = client_of(address, sockets)
     assert round_trip(step, client) == b"ping"
     assert len(calls) >= 2
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert errors == []
 
 
 @defect(6, "EMFILE closes the listener")
@@ -466,7 +650,14 @@ def test_out_of_descriptors_for_the_server_socket_leaves_nothing_behind(
         failures.append(1)
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-    monkeypatch.setattr(step.sender, "create_socket", create_socket_emfile)
+    if on_asyncio(step):
+        # The socket is made inside the loop's create_connection(), which raises what socket() raised.
+        async def create_connection_emfile(*args: object, **kwargs: object) -> None:
+            create_socket_emfile(None)
+
+        monkeypatch.setattr(step.loop, "create_connection", create_connection_emfile)
+    else:
+        monkeypatch.setattr(step.sender, "create_socket", create_socket_emfile)
     listener = channels_of(step, step.forwarder)[0]
     client_of(listener.socket.getsockname()[:2], sockets)
     pump(step, lambda: failures, what="the failed server socket")
@@ -605,6 +796,8 @@ def test_event_for_a_closed_socket_does_not_reach_its_successor(
     event must not go to the new client's socket (a recv() of nothing,
     EAGAIN, which dropped the new client).
     """
+    if on_asyncio(step):
+        return stale_event_goes_nowhere_on_asyncio(step, sockets, echo_server, monkeypatch)
     address = start(step, echo_server.port)
     first = client_of(address, sockets)
     assert round_trip(step, first) == b"ping"
@@ -639,4 +832,60 @@ def test_event_for_a_closed_socket_does_not_reach_its_successor(
         for fd in fillers:
             os.close(fd)
     assert new_fds == [reused_fd], "the new client did not get the old one's descriptor number"
+    assert round_trip(step, second) == b"ping"
+
+
+def stale_event_goes_nowhere_on_asyncio(step: types.ModuleType, sockets: List[socket.socket],
+                                        echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same round on asyncio: the listener's accept() closes the old pair first, and the new client gets its number.
+
+    asyncio queues an event as the handle registered for the socket, and
+    closing the transport cancels that handle: the old socket's event
+    reaches neither the old receiver nor the new one.
+    """
+    address = start(step, echo_server.port)
+    first = client_of(address, sockets)
+    assert round_trip(step, first) == b"ping"
+    old_receiver, = channels_of(step, step.receiver)
+    old_sender, = channels_of(step, step.sender)
+    old_sockets = [socket_of(old_receiver.transport), socket_of(old_sender.transport)]
+    reused_fd = old_sockets[0].fileno()
+    old_reads: List[bytes] = []
+    monkeypatch.setattr(old_receiver, "data_received", old_reads.append)
+    second = client_of(address, sockets)  # waits in the listener's backlog
+    first.sendall(b"stale")  # makes the old client's socket readable
+    fillers: List[int] = []
+    new_fds: List[int] = []
+    try:
+        top = max(sock.fileno() for sock in old_sockets)
+        while True:  # fill the lower gaps: the pair's numbers are the next free ones
+            fd = os.open(os.devnull, os.O_RDONLY)
+            if fd > top:
+                os.close(fd)
+                break
+            fillers.append(fd)
+
+        original = step.forwarder.accept
+
+        def close_first_pair_then_accept(self):
+            # As if another callback had closed the pair earlier in this round
+            # (abort() closes the socket only in a later round: close it now).
+            if old_sockets[0].fileno() != -1:
+                for side, sock in zip((old_receiver, old_sender), old_sockets):
+                    side.transport.abort()
+                    sock.close()
+            pair = original(self)
+            if pair is not None:
+                new_fds.append(pair[0].fileno())
+            return pair
+
+        monkeypatch.setattr(step.forwarder, "accept", close_first_pair_then_accept)
+        wait_until_readable = time.monotonic() + WAIT
+        while not new_fds and time.monotonic() < wait_until_readable:
+            step.serve(0.01, 1)  # the first select() has both events: the listener's, then the old socket's
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    assert new_fds[:1] == [reused_fd], "the new client did not get the old one's descriptor number"
+    assert old_reads == [], "the closed receiver was called for the old socket's data"
     assert round_trip(step, second) == b"ping"

@@ -25,7 +25,13 @@ from test_proxy_send import SIGNATURE, Recording
 
 from asyncore_fwd import Forwarder, Rule, Service, cli
 from asyncore_fwd._ops import _access
-from asyncore_fwd._ops._proxy_accept import ProxyHeaderError, ReceivedHeader, parse_proxy_header
+from asyncore_fwd._ops._proxy_accept import (
+    V1_MAX_LENGTH,
+    ProxyHeaderError,
+    ReceivedHeader,
+    header_bytes_wanted,
+    parse_proxy_header,
+)
 from asyncore_fwd._values._config import describe_rule, parse_forward_spec
 from conftest import (
     WAIT,
@@ -144,6 +150,18 @@ def test_any_valid_header_is_read_whole_and_none_of_its_beginnings_is(
     header, parsed = case
     assert parse_proxy_header(header + rest) == parsed
     assert parse_proxy_header(header[:min(cut, len(header) - 1)]) is None
+
+
+@given(case=headers(), rest=st.binary(min_size=1, max_size=3000))
+def test_reads_of_the_bytes_wanted_take_a_v2_header_exactly_and_a_v1_header_with_a_few_bytes_after(
+        case: Tuple[bytes, ReceivedHeader], rest: bytes) -> None:
+    """What is read past the header goes to the server ahead of the relay: it stays small."""
+    header, parsed = case
+    stream, read = header + rest, b""
+    while parse_proxy_header(read) is None:
+        read += stream[len(read):len(read) + header_bytes_wanted(read)]
+    past = len(read) - len(header)
+    assert past == 0 if parsed.version == 2 else 0 <= past <= V1_MAX_LENGTH - len(header)
 
 
 @given(data=st.one_of(st.binary(max_size=300), st.builds(bytes.__add__, st.sampled_from([SIGNATURE, b"PROXY "]),
@@ -374,6 +392,30 @@ def test_a_chain_of_forwarders_keeps_the_first_client_s_address(
         wait_for(lambda: not back.connections, what="the back's pair to close")
     expected = f"PROXY TCP4 {source[0]} {front.address[0]} {source[1]} {front.address[1]}\r\n".encode()
     assert received == [expected + b"hello"]
+
+
+@pytest.mark.parametrize("high_water", [1, 1024])
+@pytest.mark.parametrize("send_proxy", [None, "v1", "v2"])
+@pytest.mark.parametrize("header", [V1_TCP4, V2_TLVS], ids=["v1", "v2"])
+def test_the_bytes_sent_with_the_header_reach_the_server_whatever_the_high_water(
+        recording_server: Tuple[ScriptedServer, List[bytes]], splice: bool, caplog: pytest.LogCaptureFixture,
+        header: bytes, send_proxy: Optional[str], high_water: int) -> None:
+    """More bytes than the high-water mark in the header's segment, a header sent on or not:
+    none is lost, nothing is logged (with splice, the kernel pipe holds only high_water)."""
+    caplog.set_level(logging.WARNING, logger="asyncore_fwd")
+    server, received = recording_server
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, splice=splice, accept_proxy=["127.0.0.1"],
+                    send_proxy=send_proxy, high_water=high_water)
+    data = payload(3000)
+    with fwd.running():
+        assert round_trip(fwd.address, header, data)[0] == b""
+        wait_for(lambda: not fwd.connections, what="the pair to close")
+    assert [record.getMessage() for record in caplog.records] == []
+    (got,) = received
+    assert got[len(got) - len(data):] == data
+    sent_on = got[:len(got) - len(data)]
+    assert (sent_on == b"" if send_proxy is None else sent_on.startswith(b"PROXY TCP4 192.")
+            if send_proxy == "v1" else sent_on.startswith(SIGNATURE))
 
 
 def test_a_local_header_with_send_proxy_sends_the_balancer_s_address(

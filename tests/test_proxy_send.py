@@ -6,6 +6,7 @@ written out by hand from HAProxy's spec, not made by the code under test.
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import struct
@@ -127,6 +128,27 @@ def test_the_server_receives_the_header_then_the_client_s_bytes(
     expected = v1("TCP6" if ":" in host else "TCP4", source, fwd.address) if version == "v1" else \
         v2(source, fwd.address)
     assert server.received == [expected + b"GET / HTTP/1.0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_header_longer_than_the_high_water_mark_is_sent_whole(
+        recording_server: Callable[..., RecordingServer], splice: bool, version: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With splice, the kernel pipe holds only high_water: the header still goes, then the client's bytes."""
+    caplog.set_level(logging.WARNING, logger="asyncore_fwd")
+    server = recording_server()
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", server.port, map={}, splice=splice, send_proxy=version,
+                    high_water=1)
+    with fwd.running():
+        with socket.create_connection(fwd.address, timeout=WAIT) as client:
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            client.shutdown(socket.SHUT_WR)
+            source = client.getsockname()[:2]
+            assert recv_all(client) == b""
+        wait_for(lambda: not fwd.connections, what="the pair to close")
+    expected = v1("TCP4", source, fwd.address) if version == "v1" else v2(source, fwd.address)
+    assert server.received == [expected + b"GET / HTTP/1.0\r\n\r\n"]
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -66,8 +66,12 @@ class PeerRecording:
         self._lock = threading.Lock()
 
     def __call__(self, conn: socket.socket) -> None:
+        try:
+            peer = conn.getpeername()[0]
+        except OSError:
+            return  # a health check's connect, reset before it was looked at
         with self._lock:
-            self.peers.append(conn.getpeername()[0])
+            self.peers.append(peer)
         try:
             while True:
                 data = conn.recv(65536)
@@ -527,3 +531,15 @@ def test_sighup_changes_the_source_for_new_connections(
         assert recv_all(old) == b""
     assert proc.stop(signal.SIGTERM) == 0, proc.stderr
     assert recording.peers == ["127.0.0.1", "127.0.0.2"]
+
+
+@needs_second_loopback
+def test_health_checks_connect_from_the_source_address(peer_server) -> None:
+    """The active checks come from where the clients' connects come from (the same firewall rules)."""
+    first, first_peers = peer_server("127.0.0.1")
+    second, second_peers = peer_server("127.0.0.1")
+    fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", first.port, map={}, source="127.0.0.2",
+                    targets=[("127.0.0.1", second.port)], health_check_interval=0.05)
+    with fwd.running():
+        wait_for(lambda: first_peers.peers and second_peers.peers, what="a check of each target")
+    assert set(first_peers.peers + second_peers.peers) == {"127.0.0.2"}

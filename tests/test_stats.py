@@ -236,7 +236,7 @@ def test_target_metrics_count_each_targets_connections_failures_and_state(start_
 
 def test_target_metrics_escape_the_rule_label(echo_server) -> None:
     service = Service([Rule("127.0.0.1", 0, "127.0.0.1", echo_server.port, name='odd "name"\\',
-                            targets=[("127.0.0.1", echo_server.port + 0)], health_check_interval=0)])
+                            targets=[("127.0.0.1", dead_port())], health_check_interval=0)])
     try:
         samples = parse_prometheus(render_prometheus(service))
     finally:

@@ -84,6 +84,9 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     ("first", "roundrobin", "leastconn"), ``max_fails``, ``fail_timeout`` and
     ``health_check_interval`` say how connections are spread over them and
     when one is down (see ``Rule``; ``targets`` holds their state).
+
+    A ``Forwarder`` serves TCP: ``proto="udp"`` raises ``ValueError``, as a UDP
+    rule is served by a ``Service`` (with a datagram listener of its own).
     """
 
     #: The classes of a connection's two sides (splice=True swaps in others).
@@ -117,6 +120,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
     def _start(self, rule: Rule, map: Optional[SocketMap], *, seed: Optional[int] = None,
                stats: Optional[RuleStats] = None, listener: Optional[socket.socket] = None,
                scratch: Optional[memoryview] = None) -> None:
+        if rule.proto != "tcp":  # (a listener of another kind: _listener._udp)
+            raise ValueError("a Forwarder serves TCP rules: serve a UDP rule (proto='udp') with Service([rule])")
         self._own_connections(rule, stats, scratch)
         #: Toxics and down() (fault injection): see ``add_toxic``.
         self._faults = FaultControls(self, seed)
@@ -165,7 +170,9 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         a successor's at a reload, or this forwarder's own given back when that failed."""
         self.set_socket(listener)
         self.accepting = True
-        if self.health is not None:  # given back after a failed reload: check again
+        if self.targets is not None:  # given back after a failed reload: down times go on
+            self.targets.resume()
+        if self.health is not None:  # (and checks again)
             self.health.start()
         try:
             listener.listen(self.rule.backlog)  # the backlog may have changed
@@ -244,17 +251,18 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self.stop_accepting()
         cut(self.connections, reason)
         self.refusals.close()
-        if self.targets is not None:
-            self.targets.close()
         if not self._map:
             forget(self._map)
 
     def stop_accepting(self) -> None:
-        """Close the listening socket; the connections go on (to drain them).  The active checks stop."""
+        """Close the listening socket; the connections go on (to drain them).  The active checks
+        and the targets' down timers stop."""
         asyncore.dispatcher.close(self)
         self._pause.cancel()
         if self.health is not None:
             self.health.stop()
+        if self.targets is not None:
+            self.targets.retire()
 
     def release_listener(self) -> socket.socket:
         """Stop accepting and hand the listening socket, still open, to a successor."""
@@ -265,6 +273,8 @@ class Forwarder(Dispatcher, ListeningSocket, ConnectionOwnerBase, FaultInjection
         self._pause.cancel()
         if self.health is not None:
             self.health.stop()
+        if self.targets is not None:
+            self.targets.retire()
         return listener
 
     @property

@@ -5,8 +5,9 @@ target (or with active checks), made only then: a rule with one target
 keeps the relay's plain ``InOrder`` choice and pays nothing.  For each new
 connection the set makes a ``TargetTry``, the relay's ``TargetChoice``: the
 targets in the balance's order -- the first that is up (``first``), each in
-turn (``roundrobin``), the fewest open connections (``leastconn``) -- the
-targets that are up first, then those marked down, each once (a down mark is
+turn (``roundrobin``), the fewest open connections (``leastconn``; among as
+few, the one chosen longest ago: round robin, as HAProxy and nginx do) --
+the targets that are up first, then those marked down, each once (a down mark is
 a preference, never a refusal: when all are down a client still tries them
 all).  Within one target's try, each of its addresses is tried in turn (a
 hostname resolves like the remote, ``_net.RemoteAddresses``); the target has
@@ -57,7 +58,7 @@ class TargetState:
     """
 
     __slots__ = ("name", "index", "addresses", "up", "active", "failures", "_recent_failures",
-                 "_down_timer", "_probation")
+                 "_down_timer", "_probation", "_first_at")
 
     def __init__(self, index: int, addresses: RemoteAddresses, failures: Dict[str, int]) -> None:
         #: "host:port" as configured: in log lines, the ``target`` event and the metrics.
@@ -76,6 +77,8 @@ class TargetState:
         self._down_timer: Optional[Timer] = None
         #: Up again after a down time: the next failed connect marks it down at once.
         self._probation = False
+        #: ``leastconn``: the set's turn when a connection last tried it first (0: never).
+        self._first_at = 0
 
     @property
     def connect_failures(self) -> int:
@@ -89,7 +92,7 @@ class TargetState:
 class TargetSet(ConnectionObserver):
     """The targets of one forwarder's rule, their state, and the balance that orders them."""
 
-    __slots__ = ("rule", "label", "targets", "_timers", "_turn", "_serving", "_closed")
+    __slots__ = ("rule", "label", "targets", "_timers", "_turn", "_serving", "_retired")
 
     def __init__(self, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None,
                  failures: Optional[Dict[str, int]] = None) -> None:
@@ -105,10 +108,11 @@ class TargetSet(ConnectionObserver):
         self.targets: Tuple[TargetState, ...] = tuple(TargetState(index, each, failures)
                                                       for index, each in enumerate(addresses))
         self._timers = timers
-        self._turn = 0  # roundrobin's next start
+        self._turn = 0  # roundrobin's next start; leastconn's count of choices
         #: The target each connection counts in (while connecting to it or relaying through it).
         self._serving: Dict[Connection, TargetState] = {}
-        self._closed = False
+        #: None while the forwarder accepts; once it stops, the targets whose down time it cut short.
+        self._retired: Optional[List[TargetState]] = None
 
     @classmethod
     def for_rule(cls, rule: Rule, timers: Timers, first: Optional[RemoteAddresses] = None,
@@ -148,8 +152,11 @@ class TargetSet(ConnectionObserver):
             start = self._turn % len(up)
             self._turn = start + 1
             up = up[start:] + up[:start]
-        elif balance == "leastconn":
-            up.sort(key=lambda target: target.active)  # stable: ties in the rule's order
+        elif balance == "leastconn" and up:
+            # Ties go to the one tried first longest ago: round robin among them.
+            up.sort(key=lambda target: (target.active, target._first_at))
+            self._turn += 1
+            up[0]._first_at = self._turn
         return up + down
 
     def started(self, conn: Connection, target: TargetState) -> None:
@@ -162,10 +169,15 @@ class TargetSet(ConnectionObserver):
         """Every address of ``target`` failed for ``conn``: count it, maybe mark the target down.
         (Not for our own lack of descriptors or memory: that is no fault of the target's.)"""
         self._leave(conn)
+        self.failure(target, error)
+
+    def failure(self, target: TargetState, error: OSError) -> None:
+        """``target`` failed a client, connection or not (a UDP session's ICMP error): count it,
+        maybe mark it down (not for our own lack of descriptors or memory)."""
         if error.errno in OUT_OF_RESOURCES:
             return
         target.failures[target.name] = target.connect_failures + 1
-        if not self.rule.max_fails or not target.up:
+        if not self.rule.max_fails or not target.up or self._retired is not None:
             return
         now = time.monotonic()
         window = self.rule.fail_timeout
@@ -215,7 +227,7 @@ class TargetSet(ConnectionObserver):
         if target._down_timer is not None:
             target._down_timer.cancel()
             target._down_timer = None
-        if for_seconds is not None and not self._closed:
+        if for_seconds is not None and self._retired is None:
             target._down_timer = self._timers.call_later(for_seconds, self._down_time_over, target)
         self._log(target, reason)
 
@@ -238,13 +250,24 @@ class TargetSet(ConnectionObserver):
         log.info("%s: target %s is %s: %s", self.label, target.name, state, reason,
                  extra={"event": "target", "details": details})
 
-    def close(self) -> None:
-        """The forwarder closes: no timer of ours is left."""
-        self._closed = True
+    def retire(self) -> None:
+        """The forwarder stops accepting (a reload, a drain, its close): no timer of ours is
+        left, and no state changes or lines come from it; its open connections still count."""
+        if self._retired is not None:
+            return
+        self._retired = []
         for target in self.targets:
             if target._down_timer is not None:
                 target._down_timer.cancel()
                 target._down_timer = None
+                self._retired.append(target)
+
+    def resume(self) -> None:
+        """The forwarder accepts again (its listener given back): the down times cut short start over."""
+        retired, self._retired = self._retired or [], None
+        for target in retired:
+            if not target.up and target._down_timer is None:
+                target._down_timer = self._timers.call_later(self.rule.fail_timeout, self._down_time_over, target)
 
 
 class TargetTry:

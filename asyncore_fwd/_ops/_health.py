@@ -5,11 +5,11 @@ blocks.  A round starts at once, then every interval: each target whose
 last check has ended gets a ``_Probe``, a small dispatcher that makes a
 non-blocking connect to the target's addresses in turn and closes it as
 soon as it is made (with a reset: no TIME_WAIT piles up on either side).
-The check passes when one address answers; it fails when all refused, or
-when the rule's ``connect_timeout`` passes first.  The verdict goes to the
-``TargetSet`` (up or down, whatever the clients' failed connects said).
-Out of descriptors, a check gives no verdict: our own lack is not the
-target's fault.
+The check passes when one address answers; it fails when none did, each
+refusing or silent for the rule's ``connect_timeout`` (a timer per address,
+as for a client's connect).  The verdict goes to the ``TargetSet`` (up or
+down, whatever the clients' failed connects said).  Out of descriptors, a
+check gives no verdict: our own lack is not the target's fault.
 
 A check never reaches the forwarder's own listener: an address that leads
 back there fails the check, as it fails a client's connect (``_loopback``).
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._timers import Timer, timers_for
-from .._net import LINGER_ABORT, OUT_OF_RESOURCES, SockAddr, SocketMap, os_error, pending_error
+from .._net import LINGER_ABORT, OUT_OF_RESOURCES, SockAddr, SocketMap, bind_source, os_error, pending_error
 from .._relay._loopback import LEADS_BACK, LoopbackGuard
 from .._values._rules import Rule
 from ._balance import TargetSet, TargetState
@@ -104,7 +104,8 @@ class _Probe(Dispatcher):
         self.checks = checks
         self.target = target
         self._left: List[Tuple[int, SockAddr]] = list(target.addresses.current())
-        self._timer: Optional[Timer] = timers_for(checks._map).call_later(checks.timeout, self._timed_out)
+        #: The connect timeout of the address under way.
+        self._timer: Optional[Timer] = None
         self._ended = False
 
     # -- select() predicates --------------------------------------------
@@ -143,7 +144,15 @@ class _Probe(Dispatcher):
         """Never reads: a byte the server sends at once is left unread, and the reset drops it."""
 
     def handle_close(self) -> None:
-        self.try_next(os_error(pending_error(self.socket) or errno.ECONNREFUSED))
+        if self._ended:
+            return  # the write event of this same poll round ended the check
+        if self.connecting:
+            # A refused connect comes as a write event and a hang-up: the write
+            # event has already started the next address on a new socket, so
+            # only that socket's pending error counts (as for the Sender).
+            self.handle_connect_event()
+        else:
+            self.try_next(os_error(pending_error(self.socket) or errno.ECONNREFUSED))
 
     def handle_error(self) -> None:
         self.try_next(os_error(pending_error(self.socket) or errno.EIO))
@@ -151,7 +160,9 @@ class _Probe(Dispatcher):
     # -- helpers ----------------------------------------------------------
 
     def try_next(self, error: Optional[OSError]) -> None:
-        """Connect to the next address; the check fails with ``error`` when none is left."""
+        """Connect to the next address, for ``connect_timeout`` at most; the check fails with
+        ``error`` when none is left."""
+        self._cancel_timer()
         self._close_socket()
         while self._left and not self._ended:
             family, address = self._left.pop(0)
@@ -161,9 +172,14 @@ class _Probe(Dispatcher):
             try:
                 self.create_socket(family, socket.SOCK_STREAM)
                 _loop.check_watchable(self._map, self.socket)
+                source = self.checks.targets.rule.source
+                if source is not None:  # from where the clients' connects come: the same firewall rules
+                    bind_source(self.socket, source)
+                self._timer = timers_for(self._map).call_later(self.checks.timeout, self._timed_out)
                 self.connect(address)  # may complete at once: then handle_connect_event has run
                 return
             except OSError as failure:
+                self._cancel_timer()
                 self._close_socket()
                 if failure.errno in OUT_OF_RESOURCES:
                     self._finish(None, skipped=True)
@@ -174,7 +190,12 @@ class _Probe(Dispatcher):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._finish(os_error(errno.ETIMEDOUT, f"no answer within {self.checks.timeout:g} s"))
+        self.try_next(os_error(errno.ETIMEDOUT, f"no answer within {self.checks.timeout:g} s"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _finish(self, error: Optional[OSError], skipped: bool = False) -> None:
         if self._ended:
@@ -186,9 +207,7 @@ class _Probe(Dispatcher):
         """Close the socket and cancel the timeout."""
         self._ended = True
         self._left = []
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         self._close_socket()
 
     def _close_socket(self) -> None:

@@ -13,8 +13,10 @@ Strategy: ``parse_proxy_header`` is a pure function of the bytes read so far
 is the rule's first admission step: at accept it refuses a client outside
 the networks; then it holds the server connect and reads the client until
 the header is whole (``Connection.read_client``), so nothing reaches the
-server before it; the bytes after the header go on first
-(``queue_for_server``).  A missing, malformed, too long or truncated header
+server before it.  Each read takes no more than the header can still need
+(``header_bytes_wanted``): the few bytes after it that came with it go on
+first (``queue_for_server``), the rest stays in the socket for the relay,
+whatever the high-water mark.  A missing, malformed, too long or truncated header
 turns the client away (``Connection.turn_away``): a reset and a rate-limited
 refusal line, never more.  A rule without ``accept_proxy`` has no such step.
 
@@ -40,7 +42,7 @@ from ._access import client_ip
 from ._proxy import V2_SIGNATURE, ProxyHeader
 
 __all__ = ["V1_MAX_LENGTH", "V2_MAX_BODY", "ProxyAccept", "ProxyHeaderError", "ReceivedHeader",
-           "parse_proxy_header"]
+           "header_bytes_wanted", "parse_proxy_header"]
 
 log = logging.getLogger("asyncore_fwd")
 
@@ -87,6 +89,19 @@ def parse_proxy_header(data: bytes) -> Optional[ReceivedHeader]:
     if not _V1_PREFIX.startswith(data[:len(_V1_PREFIX)]):
         raise ProxyHeaderError("not a PROXY header")
     return _parse_v1(data)
+
+
+def header_bytes_wanted(data: bytes) -> int:
+    """The most bytes a header that ``data`` begins can still need (at least 1): a v2 header's
+    exact length once its fixed part is read, up to the longest v1 line otherwise."""
+    if not data:
+        return _V2_FIXED  # either version's header is that long at least (v1: but for one byte)
+    if data[:1] == V2_SIGNATURE[:1]:
+        if len(data) < _V2_FIXED:
+            return _V2_FIXED - len(data)
+        length = min(struct.unpack_from("!H", data, _V2_FIXED - 2)[0], V2_MAX_BODY)
+        return max(1, _V2_FIXED + length - len(data))
+    return max(1, V1_MAX_LENGTH - len(data))
 
 
 def _parse_v1(data: bytes) -> Optional[ReceivedHeader]:
@@ -205,7 +220,7 @@ class ProxyAccept(AdmissionStep):
             if header is not None:
                 self._take(conn, header, bytes(read[header.length:]))
 
-        conn.read_client(received)
+        conn.read_client(received, lambda: header_bytes_wanted(bytes(read)))
         return False
 
     def _take(self, conn: Connection, header: ReceivedHeader, rest: bytes) -> None:

@@ -28,13 +28,21 @@ from typing import Any, Dict, Iterable
 from .._net import format_address
 from .._relay._connection import Connection, ConnectionObserver
 
-__all__ = ["COUNTERS", "RuleStats", "close_details", "format_close", "log_close"]
+__all__ = ["COUNTERS", "DATAGRAM_COUNTERS", "DROP_REASONS", "RuleStats", "close_details", "format_close",
+           "log_close"]
 
 log = logging.getLogger("asyncore_fwd")
 
 #: The keys of a snapshot, in the order they are reported.
 COUNTERS = ("active", "accepted", "refused_acl", "refused_limit", "failed_connects",
             "bytes_to_server", "bytes_to_client")
+#: Why a UDP rule drops a datagram: refused by the allow/deny lists, over a session limit, a socket that
+#: could not take it now (EAGAIN), out of descriptors for a new session, another send error, or a
+#: client with no session while the rule drains.
+DROP_REASONS = ("acl", "limit", "full", "resources", "error", "draining")
+#: The keys a UDP rule's snapshot has after ``COUNTERS``.
+DATAGRAM_COUNTERS = ("datagrams_to_server", "datagrams_to_client") + tuple(f"dropped_{reason}"
+                                                                           for reason in DROP_REASONS)
 
 
 class RuleStats(ConnectionObserver):
@@ -44,7 +52,8 @@ class RuleStats(ConnectionObserver):
     """
 
     __slots__ = ("accepted", "refused_acl", "refused_limit", "failed_connects", "bytes_to_server",
-                 "bytes_to_client", "target_failures")
+                 "bytes_to_client", "target_failures", "datagram_rule", "datagrams_to_server",
+                 "datagrams_to_client", "drops")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -56,6 +65,13 @@ class RuleStats(ConnectionObserver):
         self.bytes_to_client = 0
         #: Failed connects per target name, for a rule with several targets (kept by ``_balance``).
         self.target_failures: Dict[str, int] = {}
+        #: Set by a UDP rule's listener: its snapshot has the ``DATAGRAM_COUNTERS`` too (from then on,
+        #: a reload to TCP included, so that no counter disappears).
+        self.datagram_rule = False
+        #: Datagrams of the UDP sessions that have closed, and the datagrams dropped, by reason.
+        self.datagrams_to_server = 0
+        self.datagrams_to_client = 0
+        self.drops: Dict[str, int] = {}
 
     def opened(self, conn: Connection) -> None:
         """A client was accepted."""
@@ -75,18 +91,35 @@ class RuleStats(ConnectionObserver):
         self.bytes_to_client += conn.bytes_to_client
         if conn.connect_failed:
             self.failed_connects += 1
+        if self.datagram_rule:
+            self.datagrams_to_server += getattr(conn, "datagrams_to_server", 0)  # (a TCP one's, after a reload: 0)
+            self.datagrams_to_client += getattr(conn, "datagrams_to_client", 0)
+
+    def dropped(self, reason: str) -> None:
+        """A UDP rule dropped a datagram (``DROP_REASONS``)."""
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     def snapshot(self, live: Iterable[Connection]) -> Dict[str, int]:
-        """The counters now, with the bytes the ``live`` connections have moved so far."""
+        """The counters now, with the bytes the ``live`` connections have moved so far
+        (and, for a UDP rule, the datagrams: ``DATAGRAM_COUNTERS`` after ``COUNTERS``)."""
+        live = list(live)
         active = to_server = to_client = 0
         for conn in live:
             active += 1
             to_server += conn.bytes_to_server
             to_client += conn.bytes_to_client
-        return {"active": active, "accepted": self.accepted, "refused_acl": self.refused_acl,
-                "refused_limit": self.refused_limit, "failed_connects": self.failed_connects,
-                "bytes_to_server": self.bytes_to_server + to_server,
-                "bytes_to_client": self.bytes_to_client + to_client}
+        counters = {"active": active, "accepted": self.accepted, "refused_acl": self.refused_acl,
+                    "refused_limit": self.refused_limit, "failed_connects": self.failed_connects,
+                    "bytes_to_server": self.bytes_to_server + to_server,
+                    "bytes_to_client": self.bytes_to_client + to_client}
+        if self.datagram_rule:
+            counters["datagrams_to_server"] = self.datagrams_to_server + sum(
+                getattr(conn, "datagrams_to_server", 0) for conn in live)
+            counters["datagrams_to_client"] = self.datagrams_to_client + sum(
+                getattr(conn, "datagrams_to_client", 0) for conn in live)
+            for reason in DROP_REASONS:
+                counters[f"dropped_{reason}"] = self.drops.get(reason, 0)
+        return counters
 
 
 def close_details(conn: Connection, label: str) -> Dict[str, Any]:

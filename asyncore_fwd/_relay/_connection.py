@@ -318,22 +318,26 @@ class Connection:
         self.forwarder.client_refused(self.client_address, reason)
         self.close_early(reason)
 
-    def read_client(self, received: Optional[Callable[[bytes], None]]) -> None:
+    def read_client(self, received: Optional[Callable[[bytes], None]],
+                    wanted: Optional[Callable[[], int]] = None) -> None:
         """While a step holds the connect: hand what the client sends to ``received(data)``
         (b"" at EOF) instead of queuing it for the server; None, or ``let_go()``, ends it.
 
         What ``received`` does not keep, it passes on with ``queue_for_server``.
+        ``wanted()``, if given, is the most each read takes (a few KiB if not):
+        what the step does not need stays in the socket, for the relay.
         """
         self._reading_client = received is not None
-        self.receiver.divert_reads(received)
+        self.receiver.divert_reads(received, wanted)
 
     def queue_for_server(self, data: bytes) -> None:
         """Send ``data`` to the server ahead of anything the client sends (a PROXY header).
 
         Only before the pair relays: from an observer's ``opened``, the
         ``connection_opened`` hook, or an admission step.  Copy and splice
-        relays alike (with splice, no more than the kernel pipe holds, 64 KiB
-        by default: ValueError beyond); the bytes count in ``bytes_to_server``.
+        relays alike, whatever the high-water mark (with splice, no more than
+        the kernel pipe holds, a page at least: ValueError beyond); the bytes
+        count in ``bytes_to_server``.
         """
         if self.established or self.closed:
             raise RuntimeError(f"{self!r}: bytes go to the server ahead of the client's only before it relays")

@@ -39,8 +39,8 @@ __all__ = ["Receiver"]
 
 log = logging.getLogger("asyncore_fwd")
 
-#: The most a diverted read takes at once (``divert_reads``): a header's worth.  What the
-#: taker passes on to the peer then stays small next to any high-water mark.
+#: The most a diverted read takes at once (``divert_reads``) when its taker does not say:
+#: a header's worth.  What the taker passes on to the peer then stays small.
 DIVERTED_READ = 4096
 
 
@@ -216,9 +216,11 @@ class _Pipe(Dispatcher):
         sent, and counted in ``bytes_sent``, once this side is connected."""
         self.outgoing += data
 
-    def divert_reads(self, received: Optional[Callable[[bytes], None]]) -> None:
+    def divert_reads(self, received: Optional[Callable[[bytes], None]],
+                     wanted: Optional[Callable[[], int]] = None) -> None:
         """Hand what this socket reads to ``received(data)`` (b"" at EOF) instead of the peer,
-        whether the pair relays or not; None gives the reads back.
+        whether the pair relays or not; None gives the reads back.  ``wanted()``, if given,
+        is the most each read takes (the rest stays in the socket); else ``DIVERTED_READ``.
 
         For a step that reads the client before the server connect: like a
         toxic, it takes the place of two methods of this side only.
@@ -227,7 +229,7 @@ class _Pipe(Dispatcher):
             self._diverted.give_back()
             del self._diverted
         if received is not None:
-            self._diverted = _Diverted(self, received)
+            self._diverted = _Diverted(self, received, wanted)
         _loop.channel_changed(self)
 
     def shutdown_write(self) -> None:
@@ -286,8 +288,9 @@ class _Pipe(Dispatcher):
 class _Diverted:
     """The reads of one side, taken for someone else (see ``_Pipe.divert_reads``)."""
 
-    def __init__(self, side: _Pipe, received: Callable[[bytes], None]) -> None:
-        self.side, self.received, self.ended = side, received, False
+    def __init__(self, side: _Pipe, received: Callable[[bytes], None],
+                 wanted: Optional[Callable[[], int]] = None) -> None:
+        self.side, self.received, self.wanted, self.ended = side, received, wanted, False
         self.installed: Dict[str, Any] = {"readable": self.readable, "handle_read": self.handle_read}
         # What it replaces may be another taker's (a toxic's): put that back after.
         self.replaced = {name: side.__dict__[name] for name in self.installed if name in side.__dict__}
@@ -309,8 +312,9 @@ class _Diverted:
         if not self.readable():
             return
         scratch = side.conn.forwarder.scratch
+        most = DIVERTED_READ if self.wanted is None else max(1, self.wanted())
         try:
-            count = side.socket.recv_into(scratch, min(DIVERTED_READ, len(scratch)))
+            count = side.socket.recv_into(scratch, min(most, len(scratch)))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:

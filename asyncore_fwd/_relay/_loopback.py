@@ -76,7 +76,7 @@ class LoopbackGuard:
         self._reuse_port = reuse_port
         #: Our own connects to the listener's port, by their (host, port).
         self.own_ends: Dict[End, _OwnConnect] = {}
-        self._end_of: Dict[_OwnConnect, End] = {}
+        self._end_of: Dict[_OwnConnect, Optional[End]] = {}
         #: Connects of ours that led back here and were given up, by (their end, ours),
         #: with the time: reset when they come out of the backlog.
         self.turned_back: Dict[Tuple[End, End], float] = {}
@@ -114,9 +114,17 @@ class LoopbackGuard:
 
     # -- the Sender's side ---------------------------------------------------
 
-    def connecting(self, connect: _OwnConnect, address: SockAddr) -> None:
-        """``connect`` has started to ``address``: note its end if that may be this listener."""
-        if address[1] == self._listening.address[1]:
+    def connecting(self, connect: _OwnConnect, address: SockAddr) -> bool:
+        """``connect`` is about to start to ``address``: True if that may be this listener
+        (then ``started()`` notes its end once it has one)."""
+        if address[1] != self._listening.address[1]:
+            return False
+        self._end_of[connect] = None  # (``connected()`` may come inside connect())
+        return True
+
+    def started(self, connect: _OwnConnect) -> None:
+        """``connect``, to this listener's port, has started: note its end, for the accept."""
+        if connect in self._end_of:  # (not if it completed at once and was given up)
             end = end_key(connect.socket.getsockname())
             self.own_ends[end], self._end_of[connect] = connect, end
 

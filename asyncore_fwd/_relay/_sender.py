@@ -147,11 +147,16 @@ class Sender(_Pipe):
                     set_keepalive(self.socket, rule.tcp_keepalive)
                 self._connect_timer = timers_for(self._map).call_later(
                     self.conn.rule.connect_timeout, self._connect_timed_out)
-                self.connect(address)
+                # Before connect(): one that completes at once (a loopback connect on
+                # BSD and macOS) runs handle_connect_event inside it.
                 self._target = target
-                self.conn.forwarder.loopback.connecting(self, address)  # maybe to this very forwarder
+                may_lead_back = self.conn.forwarder.loopback.connecting(self, address)
+                self.connect(address)
+                if may_lead_back:  # maybe to this very forwarder: note our end, now that it has one
+                    self.conn.forwarder.loopback.started(self)
                 return
             except OSError as failure:
+                self.conn.forwarder.loopback.forget(self)
                 self._cancel_connect_timer()
                 if failure.errno in OUT_OF_RESOURCES:
                     self.conn.forwarder.pause_accepting(failure)

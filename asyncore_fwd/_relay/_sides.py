@@ -38,9 +38,10 @@ class Side(Protocol):
     def queue_first(self, data: bytes) -> None:
         """Queue ``data`` to send before anything the peer reads (the pair does not relay yet)."""
 
-    def divert_reads(self, received: Optional[Callable[[bytes], None]]) -> None:
-        """Hand what this side reads to ``received(data)`` (b"" at EOF) instead of its peer;
-        None gives the reads back."""
+    def divert_reads(self, received: Optional[Callable[[bytes], None]],
+                     wanted: Optional[Callable[[], int]] = None) -> None:
+        """Hand what this side reads to ``received(data)`` (b"" at EOF) instead of its peer,
+        each read ``wanted()`` bytes at most; None gives the reads back."""
 
     def reset_on_close(self) -> None: ...
 

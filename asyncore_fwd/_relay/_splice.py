@@ -41,7 +41,7 @@ MAX_PIPE_SIZE = 1 << 30
 class KernelPipe:
     """A kernel pipe holding the bytes on their way to one socket; ``len()`` is how many."""
 
-    __slots__ = ("read_fd", "write_fd", "queued", "capacity", "blocked")
+    __slots__ = ("read_fd", "write_fd", "queued", "capacity", "size", "blocked")
 
     def __init__(self, capacity: int) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -54,6 +54,8 @@ class KernelPipe:
         except OSError:  # over the system's limit: keep the pipe as it is
             size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
         self.capacity = min(capacity, size)
+        #: What the kernel's pipe holds (a page at least): ``push`` may fill it past ``capacity``.
+        self.size = size
         #: Set when the pipe took nothing more though it holds less than its
         #: capacity (the kernel counts pipe slots, not bytes: many small
         #: segments fill it early); cleared as soon as it drains a little.
@@ -77,9 +79,10 @@ class KernelPipe:
         return moved
 
     def push(self, data: bytes) -> None:
-        """Write a few bytes into the pipe now; ValueError if they do not fit."""
-        if self.queued + len(data) > self.capacity:
-            raise ValueError(f"{len(data)} bytes do not fit in a pipe of {self.capacity} holding {self.queued}")
+        """Write a few bytes into the pipe now, past ``capacity`` if need be (nothing more is
+        read into it until it drains below); ValueError if the kernel's pipe cannot hold them."""
+        if self.queued + len(data) > self.size:
+            raise ValueError(f"{len(data)} bytes do not fit in a pipe of {self.size} holding {self.queued}")
         view = memoryview(data)
         while view:  # (a pipe with room takes all at once; should it take less, write the rest)
             written = os.write(self.write_fd, view)

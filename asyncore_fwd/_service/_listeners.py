@@ -13,6 +13,7 @@ import socket
 from typing import Any, Collection, Optional, Protocol, Sequence, Tuple
 
 from .._listener._forwarder import Forwarder
+from .._listener._udp import DatagramListener, give_back
 from .._net import SocketMap
 from .._ops._balance import TargetSet
 from .._ops._stats import RuleStats
@@ -52,7 +53,7 @@ class Listener(Protocol):
 
     @property
     def connections(self) -> Collection[Any]:
-        """The live connections (``Connection``): drained, counted and cut by the service."""
+        """The live connections (``Connection``; a UDP rule's sessions): drained, counted and cut by the service."""
         ...
 
     def stop_accepting(self) -> None:
@@ -78,14 +79,26 @@ def listener_for(rule: Rule, map: SocketMap, *, scratch: memoryview, toxics: Seq
     ``listener`` (from ``release_listener``) continue a predecessor's counters
     and port, as a reload that changes a rule does.
     """
-    fwd = Forwarder.from_rule(rule, map, scratch=scratch, stats=stats, listener=listener)
-    try:
-        for toxic, direction in toxics:
-            fwd.add_toxic(toxic, direction)
-    except BaseException:  # e.g. toxics on a splice rule: leave no listener behind
-        if listener is not None:
-            fwd.release_listener()  # still the caller's, to serve the old rule
-        else:
-            fwd.close()
-        raise
-    return fwd
+    wanted = socket.SOCK_DGRAM if rule.proto == "udp" else socket.SOCK_STREAM
+    handed_over = listener
+    if listener is not None and listener.type != wanted:
+        listener = None  # the other kind of socket: bind our own, and let that one go once we listen
+    if rule.proto == "udp":
+        if toxics:
+            raise ValueError(f"{rule.label}: toxics act on TCP connections, not on a UDP rule's datagrams")
+        new: Listener = DatagramListener(rule, map, scratch=scratch, stats=stats, listener=listener)
+    else:
+        fwd = Forwarder.from_rule(rule, map, scratch=scratch, stats=stats, listener=listener)
+        try:
+            for toxic, direction in toxics:
+                fwd.add_toxic(toxic, direction)
+        except BaseException:  # e.g. toxics on a splice rule: leave no listener behind
+            if listener is not None:
+                fwd.release_listener()  # still the caller's, to serve the old rule
+            else:
+                fwd.close()
+            raise
+        new = fwd
+    if handed_over is not None and listener is None and not give_back(handed_over):
+        handed_over.close()  # a TCP listener's, whose rule is UDP now
+    return new

@@ -35,6 +35,7 @@ from .._eventloop._timers import Timer, timers_for
 from .._listener._forwarder import ACCEPT_PAUSE
 from .._net import OUT_OF_RESOURCES, SockAddr, SocketMap, describe_error, format_address, listen_address, tune
 from .._ops._access import RefusalLog, is_loopback
+from .._ops._stats import DROP_REASONS
 
 __all__ = ["MetricsServer", "StatsSource", "render_prometheus"]
 
@@ -91,6 +92,18 @@ _TARGET_METRICS: List[Tuple[str, str, str, str]] = [
 ]
 
 
+# The same for each UDP rule only (a TCP rule's output is as it was): datagrams each way, and those dropped
+# by reason (labels rule and reason).
+_DATAGRAM_METRICS: List[Tuple[str, str, str, str]] = [
+    ("datagrams_to_server", "asyncore_fwd_datagrams_to_server_total", "counter",
+     "Datagrams relayed from clients to servers (UDP rules)."),
+    ("datagrams_to_client", "asyncore_fwd_datagrams_to_client_total", "counter",
+     "Datagrams relayed from servers to clients (UDP rules)."),
+]
+_DROPPED = ("asyncore_fwd_datagrams_dropped_total", "counter",
+            "Datagrams dropped (UDP rules), by reason: " + ", ".join(DROP_REASONS) + ".")
+
+
 def escape_label(value: str) -> str:
     """A label value as the text format writes it: backslash, quote and newline escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -105,6 +118,20 @@ def render_prometheus(service: StatsSource) -> str:
         lines.append(f"# TYPE {name} {kind}")
         for label, counters in stats.items():
             lines.append(f'{name}{{rule="{escape_label(label)}"}} {counters[key]}')
+    datagram_rules = {label: counters for label, counters in stats.items() if "datagrams_to_server" in counters}
+    for key, name, kind, help_text in _DATAGRAM_METRICS if datagram_rules else ():
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for label, counters in datagram_rules.items():
+            lines.append(f'{name}{{rule="{escape_label(label)}"}} {counters[key]}')
+    if datagram_rules:
+        name, kind, help_text = _DROPPED
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for label, counters in datagram_rules.items():
+            for reason in DROP_REASONS:
+                lines.append(f'{name}{{rule="{escape_label(label)}",reason="{reason}"}} '
+                             f'{counters.get(f"dropped_{reason}", 0)}')
     targets = service.target_stats()
     for key, name, kind, help_text in _TARGET_METRICS if targets else ():
         lines.append(f"# HELP {name} {help_text}")

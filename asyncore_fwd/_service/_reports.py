@@ -26,7 +26,7 @@ from .._eventloop._dispatcher import Dispatcher
 from .._eventloop._timers import Timer, timers_for
 from .._net import SocketMap, describe_error
 from .._ops._balance import TARGET_COUNTERS
-from .._ops._stats import COUNTERS
+from .._ops._stats import COUNTERS, DATAGRAM_COUNTERS
 from ._metrics import StatsSource
 
 __all__ = ["REPORT_INTERVAL", "StatsReporter", "WorkerStats"]
@@ -39,6 +39,12 @@ REPORT_INTERVAL = 1.0
 FINAL_REPORT_WAIT = 2.0
 #: The largest report read (a datagram is read whole or cut).
 MAX_REPORT = 1 << 20
+
+
+def _counters(reported: Dict[str, Any]) -> Dict[str, int]:
+    """A rule's counters in a report: ``COUNTERS``, and a UDP rule's ``DATAGRAM_COUNTERS`` when it has them."""
+    keys = COUNTERS + DATAGRAM_COUNTERS if "datagrams_to_server" in reported else COUNTERS
+    return {key: int(reported.get(key, 0)) for key in keys}
 
 
 class WorkerStats:
@@ -77,8 +83,7 @@ class WorkerStats:
         try:
             report = json.loads(data)
             pid = int(report["pid"])
-            stats = {str(label): {key: int(counters.get(key, 0)) for key in COUNTERS}
-                     for label, counters in report["stats"].items()}
+            stats = {str(label): _counters(counters) for label, counters in report["stats"].items()}
             targets = {str(label): {str(name): {key: int(counters.get(key, 0)) for key in TARGET_COUNTERS}
                                     for name, counters in per_target.items()}
                        for label, per_target in report.get("targets", {}).items()}
@@ -94,9 +99,9 @@ class WorkerStats:
             self._reader.handle_read()
         for label, counters in self.latest.pop(pid, {}).items():
             retired = self.retired.setdefault(label, dict.fromkeys(COUNTERS, 0))
-            for key in COUNTERS:
+            for key in counters:
                 if key != "active":
-                    retired[key] += counters[key]
+                    retired[key] = retired.get(key, 0) + counters[key]
         for label, per_target in self.latest_targets.pop(pid, {}).items():
             retired_failures = self.retired_targets.setdefault(label, {})
             for name, counters in per_target.items():
@@ -108,8 +113,8 @@ class WorkerStats:
         for report in list(self.latest.values()):
             for label, counters in report.items():
                 total = totals.setdefault(label, dict.fromkeys(COUNTERS, 0))
-                for key in COUNTERS:
-                    total[key] += counters[key]
+                for key in counters:
+                    total[key] = total.get(key, 0) + counters[key]
         return totals
 
     def target_stats(self) -> Dict[str, Dict[str, Dict[str, int]]]:

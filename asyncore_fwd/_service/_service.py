@@ -37,7 +37,6 @@ from .._eventloop._runner import STOPPED, LoopRunner
 from .._eventloop._timers import forget
 from .._net import SocketMap, describe_error, format_address
 from .._ops._balance import TARGET_COUNTERS
-from .._ops._stats import COUNTERS
 from .._relay._connection import cut
 from .._values._rules import DEFAULT_READ_SIZE, Rule
 from ..toxics import Toxic
@@ -205,7 +204,7 @@ class Service:
         rule with several: for SIGUSR1."""
         targets = self.target_stats()
         for label, counters in self.stats().items():
-            text = " ".join(f"{key}={counters[key]}" for key in COUNTERS)
+            text = " ".join(f"{key}={value}" for key, value in counters.items())  # COUNTERS, then a UDP rule's
             log.info("%s: %s", label, text, extra={"event": "stats", "details": {"rule": label, **counters}})
             for target, target_counters in targets.get(label, {}).items():
                 text = " ".join(f"{key}={target_counters[key]}" for key in TARGET_COUNTERS)

@@ -34,6 +34,7 @@ import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .._net import format_address
 from ._parse import (
     BadValue,
     format_size,
@@ -51,8 +52,10 @@ from ._rules import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HIGH_WATER,
     MAX_KEEPALIVE,
+    PROTOS,
     PROXY_VERSIONS,
     Rule,
+    repeated_target,
 )
 
 if sys.version_info >= (3, 11):
@@ -112,6 +115,12 @@ def _proxy_version(value: object) -> Optional[str]:
     raise BadValue('expected "v1", "v2" or "none"')
 
 
+def _proto(value: object) -> str:
+    if isinstance(value, str) and value in PROTOS:
+        return value
+    raise BadValue('expected "tcp" or "udp"')
+
+
 def _balance(value: object) -> str:
     if isinstance(value, str) and value in BALANCES:
         return value
@@ -138,6 +147,7 @@ _PARSERS: Dict[str, Callable[[object], Any]] = {
     "fail_timeout": parse_seconds,
     "health_check_interval": lambda value: parse_seconds(value, zero_ok=True),
     "accept_proxy": _network,
+    "proto": _proto,
     "source": lambda value: None if value == "none" else parse_ip_address(value),  # "none": unset [defaults]'s
     "tcp_keepalive": lambda value: parse_seconds(value, zero_ok=True, highest=MAX_KEEPALIVE),
 }
@@ -185,6 +195,9 @@ def _make_rule(settings: Mapping[str, Any], base: Mapping[str, Any]) -> Rule:
     for key in ("listen", "connect"):
         if key not in settings:
             raise ConfigError(f'{key}: missing (expected "host:port")')
+    repeated = repeated_target(settings["connect"])  # (with -L, the list is whole only now)
+    if repeated is not None:
+        raise ConfigError(f"connect: {show_value(format_address(repeated))} is listed twice (each target once)")
     fields = dict(base)
     for key, value in settings.items():
         if key == "listen":
@@ -350,13 +363,14 @@ def load_config(path: str, base: Optional[Mapping[str, Any]] = None) -> List[Rul
 
 
 def check_unique(rules: Sequence[Rule], places: Sequence[str]) -> None:
-    """ConfigError if two rules share a name or a listen address (``places[i]`` names rule i).
+    """ConfigError if two rules share a name or a listen address and proto (``places[i]`` names rule i).
 
     Rules on port 0 may share an address (each gets its own free port), but
     then they need names: a rule without one is known by where it listens.
+    A TCP and a UDP rule may listen on one address (their ports are apart).
     """
     names: Dict[str, int] = {}
-    listens: Dict[Tuple[str, int], int] = {}
+    listens: Dict[Tuple[str, str, int], int] = {}
     for index, rule in enumerate(rules):
         if not rule.name and not rule.local_port and rule.label in names:
             raise ConfigError(f"{places[index]}: name: missing, and {show_value(rule.listen)} is already where "
@@ -368,7 +382,7 @@ def check_unique(rules: Sequence[Rule], places: Sequence[str]) -> None:
                 raise ConfigError(f"{places[index]}: name: {show_value(rule.name)} is already the name of "
                                   f"{_strip_file(places[names[rule.name]])}")
             names[rule.name] = index
-        where = (rule.local_host, rule.local_port)
+        where = (rule.proto, rule.local_host, rule.local_port)
         if rule.local_port:  # port 0: each rule gets its own free port
             if where in listens:
                 raise ConfigError(f"{places[index]}: listen: {show_value(rule.listen)} is already where "
@@ -407,6 +421,7 @@ def describe_rule(rule: Rule) -> str:
         "fail_timeout": f"{rule.fail_timeout:g}",
         "health_check_interval": f"{rule.health_check_interval:g}",
         "accept_proxy": networks(rule.accept_proxy, "none"),
+        "proto": rule.proto,
         "source": rule.source or "none",
         "tcp_keepalive": f"{rule.tcp_keepalive:g}",
     }

@@ -19,8 +19,8 @@ from ._parse import is_integer, is_seconds, parse_ip_address
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 __all__ = ["BALANCES", "DEFAULT_BACKLOG", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_FAIL_TIMEOUT", "DEFAULT_HIGH_WATER",
-           "DEFAULT_READ_SIZE", "KiB", "MAX_KEEPALIVE", "PROXY_VERSIONS", "Rule", "check_source_family",
-           "source_ip"]
+           "DEFAULT_READ_SIZE", "DEFAULT_UDP_IDLE_TIMEOUT", "KiB", "MAX_KEEPALIVE", "PROTOS", "PROXY_VERSIONS", "Rule",
+           "check_source_family", "repeated_target", "source_ip"]
 
 KiB = 1024
 #: Stop reading from a side while this many bytes wait for the other side.
@@ -43,6 +43,10 @@ BALANCES = ("first", "roundrobin", "leastconn")
 DEFAULT_FAIL_TIMEOUT = 10.0
 #: The longest keepalive idle time, in seconds: Linux refuses a TCP_KEEPIDLE above it.
 MAX_KEEPALIVE = 32767
+#: What a rule forwards: TCP connections, or UDP datagrams (per client, a session).
+PROTOS = ("tcp", "udp")
+#: A UDP rule's ``idle_timeout`` when it is 0 (or not given): a session must always end, as UDP has no close.
+DEFAULT_UDP_IDLE_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class Rule:
     #: Keepalive probes on both sockets after this many seconds without a byte (0 = off); a
     #: fraction rounds up to whole seconds, as the kernel counts them.
     tcp_keepalive: float = 0
+    #: "tcp" (connections) or "udp" (datagrams, one session per client address: see ``_udp_checks``).
+    proto: str = "tcp"
 
     def __post_init__(self) -> None:
         for name in ("local_host", "remote_host"):
@@ -134,6 +140,9 @@ class Rule:
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
             raise ValueError(f"send_proxy must be 'v1', 'v2' or None, not {self.send_proxy!r}")
         object.__setattr__(self, "targets", _targets(self.targets))
+        repeated = repeated_target(self.all_targets)
+        if repeated is not None:
+            raise ValueError(f"targets must each be listed once: {format_address(repeated)} is listed twice")
         if not isinstance(self.balance, str) or self.balance not in BALANCES:
             raise ValueError(f"balance must be 'first', 'roundrobin' or 'leastconn', not {self.balance!r}")
         if not is_integer(self.max_fails, 0):
@@ -156,6 +165,31 @@ class Rule:
             raise ValueError("reuse_port=True needs SO_REUSEPORT, which this platform does not have")
         if self.splice and not SPLICE_AVAILABLE:
             raise ValueError("splice=True needs os.splice(), which this platform does not have")
+        if not isinstance(self.proto, str) or self.proto not in PROTOS:
+            raise ValueError(f"proto must be 'tcp' or 'udp', not {self.proto!r}")
+        if self.proto == "udp":
+            self._udp_checks()
+
+    def _udp_checks(self) -> None:
+        """A UDP rule: ValueError naming a key that means nothing for datagrams; its idle_timeout
+        of 0 (the default) is ``DEFAULT_UDP_IDLE_TIMEOUT``, since a session has no other end.
+
+        backlog, connect_timeout, high_water and read_size are left as they are and not used
+        (a datagram is read whole, up to 65535 bytes; a UDP connect does not wait).
+        """
+        why = {"send_proxy": "a UDP rule sends no PROXY header" if self.send_proxy is not None else None,
+               "accept_proxy": "a UDP rule reads no PROXY header" if self.accept_proxy else None,
+               "half_closed_timeout": "a UDP session has no half-close" if self.half_closed_timeout else None,
+               "tcp_keepalive": "a UDP socket has no keepalive" if self.tcp_keepalive else None,
+               "splice (--splice)": "datagrams are relayed whole, not spliced" if self.splice else None,
+               "health_check_interval": ("the active checks are TCP connects; a UDP rule's targets are judged by "
+                                         "the ICMP errors of their sessions (max_fails, fail_timeout)")
+               if self.health_check_interval else None}
+        for key, reason in why.items():
+            if reason is not None:
+                raise ValueError(f"{key}: not for a UDP rule (proto=udp): {reason}")
+        if not self.idle_timeout:
+            object.__setattr__(self, "idle_timeout", DEFAULT_UDP_IDLE_TIMEOUT)
 
     @property
     def remote(self) -> str:
@@ -179,8 +213,9 @@ class Rule:
 
     @property
     def label(self) -> str:
-        """The rule's name, or where it listens if it has none."""
-        return self.name or self.listen
+        """The rule's name, or where it listens if it has none (a UDP rule's with "/udp" after it:
+        a TCP and a UDP rule may listen on one port, as DNS does)."""
+        return self.name or (f"{self.listen}/udp" if self.proto == "udp" else self.listen)
 
 
 def _targets(value: Any) -> Tuple[Tuple[str, int], ...]:
@@ -217,6 +252,21 @@ def check_source_family(source: str, hosts: Iterable[str]) -> None:
         if version != source_version:
             raise ValueError(f"source {source} is IPv{source_version} but the target {host} is IPv{version}: "
                              f"a connect needs both of one family")
+
+
+def repeated_target(targets: Iterable[Tuple[str, int]]) -> Optional[Tuple[str, int]]:
+    """The first of ``targets`` that repeats an earlier one, or None.  The same host spelt
+    otherwise is the same (a name's case, an IP's form): its counters would merge."""
+    seen = set()
+    for host, port in targets:
+        try:
+            same = str(ipaddress.ip_address(host))
+        except ValueError:
+            same = host.lower().rstrip(".")
+        if (same, port) in seen:
+            return host, port
+        seen.add((same, port))
+    return None
 
 
 def _network(key: str, value: Any) -> Network:

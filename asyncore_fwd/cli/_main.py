@@ -46,6 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--workers above 1 needs SO_REUSEPORT and fork(), which this platform lacks")
     if args.toxic and args.splice:
         parser.error("--toxic needs the copy relay: with --splice the bytes never enter Python")
+    udp_rules = [rule.label for rule in rules if rule.proto == "udp"]
+    if args.toxic and udp_rules:
+        return _config_error(ConfigError(f"--toxic: toxics act on TCP connections, not on a UDP rule's "
+                                         f"datagrams (proto=udp: {', '.join(udp_rules)})"))
     if args.check_config:
         try:
             _try_start(args, rules)
@@ -60,12 +64,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _pidfile.check(args.pidfile)  # before binding: "running already" rather than "address in use"
         except OSError as error:
             return fail(error)
-    if args.trace:
-        from .. import trace
-        trace.enable(sys.stderr)
-    if args.workers > 1:
-        return run_workers(args, rules, forward_rules)
-    return serve(args, rules, lambda: load_rules(args, forward_rules), pidfile=args.pidfile)
+    if not args.trace:
+        if args.workers > 1:
+            return run_workers(args, rules, forward_rules)
+        return serve(args, rules, lambda: load_rules(args, forward_rules), pidfile=args.pidfile)
+    from .. import trace
+    trace.enable(sys.stderr, format=args.trace_format, times=args.trace_times, summary=True,
+                 only=args.trace_filter)
+    try:
+        if args.workers > 1:
+            return run_workers(args, rules, forward_rules)
+        return serve(args, rules, lambda: load_rules(args, forward_rules), pidfile=args.pidfile)
+    finally:
+        trace.disable()  # the summary, at the end
 
 
 def _try_start(args: argparse.Namespace, rules: Sequence[Rule]) -> None:

@@ -91,6 +91,16 @@ def _toxic(text: str) -> Tuple[Any, str]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _trace_filter(text: str) -> str:
+    """An argparse type: a trace filter, checked now, kept as written."""
+    from ..trace._filter import parse_filter
+    try:
+        parse_filter(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _path(text: str) -> str:
     """A file name for --pidfile: "" would quietly mean no pid file at all."""
     if not text:
@@ -189,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--trace", action="store_true",
                          help="write a line to stderr for every loop round and every handler call "
                               "(slow: for learning and debugging)")
+    process.add_argument("--trace-format", choices=("text", "jsonl"), default="text",
+                         help="with --trace: lines of text, or one JSON object per event, for the trace viewer "
+                              "(default: text)")
+    process.add_argument("--trace-times", action="store_true",
+                         help="with --trace: begin each text line with its time offset, +SECONDS")
+    process.add_argument("--trace-filter", type=_trace_filter, metavar="TERMS",
+                         help="with --trace: only these dispatchers, comma-separated: NAME (a class), NAME#N, "
+                              "fdN, no-listener; e.g. Receiver#1,fd8")
     logs = parser.add_argument_group("logs (to stderr)")
     logs.add_argument("--log-format", choices=("text", "json"), default="text",
                       help="text: time level message; json: one JSON object per line (default: text)")

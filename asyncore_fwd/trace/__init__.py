@@ -57,19 +57,35 @@ For asyncore_fwd's own dispatchers a False ``readable()``/``writable()`` says
 why in brackets, and ``handle_read()``/``handle_write()`` say what they did:
 ``read 18B``, ``sent 18B``, ``EOF`` (this side read the end of its stream),
 ``EOF passed on`` (to the other side, with ``shutdown()``), ``pair closed``.
-Other dispatchers (the article's, yours) get the bare calls.  The kernel's
+Other dispatchers (the article's, yours) get the bare calls, and a line
+for each read or write of their socket, under the handler that made it:
+``recv(4096) -> read 18B``, ``-> EOF``, ``-> reset``, ``send(18B) -> sent 18B``.  The kernel's
 answer lists each ready descriptor with its events: ``r`` readable, ``w``
 writable, ``x`` urgent data (or an error, for select), ``hup`` hung up,
 ``err`` error.  In round 5 the server's reply, its EOF and the hang-up come
 together: asyncore calls ``handle_read()`` for the data, then
 ``handle_close()`` for the hang-up, which reads on rather than drop
 anything.  ``r-`` marks a call outside any round: before the loop starts,
-after it stops, or from another thread.
+after it stops, or from another thread.  A loop written by hand on the
+``select`` module (``select()``, ``poll()``, ``epoll()``) gets numbered
+rounds too: one begins with its first ``readable()`` question after the
+previous wait.
+
+**Options.**  ``times`` (``--times``, ``--trace-times``) begins each line
+with its offset from the start, ``+0.507 r1 poll(timeout=0.5) -> 0 events``;
+``summary`` ends the trace with the rounds per second and each dispatcher's
+bytes, EOF, reset and time paused; ``only`` (``--filter``,
+``--trace-filter``) keeps some dispatchers, ``receiver#1,fd8,no-listener``;
+``format="jsonl"`` (``--format jsonl``, ``--trace-format jsonl``) writes one
+JSON object per event instead, the schema the trace viewer's page documents.
 
 **How it works.**  ``enable()`` replaces, in place, the round functions
 (asyncore's ``poll()`` for select and ``poll2()`` for poll, asyncore_fwd's
 ``EpollLoop.poll`` and its select/poll twin), asyncore's reference to the
-``select`` module (to see what the kernel answered), and the methods named
+``select`` module and that module's own ``select()``, ``poll()`` and
+``epoll()`` (to see what the kernel answered), ``socket.socket``'s
+``recv()``, ``recv_into()`` and ``send()`` (reported only for a dispatcher's
+socket, inside a traced call), and the methods named
 in ``TRACED_METHODS`` on ``asyncore.dispatcher`` and each of its subclasses,
 including those created later (a class-creation hook).  ``disable()`` puts
 every original back, so when tracing is off nothing is wrapped and nothing
@@ -79,14 +95,14 @@ and debugging, not for production traffic.
 
 What the wrappers see is captured once, as plain data (a ``TraceEvent``:
 time, round, descriptor, object, call, result, why), and handed to a
-renderer.  The lines above are one renderer of those events; another (JSON
-lines, a browser viewer) plugs in with ``_capture.enable_with(renderer)``,
-with no change to capture.
+renderer.  The lines above are one renderer of those events, JSON lines
+another; any other plugs in with ``_capture.enable_with(renderer)``, with no
+change to capture.
 """
 
 from ._capture import TRACED_METHODS, disable, is_enabled
+from ._enable import enable
 from ._runner import USAGE as USAGE  # the runner's help text, public as before (not in __all__)
 from ._runner import main
-from ._text import enable
 
 __all__ = ["TRACED_METHODS", "disable", "enable", "is_enabled", "main"]

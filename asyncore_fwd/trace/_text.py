@@ -1,4 +1,4 @@
-"""The trace as lines of text: one renderer of the captured events, and ``enable()``.
+"""The trace as lines of text: one renderer of the captured events.
 
 Strategy: a call is shown once, when it ends, with what it came to; a call
 that other shown lines are made from is shown first when the first of them
@@ -10,30 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, List, Optional, TextIO, Union
+import time
+from typing import Dict, List, Optional, TextIO
 
-from ._capture import ALREADY_ENABLED, enable_with, is_enabled
-from ._events import END, IDLE, START, WAIT, TraceEvent
+from ._events import END, IDLE, IO, START, WAIT, TraceEvent
+from ._summary import Summary
 
-__all__ = ["TextRenderer", "enable", "line"]
+__all__ = ["TextRenderer", "line", "log"]
 
 log = logging.getLogger("asyncore_fwd.trace")
-
-
-def enable(output: Union[None, TextIO, logging.Logger] = None) -> None:
-    """Start tracing every asyncore loop and dispatcher in this process.
-
-    The lines are logged at DEBUG level to ``output`` if it is a logger; to
-    the ``asyncore_fwd.trace`` logger, as plain lines, written to ``output``
-    if it is a stream (``sys.stderr``...); or to that logger, as your logging
-    set-up has it, if ``output`` is None.
-    """
-    if is_enabled():  # before the logger is changed
-        raise RuntimeError(ALREADY_ENABLED)
-    if isinstance(output, logging.Logger):
-        enable_with(TextRenderer(output))
-    else:
-        enable_with(TextRenderer(log, output))
 
 
 def line(event: TraceEvent) -> str:
@@ -48,6 +33,8 @@ def line(event: TraceEvent) -> str:
         fds = ", ".join(f"fd{fd} {names}" for fd, names in event.ready)
         return f"{text} -> {count} event{plural}" + (f": {fds}" if fds else "")
     text = f"fd{'-' if event.fd is None else event.fd} {event.object} {event.call}({event.arguments})"
+    if event.kind == IO:
+        return f"{text} -> {event.result}"
     if event.error:
         return f"{text} raised {event.error}"
     if event.kind == END and event.result:
@@ -68,11 +55,16 @@ class TextRenderer:
     """The events as lines logged at DEBUG level: ``r5   fd8 Sender#1 handle_read() -> read 24B``.
 
     With a ``stream``, the logger writes bare lines to it, and only there,
-    until ``close()``.
+    until ``close()``.  With ``times``, each line begins with the seconds since
+    tracing began (``+0.012``); with ``summary``, ``close()`` writes the summary.
     """
 
-    def __init__(self, logger: logging.Logger, stream: Optional[TextIO] = None) -> None:
+    def __init__(self, logger: logging.Logger, stream: Optional[TextIO] = None, times: bool = False,
+                 summary: bool = False) -> None:
         self.logger = logger
+        self.origin = time.time()
+        self.times = times
+        self.summary = Summary() if summary else None
         self._handler: Optional[logging.Handler] = None
         self._saved_logger_state = (logger.level, logger.propagate)
         if stream is not None:
@@ -89,6 +81,10 @@ class TextRenderer:
         return self.logger.isEnabledFor(logging.DEBUG)
 
     def event(self, event: TraceEvent) -> None:
+        if self.summary is not None:
+            self.summary.add(event)
+        if event.kind == IO and event.quiet:
+            return  # asyncore_fwd's sides: their handler's line says what they moved
         pending = self._pending.get(event.thread)
         if pending is None:
             with self._lock:
@@ -109,9 +105,14 @@ class TextRenderer:
 
     def _write(self, now: TraceEvent, depth: int, text: str) -> None:
         where = "r-" if now.round is None else f"r{now.round}"
+        if self.times:
+            where = f"+{now.time - self.origin:.3f} {where}"
         self.logger.debug("%s %s%s", where, "  " * depth, text)
 
     def close(self) -> None:
+        if self.summary is not None:
+            for text in self.summary.lines():
+                self.logger.debug("%s", text)
         if self._handler is not None:
             self.logger.removeHandler(self._handler)
             self.logger.level, self.logger.propagate = self._saved_logger_state

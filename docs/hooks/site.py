@@ -5,6 +5,9 @@
   offline.
 * Chinese pages (``zh/``) say so in ``<html lang>``, which the CJK font stack
   of ``stylesheets/extra.css`` and screen readers go by.
+* Chinese pages have the theme's strings in Chinese (search box, table of
+  contents, footer, copy button: ``overrides/partials/language.html``): a zh
+  page that still shows one of the English ones fails the build.
 * The language switch leads to the same page in the other language when
   it exists (``zh/PAGE`` for ``PAGE``), else to that language's home page.
 * Every page the nav lists must exist: a missing one fails the build.
@@ -22,6 +25,20 @@ log = logging.getLogger("mkdocs.hooks.site")
 MERMAID = "assets/vendor/mermaid.min.js"
 #: Parts of the site that others write: their pages may not exist yet.
 HTML_LANG = re.compile(r'<html lang="[^"]*"')
+#: The theme's English strings, as they appear in a page's HTML.
+ENGLISH_CHROME = {
+    "search box": re.compile(r'placeholder="Search"'),
+    "table of contents": re.compile(r'aria-label="Table of contents"|>\s*Table of contents\s*<'),
+    "footer": re.compile(r'md-footer__direction">\s*(Previous|Next)\s*<'),
+    "copy button": re.compile(r'"clipboard\.copy": "Copy to clipboard"'),
+    "skip link": re.compile(r">\s*Skip to content\s*<"),
+    "back to top": re.compile(r">\s*Back to top\s*<"),
+}
+
+
+def english_chrome(html: str) -> List[str]:
+    """The parts of the theme's chrome that ``html`` shows in English."""
+    return [part for part, pattern in ENGLISH_CHROME.items() if pattern.search(html)]
 
 
 def nav_pages(nav: Any, title: str = "") -> Iterator[Tuple[str, str]]:
@@ -88,5 +105,11 @@ def on_page_context(context, page, config, nav):  # type: ignore[no-untyped-def]
 
 def on_post_page(output: str, page, config) -> str:  # type: ignore[no-untyped-def]
     if page.file.src_uri.startswith("zh/"):
+        from mkdocs.exceptions import PluginError
+
         output = HTML_LANG.sub('<html lang="zh-Hans"', output, count=1)
+        english = english_chrome(output)
+        if english:
+            raise PluginError(f"{page.file.src_uri}: the theme's {', '.join(english)} in English "
+                              "(docs/overrides/partials/language.html picks the language)")
     return output

@@ -116,7 +116,8 @@ class sender(asyncore.dispatcher):
             self.eof=True
 
     def writable(self):
-        return (len(self.receiver.from_remote_buffer) > 0) or (self.receiver.eof and not self.write_closed)
+        return ((len(self.receiver.from_remote_buffer) > 0)
+                or (self.receiver.eof and not self.write_closed))
 
     def handle_write(self):
         sent = self.send(self.receiver.from_remote_buffer)

@@ -235,11 +235,13 @@ if __name__=='__main__':
     parser = optparse.OptionParser()
     parser.add_option('-l','--local-ip', dest='local_ip',default='127.0.0.1', help='Local IP address to bind to')
     parser.add_option('-p','--local-port', type='int',dest='local_port',default=80, help='Local port to bind to')
-    parser.add_option('-r','--remote-ip',dest='remote_ip', help='Remote host name or IP address to connect to')
-    parser.add_option('-P','--remote-port', type='int',dest='remote_port',default=80, help='Remote port to connect to')
+    parser.add_option('-r','--remote-ip',dest='remote_ip',
+                      help='Remote host name or IP address to connect to')
+    parser.add_option('-P','--remote-port', type='int',dest='remote_port',default=80,
+                      help='Remote port to connect to')
     options, args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     f = forwarder(options.local_ip,options.local_port,options.remote_ip,options.remote_port)
-    log.info('forwarding %s port %d to %s port %d', options.local_ip, f.socket.getsockname()[1],
-             f.remoteip, f.remoteport)
+    log.info('forwarding %s port %d to %s port %d',
+             options.local_ip, f.socket.getsockname()[1], f.remoteip, f.remoteport)
     serve()

@@ -1,4 +1,4 @@
-"""A server that sends 300 MB to each client as fast as it is taken, then closes (port 18100)."""
+"""给每个客户端发 300 MB，客户端收多快就发多快，然后关闭（端口 18100）。"""
 import socket
 import threading
 

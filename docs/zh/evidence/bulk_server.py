@@ -1,4 +1,4 @@
-# Reads a request until the client's EOF, sends 1 MB at once, closes. Port 18300.
+# 读请求直到客户端的 EOF，一次发出 1 MB，关闭。端口 18300。
 import socket
 import threading
 

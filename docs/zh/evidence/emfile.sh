@@ -1,9 +1,8 @@
-# Usage (from the repository root):  bash docs/zh/evidence/emfile.sh step07_poll_hangup.py
-# Runs a lesson step with only 16 descriptors (ulimit -n 16) in front of a web
-# server on port 18000; idle clients use the descriptors up and leave; then one
-# HTTP request.  The step's own output goes to /tmp/STEP.emfile.log.
-# PORT and SERVER (environment) change the ports 18500 and 18000; LOG, the log's
-# file; PYTHON, the python3.
+# 用法（在仓库根目录下）：bash docs/zh/evidence/emfile.sh step07_poll_hangup.py
+# 只给课程的某一步 16 个描述符（ulimit -n 16），让它转发到端口 18000 上的
+# Web 服务器；空闲客户端先把描述符占满再离开，然后发一个 HTTP 请求。
+# 这一步自己的输出写到 /tmp/STEP.emfile.log。
+# 环境变量 PORT、SERVER 换掉端口 18500 和 18000，LOG 换掉日志文件，PYTHON 换掉 python3。
 export PORT=${PORT:-18500} SERVER=${SERVER:-18000}
 LOG=${LOG:-/tmp/$1.emfile.log}
 (ulimit -n 16; exec "${PYTHON:-python3}" -W ignore "examples/lessons/$1" -l 127.0.0.1 -p "$PORT" -r 127.0.0.1 -P "$SERVER") \

@@ -1,4 +1,4 @@
-# Reads a request until the client's EOF, thinks for 3 s, replies, closes. Port 18200.
+# 读请求直到客户端的 EOF，想 3 秒，回复一行，关闭。端口 18200。
 import socket
 import threading
 import time

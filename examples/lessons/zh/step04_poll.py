@@ -1,0 +1,123 @@
+"""第 4 步：用 poll()，不用 select()。
+
+改动：asyncore.loop(use_poll=True)。
+修复缺陷 4：select() 管不了编号 1024 及以上的描述符。每个连接占两个描述符，
+大约 500 个客户端就足以引发一个 ValueError，它冲出 asyncore.loop()，
+整个转发器随之停止。
+（下一步会看到，poll() 也有它自己的坑：缺陷 10。）
+
+用法：python step04_poll.py -l 127.0.0.1 -p 8080 -r 127.0.0.1 -P 8000
+（Python 3.12 及以上先要：pip install pyasyncore）
+"""
+
+import optparse
+import socket
+import sys
+import warnings
+
+try:
+    with warnings.catch_warnings():
+        # 3.10 和 3.11 会警告 asyncore 已弃用；3.12 删除了它，pyasyncore
+        # 这个向后移植包以同样的名字把它带了回来。
+        warnings.simplefilter('ignore', DeprecationWarning)
+        import asyncore
+except ImportError:
+    sys.exit('This Python has no asyncore module: pip install pyasyncore')
+
+# 一侧读进来、等着发往另一侧的数据攒到这么多时，就先不读这一侧。
+BUFFER_LIMIT = 64 * 1024
+
+
+class forwarder(asyncore.dispatcher):
+    def __init__(self, ip, port, remoteip,remoteport,backlog=5):
+        asyncore.dispatcher.__init__(self)
+        self.remoteip=remoteip
+        self.remoteport=remoteport
+        self.create_socket(socket.AF_INET,socket.SOCK_STREAM)
+        self.set_reuse_addr()
+        self.bind((ip,port))
+        self.listen(backlog)
+
+    def handle_accept(self):
+        conn, addr = self.accept()
+        # print('--- Connect --- ')
+        sender(receiver(conn),self.remoteip,self.remoteport)
+
+class receiver(asyncore.dispatcher):
+    def __init__(self,conn):
+        asyncore.dispatcher.__init__(self,conn)
+        self.from_remote_buffer=bytearray()
+        self.to_remote_buffer=bytearray()
+        self.sender=None
+
+    def handle_connect(self):
+        pass
+
+    def readable(self):
+        return len(self.from_remote_buffer) < BUFFER_LIMIT
+
+    def handle_read(self):
+        read = self.recv(4096)
+        # print('%04i -->'%len(read))
+        self.from_remote_buffer += read
+
+    def writable(self):
+        return (len(self.to_remote_buffer) > 0)
+
+    def handle_write(self):
+        sent = self.send(self.to_remote_buffer)
+        # print('%04i <--'%sent)
+        del self.to_remote_buffer[:sent]
+
+    def handle_close(self):
+        self.close()
+        if self.sender:
+            self.sender.close()
+
+class sender(asyncore.dispatcher):
+    def __init__(self, receiver, remoteaddr,remoteport):
+        asyncore.dispatcher.__init__(self)
+        self.receiver=receiver
+        receiver.sender=self
+        self.create_socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.connect((remoteaddr, remoteport))
+
+    def handle_connect(self):
+        pass
+
+    def readable(self):
+        return len(self.receiver.to_remote_buffer) < BUFFER_LIMIT
+
+    def handle_read(self):
+        read = self.recv(4096)
+        # print('<-- %04i'%len(read))
+        self.receiver.to_remote_buffer += read
+
+    def writable(self):
+        return (len(self.receiver.from_remote_buffer) > 0)
+
+    def handle_write(self):
+        sent = self.send(self.receiver.from_remote_buffer)
+        # print('--> %04i'%sent)
+        del self.receiver.from_remote_buffer[:sent]
+
+    def handle_close(self):
+        self.close()
+        self.receiver.close()
+
+
+def serve(timeout=30.0, count=None):
+    """运行事件循环（测试每次只让它跑一轮）。"""
+    asyncore.loop(timeout, use_poll=True, count=count)
+
+
+if __name__=='__main__':
+    parser = optparse.OptionParser()
+    parser.add_option('-l','--local-ip', dest='local_ip',default='127.0.0.1', help='Local IP address to bind to')
+    parser.add_option('-p','--local-port', type='int',dest='local_port',default=80, help='Local port to bind to')
+    parser.add_option('-r','--remote-ip',dest='remote_ip', help='Local IP address to bind to')
+    parser.add_option('-P','--remote-port', type='int',dest='remote_port',default=80, help='Remote port to bind to')
+    options, args = parser.parse_args()
+    f = forwarder(options.local_ip,options.local_port,options.remote_ip,options.remote_port)
+    print('listening on port %d' % f.socket.getsockname()[1], flush=True)  # -p 0：空闲端口
+    serve()
