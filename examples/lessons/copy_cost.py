@@ -1,4 +1,4 @@
-"""What step 02 saves: draining a buffer by slicing bytes (step 01) against deleting from a bytearray.
+"""What step 02 saves: slicing bytes (step 01) against deleting from a bytearray.
 
     python examples/lessons/copy_cost.py
 
@@ -25,4 +25,5 @@ if __name__ == '__main__':
         for drain in (drain_bytes, drain_bytearray):
             start = time.perf_counter()
             drain(size)
-            print(f'{drain.__name__:16} {size >> 20:3d} MiB: {time.perf_counter() - start:.3f} s')
+            took = time.perf_counter() - start
+            print(f'{drain.__name__:16} {size >> 20:3d} MiB: {took:.3f} s')
