@@ -112,9 +112,11 @@ def test_trace_recipe_shows_the_clients_eof_closing_the_pair_before_the_request_
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[:2] == ["r1 select(timeout=30) -> 1 event: fd3 r", "r1 fd3 forwarder#1 handle_accept()"]
-    assert lines[-5:] == ["r3 select(timeout=30) -> 2 events: fd4 r, fd5 w", "r3 fd4 receiver#1 handle_read()",
-                          "r3   fd4 receiver#1 handle_close()", "r3     fd4 receiver#1 close()",
-                          "r3     fd5 sender#1 close()"]
+    # Round 3 has both events; the receiver's read of the EOF closes the pair, so the sender never writes.
+    round3 = lines[lines.index("r3 select(timeout=30) -> 2 events: fd4 r, fd5 w"):]
+    assert "r3   fd4 receiver#1 handle_close()" in round3
+    assert round3[-2:] == ["r3     fd4 receiver#1 close()", "r3     fd5 sender#1 close()"]
+    assert not any("sender#1 handle_write()" in line for line in lines)
 
 
 def test_unknown_recipe_is_a_usage_error() -> None:
@@ -133,6 +135,7 @@ def python27_available() -> bool:
 
 @pytest.mark.parametrize(("step", "scenario", "never"), [
     pytest.param("00", "curl", False, id="step00-curl"),
+    pytest.param("00", "nc", False, id="step00-nc"),
     pytest.param("01", "curl", False, id="step01-curl"),
     pytest.param("01", "nc", False, id="step01-nc"),
     pytest.param("05", "nc", False, id="step05-nc"),
@@ -143,7 +146,7 @@ def python27_available() -> bool:
     pytest.param("07", "big", True, id="step07-big"),
 ])
 def test_race_prints_how_many_replies_came_back_short(step: str, scenario: str, never: bool) -> None:
-    if step == "00" and not python27_available():
+    if step == "00" and not python27_available():  # the article's code is Python 2
         pytest.skip("no Python 2.7 for the article's step")
     done = run("race.py", step, scenario, "-n", "3")
     assert done.returncode == 0, done.stderr
