@@ -7,6 +7,25 @@ A line that is exactly one of these HTML comments becomes a fenced code block
     <!-- include: PATH#Qualified.name -->  one class, function, method or assignment
     <!-- diff: OLD_PATH NEW_PATH -->       ``diff -u OLD NEW``
     <!-- cli-help -->                      ``asyncore-fwd --help``
+    <!-- output: ID -->                    what the real code prints (a text block)
+
+and, anywhere inside a line, ``<!-- count: stepNN -->`` becomes the counts of
+``pytest tests/test_lessons.py -k stepNN`` ("1 passed, 17 xfailed").
+
+**Output blocks.**  An output a page shows is never typed in: the page has
+``<!-- output: ID -->`` where the block goes, and ID names a recipe in
+examples/lessons/outputs.py, which runs the step (its tests, a scripted
+client, race.py for a rate, cpu.py) and prints the output made stable (ports,
+addresses, paths, durations replaced).  To add one, write a function there
+that returns the text, register it with ``@recipe("ID")`` (check it with
+``python examples/lessons/outputs.py ID``), and put the directive on the
+page; the same ID serves the English and the Chinese page.  The recipes run
+in a child process with this interpreter (it needs pytest), once per ID and
+build; a recipe that fails fails the build.  ``expand()`` runs them only when
+asked (``run_outputs=True``, as the build does); otherwise it checks that the
+ID names a recipe and puts a placeholder, so that the tests that resolve
+every page stay quick.  tests/test_lesson_pages.py checks that every
+directive names a recipe and runs the quick ones.
 
 A missing file or symbol fails the build, naming the page and the line.
 The functions below are plain Python so that the tests can run them without
@@ -18,13 +37,20 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
+import os
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import List, Optional
 
 #: A directive line: the whole line is the comment (indentation is kept).
-DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)<!--\s*(?P<name>include|diff|cli-help)\b(?P<args>.*?)-->[ \t]*$")
+DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)<!--\s*(?P<name>include|diff|cli-help|output)\b(?P<args>.*?)-->[ \t]*$")
+#: The counts of a step's lesson tests, inside a line.
+COUNT = re.compile(r"<!--\s*count:\s*(?P<step>step\d\d)\s*-->")
+#: The registry of the output recipes, relative to the repository root.
+OUTPUTS = "examples/lessons/outputs.py"
 #: The start or end of a fenced block: directives inside one are shown as they are.
 FENCE = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})")
 LANGUAGES = {".py": "python", ".diff": "diff", ".patch": "diff", ".sh": "bash", ".toml": "toml",
@@ -94,6 +120,37 @@ def cli_help() -> str:
     return parser.format_help()
 
 
+@functools.lru_cache(maxsize=None)
+def recipe_output(root: Path, recipe_id: str) -> str:
+    """What ``examples/lessons/outputs.py ID`` prints: once per ID and build, shared by both languages."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+               PYTHONDONTWRITEBYTECODE="1")
+    try:
+        done = subprocess.run([sys.executable, str(root / OUTPUTS), recipe_id], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise DirectiveError(f"output {recipe_id}: no result within 600 s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise DirectiveError(f"output {recipe_id}: {OUTPUTS} failed: {last}")
+    return done.stdout.rstrip("\n")
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_ids(root: Path) -> frozenset:
+    """The IDs ``examples/lessons/outputs.py --list`` knows."""
+    return frozenset(recipe_output(root, "--list").split())
+
+
+def output_of(root: Path, recipe_id: str, run_outputs: bool) -> str:
+    """What the recipe prints, or (without ``run_outputs``) a placeholder once its ID is known."""
+    if run_outputs:
+        return recipe_output(root, recipe_id)
+    if recipe_id not in recipe_ids(root):
+        raise DirectiveError(f"output {recipe_id}: no such recipe in {OUTPUTS}")
+    return f"(the output of {recipe_id})"
+
+
 def fenced(code: str, language: str) -> str:
     """``code`` as a fenced block, with a fence longer than any backtick run inside it."""
     longest = max((len(run) for run in re.findall(r"`{3,}", code)), default=2)
@@ -102,13 +159,17 @@ def fenced(code: str, language: str) -> str:
     return "\n".join(lines)
 
 
-def render_directive(name: str, args: str, root: Path) -> str:
+def render_directive(name: str, args: str, root: Path, run_outputs: bool = False) -> str:
     """The code block for one directive (without indentation)."""
     words = args.split()
     if name == "cli-help":
         if words:
             raise DirectiveError("cli-help takes no argument")
         return fenced(cli_help(), "text")
+    if name == "output":
+        if len(words) != 1:
+            raise DirectiveError("output takes one recipe: <!-- output: ID -->")
+        return fenced(output_of(root, words[0], run_outputs), "text")
     if name == "diff":
         if len(words) != 2:
             raise DirectiveError("diff takes two paths: <!-- diff: OLD NEW -->")
@@ -123,8 +184,8 @@ def render_directive(name: str, args: str, root: Path) -> str:
     return fenced(source, language_for(path))
 
 
-def expand(markdown: str, root: Path, page: str = "<page>") -> str:
-    """``markdown`` with every directive line replaced by its code block."""
+def expand(markdown: str, root: Path, page: str = "<page>", run_outputs: bool = False) -> str:
+    """``markdown`` with every directive line replaced by its code block (outputs: see the module's doc)."""
     out = []
     open_fence = ""
     for number, line in enumerate(markdown.split("\n"), 1):
@@ -137,13 +198,19 @@ def expand(markdown: str, root: Path, page: str = "<page>") -> str:
                 open_fence = ""
         match = None if open_fence or fence else DIRECTIVE.match(line)
         if match is None:
+            if not open_fence and not fence and COUNT.search(line):
+                try:
+                    line = COUNT.sub(lambda count: output_of(root, f"counts-{count.group('step')}", run_outputs),
+                                     line)
+                except DirectiveError as error:
+                    raise DirectiveError(f"{page}, line {number}: {error}") from None
             out.append(line)
             continue
         args = match.group("args").strip()
         if args.startswith(":"):
             args = args[1:]
         try:
-            block = render_directive(match.group("name"), args, root)
+            block = render_directive(match.group("name"), args, root, run_outputs)
         except (DirectiveError, SyntaxError) as error:
             raise DirectiveError(f"{page}, line {number}: {line.strip()}: {error}") from None
         out.append(fenced_indent(block, match.group("indent")))
@@ -163,6 +230,6 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # type: ignore
 
     root = Path(config["config_file_path"]).resolve().parent
     try:
-        return expand(markdown, root, page.file.src_uri)
+        return expand(markdown, root, page.file.src_uri, run_outputs=True)
     except DirectiveError as error:
         raise PluginError(f"code include: {error}") from None
