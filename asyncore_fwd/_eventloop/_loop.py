@@ -182,12 +182,13 @@ class EpollLoop:
                 # already reused: the event was for the old socket.
                 continue
             if (flags == _READ_ONLY and channel.connected and not channel.accepting
-                    and type(channel).handle_read_event is _PLAIN_READ_EVENT
-                    and "handle_read_event" not in channel.__dict__):
+                    and getattr(channel.handle_read_event, "__func__", None) is _PLAIN_READ_EVENT):
                 # The common event: data on a connected socket.  asyncore's
                 # readwrite() and handle_read_event() would end up here, two
                 # calls later; a dispatcher with its own handle_read_event (a
                 # subclass's, a patched or a traced one) goes the long way.
+                # (Its bound method tells both: channel.__dict__ would cost every
+                # later attribute read of the dispatcher its fast path.)
                 try:
                     if channel.handle_read() is True:
                         continue  # a quiet read: its answers and its partner's are as registered
