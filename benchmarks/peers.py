@@ -3,7 +3,7 @@
 A peer spec on the command line is a kind, optionally a git ref (asyncore_fwd
 only), and optionally modes in brackets:
 
-    direct  socat  haproxy  rinetd  redir  asyncio  article
+    direct  floor  socat  haproxy  rinetd  redir  asyncio  article
     asyncore_fwd[epoll,splice]        the working tree, --loop epoll --splice
     asyncore_fwd@main~5[epoll]        that commit, extracted with git archive
     asyncore_fwd@v0.1[]               no flags at all (for a CLI without --loop)
@@ -176,6 +176,12 @@ PEER_KINDS: Dict[str, PeerKind] = {
         skip={"held": "skipped: forks a process per connection"}, counts_cpu=False,
         note="redir -n -l err (foreground, errors only in its log); forks a process per connection, which "
              "init reaps, so cpu-per-gb is not measured"),
+    "floor": PeerKind(
+        argv=lambda r, listen, tmp, extra: [PY, str(BENCH / "floor_relay.py"), "-l", HOST, "-p", str(listen),
+                                       "-r", HOST, "-P", str(r), *extra],
+        version=lambda: f"benchmarks/floor_relay.py, Python {sys.version.split()[0]}",
+        note="benchmarks/floor_relay.py, the least Python a relay can run per event (one epoll loop, "
+             "recv_into, send; no features): an anchor, not a product"),
     "asyncio": PeerKind(
         argv=lambda r, listen, tmp, extra: [PY, str(BENCH / "asyncio_forwarder.py"), "--listen-port", "0",
                                        "--remote-port", str(r)],
@@ -201,7 +207,7 @@ ASYNCORE_FWD_MODES: Dict[str, List[str]] = {
     "auto": ["--loop", "auto"],
 }
 DEFAULT_ASYNCORE_FWD_MODES = ["epoll", "poll"]
-DEFAULT_PEERS = ["direct", "asyncore_fwd", "socat", "haproxy", "asyncio", "article"]
+DEFAULT_PEERS = ["direct", "floor", "asyncore_fwd", "socat", "haproxy", "asyncio", "article"]
 
 
 # --- other versions of the package --------------------------------------------------

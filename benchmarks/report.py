@@ -49,13 +49,18 @@ def _peak_rss_mib(samples: RepeatSamples) -> Optional[float]:
     return max(peaks) / 1024 if peaks else None
 
 
+#: The peers every cell is compared with, when they ran: no forwarder, the floor relay
+#: (benchmarks/floor_relay.py, the least Python a relay can run), and socat.
+REFERENCES = ("direct", "floor", "socat")
+
+
 @dataclass(frozen=True)
 class Row:
     label: str                   # may use Sizes fields: "held-{held_conns}"
     workloads: Tuple[str, ...]   # computed from these; the first one's failures show
     unit: str
     value: Callable[[RepeatSamples], Optional[float]]
-    ratios: bool = True          # show ×direct and ×socat
+    ratios: bool = True          # show ×direct, ×floor and ×socat
     show_failures: bool = True   # say in the cell when the first workload failed
     forwarders_only: bool = False  # a figure of the forwarder process: none for direct
     lower_is_better: bool = False
@@ -183,7 +188,7 @@ def build_table(samples: List[Dict], peers: List[Peer], workloads: List[str], ct
         if row.label == "rss-peak" and not any(p.forwards for p in peers):
             continue
         stats = {peer.name: cell_stats(samples, peer.name, row, repeat) for peer in peers}
-        refs = {"direct": stats.get("direct", {}).get("median"), "socat": stats.get("socat", {}).get("median")}
+        refs = {name: stats.get(name, {}).get("median") for name in REFERENCES}
         primary = next(w for w in row.workloads if w in workloads)
         client = WORKLOADS[primary].client(ctx) if row.label != "rss-peak" else "(all workloads)"
         label = row.label.format(**vars(ctx.sizes))
@@ -245,7 +250,7 @@ def render_markdown(meta: Dict, table: str, notes: List[str]) -> str:
              f"- descriptor limit (every process): {meta['nofile']}",
              f"- mode: {meta['mode']}, {meta['repeat']} repeat(s), peers interleaved in rotated order",
              "- versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()),
-             "", "Median over repeats, [min–max] when more than one; ratios of medians to direct and socat.",
+             "", "Median over repeats, [min–max] when more than one; ratios of medians to direct, floor and socat.",
              "", table, ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]

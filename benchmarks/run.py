@@ -9,8 +9,9 @@ Starts the servers (iperf3, redis, nginx, a stdlib echo server, a UDP echo
 server and counting sink) and each forwarder on 127.0.0.1 with ephemeral
 ports (the UDP workloads start each peer's UDP mode), runs the workloads, and prints
 one table of medians (min-max range over the repeats) with ratios to a direct
-connection and to socat.  The same table goes to benchmarks/results/latest.md,
-and every raw sample to latest.json.
+connection, to the floor relay (benchmarks/floor_relay.py) and to socat.  The
+same table goes to benchmarks/results/latest.md, and every raw sample to
+latest.json.
 
 Peers run interleaved: each repeat runs every peer once per workload, in an
 order rotated by one each repeat, so slow drifts of the machine spread evenly.

@@ -9,7 +9,9 @@ Strategy of ``EpollLoop``: keep each descriptor registered with epoll between
 rounds and ask its predicates again only when they may have changed:
 
 * after a dispatcher handled an event, and its ``partner`` if it names one
-  (``Dispatcher.partner``: a relay side's readiness depends on its peer's buffer);
+  (``Dispatcher.partner``: a relay side's readiness depends on its peer's buffer),
+  unless its ``handle_read()`` returned True, a quiet read: it says that it
+  changed neither's answers (a relay side whose bytes all went out at once);
 * when a dispatcher joins the map, or a timer changes what it waits for
   (asyncore_fwd's dispatchers say so at once, with ``_dispatcher.channel_changed``;
   any other dispatcher is found by the periodic sweep);
@@ -20,7 +22,9 @@ rounds and ask its predicates again only when they may have changed:
 The handlers are called as asyncore's poll loop calls them (its own
 ``readwrite()``), so any dispatcher works under it; the one shortcut, for
 data on a connected socket, calls ``handle_read()`` as ``handle_read_event()``
-would, with ``readwrite()``'s error handling.
+would, with ``readwrite()``'s error handling.  A round with nothing to ask
+again goes from the events straight to the next wait: at one connection the
+Python run between a wake-up and the next wait is on the request's path.
 
 Every backend here also serves the map's timers (``_timers``): the wait of a
 round ends when the next timer is due, and due timers run after the round's
@@ -43,7 +47,7 @@ import time
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from .._compat import asyncore
-from .._eventloop._timers import existing_timers
+from .._eventloop._timers import Timers, existing_timers
 from .._net import PerMap, os_error
 from ._dispatcher import channel_changed, channel_removed, unwatch, watch
 
@@ -110,6 +114,7 @@ class EpollLoop:
         self._dirty: Set[Any] = set()          # dispatchers whose predicates to ask again
         self._always_ready: Set[int] = set()   # registered fds epoll refuses (regular files), served each round
         self._next_sweep = 0.0
+        self._timers: Optional[Timers] = None  # the map's timers, once it has some
         watch(self.map, self)
 
     def close(self) -> None:
@@ -140,12 +145,15 @@ class EpollLoop:
         if now >= self._next_sweep:
             self._sweep()
             self._next_sweep = now + self.sweep_interval
-        self._refresh()
+        if self._dirty:
+            self._refresh()
         always_ready = self._always_ready
         if always_ready:
             for fd in [fd for fd in always_ready if self.map.get(fd) is not self._registered[fd]]:
                 self._forget(fd)  # left the map: its "ready" would keep the wait at 0 until a sweep
-        timers = existing_timers(self.map)
+        timers = self._timers
+        if timers is None or timers.forgotten:  # (kept between rounds: a lookup fewer per round)
+            timers = self._timers = existing_timers(self.map)
         if timers is not None and not timers._heap:
             timers = None  # none pending: two calls fewer per round (cancelled ones stay in the heap)
         if timers is not None:
@@ -174,14 +182,16 @@ class EpollLoop:
                 # already reused: the event was for the old socket.
                 continue
             if (flags == _READ_ONLY and channel.connected and not channel.accepting
-                    and type(channel).handle_read_event is _PLAIN_READ_EVENT
-                    and "handle_read_event" not in channel.__dict__):
+                    and getattr(channel.handle_read_event, "__func__", None) is _PLAIN_READ_EVENT):
                 # The common event: data on a connected socket.  asyncore's
                 # readwrite() and handle_read_event() would end up here, two
                 # calls later; a dispatcher with its own handle_read_event (a
                 # subclass's, a patched or a traced one) goes the long way.
+                # (Its bound method tells both: channel.__dict__ would cost every
+                # later attribute read of the dispatcher its fast path.)
                 try:
-                    channel.handle_read()
+                    if channel.handle_read() is True:
+                        continue  # a quiet read: its answers and its partner's are as registered
                 except BaseException as error:
                     _failed(channel, error)
             else:

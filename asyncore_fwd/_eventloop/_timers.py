@@ -73,6 +73,8 @@ class Timers:
         self._heap: List[Timer] = []
         self._cancelled = 0
         self._order = itertools.count()
+        #: Set once its map's timers are forgotten: a loop that kept this object looks them up again.
+        self.forgotten = False
 
     def __len__(self) -> int:
         return len(self._heap) - self._cancelled
@@ -196,4 +198,7 @@ existing_timers = _registry.get
 
 def forget(map: Dict[int, Any]) -> None:
     """Drop the timers of ``map`` (its last dispatcher closed)."""
-    _registry.forget(map)
+    timers = _registry.get(map)
+    if timers is not None:
+        timers.forgotten = True
+        _registry.forget(map)

@@ -43,6 +43,9 @@ log = logging.getLogger("asyncore_fwd")
 #: a header's worth.  What the taker passes on to the peer then stays small.
 DIVERTED_READ = 4096
 
+# What the loop asks of a side: a subclass that overrides one of them answers as it likes.
+_PREDICATES = frozenset({"readable", "writable", "read_room"})
+
 
 class _Pipe(Dispatcher):
     """One socket of a forwarded pair: what it reads goes to its peer.
@@ -57,6 +60,10 @@ class _Pipe(Dispatcher):
 
     role = "?"
     peer: _Pipe
+    #: Whether this class's ``readable()``, ``writable()`` and ``read_room()`` are the
+    #: relay's own, which a read that went out whole leaves as they were (``handle_read``).
+    #: False for a subclass that overrides one of them, unless it sets it again itself.
+    plain_predicates = True
     reset_error: Optional[OSError] = None
     _diverted: Optional[_Diverted] = None
 
@@ -71,6 +78,11 @@ class _Pipe(Dispatcher):
             tune(sock)
             if conn.rule.tcp_keepalive:
                 set_keepalive(sock, conn.rule.tcp_keepalive)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "plain_predicates" not in vars(cls):
+            cls.plain_predicates = cls.plain_predicates and not _PREDICATES.intersection(vars(cls))
 
     # -- select() predicates --------------------------------------------
 
@@ -94,27 +106,31 @@ class _Pipe(Dispatcher):
 
     # -- event handlers ---------------------------------------------------
 
-    def handle_read(self) -> None:
+    def handle_read(self) -> Optional[bool]:  # type: ignore[override]  # True: a quiet read (EpollLoop)
         """Called when the socket has data or EOF: hand the bytes to the peer."""
         # Read no more than the room under the peer's high-water mark: what
         # waits for the peer never exceeds it, however large a read may be.
         room = self.read_room()
         if room <= 0 and not self.readable():
-            return  # a stale event (the pair closed, or the peer filled up this round)
+            return None  # a stale event (the pair closed, or the peer filled up this round)
         # (No room, yet readable: a subclass's readable() lets the read
         # through.  Fill the buffer, as asyncore_fwd did before it bounded reads.)
         scratch = self.conn.forwarder.scratch
         try:
             count = self.socket.recv_into(scratch, room if 0 < room < len(scratch) else 0)
         except (BlockingIOError, InterruptedError):
-            return  # spurious readiness: nothing to read after all
+            return None  # spurious readiness: nothing to read after all
         except OSError as error:
             self.conn.abort(self, error)
-            return
-        if count:
-            self.peer.forward(scratch[:count])
-        else:
+            return None
+        if not count:
             self.handle_eof()
+            return None
+        # All of it sent at once, nothing queued: neither side's readable() or
+        # writable() can have changed, if they are the relay's own.  True tells
+        # EpollLoop so, and it does not ask them again (a quiet read).
+        peer = self.peer
+        return peer.forward(scratch[:count]) and self.plain_predicates and peer.plain_predicates
 
     def handle_write(self) -> None:
         """Called when the socket can take more: send what the peer read, then its EOF."""
@@ -193,8 +209,9 @@ class _Pipe(Dispatcher):
         if not self.peer.outgoing:
             self.peer.shutdown_write()
 
-    def forward(self, data: bytes | memoryview) -> None:
-        """Queue bytes read by the peer; send at once if nothing is queued."""
+    def forward(self, data: bytes | memoryview) -> bool:
+        """Queue bytes read by the peer; send at once if nothing is queued.
+        True if all of them went out at once (nothing queued, before or after)."""
         if not self.outgoing:
             # The common case on a fast path: one send straight from the read
             # buffer saves a copy and a round of the loop.
@@ -204,12 +221,13 @@ class _Pipe(Dispatcher):
                 sent = 0
             except OSError as error:
                 self.conn.abort(self, error)
-                return
+                return False
             self.bytes_sent += sent
             if sent == len(data):
-                return
+                return True
             data = data[sent:]
         self.outgoing += data
+        return False
 
     def queue_first(self, data: bytes) -> None:
         """Queue ``data`` ahead of anything the peer reads (the pair does not relay yet):

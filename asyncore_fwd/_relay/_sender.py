@@ -36,6 +36,8 @@ class Sender(_Pipe):
     """
 
     role = "server"
+    # Its writable() differs from the relay's own only while connecting, before it relays.
+    plain_predicates = True
 
     def __init__(self, conn: Connection) -> None:
         super().__init__(conn)

@@ -119,6 +119,8 @@ class Service:
     def between_rounds(self, poll_interval: float) -> Optional[float]:
         """Called by the loop of ``serve_forever`` before each wait: carry out the requests;
         the wait, up to the drain's deadline, or None once the drain is over."""
+        if not (self.retiring or self._requests or self._drain_deadline is not None):
+            return poll_interval  # the common round: nothing to do (one call, not three)
         if self.retiring:
             self._forget_retired()
         self._carry_out_requests()

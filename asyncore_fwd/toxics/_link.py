@@ -123,6 +123,12 @@ class _Link:
         self.reader.readable = self._readable  # type: ignore[method-assign]
         self.reader.read_room = self._read_room  # type: ignore[method-assign]
         self.installed = True
+        self._predicates_changed()
+
+    def _predicates_changed(self) -> None:
+        # The loop asks both sides again: a quiet read of the other direction would not.
+        _loop.channel_changed(self.writer)
+        _loop.channel_changed(self.reader)
 
     def now(self) -> float:
         return time.monotonic()
@@ -147,6 +153,7 @@ class _Link:
                            (self.reader, "readable"), (self.reader, "read_room")):
             side.__dict__.pop(name, None)
         self.installed = False
+        self._predicates_changed()
         if self._unsent_limited:
             self._limit_unsent(0)  # the system's default again
         if self._eof_started and not self._eof_through and not self.conn.closed:
@@ -161,8 +168,9 @@ class _Link:
 
     # -- the four methods --------------------------------------------------------
 
-    def _forward(self, data: bytes | memoryview) -> None:
+    def _forward(self, data: bytes | memoryview) -> bool:
         self.pass_on(None, bytes(data))  # a copy: the read buffer is reused
+        return False  # held or sent by the toxics: the loop asks both sides again
 
     def _handle_write(self) -> None:
         type(self.writer).handle_write(self.writer)
