@@ -1,11 +1,12 @@
 """One request at a time: what the epoll loop may skip between a read and the next wait.
 
-A ``handle_read()`` that returns True (a quiet read) tells ``EpollLoop``
+A ``handle_read()`` that returns ``QUIET_READ`` (a quiet read) tells ``EpollLoop``
 that it changed neither its own predicates nor its partner's, so the loop
 does not ask them again; the relay's sides say so when every byte went out
 at once and their predicates are the relay's own.  A side whose class has
-its own ``readable()``, ``writable()`` or ``read_room()`` is asked after
-every read, as before.  The loop keeps the map's timers between rounds and
+its own ``readable()``, ``writable()``, ``read_room()``, ``handle_read()`` or
+``forward()`` (its own, a base's or a mixin's) is asked after every read, as
+before, and so is every side while the trace runs.  The loop keeps the map's timers between rounds and
 finds new ones after they were forgotten.
 
 Rounds run in the test thread, one at a time, as in test_loop.py.
@@ -21,7 +22,7 @@ import pytest
 
 from asyncore_fwd import Forwarder
 from asyncore_fwd._compat import asyncore
-from asyncore_fwd._eventloop._loop import EpollLoop
+from asyncore_fwd._eventloop._loop import QUIET_READ, EpollLoop
 from asyncore_fwd._eventloop._timers import forget, timers_for
 from asyncore_fwd._relay._copy import Receiver
 from asyncore_fwd._relay._sender import Sender
@@ -100,14 +101,15 @@ def asked_after_second_read(answer: Any, sock_map: SocketMap, pair: Tuple[socket
 
 def test_a_quiet_read_is_not_asked_its_predicates_again(sock_map: SocketMap,
                                                         pair: Tuple[socket.socket, socket.socket]) -> None:
-    """A handle_read() that returns True keeps its registration: no readable() call after it."""
-    assert asked_after_second_read(True, sock_map, pair) == 0
+    """A handle_read() that returns QUIET_READ keeps its registration: no readable() call after it."""
+    assert asked_after_second_read(QUIET_READ, sock_map, pair) == 0
 
 
-@pytest.mark.parametrize("answer", [None, 1, "yes"], ids=["None", "1", "a string"])
-def test_a_read_that_returns_anything_but_true_is_asked_again(answer: Any, sock_map: SocketMap,
-                                                             pair: Tuple[socket.socket, socket.socket]) -> None:
-    """asyncore's handlers return None: the loop asks readable() again after each of their reads."""
+@pytest.mark.parametrize("answer", [None, True, 1, "yes"], ids=["None", "True", "1", "a string"])
+def test_a_read_that_returns_anything_but_quiet_read_is_asked_again(answer: Any, sock_map: SocketMap,
+                                                                    pair: Tuple[socket.socket, socket.socket]) -> None:
+    """asyncore ignores what handle_read() returns, and so does the loop, but QUIET_READ: a dispatcher
+    that happens to return True or its byte count is asked again after each of its reads."""
     assert asked_after_second_read(answer, sock_map, pair) == 1
 
 
@@ -201,6 +203,88 @@ def test_a_sender_subclass_without_predicates_of_its_own_keeps_quiet_reads() -> 
         plain_predicates = True
 
     assert Logged.plain_predicates and not Paced.plain_predicates and PacedButPlain.plain_predicates
+
+
+class OneReadMixin:
+    """The same hold-back as OneReadReceiver, as a mixin that is no relay side itself."""
+
+    bytes_read = 0
+
+    def readable(self) -> bool:
+        return super().readable() and self.bytes_read == 0  # type: ignore[misc]
+
+    def handle_read(self) -> Any:
+        answer = super().handle_read()  # type: ignore[misc]
+        self.bytes_read += 1
+        return answer
+
+
+class MixedInReceiver(OneReadMixin, Receiver):
+    pass
+
+
+class Logged(Receiver):
+    def handle_connect(self) -> None:
+        pass
+
+
+class LoggedAndHeld(Logged, OneReadReceiver):
+    """Its first base has no predicate of its own; its readable() comes from the second."""
+
+
+class Forwards(Receiver):
+    def forward(self, data: Any) -> bool:
+        return super().forward(data)
+
+
+def test_plain_predicates_follows_where_each_method_comes_from() -> None:
+    """A mixin's or another base's readable() counts as the class's own; so do handle_read and forward."""
+    assert Logged.plain_predicates
+    assert not MixedInReceiver.plain_predicates
+    assert not LoggedAndHeld.plain_predicates
+    assert not Forwards.plain_predicates
+
+
+@pytest.mark.parametrize("receiver_class", [MixedInReceiver, LoggedAndHeld], ids=["mixin", "second base"])
+def test_a_side_whose_readable_comes_from_a_mixin_or_base_is_asked_after_every_read(
+        receiver_class: type, sock_map: SocketMap) -> None:
+    """The hold-back works whichever class in the MRO brings it."""
+    with socket.create_server(("127.0.0.1", 0)) as upstream, EpollLoop(sock_map, sweep_interval=3600.0) as loop:
+        fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", upstream.getsockname()[1], map=sock_map)
+        fwd.receiver_class = receiver_class
+        client, server = opened_pair(fwd, loop, upstream)
+        with client, server:
+            client.sendall(b"first")
+            got = bytearray()
+            pump(loop, lambda: take(server, got) == b"first", "the first chunk")
+            client.sendall(b"second")
+            for _ in range(20):
+                loop.poll(0.01)
+            assert take(server, got) == b"first"
+
+
+def test_while_tracing_every_side_is_asked_after_every_read(sock_map: SocketMap) -> None:
+    """The trace shows every question the loop would ask: no quiet reads while it runs."""
+    import io
+
+    from asyncore_fwd import trace
+
+    with socket.create_server(("127.0.0.1", 0)) as upstream, EpollLoop(sock_map, sweep_interval=3600.0) as loop:
+        fwd = Forwarder("127.0.0.1", 0, "127.0.0.1", upstream.getsockname()[1], map=sock_map)
+        client, server = opened_pair(fwd, loop, upstream)
+        with client, server:
+            relayed_rounds(loop, client, server, 1)
+            trace.enable(io.StringIO())
+            try:
+                refreshes = count_refreshes(loop)
+                relayed_rounds(loop, client, server, 3)
+            finally:
+                trace.disable()
+            assert refreshes != []
+            relayed_rounds(loop, client, server, 1)  # the rounds after the trace settle
+            quiet_again = count_refreshes(loop)
+            relayed_rounds(loop, client, server, 3)
+            assert quiet_again == []
 
 
 def test_the_loop_finds_the_maps_new_timers_after_they_were_forgotten(sock_map: SocketMap) -> None:

@@ -10,8 +10,8 @@ rounds and ask its predicates again only when they may have changed:
 
 * after a dispatcher handled an event, and its ``partner`` if it names one
   (``Dispatcher.partner``: a relay side's readiness depends on its peer's buffer),
-  unless its ``handle_read()`` returned True, a quiet read: it says that it
-  changed neither's answers (a relay side whose bytes all went out at once);
+  unless its ``handle_read()`` returned ``QUIET_READ``, a quiet read: it says
+  that it changed neither's answers (a relay side whose bytes all went out at once);
 * when a dispatcher joins the map, or a timer changes what it waits for
   (asyncore_fwd's dispatchers say so at once, with ``_dispatcher.channel_changed``;
   any other dispatcher is found by the periodic sweep);
@@ -52,7 +52,8 @@ from .._net import PerMap, os_error
 from ._dispatcher import channel_changed, channel_removed, unwatch, watch
 
 # (channel_changed and channel_removed are _dispatcher's, here for the callers that name them here.)
-__all__ = ["AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "best_loop_kind", "channel_changed",
+__all__ = ["QUIET_READ", "AsyncoreLoop", "EpollLoop", "LOOP_KINDS", "SELECT_LIMIT", "ask_after_every_read",
+           "best_loop_kind", "channel_changed",
            "channel_removed", "check_select_limit", "check_watchable", "loop", "open_loop"]
 
 LOOP_KINDS = ("select", "poll", "epoll")
@@ -174,7 +175,7 @@ class EpollLoop:
         # Typed Any: an identity test against what they hold says nothing of its type.
         map_: Any = self.map
         registered: Any = self._registered
-        dirty, sockets = self._dirty, self._sockets
+        dirty, sockets, quiet = self._dirty, self._sockets, _quiet
         for fd, flags in events:
             channel = map_.get(fd)
             if channel is None or registered.get(fd) is not channel or sockets[fd] is not channel.socket:
@@ -190,7 +191,7 @@ class EpollLoop:
                 # (Its bound method tells both: channel.__dict__ would cost every
                 # later attribute read of the dispatcher its fast path.)
                 try:
-                    if channel.handle_read() is True:
+                    if channel.handle_read() is quiet:
                         continue  # a quiet read: its answers and its partner's are as registered
                 except BaseException as error:
                     _failed(channel, error)
@@ -272,6 +273,33 @@ class EpollLoop:
 
 _READ_ONLY = select.EPOLLIN
 _PLAIN_READ_EVENT = asyncore.dispatcher.handle_read_event
+
+
+class _Token:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: What a dispatcher's ``handle_read()`` returns to tell ``EpollLoop`` that the read changed
+#: neither its own predicates' answers nor its partner's (a relay side whose bytes all went
+#: out at once): the loop does not ask them again.  Any other value, True included, is ignored,
+#: as asyncore ignores it.
+QUIET_READ: Any = _Token("QUIET_READ")
+# What EpollLoop takes as a quiet read: QUIET_READ, or while every predicate must be asked
+# after every read (``ask_after_every_read``), a token that no handler returns.
+_quiet: Any = QUIET_READ
+
+
+def ask_after_every_read(on: bool) -> None:
+    """Make ``EpollLoop`` ask the predicates again after every read, quiet or not (the trace
+    turns it on, so that it shows every question the loop would otherwise ask)."""
+    global _quiet
+    _quiet = _Token("never") if on else QUIET_READ
 # What asyncore's readwrite() lets through, and the errors it reads as a disconnect.
 _RERAISED: Tuple[type, ...] = asyncore._reraised_exceptions  # type: ignore[attr-defined]
 _DISCONNECTED: FrozenSet[int] = asyncore._DISCONNECTED  # type: ignore[attr-defined]

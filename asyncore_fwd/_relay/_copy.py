@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Optional
 from .._compat import asyncore
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
+from .._eventloop._loop import QUIET_READ
 from .._net import LINGER_ABORT, acknowledge_urgent, os_error, pending_error, set_keepalive, tune
 from ._connection import STOPPED, Connection, cut
 
@@ -43,8 +44,19 @@ log = logging.getLogger("asyncore_fwd")
 #: a header's worth.  What the taker passes on to the peer then stays small.
 DIVERTED_READ = 4096
 
-# What the loop asks of a side: a subclass that overrides one of them answers as it likes.
-_PREDICATES = frozenset({"readable", "writable", "read_room"})
+# What decides a quiet read: a class that answers one of them otherwise than the relay
+# (``_Pipe`` or a class that vouches for its own, with ``plain_predicates = True`` in its
+# body) has its predicates asked after every read.
+_PREDICATES = ("readable", "writable", "read_room", "handle_read", "forward")
+
+
+def _answers_as_the_relay(cls: type) -> bool:
+    """Whether each of ``_PREDICATES`` comes, by ``cls``'s MRO, from ``_Pipe`` or a subclass that vouches for it."""
+    for name in _PREDICATES:
+        owner = next(klass for klass in cls.__mro__ if name in vars(klass))
+        if owner is not _Pipe and not vars(owner).get("_vouches", False):
+            return False
+    return True
 
 
 class _Pipe(Dispatcher):
@@ -60,10 +72,13 @@ class _Pipe(Dispatcher):
 
     role = "?"
     peer: _Pipe
-    #: Whether this class's ``readable()``, ``writable()`` and ``read_room()`` are the
-    #: relay's own, which a read that went out whole leaves as they were (``handle_read``).
-    #: False for a subclass that overrides one of them, unless it sets it again itself.
+    #: Whether this class's ``readable()``, ``writable()``, ``read_room()``, ``handle_read()``
+    #: and ``forward()`` are the relay's own, which a read that went out whole leaves as they
+    #: were (``handle_read``).  False for a subclass that overrides one of them (itself, or by a
+    #: base or mixin), unless it says True in its own body.  A method put on the class or on an
+    #: instance later is not seen: set ``plain_predicates = False`` there too.
     plain_predicates = True
+    _vouches = False  # set by __init_subclass__: says plain_predicates = True in its own body
     reset_error: Optional[OSError] = None
     _diverted: Optional[_Diverted] = None
 
@@ -81,8 +96,10 @@ class _Pipe(Dispatcher):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "plain_predicates" not in vars(cls):
-            cls.plain_predicates = cls.plain_predicates and not _PREDICATES.intersection(vars(cls))
+        declared = vars(cls).get("plain_predicates")
+        cls._vouches = declared is True  # its own methods answer as the relay's would
+        if declared is None:  # found from where each method comes: mixins and bases included
+            cls.plain_predicates = _answers_as_the_relay(cls)
 
     # -- select() predicates --------------------------------------------
 
@@ -106,7 +123,7 @@ class _Pipe(Dispatcher):
 
     # -- event handlers ---------------------------------------------------
 
-    def handle_read(self) -> Optional[bool]:  # type: ignore[override]  # True: a quiet read (EpollLoop)
+    def handle_read(self) -> Any:  # QUIET_READ: a quiet read (EpollLoop); else None
         """Called when the socket has data or EOF: hand the bytes to the peer."""
         # Read no more than the room under the peer's high-water mark: what
         # waits for the peer never exceeds it, however large a read may be.
@@ -127,10 +144,12 @@ class _Pipe(Dispatcher):
             self.handle_eof()
             return None
         # All of it sent at once, nothing queued: neither side's readable() or
-        # writable() can have changed, if they are the relay's own.  True tells
-        # EpollLoop so, and it does not ask them again (a quiet read).
+        # writable() can have changed, if they are the relay's own.  QUIET_READ
+        # tells EpollLoop so, and it does not ask them again (a quiet read).
         peer = self.peer
-        return peer.forward(scratch[:count]) and self.plain_predicates and peer.plain_predicates
+        if peer.forward(scratch[:count]) and self.plain_predicates and peer.plain_predicates:
+            return QUIET_READ
+        return None
 
     def handle_write(self) -> None:
         """Called when the socket can take more: send what the peer read, then its EOF."""

@@ -43,6 +43,8 @@ def enable_with(renderer: Renderer) -> None:
     if _session.current is not None:
         raise RuntimeError(ALREADY_ENABLED)
     session = _session.current = Session(renderer)
+    # Every question the loop would ask, asked: no quiet reads while tracing.
+    _loop.ask_after_every_read(True)
     for name in _ROUNDS:
         if hasattr(asyncore, name):
             session.patch(asyncore, name, _traced_round(getattr(asyncore, name)))
@@ -65,6 +67,7 @@ def disable() -> None:
     session, _session.current = _session.current, None
     if session is None:
         return
+    _loop.ask_after_every_read(False)
     for owner, name, original, had_own in reversed(session.patches):
         if had_own:
             setattr(owner, name, original)
