@@ -122,6 +122,26 @@ def test_a_reload_from_udp_to_tcp_on_one_address_keeps_the_sessions_answered(
         assert tcp.recv(3) == b"tcp"
 
 
+def test_renamed_tcp_and_udp_rules_on_one_address_each_keep_their_own_listener(
+        echoes: List[UdpEcho], echo_server: EchoServer, running: List[RunningUdp]) -> None:
+    """A reload matches a rule with the running one of the same proto on its address, not the other proto's."""
+    port = free_udp_port()
+    service = RunningUdp([Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="dns-udp", proto="udp"),
+                          Rule("127.0.0.1", port, "127.0.0.1", echo_server.port, name="dns-tcp")])
+    running.append(service)
+    with client() as sock, client() as new:
+        ask(sock, ("127.0.0.1", port), b"an open session")
+        reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="dns2-udp", proto="udp"),
+                         Rule("127.0.0.1", port, "127.0.0.1", echo_server.port, name="dns2-tcp")])
+        assert {label: fwd.rule.proto for label, fwd in service.service.forwarders.items()} == {
+            "dns2-udp": "udp", "dns2-tcp": "tcp"}
+        assert ask(sock, ("127.0.0.1", port), b"adopted")[0] == b"adopted"
+        assert ask(new, ("127.0.0.1", port), b"udp") == (b"udp", ("127.0.0.1", port))
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as tcp:
+        tcp.sendall(b"tcp")
+        assert tcp.recv(3) == b"tcp"
+
+
 def test_a_drain_starts_no_session_and_ends_when_the_open_ones_idle_out(echoes: List[UdpEcho]) -> None:
     service = Service([udp_rule("u", echoes[0].port, idle_timeout=0.5)])
     address = service.forwarders["u"].address

@@ -265,12 +265,16 @@ class Service:
     def _apply(self, rules: List[Rule]) -> None:
         """Carry out a reload: match the new rules with the running ones, then change what differs."""
         running = dict(self.forwarders)
-        by_listen = {fwd.rule.listen: label for label, fwd in running.items()}
+        # A TCP and a UDP rule may share a listen address: a rule matches the one of its own proto
+        # there first, and the other proto's only when none is left (a rule that changes proto).
+        by_listen = {(fwd.rule.proto, fwd.rule.listen): label for label, fwd in running.items()}
         matched: List[Tuple[Rule, Optional[Listener]]] = []
         for rule in rules:
-            label = rule.label if rule.label in running else by_listen.get(rule.listen)
-            if label is not None and label not in running:
-                label = None  # its listen was matched by an earlier rule
+            label: Optional[str] = rule.label if rule.label in running else None
+            other = "tcp" if rule.proto == "udp" else "udp"
+            for key in ((rule.proto, rule.listen), (other, rule.listen)):
+                if label is None and by_listen.get(key) in running:  # (not one an earlier rule matched)
+                    label = by_listen[key]
             matched.append((rule, running.pop(label) if label is not None else None))
         report: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "unchanged": [], "failed": []}
         forwarders: Dict[str, Listener] = {}
