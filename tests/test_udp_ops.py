@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import socket
@@ -87,6 +88,25 @@ def test_adopted_sessions_count_on_their_targets_in_the_reloaded_rule(
         assert [counters["active"] for counters in targets.values()] == [1, 1]
         assert ask(one, ("127.0.0.1", port), b"still")[0] == b"still"
     assert [echo.received for echo in echoes] in ([2, 1], [1, 2])
+
+
+def test_a_failed_reload_hands_the_sessions_back_without_counting_their_clients_twice(
+        echoes: List[UdpEcho], running: List[RunningUdp], caplog: pytest.LogCaptureFixture) -> None:
+    """The new rule adopts the sessions, then fails (its target is its own listener): given back, each
+    session counts once for max_per_client, so the client's IP may still start its second one."""
+    port = free_udp_port()
+    service = RunningUdp([Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="r", proto="udp",
+                               max_per_client=2)])
+    running.append(service)
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    with client() as first, client() as second:
+        ask(first, ("127.0.0.1", port), b"1")
+        service.service.reload([Rule("127.0.0.1", port, "127.0.0.1", port, name="r", proto="udp", max_per_client=2)])
+        wait_for(lambda: any(record.getMessage().startswith("reloaded") for record in caplog.records),
+                 what="the reload")
+        assert service.listener("r").rule.remote_port == echoes[0].port
+        assert ask(second, ("127.0.0.1", port), b"2") == (b"2", ("127.0.0.1", port))
+        assert service.stats("r")["dropped_limit"] == 0
 
 
 def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: List[RunningUdp]) -> None:

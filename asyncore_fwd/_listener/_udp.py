@@ -222,6 +222,8 @@ class DatagramListener(Dispatcher):
                 session.owner = self
                 session.count_in(self.targets)  # its target, if still one of the rule's, counts here now
                 self.sessions[client] = session
+                if previous.access is not None:
+                    previous.access.closed(session)  # type: ignore[arg-type]  # (counted here from now on)
                 if self.access is not None:
                     self.access.opened(session)  # type: ignore[arg-type]  # (counted for max_per_client)
             previous.sessions = collections.OrderedDict()
