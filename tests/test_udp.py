@@ -9,10 +9,11 @@ import time
 from typing import Dict, Iterator, List
 
 import pytest
-from udp_helpers import RunningUdp, UdpEcho, ask, client, no_reply, udp_rule
+from udp_helpers import RunningUdp, UdpEcho, ask, client, free_udp_port, no_reply, own_ipv4, udp_rule
 
 from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._listener import _udp
+from asyncore_fwd._net import RemoteAddresses
 from conftest import dead_port, needs_dual_stack, needs_ipv6, open_fds, payload, wait_for
 
 
@@ -313,6 +314,82 @@ def test_a_target_that_is_the_listener_itself_is_refused_at_start() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(OSError, match="this forwarder's own listening address"):
         Service([Rule("127.0.0.1", port, "127.0.0.1", port, proto="udp")])
+
+
+def test_a_target_on_this_hosts_own_address_and_the_listeners_port_is_refused_at_start() -> None:
+    """A wildcard listener receives on every address of the host: a target there is the listener itself."""
+    own = own_ipv4()
+    if own is None:
+        pytest.skip("no non-loopback IPv4 address")
+    port = free_udp_port()
+    with pytest.raises(OSError, match="this forwarder's own listening address"):
+        Service([Rule("0.0.0.0", port, own, port, proto="udp")], map={})
+
+
+def test_with_reuse_port_a_loopback_target_on_the_listeners_port_is_refused_at_start() -> None:
+    """The port's other sockets are this forwarder's own workers: the datagrams would come back here."""
+    port = free_udp_port()
+    with pytest.raises(OSError, match="this forwarder's own listening address"):
+        Service([Rule("0.0.0.0", port, "127.0.0.1", port, proto="udp", reuse_port=True)], map={})
+
+
+@needs_ipv6
+def test_an_address_of_the_target_that_is_this_host_on_the_listeners_port_is_skipped(
+        running: List[RunningUdp], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name with this host's own address and another: the session skips the one that leads back
+    here, and the client's datagram makes one session, not a table full."""
+    own = own_ipv4()
+    if own is None:
+        pytest.skip("no non-loopback IPv4 address")
+    port = free_udp_port()
+    echo = UdpEcho("::1", port)
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: object, **kwargs: object) -> list:
+        if host == "both.test":
+            return real(own, *args, **kwargs) + real("::1", *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        service = start(running, Rule("0.0.0.0", port, "both.test", port, name="u", proto="udp",
+                                      max_connections=50))
+        with client() as sock:
+            assert ask(sock, ("127.0.0.1", port), b"once")[0] == b"once"
+        assert service.stats("u")["accepted"] == 1
+        assert [session.server_address[0] for session in service.listener("u").sessions.values()] == ["::1"]
+    finally:
+        echo.close()
+
+
+def test_a_datagram_whose_forged_source_is_this_hosts_own_address_and_port_starts_no_session(
+        udp_echo: UdpEcho) -> None:
+    """On a wildcard listener, (own address, its port) is the listener: the reply would come back here."""
+    own = own_ipv4()
+    if own is None:
+        pytest.skip("no non-loopback IPv4 address")
+    service = Service([Rule("0.0.0.0", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp")], map={})
+    try:
+        listener = service.forwarders["u"]
+        assert listener._start_session((own, listener.address[1]), time.monotonic()) is None
+        assert service.stats()["u"]["dropped_acl"] == 1
+    finally:
+        service.close()
+
+
+def test_a_datagram_from_a_sessions_own_end_starts_no_session(udp_echo: UdpEcho) -> None:
+    """A session sending to the listener's port elsewhere (127.0.0.2 here) whose datagram comes back to
+    the listener (a redirect): it is ours, not a new client."""
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp")], map={})
+    try:
+        listener = service.forwarders["u"]
+        listener._remote = RemoteAddresses("127.0.0.2", listener.address[1])  # the listener's port elsewhere
+        session = listener._start_session(("127.0.0.1", 40000), time.monotonic())
+        assert session is not None
+        assert listener._start_session(session.socket.getsockname(), time.monotonic()) is None
+        assert service.stats()["u"]["dropped_acl"] == 1
+    finally:
+        service.close()
 
 
 def test_a_datagram_the_target_socket_cannot_take_now_is_dropped_and_counted(

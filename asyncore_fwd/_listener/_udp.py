@@ -61,9 +61,9 @@ from .._ops._access import AccessControl, RefusalLog, warn_if_open
 from .._ops._balance import TargetSet, TargetState
 from .._ops._stats import RuleStats
 from .._relay._connection import STOPPED, cut
-from .._relay._loopback import LoopbackGuard
 from .._values._rules import Rule
 from ._sessions import DATAGRAMS_PER_EVENT, MAX_DATAGRAM, Session
+from ._udploop import DatagramLoopGuard
 
 __all__ = ["DatagramListener", "give_back"]
 
@@ -121,6 +121,8 @@ class DatagramListener(Dispatcher):
         self.refusals = self.access.refusals if self.access is not None else RefusalLog(rule.label, self._timers)
         #: The targets, their state and balance (None: one target, whose addresses are tried in order).
         self.targets = TargetSet.for_rule(rule, self._timers, self._remote, self.stats.target_failures)
+        #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
+        self.loopback = DatagramLoopGuard(self)
         if listener is not None:
             self.take_over(listener)
         else:
@@ -129,8 +131,6 @@ class DatagramListener(Dispatcher):
         self.addr = self._address
         self._label = rule.name or format_address((rule.local_host, self._address[1])) + "/udp"
         self.refusals.label = self._label
-        #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
-        self.loopback = LoopbackGuard(self, rule.reuse_port)
         try:
             for name, addresses in ([(rule.remote, self._remote.last_answer)] if self.targets is None else
                                     [(target.name, target.addresses.last_answer) for target in self.targets]):
@@ -211,6 +211,7 @@ class DatagramListener(Dispatcher):
         """Listen on ``listener``, released by ``release_listener``: its sessions become this one's."""
         previous = _released.pop(listener, None)
         self.set_socket(listener)
+        self._address = listener.getsockname()[:2]
         # Ready for datagrams as a connected socket is for bytes: the loop's fast path calls
         # handle_read() at once, without asyncore's readwrite() and handle_read_event().
         self.connected = True
@@ -224,6 +225,8 @@ class DatagramListener(Dispatcher):
                 self.sessions[client] = session
                 if previous.access is not None:
                     previous.access.closed(session)  # type: ignore[arg-type]  # (counted here from now on)
+                previous.loopback.forget(session)
+                self.loopback.opened(session, session.server_address, session.socket)
                 if self.access is not None:
                     self.access.opened(session)  # type: ignore[arg-type]  # (counted for max_per_client)
             previous.sessions = collections.OrderedDict()
@@ -310,7 +313,7 @@ class DatagramListener(Dispatcher):
         if not self.serving_new:
             self.stats.dropped("draining")
             return None
-        if self.loopback.leads_back_here(client):  # a forged source, our own: each reply would come back here
+        if self.loopback.is_ours(client):  # a datagram of ours come back, or a forged source that is us
             self.stats.refused("acl")
             self._drop(client, "acl", "its source is this listener")
             return None
@@ -325,7 +328,7 @@ class DatagramListener(Dispatcher):
         for state in order:  # the balance's order; a target none of whose addresses can be reached has failed
             target_error: Optional[OSError] = None
             for family, sockaddr in (state.addresses.current() if state is not None else self._remote.current()):
-                if self.loopback.leads_back_here(sockaddr):
+                if self.loopback.leads_back(sockaddr):
                     continue
                 try:
                     sock = self._session_socket(family, sockaddr)
@@ -334,6 +337,9 @@ class DatagramListener(Dispatcher):
                         self._drop(client, "resources", f"no session: {describe_error(error)}")
                         return None
                     target_error = last_error = error
+                    continue
+                if self.loopback.connected_here(sockaddr, sock):  # one of this host's addresses: ours
+                    sock.close()
                     continue
                 return self._open(client, sock, sockaddr, state, now)
             if self.targets is not None and state is not None and target_error is not None:
@@ -360,6 +366,7 @@ class DatagramListener(Dispatcher):
         name = state.name if state is not None else self.rule.remote
         session = Session(self, sock, client, sockaddr, name, self.targets, state, now)
         self.sessions[client] = session
+        self.loopback.opened(session, sockaddr, sock)
         self.stats.opened(session)  # type: ignore[arg-type]
         if self.access is not None:
             self.access.opened(session)  # type: ignore[arg-type]
@@ -374,6 +381,7 @@ class DatagramListener(Dispatcher):
         """A session ended: out of the table and of the per-client counts."""
         if self.sessions.get(session.client_address) is session:
             del self.sessions[session.client_address]
+        self.loopback.forget(session)
         self.stats.closed(session)  # type: ignore[arg-type]
         if self.access is not None:
             self.access.closed(session)  # type: ignore[arg-type]
