@@ -101,6 +101,27 @@ def test_a_dual_stack_listener_answers_an_ipv4_client_from_the_address_it_sent_t
         assert ask(sock, ("127.0.0.1", port), b"four") == (b"four", ("127.0.0.1", port))
 
 
+def test_a_wildcard_listener_answers_each_client_from_the_address_it_sent_to(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """127.0.0.2 is this host's too (127/8 on lo): a client that sent there hears from there, not from
+    the address the route back would pick (127.0.0.1)."""
+    service = start(running, Rule("0.0.0.0", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp"))
+    port = service.address("u")[1]
+    with client() as second, client() as first:
+        for _ in range(2):
+            assert ask(second, ("127.0.0.2", port), b"to .2") == (b"to .2", ("127.0.0.2", port))
+            assert ask(first, ("127.0.0.1", port), b"to .1") == (b"to .1", ("127.0.0.1", port))
+
+
+@needs_dual_stack
+def test_a_dual_stack_listener_answers_an_ipv4_client_from_the_address_it_sent_to_among_several(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    service = start(running, Rule("::", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp"))
+    port = service.address("u")[1]
+    with client() as sock:
+        assert ask(sock, ("127.0.0.2", port), b"mapped") == (b"mapped", ("127.0.0.2", port))
+
+
 def test_a_session_keeps_its_client_port_at_the_target_and_each_client_has_its_own(
         udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
     service = start(running, udp_rule("u", udp_echo.port))

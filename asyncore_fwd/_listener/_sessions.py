@@ -29,7 +29,7 @@ import errno
 import logging
 import sys
 import time
-from typing import Any, Dict, Optional, OrderedDict, Protocol
+from typing import Any, Dict, List, Optional, OrderedDict, Protocol, Tuple
 
 from .._eventloop._dispatcher import Dispatcher
 from .._net import SockAddr, SocketMap, describe_error, format_address, os_error, pending_error
@@ -101,6 +101,10 @@ class Session(Dispatcher):
         self._targets = targets
         self._target_state = target_state
         self._replied = False
+        #: On a wildcard listener: the destination of the client's last datagram (as received), and
+        #: the ancillary data that sends the replies from it (empty: the kernel picks the source).
+        self.destination = b""
+        self.reply_ancillary: List[Tuple[int, int, bytes]] = []
         super().__init__(sock, map=owner._map)
 
     # -- select() predicates --------------------------------------------

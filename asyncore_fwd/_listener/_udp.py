@@ -62,6 +62,7 @@ from .._ops._balance import TargetSet, TargetState
 from .._ops._stats import RuleStats
 from .._relay._connection import STOPPED, cut
 from .._values._rules import Rule
+from . import _pktinfo
 from ._sessions import DATAGRAMS_PER_EVENT, MAX_DATAGRAM, Session
 from ._udploop import DatagramLoopGuard
 
@@ -123,6 +124,8 @@ class DatagramListener(Dispatcher):
         self.targets = TargetSet.for_rule(rule, self._timers, self._remote, self.stats.target_failures)
         #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
         self.loopback = DatagramLoopGuard(self)
+        #: True on a wildcard address: each datagram's destination is read, to reply from it.
+        self.pktinfo = False
         if listener is not None:
             self.take_over(listener)
         else:
@@ -157,6 +160,7 @@ class DatagramListener(Dispatcher):
             # (the kernel caps it at net.core.rmem_max; past it, the kernel drops, as UDP may).
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RECEIVE_BUFFER)
             self.bind(address)
+            self.pktinfo = _pktinfo.enable(self.socket)
             _loop.check_watchable(self._map, self.socket)
             self.connected = True  # (see take_over)
         except OSError as error:
@@ -212,6 +216,7 @@ class DatagramListener(Dispatcher):
         previous = _released.pop(listener, None)
         self.set_socket(listener)
         self._address = listener.getsockname()[:2]
+        self.pktinfo = _pktinfo.enable(listener)
         # Ready for datagrams as a connected socket is for bytes: the loop's fast path calls
         # handle_read() at once, without asyncore's readwrite() and handle_read_event().
         self.connected = True
@@ -258,6 +263,9 @@ class DatagramListener(Dispatcher):
 
     def handle_read(self) -> None:
         """Called when datagrams wait: up to ``DATAGRAMS_PER_EVENT``, each to its client's session."""
+        if self.pktinfo:
+            self._read_with_destinations()
+            return
         recvfrom_into = self.socket.recvfrom_into
         scratch = self.scratch
         sessions = self.sessions
@@ -279,10 +287,41 @@ class DatagramListener(Dispatcher):
                 sessions.move_to_end(client)
             session.to_server(scratch[:size], now)
 
+    def _read_with_destinations(self) -> None:
+        """``handle_read`` on a wildcard address: each datagram's destination is noted on its session,
+        for the replies' source (``_pktinfo``)."""
+        recvmsg_into = self.socket.recvmsg_into
+        buffers = [self.scratch]
+        sessions = self.sessions
+        now = time.monotonic()
+        for _ in range(DATAGRAMS_PER_EVENT):
+            try:
+                size, ancillary, _, client = recvmsg_into(buffers, _pktinfo.ANCILLARY_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.debug("%s: recvmsg: %s", self._label, describe_error(error))
+                continue
+            session = sessions.get(client)
+            if session is None:
+                session = self._start_session(client, now)
+                if session is None:
+                    continue
+            else:
+                sessions.move_to_end(client)
+            if ancillary and ancillary[0][2] != session.destination:  # (once, unless the client changes it)
+                session.destination = ancillary[0][2]
+                session.reply_ancillary = _pktinfo.reply_ancillary(ancillary)
+            session.to_server(self.scratch[:size], now)
+
     def to_client(self, session: Session, data: Any) -> bool:
-        """Send ``data`` to the session's client from the listening socket; False if it was dropped."""
+        """Send ``data`` to the session's client from the listening socket (from the address the
+        client sent to); False if it was dropped."""
         try:
-            self.socket.sendto(data, session.client_address)
+            if session.reply_ancillary:
+                self.socket.sendmsg([data], session.reply_ancillary, 0, session.client_address)
+            else:
+                self.socket.sendto(data, session.client_address)
         except (BlockingIOError, InterruptedError):
             self.stats.dropped("full")
             return False
