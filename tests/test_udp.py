@@ -297,6 +297,36 @@ def test_an_icmp_error_marks_the_target_down_and_the_session_stays_on_it(
                for record in caplog.records)
 
 
+@needs_ipv6
+def test_a_target_name_whose_first_address_refuses_moves_the_session_to_the_next_one(
+        running: List[RunningUdp], monkeypatch: pytest.MonkeyPatch) -> None:
+    """"localhost" as ::1 then 127.0.0.1, the server on 127.0.0.1 only: the ICMP error from ::1 moves the
+    session, the client's retry is answered, and a new client's session starts at 127.0.0.1."""
+    echo = UdpEcho("127.0.0.1")
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: object, **kwargs: object) -> list:
+        if host == "dual.test":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as free:
+            free.bind(("::1", echo.port))  # (nobody is on ::1 at the echo's port)
+        service = start(running, Rule("127.0.0.1", 0, "dual.test", echo.port, name="d", proto="udp",
+                                      idle_timeout=30))
+        with client() as first, client() as second:
+            first.sendto(b"lost", service.address("d"))
+            wait_for(lambda: service.stats("d")["failed_connects"] == 1, what="the ICMP error from ::1")
+            assert ask(first, service.address("d"), b"retry") == (b"retry", service.address("d"))
+            assert ask(second, service.address("d"), b"new") == (b"new", service.address("d"))
+        assert service.stats("d")["failed_connects"] == 1
+        assert {session.server_address[0] for session in service.listener("d").sessions.values()} == {"127.0.0.1"}
+    finally:
+        echo.close()
+
+
 def test_a_target_that_never_answers_leaves_sessions_that_idle_out(udp_echo: UdpEcho,
                                                                   running: List[RunningUdp]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never read

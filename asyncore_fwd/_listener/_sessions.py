@@ -16,8 +16,10 @@ client sent to.
 * **ICMP errors.**  A target port that is closed answers with ICMP, which
   Linux reports on the connected socket as ECONNREFUSED (on the next
   ``recv``/``send``, or as a pending error behind POLLERR).  It counts as a
-  failed connect to the target for passive health; the session keeps its
-  target until it idles out (UDP cannot tell a restarting server from a gone one).
+  failed connect to the target for passive health.  Before any reply the
+  session moves to the target's next address (a name may have several);
+  otherwise it keeps its target until it idles out (UDP cannot tell a
+  restarting server from a gone one).
 * **The end.**  No datagram either way for ``idle_timeout`` seconds: the
   listener's sweep closes the session (``_udp``), and its socket with it.
   A drain's timeout or a stop cuts the sessions left (``close_early``).
@@ -70,6 +72,12 @@ class SessionOwner(Protocol):
         """Send ``data`` to the session's client from the listening socket; False if it was dropped."""
         ...
 
+    def answered(self, session: Any) -> None:
+        """The session's target address sent its first reply."""
+
+    def session_failed(self, session: Any) -> None:
+        """The session's target answered with an ICMP error (counted): move the session, or end it."""
+
     def session_closed(self, session: Any) -> None:
         """The session ended: forget it."""
 
@@ -100,7 +108,10 @@ class Session(Dispatcher):
         # The target set the session was chosen by (the listener that started it): counted there until it ends.
         self._targets = targets
         self._target_state = target_state
-        self._replied = False
+        #: True once the target replied: an ICMP error no longer moves the session.
+        self.replied = False
+        #: The target's addresses this session has been connected to.
+        self.tried = [server_address]
         #: On a wildcard listener: the destination of the client's last datagram (as received), and
         #: the ancillary data that sends the replies from it (empty: the kernel picks the source).
         self.destination = b""
@@ -144,14 +155,15 @@ class Session(Dispatcher):
                 size = recv_into(scratch)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as error:  # an ICMP error for an earlier datagram: the next may still be there
+            except OSError as error:  # an ICMP error for an earlier datagram
                 if error.errno in TARGET_ERRORS:
-                    self.target_failed(error)
-                else:
-                    log.debug("#%d recv: %s", self.id, describe_error(error))
+                    self.target_failed(error)  # (which may move the session to another socket, or end it)
+                    return
+                log.debug("#%d recv: %s", self.id, describe_error(error))
                 continue
-            if not self._replied:
-                self._replied = True
+            if not self.replied:
+                self.replied = True
+                owner.answered(self)
                 if self._targets is not None and self._target_state is not None:
                     # (ends a probation: it answers)
                     self._targets.connected(self, self._target_state)  # type: ignore[arg-type]
@@ -188,14 +200,30 @@ class Session(Dispatcher):
         if targets is not None and state is not None:
             targets.started(self, state)  # type: ignore[arg-type]
 
+    @property
+    def target_state(self) -> Optional[TargetState]:
+        """The target's state in the rule's target set (None: a rule with one target)."""
+        return self._target_state
+
     def target_failed(self, error: OSError) -> None:
         """The target's address answered with an ICMP error (ECONNREFUSED: no one at that port):
-        counted as a failed connect for passive health; the session stays on its target."""
+        counted as a failed connect for passive health; then the listener may move the session to
+        the target's next address (``session_failed``)."""
         self.icmp_errors += 1
         self.owner.stats.failed_connects += 1
         if self._targets is not None and self._target_state is not None:
             self._targets.failure(self._target_state, error)
         log.debug("#%d %s answers %s", self.id, self.target, describe_error(error))
+        self.owner.session_failed(self)
+
+    def move_to(self, sock: Any, server_address: SockAddr) -> None:
+        """Go on with ``sock``, connected to the target's next address (the old socket closes)."""
+        old = self.socket
+        self.del_channel()
+        self.set_socket(sock)
+        old.close()
+        self.server_address = server_address
+        self.tried.append(server_address)
 
     # -- the end ------------------------------------------------------------
 

@@ -40,7 +40,7 @@ import logging
 import socket
 import time
 import weakref
-from typing import Any, Collection, Optional, OrderedDict, Tuple
+from typing import Any, Collection, Dict, List, Optional, OrderedDict, Tuple
 
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
@@ -124,6 +124,8 @@ class DatagramListener(Dispatcher):
         self.targets = TargetSet.for_rule(rule, self._timers, self._remote, self.stats.target_failures)
         #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
         self.loopback = DatagramLoopGuard(self)
+        #: Per target name, the address that last answered a session: where new sessions start.
+        self.answered_at: Dict[str, SockAddr] = {}
         #: True on a wildcard address: each datagram's destination is read, to reply from it.
         self.pktinfo = False
         if listener is not None:
@@ -366,7 +368,7 @@ class DatagramListener(Dispatcher):
         last_error: Optional[OSError] = None
         for state in order:  # the balance's order; a target none of whose addresses can be reached has failed
             target_error: Optional[OSError] = None
-            for family, sockaddr in (state.addresses.current() if state is not None else self._remote.current()):
+            for family, sockaddr in self._addresses(state):
                 if self.loopback.leads_back(sockaddr):
                     continue
                 try:
@@ -386,6 +388,41 @@ class DatagramListener(Dispatcher):
         why = describe_error(last_error) if last_error is not None else "it leads back to this listener"
         self._drop(client, "error", f"no target: {why}")
         return None
+
+    def _addresses(self, state: Optional[TargetState]) -> List[Tuple[int, SockAddr]]:
+        """The addresses of a target to try, the one that last answered first."""
+        addresses = state.addresses.current() if state is not None else self._remote.current()
+        answered = self.answered_at.get(state.name if state is not None else self.rule.remote)
+        if answered is None or addresses[0][1] == answered or len(addresses) < 2:
+            return addresses
+        return sorted(addresses, key=lambda address: address[1] != answered)
+
+    def answered(self, session: Session) -> None:
+        """The session's target address sent its first reply: new sessions of that target start there."""
+        self.answered_at[session.target] = session.server_address
+
+    def session_failed(self, session: Session) -> None:
+        """The session's target answered with an ICMP error.  Before any reply, the session moves to
+        the target's next address (the client retries; nothing is sent again)."""
+        state = session.target_state
+        if session.replied:
+            return  # (a server that answered may be restarting: the session stays until it idles out)
+        for family, sockaddr in self._addresses(state):
+            if sockaddr in session.tried or self.loopback.leads_back(sockaddr):
+                continue
+            try:
+                sock = self._session_socket(family, sockaddr)
+            except OSError:
+                session.tried.append(sockaddr)
+                continue
+            if self.loopback.connected_here(sockaddr, sock):
+                sock.close()
+                session.tried.append(sockaddr)
+                continue
+            session.move_to(sock, sockaddr)
+            self.loopback.opened(session, sockaddr, sock)
+            log.debug("#%d udp session to %s moves to %s", session.id, session.target, format_address(sockaddr))
+            return
 
     def _session_socket(self, family: int, sockaddr: SockAddr) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_DGRAM)
