@@ -275,26 +275,50 @@ def test_a_flood_from_thousands_of_ports_stays_within_the_cap_and_a_client_is_st
 # -- targets ---------------------------------------------------------------------------------
 
 
-def test_an_icmp_error_marks_the_target_down_and_the_session_stays_on_it(
+def test_an_icmp_error_marks_the_target_down_and_the_clients_next_datagram_goes_to_another(
         udp_echo: UdpEcho, running: List[RunningUdp], caplog: pytest.LogCaptureFixture) -> None:
     """A closed target port: ECONNREFUSED on the session's socket counts as a failed connect and marks
-    the target down; that session stays on it (no reply), a new client's goes to the next target."""
+    the target down; that session ends, so the client's retry starts one on the next target."""
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     dead = dead_port()
     service = start(running, udp_rule("u", dead, targets=[("127.0.0.1", udp_echo.port)], max_fails=1))
     with client() as first, client() as second:
         first.sendto(b"anyone?", service.address("u"))
         wait_for(lambda: service.stats("u")["failed_connects"] >= 1, what="the ICMP error")
-        first.sendto(b"again", service.address("u"))
-        assert no_reply(first)
+        assert ask(first, service.address("u"), b"again")[0] == b"again"
         assert ask(second, service.address("u"), b"hello")[0] == b"hello"
         targets = service.service.target_stats()["u"]
         assert targets[f"127.0.0.1:{dead}"]["up"] == 0
         assert targets[f"127.0.0.1:{dead}"]["connect_failures"] >= 1
-        assert targets[f"127.0.0.1:{udp_echo.port}"]["active"] == 1
-        assert service.stats("u")["active"] == 2  # the first client's session idles out, not ends
+        assert (targets[f"127.0.0.1:{dead}"]["active"], targets[f"127.0.0.1:{udp_echo.port}"]["active"]) == (0, 2)
+        assert (service.stats("u")["active"], service.stats("u")["accepted"]) == (2, 3)
     assert any(getattr(record, "event", None) == "target" and record.details["state"] == "down"
                for record in caplog.records)
+
+
+def test_a_steady_client_leaves_a_target_marked_down_for_a_live_one(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """A client retrying every 0.2 s, never quiet for idle_timeout: its session on the dead first
+    target ends once that is down, and a retry is answered by the other."""
+    dead = dead_port()
+    service = start(running, udp_rule("u", dead, targets=[("127.0.0.1", udp_echo.port)], balance="first",
+                                      max_fails=1, fail_timeout=30, idle_timeout=5))
+    with client() as sock:
+        replies = 0
+        for _ in range(10):
+            sock.sendto(b"retry", service.address("u"))
+            replies += not no_reply(sock, 0.2)
+        assert replies >= 8
+
+
+def test_a_session_whose_only_target_refuses_before_any_reply_ends(running: List[RunningUdp]) -> None:
+    """No reply yet and no other address: the session ends at the ICMP error, not at its idle timeout."""
+    service = start(running, udp_rule("u", dead_port(), idle_timeout=60))
+    with client() as sock:
+        sock.sendto(b"anyone?", service.address("u"))
+        wait_for(lambda: service.stats("u")["failed_connects"] == 1, what="the ICMP error")
+        wait_for(lambda: service.stats("u")["active"] == 0, what="the session to end")
+        assert service.stats("u")["accepted"] == 1
 
 
 @needs_ipv6

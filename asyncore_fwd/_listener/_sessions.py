@@ -17,8 +17,10 @@ client sent to.
   Linux reports on the connected socket as ECONNREFUSED (on the next
   ``recv``/``send``, or as a pending error behind POLLERR).  It counts as a
   failed connect to the target for passive health.  Before any reply the
-  session moves to the target's next address (a name may have several);
-  otherwise it keeps its target until it idles out (UDP cannot tell a
+  session moves to the target's next address (a name may have several); a
+  session whose target is down, or that has none left, ends, so that the
+  client's next datagram starts one on the target the balance picks then.
+  A session that had replies keeps its target otherwise (UDP cannot tell a
   restarting server from a gone one).
 * **The end.**  No datagram either way for ``idle_timeout`` seconds: the
   listener's sweep closes the session (``_udp``), and its socket with it.
@@ -207,8 +209,8 @@ class Session(Dispatcher):
 
     def target_failed(self, error: OSError) -> None:
         """The target's address answered with an ICMP error (ECONNREFUSED: no one at that port):
-        counted as a failed connect for passive health; then the listener may move the session to
-        the target's next address (``session_failed``)."""
+        counted as a failed connect for passive health; then the listener moves the session to
+        the target's next address, or ends it (``session_failed``)."""
         self.icmp_errors += 1
         self.owner.stats.failed_connects += 1
         if self._targets is not None and self._target_state is not None:

@@ -403,8 +403,12 @@ class DatagramListener(Dispatcher):
 
     def session_failed(self, session: Session) -> None:
         """The session's target answered with an ICMP error.  Before any reply, the session moves to
-        the target's next address (the client retries; nothing is sent again)."""
+        the target's next address (the client retries; nothing is sent again); a session whose target
+        is down or has no address left ends: the client's next datagram starts one by the balance."""
         state = session.target_state
+        if state is not None and not state.up:
+            session.close("target down")
+            return
         if session.replied:
             return  # (a server that answered may be restarting: the session stays until it idles out)
         for family, sockaddr in self._addresses(state):
@@ -423,6 +427,7 @@ class DatagramListener(Dispatcher):
             self.loopback.opened(session, sockaddr, sock)
             log.debug("#%d udp session to %s moves to %s", session.id, session.target, format_address(sockaddr))
             return
+        session.close("target failed")
 
     def _session_socket(self, family: int, sockaddr: SockAddr) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_DGRAM)
