@@ -411,6 +411,9 @@ class DatagramListener(Dispatcher):
             return
         if session.replied:
             return  # (a server that answered may be restarting: the session stays until it idles out)
+        if state is None and (self.targets is not None or session.target != self.rule.remote):
+            session.close("target failed")  # adopted, its target no longer the rule's: next, the rule's
+            return
         for family, sockaddr in self._addresses(state):
             if sockaddr in session.tried or self.loopback.leads_back(sockaddr):
                 continue
