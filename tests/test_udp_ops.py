@@ -309,6 +309,34 @@ def test_a_tcp_and_a_udp_rule_may_listen_on_one_port(capsys: pytest.CaptureFixtu
     assert [line.split()[0] for line in out.splitlines()] == ["name=127.0.0.1:5353", "name=127.0.0.1:5353/udp"]
 
 
+def test_without_max_connections_a_udp_flood_leaves_descriptors_for_a_tcp_rule(
+        spawn: Spawn, echoes: List[UdpEcho], echo_server: EchoServer) -> None:
+    """A descriptor limit of 160: the UDP rule's sessions stop at the default cap, half of it, and a TCP
+    rule still accepts and relays during the flood from 200 source ports."""
+    limited = ("import resource, runpy, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (160, hard)); sys.argv[0] = 'asyncore_fwd'; "
+               "runpy.run_module('asyncore_fwd', run_name='__main__')")
+    proc = spawn([sys.executable, "-c", limited, "-L", f"0:127.0.0.1:{echoes[0].port},proto=udp,name=u",
+                  "-L", f"0:127.0.0.1:{echo_server.port},name=t"])
+    udp_port = int(proc.wait_line(r"u: forwarding \S+:(\d+) to ").group(1))
+    tcp_port = int(proc.wait_line(r"t: forwarding \S+:(\d+) to ").group(1))
+    flood = [client() for _ in range(200)]
+    try:
+        for sock in flood:
+            sock.sendto(b"flood", ("127.0.0.1", udp_port))
+        wait_for(lambda: proc.process.send_signal(signal.SIGUSR1) or
+                 any(re.search(r"u: active=80 accepted=80 .* dropped_limit=120 ", line) for line in proc.lines),
+                 what="a stats line with 80 sessions and 120 datagrams dropped at the cap")
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=WAIT) as tcp:
+            tcp.sendall(b"tcp still served")
+            assert tcp.recv(100) == b"tcp still served"
+    finally:
+        for sock in flood:
+            sock.close()
+    assert "dropped_resources=0" in [line for line in proc.lines if "u: active=" in line][-1]
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
+
+
 def test_sigusr1_and_v_log_a_udp_rules_sessions_and_counters(spawn: Spawn, echoes: List[UdpEcho]) -> None:
     proc = spawn(MODULE + ["-v", "-L", f"0:127.0.0.1:{echoes[0].port},proto=udp,name=dns,idle_timeout=0.3"])
     port = int(proc.wait_line(r"dns: forwarding \S+:(\d+) to ").group(1))

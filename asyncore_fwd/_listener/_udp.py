@@ -18,8 +18,8 @@ Strategy:
   that cannot be sent now is dropped and counted, never queued.
 * **Bounded memory.**  A datagram that would start a session past a limit,
   or that the lists refuse, is dropped: counted (``dropped_*``) and logged
-  rate-limited (``RefusalLog``).  Without ``max_connections`` the descriptor
-  limit caps the sessions ("resources").
+  rate-limited (``RefusalLog``).  Without ``max_connections`` the sessions
+  are capped at half the descriptor limit, leaving the rest to the others.
 * **Expiry without a timer per datagram.**  The table is kept in order of
   last activity (a datagram either way moves its session to the end), so
   one timer, set for the first session's deadline, closes the sessions that
@@ -53,6 +53,7 @@ from .._net import (
     bind_source,
     check_source,
     describe_error,
+    descriptor_limit,
     family_of,
     format_address,
     listen_address,
@@ -75,6 +76,11 @@ EXPIRIES_PER_ROUND = 1024
 #: Once the listener starts no more sessions (a drain, a removed rule), a session ends after
 #: this long without a datagram either way.
 DRAIN_QUIET = 1.0
+#: Without ``max_connections``, a UDP rule's sessions are capped at this share of the descriptor
+#: limit (at most ``UNLIMITED_SESSION_CAP`` without one): a flood of spoofed sources leaves the
+#: rest to the other rules and to the TCP connections.
+DEFAULT_CAP_SHARE = 0.5
+UNLIMITED_SESSION_CAP = 1 << 19
 #: The receive buffer the listening socket asks for (bytes).
 LISTEN_RECEIVE_BUFFER = 4 * 1024 * 1024
 
@@ -91,6 +97,13 @@ def give_back(sock: socket.socket) -> bool:
         return False
     previous.take_over(sock)
     return True
+
+
+def default_session_cap() -> int:
+    """The session cap of a UDP rule without ``max_connections``: ``DEFAULT_CAP_SHARE`` of the
+    descriptor limit now."""
+    limit = descriptor_limit()
+    return max(1, int(limit * DEFAULT_CAP_SHARE)) if limit is not None else UNLIMITED_SESSION_CAP
 
 
 class DatagramListener(Dispatcher):
@@ -117,6 +130,8 @@ class DatagramListener(Dispatcher):
         super().__init__(map=map)
         self._timers = timers_for(self._map)
         self._label = rule.label
+        #: Without ``max_connections``: the cap on open sessions, set from the descriptor limit at start.
+        self.default_cap = 0 if rule.max_connections else default_session_cap()
         #: Allow/deny lists and limits (None: none); its refusal log is the rule's.
         self.access = AccessControl.for_rule(rule, self._timers)
         self.refusals = self.access.refusals if self.access is not None else RefusalLog(rule.label, self._timers)
@@ -364,6 +379,10 @@ class DatagramListener(Dispatcher):
                 self.stats.refused(reason)
                 self._drop(client, "acl" if reason == "acl" else "limit", reason)
                 return None
+        if self.default_cap and len(self.sessions) >= self.default_cap:
+            self.stats.refused("max_connections")
+            self._drop(client, "limit", f"max_connections (by default {self.default_cap}: half the descriptor limit)")
+            return None
         order = self.targets.order() if self.targets is not None else [None]
         last_error: Optional[OSError] = None
         for state in order:  # the balance's order; a target none of whose addresses can be reached has failed
