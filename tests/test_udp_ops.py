@@ -128,6 +128,22 @@ def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: Lis
         assert no_reply(old)
 
 
+def test_a_new_rule_on_the_port_of_a_removed_one_with_sessions_listens_at_once(
+        echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
+    """"a" on 0.0.0.0:P replaced by "b" on 127.0.0.1:P: a's listener, kept for its session, is closed
+    (that session cut) so that b can bind; a client of a's is then b's."""
+    port = free_udp_port()
+    service = RunningUdp([Rule("0.0.0.0", port, "127.0.0.1", echoes[0].port, name="a", proto="udp")])
+    running.append(service)
+    with client() as old, client() as new:
+        ask(old, ("127.0.0.1", port), b"a")
+        reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echoes[1].port, name="b", proto="udp")])
+        assert service.service.retiring == []
+        assert ask(new, ("127.0.0.1", port), b"b") == (b"b", ("127.0.0.1", port))
+        assert ask(old, ("127.0.0.1", port), b"now b") == (b"now b", ("127.0.0.1", port))
+    assert (echoes[0].received, echoes[1].received) == (1, 2)
+
+
 def test_a_reload_from_udp_to_tcp_on_one_address_keeps_the_sessions_answered(
         echoes: List[UdpEcho], echo_server: EchoServer, running: List[RunningUdp]) -> None:
     port = free_udp_port()
