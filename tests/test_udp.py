@@ -467,6 +467,17 @@ def test_a_datagram_from_a_sessions_own_end_starts_no_session(udp_echo: UdpEcho)
         service.close()
 
 
+def test_a_target_that_cannot_be_connected_to_counts_as_a_failed_connect(running: List[RunningUdp]) -> None:
+    """A broadcast target (EACCES at the session's connect): each datagram dropped as an error and counted
+    as a failed connect, as a TCP connect that no address took."""
+    service = start(running, Rule("127.0.0.1", 0, "255.255.255.255", 9, name="b", proto="udp"))
+    with client() as sock:
+        for _ in range(3):
+            sock.sendto(b"x", service.address("b"))
+        wait_for(lambda: service.stats("b")["dropped_error"] == 3, what="the drops")
+    assert (service.stats("b")["failed_connects"], service.stats("b")["accepted"]) == (3, 0)
+
+
 def test_a_datagram_the_target_socket_cannot_take_now_is_dropped_and_counted(
         udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
     """EAGAIN on the session's socket: that datagram is dropped (counted "full"), the next goes."""

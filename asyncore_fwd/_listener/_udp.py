@@ -404,6 +404,8 @@ class DatagramListener(Dispatcher):
                 return self._open(client, sock, sockaddr, state, now)
             if self.targets is not None and state is not None and target_error is not None:
                 self.targets.failure(state, target_error)
+        if last_error is not None:
+            self.stats.failed_connects += 1  # (as a TCP connect that no address of the target took)
         why = describe_error(last_error) if last_error is not None else "it leads back to this listener"
         self._drop(client, "error", f"no target: {why}")
         return None
