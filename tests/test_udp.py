@@ -184,6 +184,20 @@ def test_a_session_active_either_way_does_not_idle_out(udp_echo: UdpEcho, runnin
         assert service.stats("u")["active"] == 1
 
 
+def test_a_read_event_with_no_reply_leaves_the_session_in_its_place_for_expiry(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """A wake-up of a session's socket that reads nothing is no activity: the sweep's order stays."""
+    service = start(running, udp_rule("u", udp_echo.port))
+    with client() as older, client() as newer:
+        ask(older, service.address("u"), b"1")
+        ask(newer, service.address("u"), b"2")
+        wait_for(lambda: service.stats("u")["datagrams_to_client"] == 2, what="the loop done with the replies")
+        listener = service.listener("u")
+        first, second = list(listener.sessions.values())
+        first.handle_read()  # (from this thread: nothing waits on its socket, the loop's reads are done)
+        assert list(listener.sessions.values()) == [first, second]
+
+
 def test_a_udp_rule_idle_timeout_of_0_is_60_seconds() -> None:
     assert Rule("127.0.0.1", 0, "127.0.0.1", 53, proto="udp").idle_timeout == 60
     assert Rule("127.0.0.1", 0, "127.0.0.1", 53, proto="udp", idle_timeout=0).idle_timeout == 60

@@ -152,6 +152,7 @@ class Session(Dispatcher):
         recv_into = self.socket.recv_into
         scratch = owner.scratch
         now = time.monotonic()
+        replies = 0
         for _ in range(DATAGRAMS_PER_EVENT):
             try:
                 size = recv_into(scratch)
@@ -160,7 +161,7 @@ class Session(Dispatcher):
             except OSError as error:  # an ICMP error for an earlier datagram
                 if error.errno in TARGET_ERRORS:
                     self.target_failed(error)  # (which may move the session to another socket, or end it)
-                    return
+                    break
                 log.debug("#%d recv: %s", self.id, describe_error(error))
                 continue
             if not self.replied:
@@ -176,7 +177,8 @@ class Session(Dispatcher):
                 self.datagrams_to_client -= 1
                 self.bytes_to_client -= size
             self.last_active = now
-        if self.closed_reason is None and self.client_address in owner.sessions:
+            replies += 1
+        if replies and self.closed_reason is None and self.client_address in owner.sessions:
             owner.sessions.move_to_end(self.client_address)  # the sweep's order: least recently active first
 
     def handle_close(self) -> None:
