@@ -472,7 +472,7 @@ def test_a_datagram_from_a_sessions_own_end_starts_no_session(udp_echo: UdpEcho)
     service = Service([Rule("127.0.0.1", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp")], map={})
     try:
         listener = service.forwarders["u"]
-        listener._remote = RemoteAddresses("127.0.0.2", listener.address[1])  # the listener's port elsewhere
+        listener.paths._remote = RemoteAddresses("127.0.0.2", listener.address[1])  # its port elsewhere
         session = listener._start_session(("127.0.0.1", 40000), time.monotonic())
         assert session is not None
         assert listener._start_session(session.socket.getsockname(), time.monotonic()) is None

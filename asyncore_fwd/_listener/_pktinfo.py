@@ -18,10 +18,17 @@ except for an IPv6 link-local address, which means nothing without it.
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
 from typing import Any, List, Tuple
 
-__all__ = ["ANCILLARY_SPACE", "Ancillary", "enable", "reply_ancillary"]
+from .._net import describe_error
+from ._sessions import DATAGRAMS_PER_EVENT
+
+__all__ = ["ANCILLARY_SPACE", "Ancillary", "enable", "read_with_destinations", "reply_ancillary"]
+
+log = logging.getLogger("asyncore_fwd")
 
 #: Linux's value, for the Pythons whose socket module lacks the name.
 IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
@@ -58,3 +65,31 @@ def reply_ancillary(received: Any) -> Ancillary:
             link_local = data[0] == 0xFE and data[1] & 0xC0 == 0x80
             return [(level, kind, bytes(data[:16]) + (bytes(data[16:20]) if link_local else _NO_INTERFACE))]
     return []
+
+
+def read_with_destinations(listener: Any) -> None:
+    """``DatagramListener.handle_read`` on a wildcard address: each datagram's destination is
+    noted on its session, for the replies' source."""
+    recvmsg_into = listener.socket.recvmsg_into
+    buffers = [listener.scratch]
+    sessions = listener.sessions
+    now = time.monotonic()
+    for _ in range(DATAGRAMS_PER_EVENT):
+        try:
+            size, ancillary, _, client = recvmsg_into(buffers, ANCILLARY_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            log.debug("%s: recvmsg: %s", listener.label, describe_error(error))
+            continue
+        session = sessions.get(client)
+        if session is None:
+            session = listener._start_session(client, now)
+            if session is None:
+                continue
+        else:
+            sessions.move_to_end(client)
+        if ancillary and ancillary[0][2] != session.destination:  # (once, unless the client changes it)
+            session.destination = ancillary[0][2]
+            session.reply_ancillary = reply_ancillary(ancillary)
+        session.to_server(listener.scratch[:size], now)

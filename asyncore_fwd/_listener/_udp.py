@@ -1,15 +1,13 @@
 """A UDP rule's listener: the same loop, another kind of socket.
 
 A datagram socket has no ``accept``: every client's datagrams arrive on the
-one listening socket, each with its sender's address (``recvfrom``).  So the
-listener keeps a table of *sessions* (``_sessions``), one per client
-address: the first datagram from an address starts one -- after the rule's
-allow/deny lists and limits (``_ops._access``: ``max_connections`` caps the
-sessions, ``max_per_client`` those of one client IP) -- on the target the
-rule's balance picks (``_ops._balance``); later ones go to it.  Replies go
-out of this socket, so a client hears from the address it sent to (a
-dual-stack ``[::]`` listener answers an IPv4 client at its mapped address,
-exactly as it sent from).
+one listening socket, each with its sender's address.  So the listener
+keeps a table of *sessions* (``_sessions``), one per client address: the
+first datagram from an address starts one -- after the rule's allow/deny
+lists and limits (``_ops._access``) -- connected to the target the balance
+picks (``_udptargets``, never to this listener: ``_udploop``); later ones
+go to it.  Replies go out of this socket, from the address the client sent
+to (on a wildcard address, read per datagram: ``_pktinfo``).
 
 Strategy:
 
@@ -27,8 +25,7 @@ Strategy:
 * **Drain and reload.**  ``stop_accepting`` starts no more sessions but
   keeps the socket, which the open ones need for their replies, until they
   have been quiet for ``DRAIN_QUIET`` seconds (or ``idle_timeout``, if
-  shorter): a reply on its way still gets through, and a drain does not wait
-  its whole timeout for sessions that nothing would end.  A reload that keeps the listen address hands the socket to the
+  shorter).  A reload that keeps the listen address hands the socket to the
   successor (``release_listener``/``take_over``), which *adopts* the open
   sessions: they keep their target, and a changed target serves new ones.
 """
@@ -36,11 +33,12 @@ Strategy:
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import socket
 import time
 import weakref
-from typing import Any, Collection, Dict, List, Optional, OrderedDict, Tuple
+from typing import Any, Collection, Optional, OrderedDict, Tuple
 
 from .._eventloop import _loop
 from .._eventloop._dispatcher import Dispatcher
@@ -50,7 +48,6 @@ from .._net import (
     RemoteAddresses,
     SockAddr,
     SocketMap,
-    bind_source,
     check_source,
     describe_error,
     descriptor_limit,
@@ -66,6 +63,7 @@ from .._values._rules import Rule
 from . import _pktinfo
 from ._sessions import DATAGRAMS_PER_EVENT, MAX_DATAGRAM, Session
 from ._udploop import DatagramLoopGuard
+from ._udptargets import SessionTargets
 
 __all__ = ["DatagramListener", "give_back"]
 
@@ -139,8 +137,8 @@ class DatagramListener(Dispatcher):
         self.targets = TargetSet.for_rule(rule, self._timers, self._remote, self.stats.target_failures)
         #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
         self.loopback = DatagramLoopGuard(self)
-        #: Per target name, the address that last answered a session: where new sessions start.
-        self.answered_at: Dict[str, SockAddr] = {}
+        #: Connects the sessions to the targets.
+        self.paths = SessionTargets(rule, self._map, self._remote, self.targets, self.loopback)
         #: True on a wildcard address: each datagram's destination is read, to reply from it.
         self.pktinfo = False
         if listener is not None:
@@ -281,7 +279,7 @@ class DatagramListener(Dispatcher):
     def handle_read(self) -> None:
         """Called when datagrams wait: up to ``DATAGRAMS_PER_EVENT``, each to its client's session."""
         if self.pktinfo:
-            self._read_with_destinations()
+            _pktinfo.read_with_destinations(self)
             return
         recvfrom_into = self.socket.recvfrom_into
         scratch = self.scratch
@@ -303,33 +301,6 @@ class DatagramListener(Dispatcher):
             else:
                 sessions.move_to_end(client)
             session.to_server(scratch[:size], now)
-
-    def _read_with_destinations(self) -> None:
-        """``handle_read`` on a wildcard address: each datagram's destination is noted on its session,
-        for the replies' source (``_pktinfo``)."""
-        recvmsg_into = self.socket.recvmsg_into
-        buffers = [self.scratch]
-        sessions = self.sessions
-        now = time.monotonic()
-        for _ in range(DATAGRAMS_PER_EVENT):
-            try:
-                size, ancillary, _, client = recvmsg_into(buffers, _pktinfo.ANCILLARY_SPACE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                log.debug("%s: recvmsg: %s", self._label, describe_error(error))
-                continue
-            session = sessions.get(client)
-            if session is None:
-                session = self._start_session(client, now)
-                if session is None:
-                    continue
-            else:
-                sessions.move_to_end(client)
-            if ancillary and ancillary[0][2] != session.destination:  # (once, unless the client changes it)
-                session.destination = ancillary[0][2]
-                session.reply_ancillary = _pktinfo.reply_ancillary(ancillary)
-            session.to_server(self.scratch[:size], now)
 
     def to_client(self, session: Session, data: Any) -> bool:
         """Send ``data`` to the session's client from the listening socket (from the address the
@@ -383,88 +354,25 @@ class DatagramListener(Dispatcher):
             self.stats.refused("max_connections")
             self._drop(client, "limit", f"max_connections (by default {self.default_cap}: half the descriptor limit)")
             return None
-        order = self.targets.order() if self.targets is not None else [None]
-        last_error: Optional[OSError] = None
-        for state in order:  # the balance's order; a target none of whose addresses can be reached has failed
-            target_error: Optional[OSError] = None
-            for family, sockaddr in self._addresses(state):
-                if self.loopback.leads_back(sockaddr):
-                    continue
-                try:
-                    sock = self._session_socket(family, sockaddr)
-                except OSError as error:
-                    if error.errno in OUT_OF_RESOURCES:
-                        self._drop(client, "resources", f"no session: {describe_error(error)}")
-                        return None
-                    target_error = last_error = error
-                    continue
-                if self.loopback.connected_here(sockaddr, sock):  # one of this host's addresses: ours
-                    sock.close()
-                    continue
-                return self._open(client, sock, sockaddr, state, now)
-            if self.targets is not None and state is not None and target_error is not None:
-                self.targets.failure(state, target_error)
-        if last_error is not None:
-            self.stats.failed_connects += 1  # (as a TCP connect that no address of the target took)
-        why = describe_error(last_error) if last_error is not None else "it leads back to this listener"
-        self._drop(client, "error", f"no target: {why}")
-        return None
-
-    def _addresses(self, state: Optional[TargetState]) -> List[Tuple[int, SockAddr]]:
-        """The addresses of a target to try, the one that last answered first."""
-        addresses = state.addresses.current() if state is not None else self._remote.current()
-        answered = self.answered_at.get(state.name if state is not None else self.rule.remote)
-        if answered is None or addresses[0][1] == answered or len(addresses) < 2:
-            return addresses
-        return sorted(addresses, key=lambda address: address[1] != answered)
+        try:
+            sock, sockaddr, state = self.paths.connect()
+        except OSError as error:
+            if error.errno in OUT_OF_RESOURCES:
+                self._drop(client, "resources", f"no session: {describe_error(error)}")
+                return None
+            if error.errno != errno.ELOOP:
+                self.stats.failed_connects += 1  # (as a TCP connect that no address of the target took)
+            self._drop(client, "error", f"no target: {describe_error(error)}")
+            return None
+        return self._open(client, sock, sockaddr, state, now)
 
     def answered(self, session: Session) -> None:
         """The session's target address sent its first reply: new sessions of that target start there."""
-        self.answered_at[session.target] = session.server_address
+        self.paths.answered(session)
 
     def session_failed(self, session: Session) -> None:
-        """The session's target answered with an ICMP error.  Before any reply, the session moves to
-        the target's next address (the client retries; nothing is sent again); a session whose target
-        is down or has no address left ends: the client's next datagram starts one by the balance."""
-        state = session.target_state
-        if state is not None and not state.up:
-            session.close("target down")
-            return
-        if session.replied:
-            return  # (a server that answered may be restarting: the session stays until it idles out)
-        if state is None and (self.targets is not None or session.target != self.rule.remote):
-            session.close("target failed")  # adopted, its target no longer the rule's: next, the rule's
-            return
-        for family, sockaddr in self._addresses(state):
-            if sockaddr in session.tried or self.loopback.leads_back(sockaddr):
-                continue
-            try:
-                sock = self._session_socket(family, sockaddr)
-            except OSError:
-                session.tried.append(sockaddr)
-                continue
-            if self.loopback.connected_here(sockaddr, sock):
-                sock.close()
-                session.tried.append(sockaddr)
-                continue
-            session.move_to(sock, sockaddr)
-            self.loopback.opened(session, sockaddr, sock)
-            log.debug("#%d udp session to %s moves to %s", session.id, session.target, format_address(sockaddr))
-            return
-        session.close("target failed")
-
-    def _session_socket(self, family: int, sockaddr: SockAddr) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            if self.rule.source is not None:
-                bind_source(sock, self.rule.source)
-            sock.connect(sockaddr)  # a UDP connect only fixes the peer: it does not wait
-            _loop.check_watchable(self._map, sock)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        """The session's target answered with an ICMP error: it may move or end (``SessionTargets.failed``)."""
+        self.paths.failed(session)
 
     def _open(self, client: SockAddr, sock: socket.socket, sockaddr: SockAddr, state: Optional[TargetState],
               now: float) -> Session:
