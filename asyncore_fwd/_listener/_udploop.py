@@ -18,8 +18,9 @@ addresses, at three moments:
 Unlike a TCP rule's guard, ``reuse_port`` makes no exception: the other
 sockets of a UDP listener's port are this forwarder's own workers, so a
 loopback or own target on that port loops just the same.  Nothing is checked
-per datagram of a session; a new client costs a dictionary lookup (and a
-bind probe when its port is the listener's).
+per datagram of a session; a new client costs a dictionary lookup (and, on
+a wildcard listener, a bind probe when its port is the listener's, once per
+host).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from .._relay._loopback import LoopbackGuard
 __all__ = ["DatagramLoopGuard", "is_own_address"]
 
 End = Tuple[str, int]
+
+#: How many hosts the guard remembers as this host's own or not.
+OWN_CACHE = 256
 
 
 def is_own_address(host: str) -> bool:
@@ -56,6 +60,7 @@ class DatagramLoopGuard:
         #: The local ends of the sessions whose target is on the listener's port, and back.
         self.own_ends: Dict[End, Any] = {}
         self._end_of: Dict[Any, End] = {}
+        self._own: Dict[str, bool] = {}
 
     @property
     def _port(self) -> int:
@@ -66,9 +71,19 @@ class DatagramLoopGuard:
         """Whether datagrams to ``peer`` (sent from ``local``, once known) reach this listener."""
         if peer[1] != self._port:
             return False
-        if local is None and is_own_address(end_key(peer)[0]):
+        if local is None and self._listening.address[0] in ("0.0.0.0", "::") and self._is_own(end_key(peer)[0]):
             local = peer  # (what a connect to one of our own addresses has at its end)
         return self._guard.leads_back_here(peer, local)
+
+    def _is_own(self, host: str) -> bool:
+        """``is_own_address``, remembered for the few hosts a rule's targets and clients on the
+        listener's port have (forgotten past ``OWN_CACHE`` of them: a flood's forged sources)."""
+        own = self._own.get(host)
+        if own is None:
+            if len(self._own) >= OWN_CACHE:
+                self._own.clear()
+            own = self._own[host] = is_own_address(host)
+        return own
 
     def refuse_remote(self, addresses: Iterable[Tuple[int, SockAddr]], what: str) -> None:
         """OSError if every address of the target leads back to this listener."""
