@@ -109,6 +109,30 @@ def test_a_failed_reload_hands_the_sessions_back_without_counting_their_clients_
         assert service.stats("r")["dropped_limit"] == 0
 
 
+def test_an_adopted_session_whose_old_target_refuses_ends_and_the_client_goes_on_with_the_new_target(
+        echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
+    """Adopted on a target the reloaded rule no longer has, no reply yet: the ICMP error ends it (not a
+    move to the new target's addresses under the old name); the client's next datagram starts one there."""
+    port = free_udp_port()
+    old_target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old_target.bind(("127.0.0.1", 0))  # silent: no reply, and no ICMP error while it is open
+    old_port = old_target.getsockname()[1]
+    service = RunningUdp([Rule("127.0.0.1", port, "127.0.0.1", old_port, name="u", proto="udp")])
+    running.append(service)
+    with client() as sock:
+        sock.sendto(b"1", ("127.0.0.1", port))
+        wait_for(lambda: service.stats("u")["datagrams_to_server"] == 1, what="the session")
+        reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="u", proto="udp")])
+        old_target.close()
+        sock.sendto(b"2", ("127.0.0.1", port))
+        wait_for(lambda: service.stats("u")["failed_connects"] == 1, what="the ICMP error")
+        assert ask(sock, ("127.0.0.1", port), b"3")[0] == b"3"
+    sessions = list(service.listener("u").sessions.values())
+    assert [(session.target, session.server_address[1]) for session in sessions] == [
+        (f"127.0.0.1:{echoes[0].port}", echoes[0].port)]
+    assert service.stats("u")["accepted"] == 2
+
+
 def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
     """Removed: no new session, the open one served until it idles out.  Added: serving at once."""
     a_port, b_port = free_udp_port(), free_udp_port()
