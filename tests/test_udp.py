@@ -9,7 +9,7 @@ import time
 from typing import Dict, Iterator, List
 
 import pytest
-from udp_helpers import RunningUdp, UdpEcho, ask, client, free_udp_port, no_reply, own_ipv4, udp_rule
+from udp_helpers import RunningUdp, UdpEcho, ask, client, free_udp_port, no_reply, own_ipv4, own_ipv6, udp_rule
 
 from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._listener import _udp
@@ -120,6 +120,19 @@ def test_a_dual_stack_listener_answers_an_ipv4_client_from_the_address_it_sent_t
     port = service.address("u")[1]
     with client() as sock:
         assert ask(sock, ("127.0.0.2", port), b"mapped") == (b"mapped", ("127.0.0.2", port))
+
+
+@needs_ipv6
+def test_an_ipv6_wildcard_listener_answers_from_the_address_the_client_sent_to(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """A client on ::1 sending to this host's other IPv6 address hears from that one, not from ::1."""
+    own = own_ipv6()
+    if own is None:
+        pytest.skip("no non-loopback IPv6 address")
+    service = start(running, Rule("::", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp"))
+    port = service.address("u")[1]
+    with client(socket.AF_INET6, "::1") as sock:
+        assert ask(sock, (own, port), b"v6") == (b"v6", (own, port))
 
 
 def test_a_session_keeps_its_client_port_at_the_target_and_each_client_has_its_own(

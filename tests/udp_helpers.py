@@ -129,10 +129,19 @@ def udp_rule(name: str, port: int, **options: Any) -> Rule:
 
 def own_ipv4() -> Optional[str]:
     """An IPv4 address of this host's that is not a loopback one (the source of a route out), or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    return _route_source(socket.AF_INET, "192.0.2.1")
+
+
+def own_ipv6() -> Optional[str]:
+    """A global or unique-local IPv6 address of this host's (the source of a route out), or None."""
+    return _route_source(socket.AF_INET6, "2001:db8::1")
+
+
+def _route_source(family: int, documentation_address: str) -> Optional[str]:
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
-            probe.connect(("192.0.2.1", 9))  # (a UDP connect sends nothing: it picks a route and a source)
+            probe.connect((documentation_address, 9))  # (a UDP connect sends nothing: it picks a route and a source)
         except OSError:
             return None
         host: str = probe.getsockname()[0]
-    return None if host.startswith("127.") else host
+    return None if host.startswith("127.") or host in ("::1", "::") or host.startswith("fe80:") else host
