@@ -276,6 +276,16 @@ class RemoteAddresses:
             self._refreshing = False
 
 
+def descriptor_limit() -> Optional[int]:
+    """The process's soft limit on open descriptors (RLIMIT_NOFILE), or None if it has none."""
+    try:
+        import resource  # (not on Windows)
+    except ImportError:  # pragma: no cover
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def listen_address(host: str, port: int) -> Tuple[int, SockAddr]:
     """(family, sockaddr) to bind for ``host:port``; OSError with a one-line message."""
     try:

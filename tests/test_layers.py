@@ -38,7 +38,7 @@ LAYERS: List[Tuple[str, Set[str]]] = [
       "toxics", "toxics._link", "toxics._kinds", "toxics._set", "toxics._spec", "toxics._controls"}),
     ("listener: the forwarder",
      {"_listener", "_listener._listening", "_listener._owner", "_listener._pause", "_listener._forwarder",
-      "_listener._sessions", "_listener._udp"}),
+      "_listener._sessions", "_listener._udp", "_listener._udploop", "_listener._pktinfo", "_listener._udptargets"}),
     ("service: many rules, processes, metrics",
      {"_service", "_service._service", "_service._listeners", "_service._workers", "_service._metrics",
       "_service._reports", "_service._pidfile"}),

@@ -9,10 +9,11 @@ import time
 from typing import Dict, Iterator, List
 
 import pytest
-from udp_helpers import RunningUdp, UdpEcho, ask, client, no_reply, udp_rule
+from udp_helpers import RunningUdp, UdpEcho, ask, client, free_udp_port, no_reply, own_ipv4, own_ipv6, udp_rule
 
 from asyncore_fwd import Forwarder, Rule, Service
 from asyncore_fwd._listener import _udp
+from asyncore_fwd._net import RemoteAddresses
 from conftest import dead_port, needs_dual_stack, needs_ipv6, open_fds, payload, wait_for
 
 
@@ -100,6 +101,40 @@ def test_a_dual_stack_listener_answers_an_ipv4_client_from_the_address_it_sent_t
         assert ask(sock, ("127.0.0.1", port), b"four") == (b"four", ("127.0.0.1", port))
 
 
+def test_a_wildcard_listener_answers_each_client_from_the_address_it_sent_to(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """127.0.0.2 is this host's too (127/8 on lo): a client that sent there hears from there, not from
+    the address the route back would pick (127.0.0.1)."""
+    service = start(running, Rule("0.0.0.0", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp"))
+    port = service.address("u")[1]
+    with client() as second, client() as first:
+        for _ in range(2):
+            assert ask(second, ("127.0.0.2", port), b"to .2") == (b"to .2", ("127.0.0.2", port))
+            assert ask(first, ("127.0.0.1", port), b"to .1") == (b"to .1", ("127.0.0.1", port))
+
+
+@needs_dual_stack
+def test_a_dual_stack_listener_answers_an_ipv4_client_from_the_address_it_sent_to_among_several(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    service = start(running, Rule("::", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp"))
+    port = service.address("u")[1]
+    with client() as sock:
+        assert ask(sock, ("127.0.0.2", port), b"mapped") == (b"mapped", ("127.0.0.2", port))
+
+
+@needs_ipv6
+def test_an_ipv6_wildcard_listener_answers_from_the_address_the_client_sent_to(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """A client on ::1 sending to this host's other IPv6 address hears from that one, not from ::1."""
+    own = own_ipv6()
+    if own is None:
+        pytest.skip("no non-loopback IPv6 address")
+    service = start(running, Rule("::", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp"))
+    port = service.address("u")[1]
+    with client(socket.AF_INET6, "::1") as sock:
+        assert ask(sock, (own, port), b"v6") == (b"v6", (own, port))
+
+
 def test_a_session_keeps_its_client_port_at_the_target_and_each_client_has_its_own(
         udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
     service = start(running, udp_rule("u", udp_echo.port))
@@ -160,6 +195,20 @@ def test_a_session_active_either_way_does_not_idle_out(udp_echo: UdpEcho, runnin
             time.sleep(0.1)
         assert service.stats("u")["accepted"] == 1
         assert service.stats("u")["active"] == 1
+
+
+def test_a_read_event_with_no_reply_leaves_the_session_in_its_place_for_expiry(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """A wake-up of a session's socket that reads nothing is no activity: the sweep's order stays."""
+    service = start(running, udp_rule("u", udp_echo.port))
+    with client() as older, client() as newer:
+        ask(older, service.address("u"), b"1")
+        ask(newer, service.address("u"), b"2")
+        wait_for(lambda: service.stats("u")["datagrams_to_client"] == 2, what="the loop done with the replies")
+        listener = service.listener("u")
+        first, second = list(listener.sessions.values())
+        first.handle_read()  # (from this thread: nothing waits on its socket, the loop's reads are done)
+        assert list(listener.sessions.values()) == [first, second]
 
 
 def test_a_udp_rule_idle_timeout_of_0_is_60_seconds() -> None:
@@ -253,26 +302,80 @@ def test_a_flood_from_thousands_of_ports_stays_within_the_cap_and_a_client_is_st
 # -- targets ---------------------------------------------------------------------------------
 
 
-def test_an_icmp_error_marks_the_target_down_and_the_session_stays_on_it(
+def test_an_icmp_error_marks_the_target_down_and_the_clients_next_datagram_goes_to_another(
         udp_echo: UdpEcho, running: List[RunningUdp], caplog: pytest.LogCaptureFixture) -> None:
     """A closed target port: ECONNREFUSED on the session's socket counts as a failed connect and marks
-    the target down; that session stays on it (no reply), a new client's goes to the next target."""
+    the target down; that session ends, so the client's retry starts one on the next target."""
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     dead = dead_port()
     service = start(running, udp_rule("u", dead, targets=[("127.0.0.1", udp_echo.port)], max_fails=1))
     with client() as first, client() as second:
         first.sendto(b"anyone?", service.address("u"))
         wait_for(lambda: service.stats("u")["failed_connects"] >= 1, what="the ICMP error")
-        first.sendto(b"again", service.address("u"))
-        assert no_reply(first)
+        assert ask(first, service.address("u"), b"again")[0] == b"again"
         assert ask(second, service.address("u"), b"hello")[0] == b"hello"
         targets = service.service.target_stats()["u"]
         assert targets[f"127.0.0.1:{dead}"]["up"] == 0
         assert targets[f"127.0.0.1:{dead}"]["connect_failures"] >= 1
-        assert targets[f"127.0.0.1:{udp_echo.port}"]["active"] == 1
-        assert service.stats("u")["active"] == 2  # the first client's session idles out, not ends
+        assert (targets[f"127.0.0.1:{dead}"]["active"], targets[f"127.0.0.1:{udp_echo.port}"]["active"]) == (0, 2)
+        assert (service.stats("u")["active"], service.stats("u")["accepted"]) == (2, 3)
     assert any(getattr(record, "event", None) == "target" and record.details["state"] == "down"
                for record in caplog.records)
+
+
+def test_a_steady_client_leaves_a_target_marked_down_for_a_live_one(
+        udp_echo: UdpEcho, running: List[RunningUdp]) -> None:
+    """A client retrying every 0.2 s, never quiet for idle_timeout: its session on the dead first
+    target ends once that is down, and a retry is answered by the other."""
+    dead = dead_port()
+    service = start(running, udp_rule("u", dead, targets=[("127.0.0.1", udp_echo.port)], balance="first",
+                                      max_fails=1, fail_timeout=30, idle_timeout=5))
+    with client() as sock:
+        replies = 0
+        for _ in range(10):
+            sock.sendto(b"retry", service.address("u"))
+            replies += not no_reply(sock, 0.2)
+        assert replies >= 8
+
+
+def test_a_session_whose_only_target_refuses_before_any_reply_ends(running: List[RunningUdp]) -> None:
+    """No reply yet and no other address: the session ends at the ICMP error, not at its idle timeout."""
+    service = start(running, udp_rule("u", dead_port(), idle_timeout=60))
+    with client() as sock:
+        sock.sendto(b"anyone?", service.address("u"))
+        wait_for(lambda: service.stats("u")["failed_connects"] == 1, what="the ICMP error")
+        wait_for(lambda: service.stats("u")["active"] == 0, what="the session to end")
+        assert service.stats("u")["accepted"] == 1
+
+
+@needs_ipv6
+def test_a_target_name_whose_first_address_refuses_moves_the_session_to_the_next_one(
+        running: List[RunningUdp], monkeypatch: pytest.MonkeyPatch) -> None:
+    """"localhost" as ::1 then 127.0.0.1, the server on 127.0.0.1 only: the ICMP error from ::1 moves the
+    session, the client's retry is answered, and a new client's session starts at 127.0.0.1."""
+    echo = UdpEcho("127.0.0.1")
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: object, **kwargs: object) -> list:
+        if host == "dual.test":
+            return real("::1", *args, **kwargs) + real("127.0.0.1", *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as free:
+            free.bind(("::1", echo.port))  # (nobody is on ::1 at the echo's port)
+        service = start(running, Rule("127.0.0.1", 0, "dual.test", echo.port, name="d", proto="udp",
+                                      idle_timeout=30))
+        with client() as first, client() as second:
+            first.sendto(b"lost", service.address("d"))
+            wait_for(lambda: service.stats("d")["failed_connects"] == 1, what="the ICMP error from ::1")
+            assert ask(first, service.address("d"), b"retry") == (b"retry", service.address("d"))
+            assert ask(second, service.address("d"), b"new") == (b"new", service.address("d"))
+        assert service.stats("d")["failed_connects"] == 1
+        assert {session.server_address[0] for session in service.listener("d").sessions.values()} == {"127.0.0.1"}
+    finally:
+        echo.close()
 
 
 def test_a_target_that_never_answers_leaves_sessions_that_idle_out(udp_echo: UdpEcho,
@@ -313,6 +416,93 @@ def test_a_target_that_is_the_listener_itself_is_refused_at_start() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(OSError, match="this forwarder's own listening address"):
         Service([Rule("127.0.0.1", port, "127.0.0.1", port, proto="udp")])
+
+
+def test_a_target_on_this_hosts_own_address_and_the_listeners_port_is_refused_at_start() -> None:
+    """A wildcard listener receives on every address of the host: a target there is the listener itself."""
+    own = own_ipv4()
+    if own is None:
+        pytest.skip("no non-loopback IPv4 address")
+    port = free_udp_port()
+    with pytest.raises(OSError, match="this forwarder's own listening address"):
+        Service([Rule("0.0.0.0", port, own, port, proto="udp")], map={})
+
+
+def test_with_reuse_port_a_loopback_target_on_the_listeners_port_is_refused_at_start() -> None:
+    """The port's other sockets are this forwarder's own workers: the datagrams would come back here."""
+    port = free_udp_port()
+    with pytest.raises(OSError, match="this forwarder's own listening address"):
+        Service([Rule("0.0.0.0", port, "127.0.0.1", port, proto="udp", reuse_port=True)], map={})
+
+
+@needs_ipv6
+def test_an_address_of_the_target_that_is_this_host_on_the_listeners_port_is_skipped(
+        running: List[RunningUdp], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name with this host's own address and another: the session skips the one that leads back
+    here, and the client's datagram makes one session, not a table full."""
+    own = own_ipv4()
+    if own is None:
+        pytest.skip("no non-loopback IPv4 address")
+    port = free_udp_port()
+    echo = UdpEcho("::1", port)
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: object, **kwargs: object) -> list:
+        if host == "both.test":
+            return real(own, *args, **kwargs) + real("::1", *args, **kwargs)  # type: ignore[arg-type]
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        service = start(running, Rule("0.0.0.0", port, "both.test", port, name="u", proto="udp",
+                                      max_connections=50))
+        with client() as sock:
+            assert ask(sock, ("127.0.0.1", port), b"once")[0] == b"once"
+        assert service.stats("u")["accepted"] == 1
+        assert [session.server_address[0] for session in service.listener("u").sessions.values()] == ["::1"]
+    finally:
+        echo.close()
+
+
+def test_a_datagram_whose_forged_source_is_this_hosts_own_address_and_port_starts_no_session(
+        udp_echo: UdpEcho) -> None:
+    """On a wildcard listener, (own address, its port) is the listener: the reply would come back here."""
+    own = own_ipv4()
+    if own is None:
+        pytest.skip("no non-loopback IPv4 address")
+    service = Service([Rule("0.0.0.0", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp")], map={})
+    try:
+        listener = service.forwarders["u"]
+        assert listener._start_session((own, listener.address[1]), time.monotonic()) is None
+        assert service.stats()["u"]["dropped_acl"] == 1
+    finally:
+        service.close()
+
+
+def test_a_datagram_from_a_sessions_own_end_starts_no_session(udp_echo: UdpEcho) -> None:
+    """A session sending to the listener's port elsewhere (127.0.0.2 here) whose datagram comes back to
+    the listener (a redirect): it is ours, not a new client."""
+    service = Service([Rule("127.0.0.1", 0, "127.0.0.1", udp_echo.port, name="u", proto="udp")], map={})
+    try:
+        listener = service.forwarders["u"]
+        listener.paths._remote = RemoteAddresses("127.0.0.2", listener.address[1])  # its port elsewhere
+        session = listener._start_session(("127.0.0.1", 40000), time.monotonic())
+        assert session is not None
+        assert listener._start_session(session.socket.getsockname(), time.monotonic()) is None
+        assert service.stats()["u"]["dropped_acl"] == 1
+    finally:
+        service.close()
+
+
+def test_a_target_that_cannot_be_connected_to_counts_as_a_failed_connect(running: List[RunningUdp]) -> None:
+    """A broadcast target (EACCES at the session's connect): each datagram dropped as an error and counted
+    as a failed connect, as a TCP connect that no address took."""
+    service = start(running, Rule("127.0.0.1", 0, "255.255.255.255", 9, name="b", proto="udp"))
+    with client() as sock:
+        for _ in range(3):
+            sock.sendto(b"x", service.address("b"))
+        wait_for(lambda: service.stats("b")["dropped_error"] == 3, what="the drops")
+    assert (service.stats("b")["failed_connects"], service.stats("b")["accepted"]) == (3, 0)
 
 
 def test_a_datagram_the_target_socket_cannot_take_now_is_dropped_and_counted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import socket
@@ -89,6 +90,49 @@ def test_adopted_sessions_count_on_their_targets_in_the_reloaded_rule(
     assert [echo.received for echo in echoes] in ([2, 1], [1, 2])
 
 
+def test_a_failed_reload_hands_the_sessions_back_without_counting_their_clients_twice(
+        echoes: List[UdpEcho], running: List[RunningUdp], caplog: pytest.LogCaptureFixture) -> None:
+    """The new rule adopts the sessions, then fails (its target is its own listener): given back, each
+    session counts once for max_per_client, so the client's IP may still start its second one."""
+    port = free_udp_port()
+    service = RunningUdp([Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="r", proto="udp",
+                               max_per_client=2)])
+    running.append(service)
+    caplog.set_level(logging.INFO, logger="asyncore_fwd")
+    with client() as first, client() as second:
+        ask(first, ("127.0.0.1", port), b"1")
+        service.service.reload([Rule("127.0.0.1", port, "127.0.0.1", port, name="r", proto="udp", max_per_client=2)])
+        wait_for(lambda: any(record.getMessage().startswith("reloaded") for record in caplog.records),
+                 what="the reload")
+        assert service.listener("r").rule.remote_port == echoes[0].port
+        assert ask(second, ("127.0.0.1", port), b"2") == (b"2", ("127.0.0.1", port))
+        assert service.stats("r")["dropped_limit"] == 0
+
+
+def test_an_adopted_session_whose_old_target_refuses_ends_and_the_client_goes_on_with_the_new_target(
+        echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
+    """Adopted on a target the reloaded rule no longer has, no reply yet: the ICMP error ends it (not a
+    move to the new target's addresses under the old name); the client's next datagram starts one there."""
+    port = free_udp_port()
+    old_target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old_target.bind(("127.0.0.1", 0))  # silent: no reply, and no ICMP error while it is open
+    old_port = old_target.getsockname()[1]
+    service = RunningUdp([Rule("127.0.0.1", port, "127.0.0.1", old_port, name="u", proto="udp")])
+    running.append(service)
+    with client() as sock:
+        sock.sendto(b"1", ("127.0.0.1", port))
+        wait_for(lambda: service.stats("u")["datagrams_to_server"] == 1, what="the session")
+        reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="u", proto="udp")])
+        old_target.close()
+        sock.sendto(b"2", ("127.0.0.1", port))
+        wait_for(lambda: service.stats("u")["failed_connects"] == 1, what="the ICMP error")
+        assert ask(sock, ("127.0.0.1", port), b"3")[0] == b"3"
+    sessions = list(service.listener("u").sessions.values())
+    assert [(session.target, session.server_address[1]) for session in sessions] == [
+        (f"127.0.0.1:{echoes[0].port}", echoes[0].port)]
+    assert service.stats("u")["accepted"] == 2
+
+
 def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
     """Removed: no new session, the open one served until it idles out.  Added: serving at once."""
     a_port, b_port = free_udp_port(), free_udp_port()
@@ -108,6 +152,22 @@ def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: Lis
         assert no_reply(old)
 
 
+def test_a_new_rule_on_the_port_of_a_removed_one_with_sessions_listens_at_once(
+        echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
+    """"a" on 0.0.0.0:P replaced by "b" on 127.0.0.1:P: a's listener, kept for its session, is closed
+    (that session cut) so that b can bind; a client of a's is then b's."""
+    port = free_udp_port()
+    service = RunningUdp([Rule("0.0.0.0", port, "127.0.0.1", echoes[0].port, name="a", proto="udp")])
+    running.append(service)
+    with client() as old, client() as new:
+        ask(old, ("127.0.0.1", port), b"a")
+        reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echoes[1].port, name="b", proto="udp")])
+        assert service.service.retiring == []
+        assert ask(new, ("127.0.0.1", port), b"b") == (b"b", ("127.0.0.1", port))
+        assert ask(old, ("127.0.0.1", port), b"now b") == (b"now b", ("127.0.0.1", port))
+    assert (echoes[0].received, echoes[1].received) == (1, 2)
+
+
 def test_a_reload_from_udp_to_tcp_on_one_address_keeps_the_sessions_answered(
         echoes: List[UdpEcho], echo_server: EchoServer, running: List[RunningUdp]) -> None:
     port = free_udp_port()
@@ -117,6 +177,26 @@ def test_a_reload_from_udp_to_tcp_on_one_address_keeps_the_sessions_answered(
         ask(sock, ("127.0.0.1", port), b"udp")
         reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echo_server.port, name="x")])
         assert ask(sock, ("127.0.0.1", port), b"udp still")[0] == b"udp still"
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as tcp:
+        tcp.sendall(b"tcp")
+        assert tcp.recv(3) == b"tcp"
+
+
+def test_renamed_tcp_and_udp_rules_on_one_address_each_keep_their_own_listener(
+        echoes: List[UdpEcho], echo_server: EchoServer, running: List[RunningUdp]) -> None:
+    """A reload matches a rule with the running one of the same proto on its address, not the other proto's."""
+    port = free_udp_port()
+    service = RunningUdp([Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="dns-udp", proto="udp"),
+                          Rule("127.0.0.1", port, "127.0.0.1", echo_server.port, name="dns-tcp")])
+    running.append(service)
+    with client() as sock, client() as new:
+        ask(sock, ("127.0.0.1", port), b"an open session")
+        reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="dns2-udp", proto="udp"),
+                         Rule("127.0.0.1", port, "127.0.0.1", echo_server.port, name="dns2-tcp")])
+        assert {label: fwd.rule.proto for label, fwd in service.service.forwarders.items()} == {
+            "dns2-udp": "udp", "dns2-tcp": "tcp"}
+        assert ask(sock, ("127.0.0.1", port), b"adopted")[0] == b"adopted"
+        assert ask(new, ("127.0.0.1", port), b"udp") == (b"udp", ("127.0.0.1", port))
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as tcp:
         tcp.sendall(b"tcp")
         assert tcp.recv(3) == b"tcp"
@@ -267,6 +347,34 @@ def test_a_tcp_and_a_udp_rule_may_listen_on_one_port(capsys: pytest.CaptureFixtu
                            capsys)
     assert (status, err) == (0, "")
     assert [line.split()[0] for line in out.splitlines()] == ["name=127.0.0.1:5353", "name=127.0.0.1:5353/udp"]
+
+
+def test_without_max_connections_a_udp_flood_leaves_descriptors_for_a_tcp_rule(
+        spawn: Spawn, echoes: List[UdpEcho], echo_server: EchoServer) -> None:
+    """A descriptor limit of 160: the UDP rule's sessions stop at the default cap, half of it, and a TCP
+    rule still accepts and relays during the flood from 200 source ports."""
+    limited = ("import resource, runpy, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+               "resource.setrlimit(resource.RLIMIT_NOFILE, (160, hard)); sys.argv[0] = 'asyncore_fwd'; "
+               "runpy.run_module('asyncore_fwd', run_name='__main__')")
+    proc = spawn([sys.executable, "-c", limited, "-L", f"0:127.0.0.1:{echoes[0].port},proto=udp,name=u",
+                  "-L", f"0:127.0.0.1:{echo_server.port},name=t"])
+    udp_port = int(proc.wait_line(r"u: forwarding \S+:(\d+) to ").group(1))
+    tcp_port = int(proc.wait_line(r"t: forwarding \S+:(\d+) to ").group(1))
+    flood = [client() for _ in range(200)]
+    try:
+        for sock in flood:
+            sock.sendto(b"flood", ("127.0.0.1", udp_port))
+        wait_for(lambda: proc.process.send_signal(signal.SIGUSR1) or
+                 any(re.search(r"u: active=80 accepted=80 .* dropped_limit=120 ", line) for line in proc.lines),
+                 what="a stats line with 80 sessions and 120 datagrams dropped at the cap")
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=WAIT) as tcp:
+            tcp.sendall(b"tcp still served")
+            assert tcp.recv(100) == b"tcp still served"
+    finally:
+        for sock in flood:
+            sock.close()
+    assert "dropped_resources=0" in [line for line in proc.lines if "u: active=" in line][-1]
+    assert proc.stop(signal.SIGTERM) == 0, proc.stderr
 
 
 def test_sigusr1_and_v_log_a_udp_rules_sessions_and_counters(spawn: Spawn, echoes: List[UdpEcho]) -> None:

@@ -14,11 +14,11 @@ from conftest import WAIT
 class UdpEcho:
     """A UDP echo server in a thread: echoes every datagram to its sender, and notes each sender."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_DGRAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)  # room for a test's burst
-        self.socket.bind((host, 0))
+        self.socket.bind((host, port))
         self.socket.setblocking(False)
         self.port: int = self.socket.getsockname()[1]
         #: Every (host, port) a datagram came from.
@@ -125,3 +125,23 @@ def no_reply(sock: socket.socket, timeout: float = 0.3) -> bool:
 
 def udp_rule(name: str, port: int, **options: Any) -> Rule:
     return Rule("127.0.0.1", 0, "127.0.0.1", port, name=name, proto="udp", **options)
+
+
+def own_ipv4() -> Optional[str]:
+    """An IPv4 address of this host's that is not a loopback one (the source of a route out), or None."""
+    return _route_source(socket.AF_INET, "192.0.2.1")
+
+
+def own_ipv6() -> Optional[str]:
+    """A global or unique-local IPv6 address of this host's (the source of a route out), or None."""
+    return _route_source(socket.AF_INET6, "2001:db8::1")
+
+
+def _route_source(family: int, documentation_address: str) -> Optional[str]:
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((documentation_address, 9))  # (a UDP connect sends nothing: it picks a route and a source)
+        except OSError:
+            return None
+        host: str = probe.getsockname()[0]
+    return None if host.startswith("127.") or host in ("::1", "::") or host.startswith("fe80:") else host

@@ -16,8 +16,12 @@ client sent to.
 * **ICMP errors.**  A target port that is closed answers with ICMP, which
   Linux reports on the connected socket as ECONNREFUSED (on the next
   ``recv``/``send``, or as a pending error behind POLLERR).  It counts as a
-  failed connect to the target for passive health; the session keeps its
-  target until it idles out (UDP cannot tell a restarting server from a gone one).
+  failed connect to the target for passive health.  Before any reply the
+  session moves to the target's next address (a name may have several); a
+  session whose target is down, or that has none left, ends, so that the
+  client's next datagram starts one on the target the balance picks then.
+  A session that had replies keeps its target otherwise (UDP cannot tell a
+  restarting server from a gone one).
 * **The end.**  No datagram either way for ``idle_timeout`` seconds: the
   listener's sweep closes the session (``_udp``), and its socket with it.
   A drain's timeout or a stop cuts the sessions left (``close_early``).
@@ -29,7 +33,7 @@ import errno
 import logging
 import sys
 import time
-from typing import Any, Dict, Optional, OrderedDict, Protocol
+from typing import Any, Dict, List, Optional, OrderedDict, Protocol, Tuple
 
 from .._eventloop._dispatcher import Dispatcher
 from .._net import SockAddr, SocketMap, describe_error, format_address, os_error, pending_error
@@ -70,6 +74,12 @@ class SessionOwner(Protocol):
         """Send ``data`` to the session's client from the listening socket; False if it was dropped."""
         ...
 
+    def answered(self, session: Any) -> None:
+        """The session's target address sent its first reply."""
+
+    def session_failed(self, session: Any) -> None:
+        """The session's target answered with an ICMP error (counted): move the session, or end it."""
+
     def session_closed(self, session: Any) -> None:
         """The session ended: forget it."""
 
@@ -100,7 +110,14 @@ class Session(Dispatcher):
         # The target set the session was chosen by (the listener that started it): counted there until it ends.
         self._targets = targets
         self._target_state = target_state
-        self._replied = False
+        #: True once the target replied: an ICMP error no longer moves the session.
+        self.replied = False
+        #: The target's addresses this session has been connected to.
+        self.tried = [server_address]
+        #: On a wildcard listener: the destination of the client's last datagram (as received), and
+        #: the ancillary data that sends the replies from it (empty: the kernel picks the source).
+        self.destination = b""
+        self.reply_ancillary: List[Tuple[int, int, bytes]] = []
         super().__init__(sock, map=owner._map)
 
     # -- select() predicates --------------------------------------------
@@ -135,19 +152,21 @@ class Session(Dispatcher):
         recv_into = self.socket.recv_into
         scratch = owner.scratch
         now = time.monotonic()
+        replies = 0
         for _ in range(DATAGRAMS_PER_EVENT):
             try:
                 size = recv_into(scratch)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as error:  # an ICMP error for an earlier datagram: the next may still be there
+            except OSError as error:  # an ICMP error for an earlier datagram
                 if error.errno in TARGET_ERRORS:
-                    self.target_failed(error)
-                else:
-                    log.debug("#%d recv: %s", self.id, describe_error(error))
+                    self.target_failed(error)  # (which may move the session to another socket, or end it)
+                    break
+                log.debug("#%d recv: %s", self.id, describe_error(error))
                 continue
-            if not self._replied:
-                self._replied = True
+            if not self.replied:
+                self.replied = True
+                owner.answered(self)
                 if self._targets is not None and self._target_state is not None:
                     # (ends a probation: it answers)
                     self._targets.connected(self, self._target_state)  # type: ignore[arg-type]
@@ -158,7 +177,8 @@ class Session(Dispatcher):
                 self.datagrams_to_client -= 1
                 self.bytes_to_client -= size
             self.last_active = now
-        if self.closed_reason is None and self.client_address in owner.sessions:
+            replies += 1
+        if replies and self.closed_reason is None and self.client_address in owner.sessions:
             owner.sessions.move_to_end(self.client_address)  # the sweep's order: least recently active first
 
     def handle_close(self) -> None:
@@ -184,14 +204,30 @@ class Session(Dispatcher):
         if targets is not None and state is not None:
             targets.started(self, state)  # type: ignore[arg-type]
 
+    @property
+    def target_state(self) -> Optional[TargetState]:
+        """The target's state in the rule's target set (None: a rule with one target)."""
+        return self._target_state
+
     def target_failed(self, error: OSError) -> None:
         """The target's address answered with an ICMP error (ECONNREFUSED: no one at that port):
-        counted as a failed connect for passive health; the session stays on its target."""
+        counted as a failed connect for passive health; then the listener moves the session to
+        the target's next address, or ends it (``session_failed``)."""
         self.icmp_errors += 1
         self.owner.stats.failed_connects += 1
         if self._targets is not None and self._target_state is not None:
             self._targets.failure(self._target_state, error)
         log.debug("#%d %s answers %s", self.id, self.target, describe_error(error))
+        self.owner.session_failed(self)
+
+    def move_to(self, sock: Any, server_address: SockAddr) -> None:
+        """Go on with ``sock``, connected to the target's next address (the old socket closes)."""
+        old = self.socket
+        self.del_channel()
+        self.set_socket(sock)
+        old.close()
+        self.server_address = server_address
+        self.tried.append(server_address)
 
     # -- the end ------------------------------------------------------------
 

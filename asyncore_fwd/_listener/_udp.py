@@ -1,15 +1,13 @@
 """A UDP rule's listener: the same loop, another kind of socket.
 
 A datagram socket has no ``accept``: every client's datagrams arrive on the
-one listening socket, each with its sender's address (``recvfrom``).  So the
-listener keeps a table of *sessions* (``_sessions``), one per client
-address: the first datagram from an address starts one -- after the rule's
-allow/deny lists and limits (``_ops._access``: ``max_connections`` caps the
-sessions, ``max_per_client`` those of one client IP) -- on the target the
-rule's balance picks (``_ops._balance``); later ones go to it.  Replies go
-out of this socket, so a client hears from the address it sent to (a
-dual-stack ``[::]`` listener answers an IPv4 client at its mapped address,
-exactly as it sent from).
+one listening socket, each with its sender's address.  So the listener
+keeps a table of *sessions* (``_sessions``), one per client address: the
+first datagram from an address starts one -- after the rule's allow/deny
+lists and limits (``_ops._access``) -- connected to the target the balance
+picks (``_udptargets``, never to this listener: ``_udploop``); later ones
+go to it.  Replies go out of this socket, from the address the client sent
+to (on a wildcard address, read per datagram: ``_pktinfo``).
 
 Strategy:
 
@@ -18,8 +16,8 @@ Strategy:
   that cannot be sent now is dropped and counted, never queued.
 * **Bounded memory.**  A datagram that would start a session past a limit,
   or that the lists refuse, is dropped: counted (``dropped_*``) and logged
-  rate-limited (``RefusalLog``).  Without ``max_connections`` the descriptor
-  limit caps the sessions ("resources").
+  rate-limited (``RefusalLog``).  Without ``max_connections`` the sessions
+  are capped at half the descriptor limit, leaving the rest to the others.
 * **Expiry without a timer per datagram.**  The table is kept in order of
   last activity (a datagram either way moves its session to the end), so
   one timer, set for the first session's deadline, closes the sessions that
@@ -27,8 +25,7 @@ Strategy:
 * **Drain and reload.**  ``stop_accepting`` starts no more sessions but
   keeps the socket, which the open ones need for their replies, until they
   have been quiet for ``DRAIN_QUIET`` seconds (or ``idle_timeout``, if
-  shorter): a reply on its way still gets through, and a drain does not wait
-  its whole timeout for sessions that nothing would end.  A reload that keeps the listen address hands the socket to the
+  shorter).  A reload that keeps the listen address hands the socket to the
   successor (``release_listener``/``take_over``), which *adopts* the open
   sessions: they keep their target, and a changed target serves new ones.
 """
@@ -36,6 +33,7 @@ Strategy:
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import socket
 import time
@@ -50,9 +48,9 @@ from .._net import (
     RemoteAddresses,
     SockAddr,
     SocketMap,
-    bind_source,
     check_source,
     describe_error,
+    descriptor_limit,
     family_of,
     format_address,
     listen_address,
@@ -61,9 +59,11 @@ from .._ops._access import AccessControl, RefusalLog, warn_if_open
 from .._ops._balance import TargetSet, TargetState
 from .._ops._stats import RuleStats
 from .._relay._connection import STOPPED, cut
-from .._relay._loopback import LoopbackGuard
 from .._values._rules import Rule
+from . import _pktinfo
 from ._sessions import DATAGRAMS_PER_EVENT, MAX_DATAGRAM, Session
+from ._udploop import DatagramLoopGuard
+from ._udptargets import SessionTargets
 
 __all__ = ["DatagramListener", "give_back"]
 
@@ -74,6 +74,11 @@ EXPIRIES_PER_ROUND = 1024
 #: Once the listener starts no more sessions (a drain, a removed rule), a session ends after
 #: this long without a datagram either way.
 DRAIN_QUIET = 1.0
+#: Without ``max_connections``, a UDP rule's sessions are capped at this share of the descriptor
+#: limit (at most ``UNLIMITED_SESSION_CAP`` without one): a flood of spoofed sources leaves the
+#: rest to the other rules and to the TCP connections.
+DEFAULT_CAP_SHARE = 0.5
+UNLIMITED_SESSION_CAP = 1 << 19
 #: The receive buffer the listening socket asks for (bytes).
 LISTEN_RECEIVE_BUFFER = 4 * 1024 * 1024
 
@@ -90,6 +95,13 @@ def give_back(sock: socket.socket) -> bool:
         return False
     previous.take_over(sock)
     return True
+
+
+def default_session_cap() -> int:
+    """The session cap of a UDP rule without ``max_connections``: ``DEFAULT_CAP_SHARE`` of the
+    descriptor limit now."""
+    limit = descriptor_limit()
+    return max(1, int(limit * DEFAULT_CAP_SHARE)) if limit is not None else UNLIMITED_SESSION_CAP
 
 
 class DatagramListener(Dispatcher):
@@ -116,11 +128,19 @@ class DatagramListener(Dispatcher):
         super().__init__(map=map)
         self._timers = timers_for(self._map)
         self._label = rule.label
+        #: Without ``max_connections``: the cap on open sessions, set from the descriptor limit at start.
+        self.default_cap = 0 if rule.max_connections else default_session_cap()
         #: Allow/deny lists and limits (None: none); its refusal log is the rule's.
         self.access = AccessControl.for_rule(rule, self._timers)
         self.refusals = self.access.refusals if self.access is not None else RefusalLog(rule.label, self._timers)
         #: The targets, their state and balance (None: one target, whose addresses are tried in order).
         self.targets = TargetSet.for_rule(rule, self._timers, self._remote, self.stats.target_failures)
+        #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
+        self.loopback = DatagramLoopGuard(self)
+        #: Connects the sessions to the targets.
+        self.paths = SessionTargets(rule, self._map, self._remote, self.targets, self.loopback)
+        #: True on a wildcard address: each datagram's destination is read, to reply from it.
+        self.pktinfo = False
         if listener is not None:
             self.take_over(listener)
         else:
@@ -129,8 +149,6 @@ class DatagramListener(Dispatcher):
         self.addr = self._address
         self._label = rule.name or format_address((rule.local_host, self._address[1])) + "/udp"
         self.refusals.label = self._label
-        #: Keeps a session from sending to this very socket (each datagram would come back as a new client).
-        self.loopback = LoopbackGuard(self, rule.reuse_port)
         try:
             for name, addresses in ([(rule.remote, self._remote.last_answer)] if self.targets is None else
                                     [(target.name, target.addresses.last_answer) for target in self.targets]):
@@ -157,6 +175,7 @@ class DatagramListener(Dispatcher):
             # (the kernel caps it at net.core.rmem_max; past it, the kernel drops, as UDP may).
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RECEIVE_BUFFER)
             self.bind(address)
+            self.pktinfo = _pktinfo.enable(self.socket)
             _loop.check_watchable(self._map, self.socket)
             self.connected = True  # (see take_over)
         except OSError as error:
@@ -211,6 +230,8 @@ class DatagramListener(Dispatcher):
         """Listen on ``listener``, released by ``release_listener``: its sessions become this one's."""
         previous = _released.pop(listener, None)
         self.set_socket(listener)
+        self._address = listener.getsockname()[:2]
+        self.pktinfo = _pktinfo.enable(listener)
         # Ready for datagrams as a connected socket is for bytes: the loop's fast path calls
         # handle_read() at once, without asyncore's readwrite() and handle_read_event().
         self.connected = True
@@ -222,6 +243,10 @@ class DatagramListener(Dispatcher):
                 session.owner = self
                 session.count_in(self.targets)  # its target, if still one of the rule's, counts here now
                 self.sessions[client] = session
+                if previous.access is not None:
+                    previous.access.closed(session)  # type: ignore[arg-type]  # (counted here from now on)
+                previous.loopback.forget(session)
+                self.loopback.opened(session, session.server_address, session.socket)
                 if self.access is not None:
                     self.access.opened(session)  # type: ignore[arg-type]  # (counted for max_per_client)
             previous.sessions = collections.OrderedDict()
@@ -253,6 +278,9 @@ class DatagramListener(Dispatcher):
 
     def handle_read(self) -> None:
         """Called when datagrams wait: up to ``DATAGRAMS_PER_EVENT``, each to its client's session."""
+        if self.pktinfo:
+            _pktinfo.read_with_destinations(self)
+            return
         recvfrom_into = self.socket.recvfrom_into
         scratch = self.scratch
         sessions = self.sessions
@@ -275,9 +303,13 @@ class DatagramListener(Dispatcher):
             session.to_server(scratch[:size], now)
 
     def to_client(self, session: Session, data: Any) -> bool:
-        """Send ``data`` to the session's client from the listening socket; False if it was dropped."""
+        """Send ``data`` to the session's client from the listening socket (from the address the
+        client sent to); False if it was dropped."""
         try:
-            self.socket.sendto(data, session.client_address)
+            if session.reply_ancillary:
+                self.socket.sendmsg([data], session.reply_ancillary, 0, session.client_address)
+            else:
+                self.socket.sendto(data, session.client_address)
         except (BlockingIOError, InterruptedError):
             self.stats.dropped("full")
             return False
@@ -308,7 +340,7 @@ class DatagramListener(Dispatcher):
         if not self.serving_new:
             self.stats.dropped("draining")
             return None
-        if self.loopback.leads_back_here(client):  # a forged source, our own: each reply would come back here
+        if self.loopback.is_ours(client):  # a datagram of ours come back, or a forged source that is us
             self.stats.refused("acl")
             self._drop(client, "acl", "its source is this listener")
             return None
@@ -318,46 +350,36 @@ class DatagramListener(Dispatcher):
                 self.stats.refused(reason)
                 self._drop(client, "acl" if reason == "acl" else "limit", reason)
                 return None
-        order = self.targets.order() if self.targets is not None else [None]
-        last_error: Optional[OSError] = None
-        for state in order:  # the balance's order; a target none of whose addresses can be reached has failed
-            target_error: Optional[OSError] = None
-            for family, sockaddr in (state.addresses.current() if state is not None else self._remote.current()):
-                if self.loopback.leads_back_here(sockaddr):
-                    continue
-                try:
-                    sock = self._session_socket(family, sockaddr)
-                except OSError as error:
-                    if error.errno in OUT_OF_RESOURCES:
-                        self._drop(client, "resources", f"no session: {describe_error(error)}")
-                        return None
-                    target_error = last_error = error
-                    continue
-                return self._open(client, sock, sockaddr, state, now)
-            if self.targets is not None and state is not None and target_error is not None:
-                self.targets.failure(state, target_error)
-        why = describe_error(last_error) if last_error is not None else "it leads back to this listener"
-        self._drop(client, "error", f"no target: {why}")
-        return None
-
-    def _session_socket(self, family: int, sockaddr: SockAddr) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        if self.default_cap and len(self.sessions) >= self.default_cap:
+            self.stats.refused("max_connections")
+            self._drop(client, "limit", f"max_connections (by default {self.default_cap}: half the descriptor limit)")
+            return None
         try:
-            sock.setblocking(False)
-            if self.rule.source is not None:
-                bind_source(sock, self.rule.source)
-            sock.connect(sockaddr)  # a UDP connect only fixes the peer: it does not wait
-            _loop.check_watchable(self._map, sock)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+            sock, sockaddr, state = self.paths.connect()
+        except OSError as error:
+            if error.errno in OUT_OF_RESOURCES:
+                self._drop(client, "resources", f"no session: {describe_error(error)}")
+                return None
+            if error.errno != errno.ELOOP:
+                self.stats.failed_connects += 1  # (as a TCP connect that no address of the target took)
+            self._drop(client, "error", f"no target: {describe_error(error)}")
+            return None
+        return self._open(client, sock, sockaddr, state, now)
+
+    def answered(self, session: Session) -> None:
+        """The session's target address sent its first reply: new sessions of that target start there."""
+        self.paths.answered(session)
+
+    def session_failed(self, session: Session) -> None:
+        """The session's target answered with an ICMP error: it may move or end (``SessionTargets.failed``)."""
+        self.paths.failed(session)
 
     def _open(self, client: SockAddr, sock: socket.socket, sockaddr: SockAddr, state: Optional[TargetState],
               now: float) -> Session:
         name = state.name if state is not None else self.rule.remote
         session = Session(self, sock, client, sockaddr, name, self.targets, state, now)
         self.sessions[client] = session
+        self.loopback.opened(session, sockaddr, sock)
         self.stats.opened(session)  # type: ignore[arg-type]
         if self.access is not None:
             self.access.opened(session)  # type: ignore[arg-type]
@@ -372,6 +394,7 @@ class DatagramListener(Dispatcher):
         """A session ended: out of the table and of the per-client counts."""
         if self.sessions.get(session.client_address) is session:
             del self.sessions[session.client_address]
+        self.loopback.forget(session)
         self.stats.closed(session)  # type: ignore[arg-type]
         if self.access is not None:
             self.access.closed(session)  # type: ignore[arg-type]

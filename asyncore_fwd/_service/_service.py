@@ -29,6 +29,7 @@ counted in ``stats()`` under their rule.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import time
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
@@ -96,7 +97,12 @@ class Service:
     def _start(self, rule: Rule, **takeover: Any) -> Listener:
         if rule.read_size > len(self._scratch):
             self._scratch = memoryview(bytearray(rule.read_size))
-        fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
+        try:
+            fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or not self._free_port(rule):
+                raise
+            fwd = listener_for(rule, self.map, scratch=self._scratch, toxics=self.toxics, **takeover)
         details: Dict[str, Any] = {"rule": fwd.label, "listen": format_address(fwd.address), "target": rule.remote}
         if rule.targets:
             details.update(targets=[format_address(target) for target in rule.all_targets], balance=rule.balance)
@@ -104,6 +110,19 @@ class Service:
                  f"{rule.connect} ({rule.balance})" if rule.targets else rule.remote,
                  extra={"event": "start", "details": details})
         return fwd
+
+    def _free_port(self, rule: Rule) -> bool:
+        """A UDP rule's port is in use: if removed UDP rules still hold it for their sessions, close
+        them (cutting those sessions), so that it can bind.  False if none did."""
+        holders = [fwd for fwd in self.retiring if rule.proto == fwd.rule.proto == "udp"
+                   and rule.local_port and fwd.address[1] == rule.local_port]
+        for fwd in holders:
+            log.info("%s: closing %s, a removed rule's listener, and its %d sessions: its port is wanted",
+                     rule.label, fwd.label, len(fwd.connections),
+                     extra={"event": "reload", "details": {"rule": rule.label, "closed": fwd.label}})
+            self.retiring.remove(fwd)
+            fwd.close("port wanted by a new rule")
+        return bool(holders)
 
     # -- running ----------------------------------------------------------
 
@@ -267,12 +286,16 @@ class Service:
     def _apply(self, rules: List[Rule]) -> None:
         """Carry out a reload: match the new rules with the running ones, then change what differs."""
         running = dict(self.forwarders)
-        by_listen = {fwd.rule.listen: label for label, fwd in running.items()}
+        # A TCP and a UDP rule may share a listen address: a rule matches the one of its own proto
+        # there first, and the other proto's only when none is left (a rule that changes proto).
+        by_listen = {(fwd.rule.proto, fwd.rule.listen): label for label, fwd in running.items()}
         matched: List[Tuple[Rule, Optional[Listener]]] = []
         for rule in rules:
-            label = rule.label if rule.label in running else by_listen.get(rule.listen)
-            if label is not None and label not in running:
-                label = None  # its listen was matched by an earlier rule
+            label: Optional[str] = rule.label if rule.label in running else None
+            other = "tcp" if rule.proto == "udp" else "udp"
+            for key in ((rule.proto, rule.listen), (other, rule.listen)):
+                if label is None and by_listen.get(key) in running:  # (not one an earlier rule matched)
+                    label = by_listen[key]
             matched.append((rule, running.pop(label) if label is not None else None))
         report: Dict[str, List[str]] = {"added": [], "removed": [], "changed": [], "unchanged": [], "failed": []}
         forwarders: Dict[str, Listener] = {}
