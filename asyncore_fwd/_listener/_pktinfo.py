@@ -72,7 +72,6 @@ def read_with_destinations(listener: Any) -> None:
     noted on its session, for the replies' source."""
     recvmsg_into = listener.socket.recvmsg_into
     buffers = [listener.scratch]
-    sessions = listener.sessions
     now = time.monotonic()
     for _ in range(DATAGRAMS_PER_EVENT):
         try:
@@ -82,13 +81,9 @@ def read_with_destinations(listener: Any) -> None:
         except OSError as error:
             log.debug("%s: recvmsg: %s", listener.label, describe_error(error))
             continue
-        session = sessions.get(client)
+        session = listener.session_for(client, now)
         if session is None:
-            session = listener._start_session(client, now)
-            if session is None:
-                continue
-        else:
-            sessions.move_to_end(client)
+            continue
         if ancillary and ancillary[0][2] != session.destination:  # (once, unless the client changes it)
             session.destination = ancillary[0][2]
             session.reply_ancillary = reply_ancillary(ancillary)

@@ -283,7 +283,6 @@ class DatagramListener(Dispatcher):
             return
         recvfrom_into = self.socket.recvfrom_into
         scratch = self.scratch
-        sessions = self.sessions
         now = time.monotonic()
         for _ in range(DATAGRAMS_PER_EVENT):
             try:
@@ -293,14 +292,9 @@ class DatagramListener(Dispatcher):
             except OSError as error:  # nothing a client sends causes one; never a reason to stop
                 log.debug("%s: recvfrom: %s", self._label, describe_error(error))
                 continue
-            session = sessions.get(client)
-            if session is None:
-                session = self._start_session(client, now)
-                if session is None:
-                    continue
-            else:
-                sessions.move_to_end(client)
-            session.to_server(scratch[:size], now)
+            session = self.session_for(client, now)
+            if session is not None:
+                session.to_server(scratch[:size], now)
 
     def to_client(self, session: Session, data: Any) -> bool:
         """Send ``data`` to the session's client from the listening socket (from the address the
@@ -334,6 +328,15 @@ class DatagramListener(Dispatcher):
     def _drop(self, client: SockAddr, kind: str, reason: str) -> None:
         self.stats.dropped(kind)
         self.refusals.refused(client, reason)
+
+    def session_for(self, client: SockAddr, now: float) -> Optional[Session]:
+        """``client``'s session, now last in the expiry order; a new one for a new client
+        (None: its datagram is dropped, and was counted)."""
+        session = self.sessions.get(client)
+        if session is None:
+            return self._start_session(client, now)
+        self.sessions.move_to_end(client)
+        return session
 
     def _start_session(self, client: SockAddr, now: float) -> Optional[Session]:
         """A datagram from a new client address: its session, or None (dropped, counted, logged rate-limited)."""
