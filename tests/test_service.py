@@ -237,7 +237,7 @@ def test_reload_adds_removes_and_changes_rules_while_an_unchanged_one_flows(
     kept = running.connect("kept")
     round_trip(kept)
     kept_forwarder, removed_address = service.forwarders["kept"], running.address("removed")
-    changed_address = running.address("changed")
+    removed_forwarder, changed_address = service.forwarders["removed"], running.address("changed")
     service.reload([rule("kept", echo_server.port), rule("changed", second_echo_server.port),
                     rule("added", second_echo_server.port)])
     wait_for(lambda: events(caplog, "reload"), what="the reload")
@@ -245,7 +245,9 @@ def test_reload_adds_removes_and_changes_rules_while_an_unchanged_one_flows(
     assert service.forwarders["kept"] is kept_forwarder
     with kept:
         round_trip(kept, b"still flowing")
-    assert refuses(removed_address)
+    assert removed_forwarder not in service.map.values() and removed_forwarder.socket.fileno() == -1
+    if running.address("added") != removed_address:  # the kernel may give the freed port to the added rule
+        assert refuses(removed_address)
     assert running.address("changed") == changed_address  # the same listening socket
     for label in ("changed", "added"):
         with running.connect(label) as client:
