@@ -174,9 +174,20 @@ def free_port() -> int:
 
     Another socket may take it meanwhile; what binds it may try again with another.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(count: int) -> List[int]:
+    """``count`` different loopback ports, as ``free_port()`` gives one (two calls of it may repeat one)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def unless_taken(make: Callable[[], T]) -> T:

@@ -28,6 +28,7 @@ from conftest import (
     WatchingServer,
     descriptors_taken,
     free_port,
+    free_ports,
     raise_fd_limit,
     recv_all,
     recv_exactly,
@@ -192,7 +193,7 @@ def test_sighup_adds_removes_and_changes_rules_while_an_unchanged_rule_keeps_flo
     """SIGHUP re-reads -c: a new rule starts, a removed one stops, a changed one goes to its new
     server on the same port, and a connection on an unchanged rule goes on relaying."""
     old, new = tagged_server(b"old"), tagged_server(b"new")
-    keep_port, drop_port, change_port, add_port = (free_port() for _ in range(4))
+    keep_port, drop_port, change_port, add_port = free_ports(4)
     config = tmp_path / "fwd.toml"
     write_rules(config, [("keep", keep_port, old.port), ("drop", drop_port, old.port),
                          ("change", change_port, old.port)])
