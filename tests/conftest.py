@@ -147,6 +147,7 @@ def recv_exactly(sock: socket.socket, size: int, timeout: float = WAIT) -> bytes
 
 # Sockets that hold the ports handed out by dead_port(), closed when the session ends.
 _dead_port_holders: List[socket.socket] = []
+_dead_udp_holders: List[socket.socket] = []  # and those of dead_udp_port()
 DEAD_PORTS = 4  # how many distinct ports dead_port() hands out, in turn
 
 
@@ -167,6 +168,20 @@ def dead_port() -> int:
     else:
         _dead_port_holders.append(_dead_port_holders.pop(0))
     return _dead_port_holders[-1].getsockname()[1]
+
+
+def dead_udp_port() -> int:
+    """A loopback UDP port whose datagrams get an ICMP error (ECONNREFUSED) until the tests end.
+
+    A UDP socket holds it, bound and connected elsewhere: nobody else can bind
+    it, and a datagram from anyone but that peer finds no socket to take it.
+    (``dead_port()`` holds only the TCP port of that number.)
+    """
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.connect(("127.0.0.1", 9))  # the discard port: nothing is ever sent there
+    _dead_udp_holders.append(holder)
+    return holder.getsockname()[1]
 
 
 def free_port() -> int:
@@ -202,8 +217,9 @@ def unless_taken(make: Callable[[], T]) -> T:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    while _dead_port_holders:
-        _dead_port_holders.pop().close()
+    for holders in (_dead_port_holders, _dead_udp_holders):
+        while holders:
+            holders.pop().close()
 
 
 def open_fds() -> int:

@@ -119,7 +119,7 @@ def test_a_forwarder_a_reload_retired_logs_no_target_line_for_its_old_state(
     while its open connection still relays and counts in its target."""
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     port, dead = free_port(), dead_port()
-    rule = Rule(LOCAL, port, LOCAL, dead, targets=[(LOCAL, echo_server.port)], name="r", fail_timeout=0.2)
+    rule = Rule(LOCAL, port, LOCAL, dead, targets=[(LOCAL, echo_server.port)], name="r", fail_timeout=1.0)
     service = unless_taken(lambda: Service([rule], map={}))
     thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -130,9 +130,9 @@ def test_a_forwarder_a_reload_retired_logs_no_target_line_for_its_old_state(
             old.settimeout(WAIT)
             assert old.recv(10) == b"old"  # failed over: the dead target is down for fail_timeout
             service.reload([Rule(LOCAL, port, LOCAL, dead, targets=[(LOCAL, echo_server.port)], name="r",
-                                 fail_timeout=0.2, balance="roundrobin")])
+                                 fail_timeout=1.0, balance="roundrobin")])
             wait_for(lambda: service.forwarders["r"] is not old_forwarder, what="the reload")
-            time.sleep(0.5)  # past the old forwarder's fail_timeout
+            time.sleep(1.2)  # past the old forwarder's fail_timeout
             assert old_forwarder.targets is not None and old_forwarder.targets[1].active == 1
             old.sendall(b" still")
             assert old.recv(10) == b" still"
@@ -140,7 +140,7 @@ def test_a_forwarder_a_reload_retired_logs_no_target_line_for_its_old_state(
         service.stop()
         thread.join(WAIT)
     lines = [record.getMessage() for record in caplog.records if getattr(record, "event", None) == "target"]
-    assert lines == [f"r: target {LOCAL}:{dead} is down: a failed connect within 0.2 s, the last: Connection refused"]
+    assert lines == [f"r: target {LOCAL}:{dead} is down: a failed connect within 1 s, the last: Connection refused"]
 
 
 def test_a_failed_connect_of_a_forwarder_a_reload_retired_logs_no_target_line(
@@ -148,7 +148,8 @@ def test_a_failed_connect_of_a_forwarder_a_reload_retired_logs_no_target_line(
     """Its client still fails over and is served; the failure counts; the new forwarder owns the state."""
     caplog.set_level(logging.INFO, logger="asyncore_fwd")
     port = free_port()
-    rule = Rule(LOCAL, port, LOCAL, blackhole, targets=[(LOCAL, echo_server.port)], name="r", connect_timeout=0.3)
+    # connect_timeout: long enough for the reload to come first, on a loaded machine too
+    rule = Rule(LOCAL, port, LOCAL, blackhole, targets=[(LOCAL, echo_server.port)], name="r", connect_timeout=1.0)
     service = unless_taken(lambda: Service([rule], map={}))
     thread = threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -158,7 +159,7 @@ def test_a_failed_connect_of_a_forwarder_a_reload_retired_logs_no_target_line(
             wait_for(lambda: old_forwarder.targets is not None and old_forwarder.targets[0].active == 1,
                      what="the connect to the silent target")
             service.reload([Rule(LOCAL, port, LOCAL, blackhole, targets=[(LOCAL, echo_server.port)], name="r",
-                                 connect_timeout=0.3, balance="roundrobin")])
+                                 connect_timeout=1.0, balance="roundrobin")])
             wait_for(lambda: service.forwarders["r"] is not old_forwarder, what="the reload")
             client.sendall(b"ping")
             client.shutdown(socket.SHUT_WR)

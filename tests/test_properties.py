@@ -549,10 +549,13 @@ def test_running_out_of_descriptors_refuses_new_clients_but_never_cuts_a_relayin
 
 def test_connect_that_reaches_its_own_socket_resets_the_client() -> None:
     """The kernel picks the remote's own port as the connect's local port: no server, so the client is reset."""
-    with socket.socket() as probe:  # released: the sender binds it
+    probe = socket.socket()  # held while the relay binds its own ports, then released: the sender binds it
+    try:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    relay = Relay("epoll", "copy", remote_port=port)
+        relay = Relay("epoll", "copy", remote_port=port)
+    finally:
+        probe.close()
     try:
         sender_class = relay.fwd.sender_class
 

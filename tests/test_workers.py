@@ -38,6 +38,7 @@ def start_workers(spawn: Callable[..., ForwarderProcess], remote_port: int, coun
                            *extra])
     for index in range(count):
         proc.wait_line(rf"worker {index} started \(pid \d+\)")
+    proc.wait_line(rf"with {count} workers$")  # logged once every worker listens
     return proc
 
 
