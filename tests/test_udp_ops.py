@@ -123,7 +123,8 @@ def test_an_adopted_session_whose_old_target_refuses_ends_and_the_client_goes_on
         sock.sendto(b"1", ("127.0.0.1", port))
         wait_for(lambda: service.stats("u")["datagrams_to_server"] == 1, what="the session")
         reload(service, [Rule("127.0.0.1", port, "127.0.0.1", echoes[0].port, name="u", proto="udp")])
-        old_target.close()
+        # Connected elsewhere, it still holds its port (nobody else takes it) and takes no datagram: an ICMP error.
+        old_target.connect(("127.0.0.1", 9))
         sock.sendto(b"2", ("127.0.0.1", port))
         wait_for(lambda: service.stats("u")["failed_connects"] == 1, what="the ICMP error")
         assert ask(sock, ("127.0.0.1", port), b"3")[0] == b"3"
@@ -131,13 +132,14 @@ def test_an_adopted_session_whose_old_target_refuses_ends_and_the_client_goes_on
     assert [(session.target, session.server_address[1]) for session in sessions] == [
         (f"127.0.0.1:{echoes[0].port}", echoes[0].port)]
     assert service.stats("u")["accepted"] == 2
+    old_target.close()
 
 
 def test_a_reload_adds_and_removes_udp_rules(echoes: List[UdpEcho], running: List[RunningUdp]) -> None:
     """Removed: no new session, the open one served until it idles out.  Added: serving at once."""
     a_port = free_udp_port()
     service = RunningUdp([Rule("127.0.0.1", a_port, "127.0.0.1", echoes[0].port, name="a", proto="udp",
-                               idle_timeout=1.5)])
+                               idle_timeout=1.0)])  # (once removed, its sessions end after DRAIN_QUIET, 1 s)
     running.append(service)
     a_address = ("127.0.0.1", a_port)
     with client() as old, client() as late, client() as new:
